@@ -1,0 +1,21 @@
+"""From-scratch Qwen decoder (Qwen2, Qwen2.5, Qwen3, Qwen-7B v1 weights), HF checkpoint I/O,
+tokenizer and generation.
+
+    from models.qwen import QwenConfig, Qwen, Tokenizer, load, save, generate
+"""
+
+from .attention import KVCache
+from .checkpoint import CheckpointError, load, register_quantizer, save
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, ConfigError, QwenConfig
+from .generation import generate, sample_next
+from .model import Qwen
+
+try:  # the tokenizer module is optional only while it is being written
+    from .tokenizer import Tokenizer
+except ImportError:  # pragma: no cover
+    Tokenizer = None
+
+__all__ = [
+    "QwenConfig", "Qwen", "Tokenizer", "load", "save", "generate", "sample_next", "KVCache",
+    "CheckpointError", "ConfigError", "register_quantizer", "ENDOFTEXT_ID", "IM_START_ID", "IM_END_ID",
+]

@@ -1,0 +1,138 @@
+"""Grouped-query self-attention with rotate-half RoPE, a KV cache, and document masking.
+
+Attention runs through `torch.nn.functional.scaled_dot_product_attention`, so the backend
+(flash / memory-efficient / math) is chosen by PyTorch. The plain causal case passes
+`is_causal=True` and never builds a T x T mask.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenConfig
+from .layers import RMSNorm, apply_rope
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding.
+
+    Per layer: k, v [B, kv_heads, max_len, head_dim]. `length` is the number of filled
+    positions, shared by all layers (it advances once per forward, after the last layer).
+    """
+
+    def __init__(self, config: QwenConfig, batch: int, max_len: int, *, device, dtype):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [B, kvH, t, D] after the filled part; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only batch rows `index` (e.g. drop finished sequences)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+def build_attention_mask(
+    q_len: int,
+    past_len: int,
+    *,
+    document_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    device=None,
+) -> Optional[torch.Tensor]:
+    """Boolean mask [B or 1, 1, q_len, past_len + q_len] (True = may attend), or None.
+
+    None means "plain causal" (SDPA's is_causal, or no mask at all for one new token).
+    document_ids [B, T]: tokens attend only within their own document (packed sequences).
+    attention_mask [B, past_len + q_len]: 1 for real tokens, 0 for padding keys.
+    """
+    if document_ids is None and attention_mask is None:
+        return None
+    k_len = past_len + q_len
+    q_pos = torch.arange(past_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]  # [1, 1, q, k] causal
+    if document_ids is not None:
+        if past_len:
+            raise ValueError("document_ids are a training-time input; they cannot be combined with a KV cache")
+        same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, q, k]
+        allowed = allowed & same_doc[:, None]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != k_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected {k_len} "
+                f"(cached {past_len} + new {q_len})"
+            )
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    # A padding query may have no visible key at all; let every query see itself so SDPA
+    # never normalises over an empty set (those rows are ignored downstream anyway).
+    allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed
+
+
+class Attention(nn.Module):
+    """Qwen2/Qwen3 self-attention. x [B, T, hidden] -> [B, T, hidden]."""
+
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)
+        # Plain causal without a mask: is_causal for a full sequence, nothing for one new
+        # token (it may see every cached key). A chunk appended to a cache needs the mask.
+        is_causal = mask is None and past == 0 and T > 1
+        if mask is None and past > 0 and T > 1:
+            mask = build_attention_mask(T, past, attention_mask=torch.ones(B, past + T, device=x.device))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -1,0 +1,433 @@
+"""HF checkpoint I/O: `load(dir)` streams safetensors tensor by tensor into our decoder and
+`save(model, dir)` writes a directory that transformers' AutoModelForCausalLM loads as is.
+
+A loader must consume every tensor and initialise none silently: any missing, unexpected or
+mis-shaped tensor is an error naming the tensor and the file. Pickle checkpoints
+(pytorch_model.bin) are refused: we never unpickle files from disk.
+
+Quantisation hooks in here by name (see `register_quantizer`): `models.qwen` imports no other
+package of the project; `load(..., quantize="nf4")` asks the registry, which the `quant`
+package fills when it is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ConfigError, QwenConfig, dtype_from_name, dtype_name
+from .model import Qwen
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded as it is (names file and tensor)."""
+
+
+# ---------------------------------------------------------------------- quantizer registry
+_QUANTIZERS: dict[str, Any] = {}
+# Which package provides a quantizer name when it is not registered yet.
+_QUANTIZER_PACKAGES = {"nf4": "quant"}
+
+
+def register_quantizer(name: str, quantizer: Any) -> None:
+    """Register an object with `quantize_linear(name, weight, bias, *, device, compute_dtype)`,
+    `serialized_suffixes` and `load_serialized(name, tensors, bias, *, device, compute_dtype)`."""
+    _QUANTIZERS[name] = quantizer
+
+
+def get_quantizer(name: str) -> Any:
+    if name not in _QUANTIZERS and name in _QUANTIZER_PACKAGES:
+        importlib.import_module(_QUANTIZER_PACKAGES[name])  # its __init__ registers itself
+    if name not in _QUANTIZERS:
+        raise ValueError(f"quantize={name!r} is not available: expected one of {sorted(_QUANTIZER_PACKAGES)}")
+    return _QUANTIZERS[name]
+
+
+# ---------------------------------------------------------------------- file discovery
+def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in index order."""
+    root = Path(path)
+    index = root / SAFE_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (root / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard {missing[0]} which does not exist in {root}")
+        return [root / f for f in files]
+    if (root / SAFE_SINGLE).exists():
+        return [root / SAFE_SINGLE]
+    shards = sorted(root.glob("*.safetensors"))
+    if shards:
+        return shards
+    if list(root.glob("*.bin")) or list(root.glob("*.pt")) or list(root.glob("*.pth")):
+        raise CheckpointError(
+            f"{root}: only pickle weights (*.bin/*.pt) found; they are not loaded for safety. "
+            f"Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointError(f"{root}: no model.safetensors, {SAFE_INDEX} or *.safetensors found")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield (key, tensor, file) one tensor at a time, never holding a whole shard."""
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # truncated or corrupt header
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        with handle as f:
+            for key in f.keys():
+                try:
+                    tensor = f.get_tensor(key)
+                except Exception as e:  # truncated data section
+                    raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from None
+                yield key, tensor, file
+
+
+# ---------------------------------------------------------------------- Qwen-7B v1 names
+_V1_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
+_V1_SIMPLE = {
+    "ln_1.weight": "input_layernorm.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "mlp.w1.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.gate_proj.weight",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
+}
+
+
+def map_v1_tensor(key: str, tensor: torch.Tensor, cfg: QwenConfig) -> list[tuple[str, torch.Tensor]]:
+    """Qwen-7B v1 tensor -> [(our key, tensor)]: fused c_attn is split into q/k/v."""
+    if key == "transformer.wte.weight":
+        return [("model.embed_tokens.weight", tensor)]
+    if key == "transformer.ln_f.weight":
+        return [("model.norm.weight", tensor)]
+    if key == "lm_head.weight":
+        return [(key, tensor)]
+    m = _V1_LAYER.match(key)
+    if not m:
+        return [(key, tensor)]  # reported as unexpected by the caller
+    i, rest = m.group(1), m.group(2)
+    prefix = f"model.layers.{i}."
+    if rest in _V1_SIMPLE:
+        return [(prefix + _V1_SIMPLE[rest], tensor)]
+    if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        if tensor.shape[0] != sum(sizes):
+            raise CheckpointError(f"{key}: fused c_attn has {tensor.shape[0]} rows, expected {sum(sizes)}")
+        q, k, v = torch.split(tensor, sizes, dim=0)
+        return [
+            (f"{prefix}self_attn.q_proj.{kind}", q),
+            (f"{prefix}self_attn.k_proj.{kind}", k),
+            (f"{prefix}self_attn.v_proj.{kind}", v),
+        ]
+    return [(key, tensor)]
+
+
+# ---------------------------------------------------------------------- load
+def _is_ignored(key: str) -> bool:
+    # Old exports carry the RoPE table as a buffer; it is recomputed, never read.
+    return key.endswith("rotary_emb.inv_freq")
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _set_param(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool = True) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def quantizable_linears(model: Qwen) -> dict[str, nn.Linear]:
+    """The decoder-block linears that a 4-bit load quantises (never embeddings or the head)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+
+
+def load(
+    path: Union[str, os.PathLike],
+    dtype: Optional[Union[torch.dtype, str]] = None,
+    device: Union[str, torch.device] = "cpu",
+    quantize: Optional[str] = None,
+) -> Qwen:
+    """Load an HF-format Qwen checkpoint directory into `Qwen`, tensor by tensor.
+
+    dtype: parameter dtype (default: the config's torch_dtype). quantize: None, or "nf4" to
+    quantise every decoder linear as it is read (peak memory ~ the 4-bit model + one tensor).
+    Checkpoints already saved in bitsandbytes 4-bit format are recognised from config.json.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory (expected an HF-format Qwen checkpoint)")
+    raw_config = _read_json(root / "config.json")
+    if raw_config is None:
+        raise ConfigError(f"{root / 'config.json'}: not found (a Qwen checkpoint directory holds config.json)")
+    cfg = QwenConfig.from_hf(root / "config.json")
+    dtype = dtype_from_name(dtype) or dtype_from_name(cfg.torch_dtype)
+    device = torch.device(device)
+    files = checkpoint_files(root)
+
+    qconf = raw_config.get("quantization_config")
+    serialized = None
+    if qconf:
+        if qconf.get("quant_method") != "bitsandbytes" or not qconf.get("load_in_4bit"):
+            raise CheckpointError(
+                f"{root / 'config.json'}: quantization_config {qconf.get('quant_method')!r} is not supported "
+                f"(only bitsandbytes 4-bit nf4)"
+            )
+        serialized = get_quantizer("nf4")
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"{root} is saved in 4-bit nf4; quantize={quantize!r} cannot apply")
+        quantize = "nf4"
+    quantizer = get_quantizer(quantize) if quantize else None
+
+    cfg.extra.pop("quantization_config", None)
+    with torch.device("meta"):
+        model = Qwen(cfg)
+    linears = quantizable_linears(model) if quantizer else {}
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    tied = cfg.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> suffix -> tensor
+    filled: set[str] = set()
+    suffixes = tuple(getattr(serialized, "serialized_suffixes", ())) if serialized else ()
+
+    def module_complete(name: str) -> bool:
+        got = pending[name]
+        need = {"weight"} | ({"bias"} if linears[name].bias is not None else set()) | set(suffixes)
+        return need <= set(got)
+
+    for key, tensor, file in iter_tensors(files):
+        pairs = map_v1_tensor(key, tensor, cfg) if cfg.source_format == "qwen-v1" else [(key, tensor)]
+        for name, value in pairs:
+            if _is_ignored(name):
+                continue
+            if tied and name == "lm_head.weight":
+                continue  # tied: the head is the embedding; a stored copy is redundant
+            module_name, _, suffix = name.partition(".weight")
+            owner = None
+            for cand in (name.rsplit(".", 1)[0], module_name):
+                if cand in linears:
+                    owner = cand
+                    break
+            if owner is not None:
+                suffix = name[len(owner) + 1 :]
+                if suffix not in ("weight", "bias") + suffixes:
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r}")
+                if suffix == "weight" and not serialized:
+                    _check_shape(name, value, expected[name], file)
+                if suffix == "bias":
+                    _check_shape(name, value, expected[name], file)
+                if suffix in pending[owner]:
+                    raise CheckpointError(f"{file}: tensor {name!r} appears twice")
+                pending[owner][suffix] = value
+                if module_complete(owner):
+                    _build_quantized(model, owner, pending.pop(owner), quantizer, serialized, device, dtype)
+                    filled.update(k for k in expected if k.startswith(owner + "."))
+                    del linears[owner]
+                continue
+            if name not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} (not a parameter of {cfg.model_type})")
+            if name in filled:
+                raise CheckpointError(f"{file}: tensor {name!r} appears twice")
+            _check_shape(name, value, expected[name], file)
+            target_dtype = dtype if value.is_floating_point() else value.dtype
+            _set_param(model, name, value.to(device=device, dtype=target_dtype))
+            filled.add(name)
+
+    if pending:
+        name, got = next(iter(pending.items()))
+        raise CheckpointError(f"{root}: incomplete tensors for {name}: found only {sorted(got)}")
+    missing = [k for k in expected if k not in filled]
+    if missing:
+        raise CheckpointError(
+            f"{root}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    if tied:
+        model.tie_weights()
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb._inv_freq(device)
+    gen = _read_json(root / "generation_config.json")
+    model.hf_generation_config = gen or {}
+    model.name_or_path = str(root)
+    cfg.torch_dtype = dtype_name(dtype)
+    model.eval()
+    return model
+
+
+def _check_shape(name: str, value: torch.Tensor, expected: torch.Tensor, file: Path) -> None:
+    if tuple(value.shape) != tuple(expected.shape):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}"
+        )
+
+
+def _build_quantized(model, name, tensors, quantizer, serialized, device, dtype) -> None:
+    bias = tensors.pop("bias", None)
+    if bias is not None:
+        bias = bias.to(device=device, dtype=dtype)
+    if serialized is not None:
+        module = serialized.load_serialized(name, tensors, bias, device=device, compute_dtype=dtype)
+    else:
+        module = quantizer.quantize_linear(name, tensors["weight"], bias, device=device, compute_dtype=dtype)
+    _replace_module(model, name, module)
+
+
+# ---------------------------------------------------------------------- save
+def parse_size(size: Union[int, str]) -> int:
+    """'5GB' / '500MB' / 1000 -> bytes (decimal units, as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected e.g. '5GB', '500MB' or a byte count")
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+
+
+def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors of `model`: tied head dropped, LoRA refused, contiguous CPU copies."""
+    names = [n for n, _ in model.named_parameters()]
+    if any(".lora_" in n for n in names):
+        raise ValueError(
+            "the model still holds LoRA adapters: call lora.merge(model) before save(), "
+            "or lora.save(model, dir) to write the adapter alone"
+        )
+    state = model.state_dict()
+    tied = getattr(model, "is_tied", False)
+    if tied:
+        state.pop("lm_head.weight", None)
+    out = {}
+    for k, v in state.items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    return shards
+
+
+def save(
+    model: Qwen,
+    path: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    tokenizer: Any = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+) -> Path:
+    """Write an HF-format checkpoint directory, atomically (temp dir + rename).
+
+    Files: config.json, generation_config.json, model.safetensors or sharded
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json, and the tokenizer files
+    when a tokenizer (with `save_pretrained(dir)`) is given. dtype: cast floating tensors.
+    """
+    root = Path(path)
+    cfg: QwenConfig = model.config
+    state = export_state_dict(model)
+    dtype = dtype_from_name(dtype)
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    float_dtypes = [v.dtype for k, v in state.items() if v.is_floating_point() and "norm" not in k]
+    saved_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.bfloat16)
+
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        shards = _shards(state, parse_size(max_shard_size))
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            n = len(shards)
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = hf["dtype"] = dtype_name(saved_dtype)
+        hf["tie_word_embeddings"] = bool(getattr(model, "is_tied", cfg.tie_word_embeddings))
+        qconfs = [m.hf_quantization_config for m in model.modules() if getattr(m, "hf_quantization_config", None)]
+        if qconfs:
+            hf["quantization_config"] = qconfs[0]
+        _write_json(tmp / "config.json", hf)
+        _write_json(tmp / "generation_config.json", generation_config(model))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _atomic_replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def generation_config(model: Qwen) -> dict:
+    """generation_config.json: the loaded one (if any) with eos/bos/pad from the config."""
+    cfg = model.config
+    gen = dict(getattr(model, "hf_generation_config", None) or {})
+    gen.pop("transformers_version", None)
+    eos = cfg.eos_token_id
+    gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=eos)
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    return gen
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _atomic_replace(tmp: Path, root: Path) -> None:
+    """Move the finished `tmp` directory to `root`; an existing `root` is replaced whole."""
+    if root.exists():
+        old = root.with_name(f".{root.name}.old-{os.getpid()}")
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, root)

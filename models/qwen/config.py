@@ -1,0 +1,336 @@
+"""QwenConfig: the shape of a Qwen decoder, read from (and written to) an HF `config.json`.
+
+Three checkpoint families map onto one config:
+
+* ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5): q/k/v projections with bias, o_proj without.
+* ``Qwen3ForCausalLM``: no qkv bias, RMSNorm on q and k per head, explicit ``head_dim``.
+* ``QWenLMHeadModel`` (Qwen-7B v1, remote code): fused ``c_attn`` with bias,
+  ``intermediate_size`` is twice the MLP width, ``kv_channels``, ``rotary_emb_base``,
+  ``layer_norm_epsilon``. Its weights are mapped onto the Qwen2 module names on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+# Qwen's special token ids: identical in Qwen-7B v1, Qwen2, Qwen2.5 and Qwen3.
+ENDOFTEXT_ID = 151643
+IM_START_ID = 151644
+IM_END_ID = 151645
+
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+class ConfigError(ValueError):
+    """A config.json that is not a Qwen config we understand (names the file and key)."""
+
+
+def dtype_from_name(name: Any) -> Optional[torch.dtype]:
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).replace("torch.", "")
+    if key not in _DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {name!r}: expected one of {sorted(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the spelling HF configs use)."""
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class QwenConfig:
+    """Hyper-parameters of a Qwen decoder; names follow HF's Qwen2Config/Qwen3Config."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True  # bias on q/k/v (Qwen2: True, Qwen3: False); o_proj never has one
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    model_type: str = "qwen2"  # "qwen2" | "qwen3" (v1 checkpoints load as qwen2)
+    bos_token_id: Optional[int] = ENDOFTEXT_ID
+    eos_token_id: Any = ENDOFTEXT_ID  # int or list of ints
+    pad_token_id: Optional[int] = None
+    torch_dtype: str = "bfloat16"
+    source_format: str = "hf"  # "hf" or "qwen-v1": how the checkpoint names its tensors
+    extra: dict = field(default_factory=dict)  # unknown keys of config.json, written back on save
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; give head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.model_type not in ("qwen2", "qwen3"):
+            raise ConfigError(f"model_type {self.model_type!r}: expected 'qwen2' or 'qwen3'")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "QwenConfig":
+        """A named shape: 'tiny', 'qwen2.5-0.5b', '1.5b', '3b', '7b', 'qwen3-0.6b', ... ."""
+        key = name.lower().replace("qwen2.5-", "").replace("qwen2-", "")
+        if key not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        values = dict(PRESETS[key])
+        values.update(overrides)
+        return cls(**values)
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_hf(cls, path_or_dict: Any) -> "QwenConfig":
+        """Read a model directory's config.json (or its parsed dict)."""
+        source = "config dict"
+        if isinstance(path_or_dict, dict):
+            raw = dict(path_or_dict)
+        else:
+            path = os.fspath(path_or_dict)
+            file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+            source = file
+            if not os.path.exists(file):
+                raise ConfigError(f"{file}: not found (a Qwen checkpoint directory holds config.json)")
+            try:
+                with open(file, encoding="utf-8") as f:
+                    raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{file}: expected a JSON object")
+        archs = raw.get("architectures") or []
+        model_type = raw.get("model_type")
+        if model_type == "qwen" or "QWenLMHeadModel" in archs:
+            return cls._from_v1(raw, source)
+        if model_type not in ("qwen2", "qwen3"):
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported: expected 'qwen2' "
+                f"(Qwen2ForCausalLM), 'qwen3' (Qwen3ForCausalLM) or 'qwen' (QWenLMHeadModel)"
+            )
+        for arch in archs:
+            if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+                raise ConfigError(f"{source}: architecture {arch!r} is not supported")
+
+        def need(key: str) -> Any:
+            if key not in raw:
+                raise ConfigError(f"{source}: missing required key {key!r}")
+            return raw[key]
+
+        rope = raw.get("rope_parameters") or {}
+        rope_scaling = raw.get("rope_scaling")
+        rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type")) or rope.get(
+            "rope_type", "default"
+        )
+        if rope_type not in ("default", None):
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only default RoPE)")
+        if raw.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        qwen3 = model_type == "qwen3"
+        known = {
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+            "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
+            "attention_bias", "model_type", "architectures", "bos_token_id", "eos_token_id",
+            "pad_token_id", "torch_dtype", "dtype", "transformers_version", "use_sliding_window",
+        }
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+        n_heads = int(need("num_attention_heads"))
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or n_heads),
+            head_dim=raw.get("head_dim"),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            # HF's default for tie_word_embeddings is True in v4 and False in v5 for Qwen2;
+            # real Qwen checkpoints always write the key. Absent: follow the common case.
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", not qwen3)),
+            qk_norm=qwen3,
+            model_type=model_type,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+            torch_dtype=dtype_name(dtype_from_name(dtype)),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+
+    @classmethod
+    def _from_v1(cls, raw: dict, source: str) -> "QwenConfig":
+        """Qwen-7B v1 (`QWenLMHeadModel`): MHA, fused c_attn with bias, MLP width = intermediate/2."""
+
+        def need(key: str) -> Any:
+            if key not in raw:
+                raise ConfigError(f"{source}: missing required key {key!r} (Qwen v1 config)")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        head_dim = int(raw.get("kv_channels", hidden // heads))
+        if raw.get("rotary_pct", 1.0) != 1.0:
+            raise ConfigError(f"{source}: rotary_pct {raw['rotary_pct']} is not supported (expected 1.0)")
+        dtype = "bfloat16"
+        if raw.get("fp16"):
+            dtype = "float16"
+        if raw.get("fp32"):
+            dtype = "float32"
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")) // 2,
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(raw.get("max_position_embeddings", raw.get("seq_length", 8192))),
+            rope_theta=float(raw.get("rotary_emb_base", 10000.0)),
+            rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=True,
+            qk_norm=False,
+            model_type="qwen2",
+            bos_token_id=ENDOFTEXT_ID,
+            eos_token_id=ENDOFTEXT_ID,
+            pad_token_id=None,
+            torch_dtype=dtype,
+            source_format="qwen-v1",
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json dict that transformers' Qwen2/Qwen3 classes load."""
+        arch = "Qwen3ForCausalLM" if self.model_type == "qwen3" else "Qwen2ForCausalLM"
+        out = dict(self.extra)
+        out.update(
+            architectures=[arch],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta,
+            # transformers v5 reads rope_parameters; v4 reads rope_theta. Write both.
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
+            attention_dropout=0.0,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=self.num_hidden_layers,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            torch_dtype=self.torch_dtype,
+            dtype=self.torch_dtype,
+            use_cache=True,
+        )
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def eos_ids(self) -> list[int]:
+        """Every id that ends generation according to the config (always a list)."""
+        eos = self.eos_token_id
+        if eos is None:
+            return [ENDOFTEXT_ID]
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    def num_parameters(self) -> int:
+        """Parameter count of the model this config describes (tied head counted once)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            attn += 2 * d
+        block = attn + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return emb + self.num_hidden_layers * block + h
+
+
+# Shapes of the published checkpoints (vocab rows, not tokenizer length) and a tiny test shape.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=151936, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
+    "0.5b": dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "3b": dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+    ),
+    # The 100M-parameter shape of the CPU benchmark (issue: performance).
+    "bench-100m": dict(
+        vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "qwen3-0.6b": dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+        attention_bias=False, qk_norm=True, model_type="qwen3", eos_token_id=151645,
+    ),
+    "qwen3-8b": dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+        attention_bias=False, qk_norm=True, model_type="qwen3", eos_token_id=151645,
+    ),
+}
