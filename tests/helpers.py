@@ -85,5 +85,5 @@ def random_ids(batch: int, length: int, vocab: int = TINY_QWEN2["vocab_size"], s
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a-b| / max |b|: the relative error measure of the acceptance criteria."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

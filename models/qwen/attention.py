@@ -100,7 +100,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        # Qwen2 never has an o_proj bias; Qwen3's attention_bias covers o_proj too.
+        o_bias = bias and config.model_type == "qwen3"
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

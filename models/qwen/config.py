@@ -68,7 +68,7 @@ class QwenConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
-    attention_bias: bool = True  # bias on q/k/v (Qwen2: True, Qwen3: False); o_proj never has one
+    attention_bias: bool = True  # bias on q/k/v (Qwen2: True; Qwen3: False, and then on o_proj too)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     model_type: str = "qwen2"  # "qwen2" | "qwen3" (v1 checkpoints load as qwen2)
     bos_token_id: Optional[int] = ENDOFTEXT_ID
@@ -287,7 +287,7 @@ class QwenConfig:
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         if self.attention_bias:
-            attn += self.q_size + 2 * self.kv_size
+            attn += self.q_size + 2 * self.kv_size + (h if self.model_type == "qwen3" else 0)
         if self.qk_norm:
             attn += 2 * d
         block = attn + 3 * h * i + 2 * h

@@ -1,0 +1,135 @@
+"""Our decoder against transformers' Qwen2/Qwen3 on tiny random models (fp32)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.qwen import load
+from models.qwen.loss import linear_cross_entropy
+from tests.helpers import hf_model, max_rel_err, random_ids, save_hf_model
+
+VARIANTS = [
+    ("qwen2", dict(tie_word_embeddings=True)),
+    ("qwen2", dict(tie_word_embeddings=False)),
+    ("qwen3", dict(tie_word_embeddings=False)),
+    ("qwen3", dict(tie_word_embeddings=True, attention_bias=True)),
+]
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: f"{v[0]}-{'tied' if v[1].get('tie_word_embeddings') else 'untied'}")
+def pair(request, tmp_path):
+    kind, kw = request.param
+    ref = hf_model(kind, **kw)
+    save_hf_model(ref, tmp_path / "ckpt")
+    ours = load(tmp_path / "ckpt", dtype=torch.float32)
+    return ref, ours
+
+
+def test_logits_match_transformers(pair):
+    ref, ours = pair
+    ids = random_ids(3, 29)
+    with torch.no_grad():
+        assert max_rel_err(ours(ids), ref(ids).logits) <= 1e-5
+
+
+def test_loss_and_gradients_match_transformers(pair):
+    ref, ours = pair
+    ref.train(), ours.train()
+    ids = random_ids(2, 21, seed=1)
+    labels = ids.clone()
+    labels[0, :7] = -100
+    loss_ref = ref(ids, labels=labels).loss
+    loss_ours = ours(ids, labels=labels)
+    assert abs(loss_ours.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    loss_ref.backward()
+    loss_ours.backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert max_rel_err(p.grad, ref_grads[name].grad) <= 1e-4, name
+
+
+def test_sum_reduction_counts_supervised_tokens(pair):
+    _, ours = pair
+    ids = random_ids(2, 12, seed=2)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    loss_sum, n = ours(ids, labels=labels, reduction="sum")
+    # labels are shifted inside: position 0 is never a target, so 2 * (12 - 4) targets remain
+    assert n.item() == 2 * 8
+    assert torch.allclose(loss_sum / n, ours(ids, labels=labels), rtol=1e-6)
+
+
+def test_document_mask_equals_separate_documents(pair):
+    """A packed row with document ids gives each document exactly its own logits."""
+    _, ours = pair
+    a, b = random_ids(1, 9, seed=3), random_ids(1, 6, seed=4)
+    packed = torch.cat([a, b], dim=1)
+    docs = torch.tensor([[0] * 9 + [1] * 6])
+    with torch.no_grad():
+        got = ours(packed, document_ids=docs)
+        sep = torch.cat([ours(a), ours(b)], dim=1)
+    assert max_rel_err(got, sep) <= 1e-5
+
+
+def test_left_padding_with_attention_mask(pair):
+    ref, ours = pair
+    ids = random_ids(2, 10, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+        alone = ours(ids[1:, 3:])
+    assert max_rel_err(got[1, 3:], alone[0]) <= 1e-5
+    assert max_rel_err(got[0], ours(ids[:1])[0]) <= 1e-5
+
+
+def test_chunked_cross_entropy_matches_full_softmax():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 50, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    labels = torch.randint(0, 97, (2, 50))
+    labels[0, 10:20] = -100
+    # Tiny chunks: 97 * 3 elements -> 3 tokens per chunk, many chunks.
+    loss_sum, n = linear_cross_entropy(hidden, weight, labels, chunk_elements=97 * 3)
+    h2 = hidden.detach().clone().requires_grad_()
+    w2 = weight.detach().clone().requires_grad_()
+    logits = h2[:, :-1] @ w2.t()
+    ref = F.cross_entropy(logits.reshape(-1, 97), labels[:, 1:].reshape(-1), reduction="sum", ignore_index=-100)
+    assert n.item() == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(loss_sum, ref, rtol=1e-6)
+    (2.0 * loss_sum).backward()
+    (2.0 * ref).backward()
+    assert max_rel_err(hidden.grad, h2.grad) <= 1e-5
+    assert max_rel_err(weight.grad, w2.grad) <= 1e-5
+
+
+def test_label_outside_vocabulary_is_an_error(pair):
+    _, ours = pair
+    ids = random_ids(1, 5)
+    labels = ids.clone()
+    labels[0, 3] = 10_000
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours(ids, labels=labels)
+
+
+def test_gradient_checkpointing_changes_no_gradient(pair):
+    _, ours = pair
+    ours.train()
+    ids = random_ids(2, 16, seed=6)
+    ours(ids, labels=ids).backward()
+    plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    ours.gradient_checkpointing = True
+    ours(ids, labels=ids).backward()
+    for n, p in ours.named_parameters():
+        assert max_rel_err(p.grad, plain[n]) <= 1e-6, n
+
+
+def test_bf16_autocast_close_to_fp32(pair):
+    _, ours = pair
+    ids = random_ids(1, 16, seed=7)
+    with torch.no_grad():
+        full = ours(ids, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = ours(ids, labels=ids)
+    assert abs(half.item() - full.item()) < 0.05 * full.item()
