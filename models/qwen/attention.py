@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import QwenConfig
 from .layers import RMSNorm, apply_rope
+from .linear import Linear
 
 
 class KVCache:
@@ -97,12 +98,12 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, config.q_size, bias=bias)
+        self.k_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
+        self.v_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
         # Qwen2 never has an o_proj bias; Qwen3's attention_bias covers o_proj too.
         o_bias = bias and config.model_type == "qwen3"
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

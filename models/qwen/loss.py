@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .linear import upcast_matmul_dtype
+
 IGNORE_INDEX = -100
 
 # Logit elements per chunk (fp32): 32M elements = 128 MB, about 220 tokens of Qwen's vocab.
@@ -21,7 +23,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i); hidden [N, H], weight [V, H], target [N]."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, matmul_dtype):
+        # matmul_dtype=float32: bf16 operands multiplied by fp32 kernels, products rounded to
+        # bf16 (same function as a bf16 GEMM; see linear.py). None: operands' own dtype.
+        w_mm = weight.to(matmul_dtype) if matmul_dtype is not None else weight
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -30,7 +35,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
-            logits = (h @ weight.t()).float()  # [n, V] in fp32, like the reference's .float()
+            if matmul_dtype is not None:
+                logits = (h.to(matmul_dtype) @ w_mm.t()).to(hidden.dtype).float()
+            else:
+                logits = (h @ weight.t()).float()  # [n, V] in fp32, like the reference's .float()
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -39,7 +47,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = probs.to(hidden.dtype)
                 if need_h:
-                    grad_h[start : start + chunk] = g @ weight
+                    gh = g.to(matmul_dtype) @ w_mm if matmul_dtype is not None else g @ weight
+                    grad_h[start : start + chunk] = gh
                 if need_w:
                     grad_w += g.t().float() @ h.float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
@@ -54,7 +63,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         need_h, need_w = ctx.has
         grad_h = saved.pop(0) * grad_out.to(ctx.h_dtype) if need_h else None
         grad_w = (saved.pop(0) * grad_out.float()).to(ctx.w_dtype) if need_w else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(
@@ -79,5 +88,5 @@ def linear_cross_entropy(
         bad = targets[(targets < 0) | (targets >= weight.shape[0])][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {weight.shape[0]}) (and is not -100)")
     chunk = max(1, chunk_elements // weight.shape[0])
-    loss_sum = _LinearCrossEntropySum.apply(h, weight, targets, chunk)
+    loss_sum = _LinearCrossEntropySum.apply(h, weight, targets, chunk, upcast_matmul_dtype(h, weight))
     return loss_sum, n_tokens

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention, KVCache, build_attention_mask
 from .config import QwenConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .linear import Linear
 from .loss import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -77,7 +78,7 @@ class Qwen(nn.Module):
         super().__init__()
         self.config = config
         self.model = QwenBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         if config.tie_word_embeddings:
             self.tie_weights()
@@ -192,7 +193,7 @@ class Qwen(nn.Module):
         """(loss_sum, n_tokens) of next-token prediction; the head runs in chunks."""
         head = self.lm_head
         device_type = hidden.device.type
-        if type(head) is nn.Linear and head.bias is None:
+        if type(head) in (nn.Linear, Linear) and head.bias is None:
             weight = head.weight
             if torch.is_autocast_enabled(device_type):
                 dtype = torch.get_autocast_dtype(device_type)
