@@ -10,10 +10,7 @@ from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, ConfigError, QwenConfi
 from .generation import generate, sample_next
 from .model import Qwen
 
-try:  # the tokenizer module is optional only while it is being written
-    from .tokenizer import Tokenizer
-except ImportError:  # pragma: no cover
-    Tokenizer = None
+from .tokenizer import Tokenizer
 
 __all__ = [
     "QwenConfig", "Qwen", "Tokenizer", "load", "save", "generate", "sample_next", "KVCache",

@@ -192,6 +192,10 @@ class Qwen(nn.Module):
     def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor):
         """(loss_sum, n_tokens) of next-token prediction; the head runs in chunks."""
         head = self.lm_head
+        # A trainable copy of the head (lora's modules_to_save) exposes the live module as
+        # `.active`: unwrap it so the fused chunked loss still applies (it returns the
+        # weight gradient as well when the head trains).
+        head = getattr(head, "active", head)
         device_type = hidden.device.type
         if type(head) in (nn.Linear, Linear) and head.bias is None:
             weight = head.weight
