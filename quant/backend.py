@@ -1,0 +1,49 @@
+"""Optional bitsandbytes kernels (CUDA only); the pure-PyTorch codec is the reference.
+
+`import quant` must work when bitsandbytes is missing or fails to load (a broken CUDA setup
+raises all sorts of exceptions at import), so any exception disables the fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .nf4 import NF4Tensor
+
+try:  # noqa: SIM105 - any failure (ImportError, OSError, RuntimeError...) means "not available"
+    import bitsandbytes.functional as _bnbf
+except Exception:  # pragma: no cover - depends on the machine
+    _bnbf = None
+
+
+def available() -> bool:
+    """True when bitsandbytes imported and can be used for CUDA tensors."""
+    return _bnbf is not None
+
+
+def dequantize(q: NF4Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """bitsandbytes' CUDA dequantisation of `q` in `dtype`, or None to use the PyTorch path.
+
+    Same arithmetic as `NF4Tensor.dequantize` (level * fp32 absmax, one rounding), so both
+    give identical values; only CUDA tensors take this path.
+    """
+    if _bnbf is None or q.packed.device.type != "cuda":
+        return None
+    state2 = None
+    offset = None
+    if q.double_quant:
+        state2 = _bnbf.QuantState(absmax=q.nested_absmax, code=q.nested_code, blocksize=q.nested_blocksize, dtype=torch.float32)
+        offset = torch.tensor(q.offset, dtype=torch.float32, device=q.packed.device)
+    state = _bnbf.QuantState(
+        absmax=q.absmax, shape=torch.Size(q.shape), code=q.code, blocksize=q.blocksize,
+        quant_type="nf4", dtype=dtype, offset=offset, state2=state2,
+    )
+    try:
+        result = _bnbf.dequantize_4bit(q.packed, state, quant_type="nf4")
+    except Exception:  # pragma: no cover - a kernel that cannot run here: use the reference path
+        return None
+    if out is not None:
+        return out.copy_(result)
+    return result

@@ -1,0 +1,179 @@
+"""`NF4Linear`: a frozen linear layer whose weight is stored as NF4 (bitsandbytes layout).
+
+forward(x[..., in]) -> [..., out] = x @ dequantize(W).T + bias, in the compute dtype (the
+model dtype, bf16 by default; never a silent fp32). Backward gives the input gradient only:
+the dequantised weight is not saved for backward, it is rebuilt there from the 4-bit data.
+
+state_dict keys are the ones bitsandbytes / transformers write for a 4-bit `Linear4bit`:
+`weight` (uint8 [ceil(out*in/2), 1]), `weight.absmax`, `weight.quant_map`,
+`weight.nested_absmax`, `weight.nested_quant_map` (double quantisation only),
+`weight.quant_state.bitsandbytes__nf4` (JSON bytes) and `bias`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.qwen.linear import upcast_matmul_dtype
+
+from . import backend
+from .nf4 import NF4Tensor, quantize
+from .serialization import STAT_SUFFIXES, hf_quantization_config, nf4_from_state, nf4_to_state
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """y = x @ W.T with W = dequantize(q) in x's dtype; saves nothing big for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "NF4Linear") -> torch.Tensor:  # type: ignore[override]
+        ctx.module = module  # the 4-bit weight lives in the module; nothing dense is kept
+        weight = module.dequantize()
+        mm = upcast_matmul_dtype(x, weight)
+        if mm is None:
+            return F.linear(x, weight)
+        return F.linear(x.to(mm), weight.to(mm)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        weight = ctx.module.dequantize()  # re-dequantised: no weight copy lived through forward
+        mm = upcast_matmul_dtype(grad_out, weight)
+        if mm is None:
+            grad_x = grad_out @ weight
+        else:
+            grad_x = (grad_out.to(mm) @ weight.to(mm)).to(grad_out.dtype)
+        return grad_x, None
+
+
+class NF4Linear(nn.Module):
+    """Frozen NF4 linear. Attributes: in_features, out_features, bias (frozen Parameter or None),
+    compute_dtype, blocksize, double_quant, hf_quantization_config; `weight` is the packed
+    uint8 Parameter (requires_grad=False) and `quant` the full `NF4Tensor`."""
+
+    def __init__(
+        self,
+        quantized: NF4Tensor,
+        bias: Optional[torch.Tensor] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+        reuse_buffer: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(quantized.shape) != 2:
+            raise ValueError(f"NF4Linear: weight must be 2-D [out, in], got shape {tuple(quantized.shape)}")
+        self.out_features, self.in_features = (int(s) for s in quantized.shape)
+        self.compute_dtype = compute_dtype or quantized.dtype
+        self.quant = quantized
+        self.weight = nn.Parameter(quantized.packed, requires_grad=False)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"NF4Linear: bias shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            self.bias = nn.Parameter(bias.detach().to(self.compute_dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        # Optional reused dequantisation buffer (saves an allocation per call; see issue 9).
+        self.reuse_buffer = reuse_buffer
+        self._buffer: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "NF4Linear":
+        """Quantise an nn.Linear (weight [out, in], optional bias); compute dtype = its dtype by default."""
+        weight = linear.weight.detach()
+        q = quantize(weight, blocksize=blocksize, double_quant=double_quant)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, bias, compute_dtype=compute_dtype or weight.dtype)
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant.blocksize
+
+    @property
+    def double_quant(self) -> bool:
+        return self.quant.double_quant
+
+    @property
+    def hf_quantization_config(self) -> dict[str, Any]:
+        """The `quantization_config` transformers expects in config.json for this layer's format."""
+        return hf_quantization_config(self.compute_dtype, self.double_quant)
+
+    # ------------------------------------------------------------------ compute
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype (bitsandbytes' kernel on CUDA when present)."""
+        self.quant.packed = self.weight.data  # the Parameter is the storage (may have been moved)
+        out = None
+        if self.reuse_buffer:
+            buf = self._buffer
+            if buf is None or buf.device != self.weight.device or buf.dtype != self.compute_dtype:
+                buf = self._buffer = torch.empty(self.quant.shape, dtype=self.compute_dtype, device=self.weight.device)
+            out = buf
+        fast = backend.dequantize(self.quant, self.compute_dtype, out=out)
+        if fast is not None:
+            return fast
+        return self.quant.dequantize(self.compute_dtype, out=out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"NF4Linear: input has {x.shape[-1]} features, expected {self.in_features}")
+        # The product runs in the compute dtype (the model dtype): inputs are cast to it.
+        out = _NF4MatMul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+    # ------------------------------------------------------------------ device / dtype moves
+    def _apply(self, fn, recurse: bool = True):
+        # Statistics stay fp32/uint8 whatever `.to(dtype)` asks for; only the device follows.
+        # A float `.to(dtype)` changes the compute dtype (it is the model dtype).
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
+        super()._apply(fn, recurse)
+        self.quant = self.quant.to(self.weight.device)
+        self.quant.packed = self.weight.data
+        self.compute_dtype = probe.dtype
+        self._buffer = None
+        return self
+
+    # ------------------------------------------------------------------ state dict (bnb keys)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.quant.packed = self.weight.data
+        for suffix, tensor in nf4_to_state(self.quant).items():
+            if suffix != "weight":
+                destination[prefix + suffix] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        stats = {s: state_dict[prefix + s] for s in ("weight",) + STAT_SUFFIXES if prefix + s in state_dict}
+        if "weight" in stats:
+            try:
+                self.quant = nf4_from_state(prefix + "weight", stats, device=self.weight.device)
+            except ValueError as e:
+                error_msgs.append(str(e))
+                return
+            if tuple(self.quant.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"{prefix}weight: quant_state shape {tuple(self.quant.shape)}, expected "
+                    f"({self.out_features}, {self.in_features})"
+                )
+                return
+            self.weight = nn.Parameter(self.quant.packed, requires_grad=False)
+        for s in STAT_SUFFIXES:
+            state_dict.pop(prefix + s, None)  # consumed here, not unexpected
+        local = dict(state_dict)
+        local.pop(prefix + "weight", None)
+        super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "weight" in missing_keys and "weight" in stats:
+            missing_keys.remove(prefix + "weight")

@@ -1,0 +1,154 @@
+"""NF4Linear: forward / input gradient equal the explicit expression with bitsandbytes'
+dequantised weight; nothing dense saved for backward; bnb state-dict keys; LoRA trains on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quant
+from quant import NF4Linear
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def _linear(inp=128, out=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out, bias=bias)
+    with torch.no_grad():
+        if bias:
+            lin.bias.normal_()
+    return lin
+
+
+def _bnb_weight(lin, dtype):
+    """Independent reference: bitsandbytes quantise -> dequantise, rounded once to dtype."""
+    packed, state = bnbf.quantize_4bit(lin.weight.detach(), quant_type="nf4", compress_statistics=True, blocksize=64)
+    state.dtype = dtype
+    return bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_input_grad_match_expression(dtype, bias):
+    lin = _linear(bias=bias)
+    layer = NF4Linear.from_linear(lin, compute_dtype=dtype)
+    w = _bnb_weight(lin, dtype)
+    assert torch.equal(layer.dequantize(), w) and layer.dequantize().dtype == dtype
+
+    x = torch.randn(2, 5, 128, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 5, 96) and y.dtype == dtype  # no silent fp32
+    x_ref = x.detach().clone().requires_grad_(True)
+    b = None if not bias else lin.bias.detach().to(dtype)
+    y_ref = F.linear(x_ref.float(), w.float(), None if b is None else b.float())
+    tol = 0 if dtype == torch.float32 else 2e-2
+    assert (y.float() - y_ref).abs().max() <= tol * y_ref.abs().max() + 1e-5
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.float())
+    assert (x.grad.float() - x_ref.grad).abs().max() <= tol * x_ref.grad.abs().max() + 1e-5
+    # frozen: no parameter gets a gradient
+    assert all(not p.requires_grad and p.grad is None for p in layer.parameters())
+
+
+def test_backward_saves_no_dense_weight():
+    layer = NF4Linear.from_linear(_linear(256, 192), compute_dtype=torch.float32)
+    saved = []
+    x = torch.randn(3, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert all(n < 256 * 192 for n in saved), saved  # only activations, never W [192, 256]
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_reused_buffer_gives_same_values():
+    lin = _linear()
+    a = NF4Linear.from_linear(lin, compute_dtype=torch.bfloat16)
+    b = NF4Linear.from_linear(lin, compute_dtype=torch.bfloat16)
+    b.reuse_buffer = True
+    first = b.dequantize()
+    assert b.dequantize().data_ptr() == first.data_ptr()
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    assert torch.equal(a(x), b(x))
+
+
+def test_state_dict_keys_round_trip_and_bnb_readable():
+    lin = _linear()
+    layer = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
+    sd = layer.state_dict()
+    assert set(sd) == {
+        "weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
+    }
+    # bitsandbytes itself rebuilds the quant state from our tensors and dequantises to ours
+    qs = bnbf.QuantState.from_dict({k: v for k, v in sd.items() if k not in ("weight", "bias")}, device="cpu")
+    assert torch.equal(bnbf.dequantize_4bit(sd["weight"], qs).float(), layer.dequantize())
+    fresh = NF4Linear.from_linear(_linear(seed=9), compute_dtype=torch.float32)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.dequantize(), layer.dequantize()) and torch.equal(fresh.bias, layer.bias)
+
+
+def test_to_dtype_keeps_statistics_and_moves_compute_dtype():
+    layer = NF4Linear.from_linear(_linear(), compute_dtype=torch.float32)
+    before = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and layer.weight.dtype == torch.uint8
+    assert layer.quant.nested_absmax.dtype == torch.float32 and layer.quant.nested_code.dtype == torch.float32
+    assert torch.equal(layer.dequantize(), before.to(torch.bfloat16))
+
+
+def test_corrupt_quant_state_names_tensor():
+    layer = NF4Linear.from_linear(_linear(), compute_dtype=torch.float32)
+    sd = layer.state_dict()
+    sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b"{not json"), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="weight: corrupt 4-bit quant_state"):
+        NF4Linear.from_linear(_linear(), compute_dtype=torch.float32).load_state_dict(sd)
+
+
+def test_quantize_model_policy():
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(64, 64))
+    model.add_module("act", nn.ReLU())
+    model.add_module("lm_head", nn.Linear(64, 32))
+    quant.quantize_model(model)
+    assert isinstance(model.a, NF4Linear) and isinstance(model.lm_head, nn.Linear)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quant.quantize_model(nn.Sequential(nn.ReLU()))
+
+
+def test_lora_on_nf4_trains():
+    lora = pytest.importorskip("lora")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    quant.quantize_model(model, skip=())
+    lora.inject(model, r=4, alpha=8, targets=["0", "2"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, target = torch.randn(32, 64), torch.randn(32, 64)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_state_dict_without_double_quant_readable_by_bnb():
+    lin = _linear(64, 80, seed=2)
+    layer = NF4Linear.from_linear(lin, blocksize=128, double_quant=False, compute_dtype=torch.float32)
+    sd = layer.state_dict()
+    assert "weight.nested_absmax" not in sd and sd["weight.absmax"].dtype == torch.float32
+    qs = bnbf.QuantState.from_dict({k: v for k, v in sd.items() if k not in ("weight", "bias")}, device="cpu")
+    assert qs.blocksize == 128 and not qs.nested
+    packed, ref_state = bnbf.quantize_4bit(lin.weight.detach(), blocksize=128, quant_type="nf4")
+    assert torch.equal(sd["weight"], packed) and torch.equal(qs.absmax, ref_state.absmax)
+    fresh = NF4Linear.from_linear(_linear(64, 80, seed=3), compute_dtype=torch.float32)
+    fresh.load_state_dict(sd)
+    assert fresh.blocksize == 128 and torch.equal(fresh.dequantize(), layer.dequantize())
