@@ -1,0 +1,339 @@
+"""`inject`: put LoRA adapters into a model in place; plus what the training loop needs around it
+(summary, adapter toggling, trainable state dicts, a gradient check)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .layer import LoRALinear, is_nf4_linear
+from .targets import ALL_LINEAR, peft_target_modules, resolve_targets
+from .trainable_copy import TrainableCopy
+
+PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------- queries
+def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Module path -> LoRALinear, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_copies(model: nn.Module) -> dict[str, TrainableCopy]:
+    """Module path -> TrainableCopy (modules_to_save), in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TrainableCopy)}
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, (LoRALinear, TrainableCopy)) for m in model.modules())
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight Parameter) -> names of the modules that hold it (tied weights: several)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), [])
+            if name not in owners[id(w)]:
+                owners[id(w)].append(name)
+    return owners
+
+
+# ---------------------------------------------------------------------- inject
+def inject(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    targets: Union[str, Sequence[str]] = ALL_LINEAR,
+    rslora: bool = False,
+    dora: bool = False,
+    modules_to_save: Optional[Sequence[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Replace the targeted linears by `LoRALinear` in place and freeze every base parameter.
+
+    targets: "all-linear" (every linear but the output head), module-name suffixes
+    (["q_proj", "v_proj"]; Qwen-7B v1 names c_attn/w1/w2/c_proj are aliases) or a regex over
+    the full module name. modules_to_save: suffixes of modules (embed_tokens, lm_head) that
+    get a fully trainable copy; with tied embeddings both get one shared copy.
+    dtype: adapter parameter dtype (default float32). Returns `model`.
+    """
+    if has_adapters(model):
+        cfg = getattr(model, "lora_config", None)
+        got = f" (r={cfg.r}, alpha={cfg.lora_alpha:g}, dora={cfg.use_dora}, targets={cfg.target_modules})" if cfg else ""
+        raise ValueError(
+            f"the model already holds LoRA adapters{got}: injecting again would stack two adapters. "
+            "Call lora.merge(model) first to train a new adapter on the merged weights, or lora.load(model, dir) "
+            "to replace the adapter weights"
+        )
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r (LoRA rank) must be a positive int, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    chosen = resolve_targets(model, targets)
+    save_names = _resolve_modules_to_save(model, modules_to_save) if modules_to_save else []
+    _check_targets(model, chosen, save_names)
+
+    _freeze_base(model)
+    for name in chosen:
+        base = model.get_submodule(name)
+        _replace_module(model, name, LoRALinear(base, r, alpha, dropout, rslora, dora, dtype))
+    _wrap_modules_to_save(model, save_names, share_tied=True)
+    model.lora_config = LoRAConfig(
+        r=r,
+        lora_alpha=float(alpha),
+        lora_dropout=float(dropout),
+        use_rslora=bool(rslora),
+        use_dora=bool(dora),
+        target_modules=peft_target_modules(model, chosen, targets),
+        modules_to_save=sorted({n.rsplit(".", 1)[-1] for n in save_names}) or None,
+        modules=list(chosen),
+    )
+    return model
+
+
+def inject_modules(model: nn.Module, modules: Sequence[str], config: LoRAConfig, dtype=None) -> nn.Module:
+    """Inject into exactly the named module paths (used by `load`); errors name the path."""
+    for name in modules:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"no module {name!r} in {type(model).__name__}") from None
+        if not (isinstance(module, nn.Linear) or is_nf4_linear(module)):
+            raise ValueError(f"module {name!r} is a {type(module).__name__}, not a linear layer LoRA can wrap")
+    _check_targets(model, list(modules), [])
+    _freeze_base(model)
+    for name in modules:
+        base = model.get_submodule(name)
+        layer = LoRALinear(
+            base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora, dtype
+        )
+        _replace_module(model, name, layer)
+    config.modules = list(modules)
+    model.lora_config = config
+    return model
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter, remembering the flags so `merge` can restore them."""
+    if not hasattr(model, "_lora_saved_requires_grad"):
+        model._lora_saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _check_targets(model: nn.Module, chosen: list[str], save_names: list[str]) -> None:
+    owners = _weight_owners(model)
+    for name in chosen:
+        if name in save_names:
+            raise ValueError(f"{name!r} is both a LoRA target and in modules_to_save; choose one")
+        w = model.get_submodule(name)._parameters.get("weight")
+        shared = [o for o in owners.get(id(w), []) if o != name] if w is not None else []
+        if shared:
+            raise ValueError(
+                f"LoRA target {name!r} shares its weight with {shared[0]!r} (tied embeddings): merging would "
+                "change both; put it in modules_to_save instead or untie the weights"
+            )
+
+
+def _resolve_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Full paths for modules_to_save suffixes, plus the tied partner of each (stays tied)."""
+    if isinstance(names, str):
+        names = [names]
+    all_names = [n for n, _ in model.named_modules() if n]
+    chosen: list[str] = []
+    for s in names:
+        hits = [n for n in all_names if n == s or n.endswith("." + s)]
+        if not hits:
+            candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.Linear))]
+            raise ValueError(
+                f"modules_to_save entry {s!r} matches no module; candidates: "
+                f"{sorted({c.rsplit('.', 1)[-1] for c in candidates})}"
+            )
+        chosen += [h for h in hits if h not in chosen]
+    owners = _weight_owners(model)
+    for name in list(chosen):
+        w = model.get_submodule(name)._parameters.get("weight")
+        for partner in owners.get(id(w), []) if w is not None else []:
+            if partner not in chosen:
+                chosen.append(partner)
+    return [n for n in all_names if n in chosen]
+
+
+def _wrap_modules_to_save(model: nn.Module, names: Sequence[str], share_tied: bool) -> None:
+    """Wrap each named module in a TrainableCopy; tied originals share one copy if share_tied."""
+    copies_by_weight: dict[int, nn.Parameter] = {}
+    for name in names:
+        original = model.get_submodule(name)
+        w = original._parameters.get("weight")
+        shared = copies_by_weight.get(id(w)) if (share_tied and w is not None) else None
+        wrapper = TrainableCopy(original, shared_weight=shared)
+        if w is not None and id(w) not in copies_by_weight:
+            copies_by_weight[id(w)] = wrapper.modules_to_save.weight
+        _replace_module(model, name, wrapper)
+
+
+# ---------------------------------------------------------------------- summary
+@dataclass
+class AdapterSummary:
+    trainable: int
+    total: int
+    adapted_modules: int
+    trainable_copies: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f} || LoRA modules: {self.adapted_modules}"
+            + (f" || modules_to_save: {self.trainable_copies}" if self.trainable_copies else "")
+        )
+
+
+def summary(model: nn.Module) -> AdapterSummary:
+    """Trainable vs total parameters (tied weights once; NF4 weights at their logical size)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for module in model.modules():
+        if is_nf4_linear(module):
+            n = module.in_features * module.out_features
+            total += n
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor) and id(bias) not in seen:
+                seen.add(id(bias))
+                total += bias.numel()
+                trainable += bias.numel() if bias.requires_grad else 0
+            for p in module.parameters():
+                seen.add(id(p))
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    return AdapterSummary(trainable, total, len(adapter_modules(model)), len(trainable_copies(model)))
+
+
+# ---------------------------------------------------------------------- toggling
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter (and modules_to_save copy) on or off; off = the base model."""
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, TrainableCopy)):
+            m.adapters_enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """`with lora.disable_adapters(model): base_logits = model(ids)` — evaluate the base."""
+    mods = [m for m in model.modules() if isinstance(m, (LoRALinear, TrainableCopy))]
+    before = [m.adapters_enabled for m in mods]
+    for m in mods:
+        m.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for m, state in zip(mods, before):
+            m.adapters_enabled = state
+
+
+# ---------------------------------------------------------------------- state dicts
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by its model name (a shared Parameter once), detached.
+
+    This is what a training checkpoint needs besides the frozen base; see
+    `load_trainable_state_dict` for the strict inverse.
+    """
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the trainable parameters: every key present, none extra, same shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n in params if n not in state]
+    extra = [k for k in state if k not in params]
+    if missing or extra:
+        raise KeyError(
+            "trainable state dict does not match the model: "
+            + (f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}" if extra else "")
+        )
+    for n, p in params.items():
+        if tuple(state[n].shape) != tuple(p.shape):
+            raise ValueError(f"trainable state {n!r}: shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
+        p.copy_(state[n])
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in PEFT's keys: `base_model.model.<path>.lora_A.weight` [r, in],
+    `.lora_B.weight` [out, r], `.lora_magnitude_vector` [out] (DoRA), and for
+    modules_to_save `base_model.model.<path>.weight` (the trained copy)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+            if m.use_dora:
+                out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
+        elif isinstance(m, TrainableCopy):
+            for key, value in m.modules_to_save.state_dict().items():
+                out[f"{PEFT_PREFIX}{name}.{key}"] = value.detach()
+    if not out:
+        raise ValueError(f"{type(model).__name__} holds no LoRA adapter: call lora.inject(model) or lora.load first")
+    return out
+
+
+def check_gradients(model: nn.Module) -> None:
+    """After backward: every trainable parameter has a finite gradient, else a clear error.
+
+    Catches the classic frozen-base + checkpointing failure where adapters silently get none.
+    """
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            raise RuntimeError(
+                f"trainable parameter {name!r} received no gradient: is it used in the forward pass "
+                "(adapters enabled, gradient checkpointing non-reentrant)?"
+            )
+        if not torch.isfinite(p.grad).all():
+            raise RuntimeError(f"trainable parameter {name!r} has a non-finite gradient")
+
+
+def sync_tied_config(model: nn.Module) -> None:
+    """If the model's config says tied but the head no longer shares the embedding, say so."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        head = model.get_submodule("lm_head")
+        embed = model.get_submodule("model.embed_tokens")
+    except AttributeError:
+        return
+    if getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        warnings.warn(
+            "lm_head no longer shares embed_tokens' weight (the adapter trained them separately): "
+            "the model is untied now and config.tie_word_embeddings is set to False"
+        )
+        config.tie_word_embeddings = False

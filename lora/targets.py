@@ -1,0 +1,132 @@
+"""Which linears an adapter goes into: "all-linear", module-name suffixes, or a regex.
+
+Semantics follow PEFT: "all-linear" is every linear but the output head; a list matches a
+module whose name equals an entry or ends with "." + entry; a regex must match the whole
+module name. Qwen-7B v1 names are aliases, because our loader maps v1 checkpoints onto the
+Qwen2 names: c_attn -> q/k/v_proj, w1 -> up_proj, w2 -> gate_proj, mlp.c_proj -> down_proj,
+attn.c_proj -> o_proj (bare c_proj -> both).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Union
+
+from torch import nn
+
+from .layer import LoRALinear, is_linear
+
+ALL_LINEAR = "all-linear"
+OUTPUT_HEADS = ("lm_head",)
+
+V1_ALIASES: dict[str, tuple[str, ...]] = {
+    "c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "w1": ("mlp.up_proj",),
+    "mlp.w1": ("mlp.up_proj",),
+    "w2": ("mlp.gate_proj",),
+    "mlp.w2": ("mlp.gate_proj",),
+    "c_proj": ("self_attn.o_proj", "mlp.down_proj"),
+    "attn.c_proj": ("self_attn.o_proj",),
+    "mlp.c_proj": ("mlp.down_proj",),
+}
+
+_REGEX_CHARS = set("^$*+?{}[]\\|()")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of every linear LoRA could wrap (already-wrapped ones included), model order."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            names.append(name)
+        elif is_linear(module) and not _inside_wrapper(model, name):
+            names.append(name)
+    return names
+
+
+def _inside_wrapper(model: nn.Module, name: str) -> bool:
+    """True for a module inside a LoRALinear/TrainableCopy (base_layer, lora_A, copies...)."""
+    from .trainable_copy import TrainableCopy
+
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        parent = model.get_submodule(".".join(parts[:i]))
+        if isinstance(parent, (LoRALinear, TrainableCopy)):
+            return True
+    return False
+
+
+def is_output_head(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in OUTPUT_HEADS
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def resolve_targets(model: nn.Module, targets: Union[str, list[str], tuple[str, ...]]) -> list[str]:
+    """Module paths of the linears `targets` selects, in model order. Zero matches is an error
+    that lists the available linear names."""
+    available = linear_names(model)
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        chosen = [n for n in available if not is_output_head(n)]
+        what = "'all-linear'"
+    elif isinstance(targets, str) and (set(targets) & _REGEX_CHARS):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets={targets!r} is not a valid regular expression ({e})") from None
+        chosen = [n for n in available if pattern.fullmatch(n)]
+        what = f"regex {targets!r}"
+    else:
+        suffixes = [targets] if isinstance(targets, str) else list(targets)
+        if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
+            raise ValueError(f"targets must be 'all-linear', a regex or a list of module-name suffixes, got {targets!r}")
+        chosen_set: set[str] = set()
+        unmatched = []
+        for s in suffixes:
+            hits = {n for n in available if _suffix_match(n, s)}
+            if not hits and s in V1_ALIASES:  # a Qwen-7B v1 name on a model with Qwen2 names
+                hits = {n for n in available for alias in V1_ALIASES[s] if _suffix_match(n, alias)}
+            if not hits:
+                unmatched.append(s)
+            chosen_set |= hits
+        if unmatched:
+            raise ValueError(
+                f"LoRA targets {unmatched} match no linear layer of {type(model).__name__}; "
+                f"available linear names: {_summarise(available)}"
+            )
+        chosen = [n for n in available if n in chosen_set]
+        what = f"targets {suffixes}"
+    if not chosen:
+        raise ValueError(
+            f"LoRA {what} matches no linear layer of {type(model).__name__}; "
+            f"available linear names: {_summarise(available)}"
+        )
+    return chosen
+
+
+def _summarise(names: list[str]) -> str:
+    """Distinct leaf names plus a few full paths: readable even for a 28-layer model."""
+    if not names:
+        return "(the model has no nn.Linear / NF4Linear modules)"
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    examples = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{leaves} (e.g. {examples})"
+
+
+def peft_target_modules(model: nn.Module, chosen: list[str], targets) -> list[str]:
+    """What to write as target_modules so that PEFT selects exactly `chosen`.
+
+    PEFT matches its regex against every module of *its* model, which may hold modules ours
+    lacks (transformers' `mlp.act_fn`), so a regex is never written back: the leaf names
+    (["down_proj", "q_proj", ...]) when they select exactly `chosen` here, else full paths.
+    """
+    names = [n for n, _ in model.named_modules() if n and not _inside_wrapper(model, n)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    selected = [n for n in names if any(_suffix_match(n, leaf) for leaf in leaves)]
+    if sorted(selected) == sorted(chosen):
+        return leaves
+    return sorted(chosen)

@@ -1,0 +1,111 @@
+"""LoRALinear over a 4-bit NF4 base: math equals dequantised W + scale·B·A (the dequantised
+weight from bitsandbytes itself), gradients reach only the adapter, merge folds into the
+dequantised weight, and the base's state-dict keys are unchanged.
+
+Runs against `quant.NF4Linear` when the quant package provides it, and always against a
+minimal bitsandbytes-backed module with the same duck-typed interface (in_features,
+out_features, bias, compute_dtype, dequantize(), forward), so that lora's contract with any
+NF4 base is checked."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora
+from tests.helpers import max_rel_err
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+class BnbNF4Linear(nn.Module):
+    """Reference NF4 linear built directly on bitsandbytes' CPU kernels (test-only)."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        packed, self.quant_state = bnbf.quantize_4bit(
+            linear.weight.detach(), quant_type="nf4", compress_statistics=True, blocksize=64
+        )
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self):
+        return bnbf.dequantize_4bit(self.weight.data, self.quant_state).to(self.compute_dtype)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantize(), bias)
+
+
+def _quant_nf4(linear: nn.Linear):
+    quant = pytest.importorskip("quant")
+    if not hasattr(quant, "NF4Linear"):
+        pytest.skip("quant.NF4Linear not available yet")
+    return quant.NF4Linear.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=torch.float32)
+
+
+BASES = {"bnb-reference": lambda lin: BnbNF4Linear(lin), "quant.NF4Linear": _quant_nf4}
+
+
+def _reference_weight(linear: nn.Linear) -> torch.Tensor:
+    """Independent dequantised weight: bitsandbytes quantize -> dequantize of the same weight."""
+    packed, state = bnbf.quantize_4bit(linear.weight.detach(), quant_type="nf4", compress_statistics=True, blocksize=64)
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize("dora", [False, True])
+def test_nf4_lora_math_and_grads(kind, dora):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 72, bias=True)
+    base = BASES[kind](linear)
+    assert lora.is_nf4_linear(base) and lora.is_linear(base)
+    layer = lora.LoRALinear(base, r=4, alpha=8, rslora=True, dora=dora)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        if dora:
+            layer.lora_magnitude_vector.mul_(1.1)
+    W = _reference_weight(linear)
+    A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    V = W + (8 / math.sqrt(4)) * B @ A
+    if dora:
+        V = layer.lora_magnitude_vector.detach()[:, None] * V / V.norm(dim=1, keepdim=True)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = layer(x)
+    assert max_rel_err(y, x.detach() @ V.T + linear.bias.detach()) < 1e-6
+    y.square().sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert x.grad is not None
+    assert all(p.grad is None for p in base.parameters())
+    # merge: a plain nn.Linear holding the dequantised weight + update
+    merged = lora.merged_linear(layer)
+    assert type(merged) is nn.Linear and merged.weight.dtype == base.compute_dtype
+    assert max_rel_err(merged.weight, V) < 1e-6
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_nf4_base_state_dict_keys_unchanged(kind):
+    torch.manual_seed(0)
+    base = BASES[kind](nn.Linear(64, 32))
+    keys = set(base.state_dict())
+    layer = lora.LoRALinear(base, r=2)
+    assert set(layer.state_dict()) == keys | {"lora_A.weight", "lora_B.weight"}
+
+
+def test_inject_into_model_with_nf4_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", BnbNF4Linear(nn.Linear(64, 96)))
+    model.add_module("act", nn.GELU())
+    model.add_module("down", BnbNF4Linear(nn.Linear(96, 64)))
+    lora.inject(model, r=4)
+    assert set(lora.adapter_modules(model)) == {"up", "down"}
+    s = lora.summary(model)
+    assert s.trainable == 4 * (64 + 96) * 2
+    assert s.total == s.trainable + 64 * 96 * 2 + 96 + 64  # NF4 weights at their logical size
