@@ -1,0 +1,41 @@
+"""Training data: CPT packing and SFT chat encoding with label masks, mixing, resumable loading.
+
+    import data
+    ids, labels = data.encode_chat(example, tok, max_len=1024)         # SFT sample
+    sft = data.SFTDataset("train.jsonl", tok, max_len=1024)            # alpaca / messages / ShareGPT
+    corpus = data.load_corpus(["papers/"], tok)                        # cached uint32 tokens
+    train_docs, val_docs = corpus.split(val_fraction=0.01, seed=0)
+    blocks = data.pack_documents(train_docs, block_size=2048)          # CPT blocks, document masking
+    mixed = data.MixedDataset([general, domain], ratios=[1, 1])        # mix by tokens
+    loader = data.DataLoader(blocks, batch_size=4, seed=0)             # deterministic, resumable
+
+Batches are dicts of LongTensors [B, T]: input_ids, labels, and optionally position_ids,
+document_ids, attention_mask. Bad input raises `data.DataError` naming the file and line (or
+is skipped and counted with on_error="skip").
+"""
+
+from .cache import cache_root
+from .collate import IGNORE_INDEX, PackedSFTDataset, pad_collate
+from .cpt import Corpus, Documents, PackedDataset, load_corpus, pack_documents, split_for_encoding, tokenize_file
+from .errors import DataError, InputReport
+from .loader import DataLoader
+from .mix import MixedDataset
+from .sft import (
+    FORMATS,
+    EncodedChat,
+    SFTDataset,
+    Subset,
+    check_roles,
+    detect_format,
+    encode_chat,
+    encode_chat_detailed,
+    to_messages,
+)
+from .sources import find_files
+
+__all__ = [
+    "cache_root", "IGNORE_INDEX", "PackedSFTDataset", "pad_collate", "Corpus", "Documents", "PackedDataset",
+    "load_corpus", "pack_documents", "split_for_encoding", "tokenize_file", "DataError", "InputReport", "DataLoader",
+    "MixedDataset", "FORMATS", "EncodedChat", "SFTDataset", "Subset", "check_roles", "detect_format", "encode_chat",
+    "encode_chat_detailed", "to_messages", "find_files",
+]
