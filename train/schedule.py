@@ -1,0 +1,53 @@
+"""Learning-rate schedule: linear warm-up from 0, then half a cosine down to min_lr.
+
+    lr = cosine_warmup(step, warmup=resolve_warmup(total, ratio=0.03), total=1000, peak_lr=2e-4)
+
+A pure function of the step (nanoGPT's get_lr): resuming at step s gives the same lr as an
+uninterrupted run at step s without any scheduler state. `step` counts optimizer steps
+already taken, so the first update uses step 0. The warm-up line starts from 0 one step
+before the first update and reaches peak_lr at step `warmup`, where the cosine begins, so no
+update is wasted at lr 0 and the curve is continuous.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+
+def cosine_warmup(step: int, *, warmup: int, total: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """lr for optimizer step `step` (0-based) of `total`.
+
+    Warm-up (step < warmup): peak_lr * (step + 1) / (warmup + 1), linear from 0 at step -1.
+    Decay (warmup <= step <= total): min_lr + (peak_lr - min_lr) * (1 + cos(pi * p)) / 2 with
+    p = (step - warmup) / (total - warmup); steps past `total` stay at min_lr.
+    """
+    if total <= 0:
+        raise ValueError(f"cosine_warmup: total must be > 0 steps, got {total}")
+    if not 0 <= warmup <= total:
+        raise ValueError(f"cosine_warmup: warmup must be in [0, total={total}], got {warmup}")
+    if step < 0:
+        raise ValueError(f"cosine_warmup: step must be >= 0, got {step}")
+    if min_lr > peak_lr:
+        raise ValueError(f"cosine_warmup: min_lr={min_lr} is above peak_lr={peak_lr}")
+    if step < warmup:
+        return peak_lr * (step + 1) / (warmup + 1)
+    if step >= total or total == warmup:
+        return min_lr if step >= total else peak_lr
+    progress = (step - warmup) / (total - warmup)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_warmup(total: int, steps: Optional[int] = None, ratio: Optional[float] = None) -> int:
+    """Warm-up length in steps from either `steps` or `ratio` of `total` (ceil); 0 if neither."""
+    if steps is not None and ratio is not None:
+        raise ValueError(f"give warmup_steps ({steps}) or warmup_ratio ({ratio}), not both")
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= total:
+            raise ValueError(f"warmup_steps must be an int in [0, total steps={total}], got {steps!r}")
+        return steps
+    if ratio is not None:
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {ratio!r}")
+        return min(total, math.ceil(float(ratio) * total))
+    return 0
