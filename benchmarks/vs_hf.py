@@ -1,0 +1,209 @@
+"""Side-by-side training benchmark: this library vs transformers + PEFT (+ bitsandbytes).
+
+Both sides train the same Qwen-architecture checkpoint (random weights of a named shape,
+written once to disk in HF format), on the same token batches, with the same settings
+(LoRA r=16 alpha=16 all-linear, dropout 0, bf16, gradient checkpointing on, AdamW lr 1e-4),
+each in its own process, and the table reports tokens/s, peak memory, the loss after the
+same steps, the ratios, and the achieved FLOP/s against this machine's measured matmul peak.
+
+    python benchmarks/vs_hf.py                              # CPU, LoRA, the 100M shape
+    python benchmarks/vs_hf.py --mode qlora                 # NF4 base on both sides
+    python benchmarks/vs_hf.py --device cuda --shape 7b --seq 2048 --batch 1 --mode qlora
+
+Peak memory: peak RSS of the worker process on CPU (includes loading), and
+torch.cuda.max_memory_allocated on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def checkpoint_dir(shape: str, cache: Path) -> Path:
+    """Write random bf16 weights of `shape` once (our save: HF format), return the dir."""
+    from models.qwen import Qwen, QwenConfig, save
+
+    path = cache / f"bench-{shape}-bf16"
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    cfg = QwenConfig.preset(shape, torch_dtype="bfloat16")
+    model = Qwen(cfg).to(torch.bfloat16)
+    save(model, path)
+    return path
+
+
+def batches(args, vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, min(vocab, 151643), (args.batch, args.seq), generator=g) for _ in range(args.steps)]
+
+
+def matmul_peak(device: str) -> float:
+    """Best of bf16 and fp32 GEMM throughput on this device (FLOP/s), 2048^3 problems."""
+    best = 0.0
+    for dtype in (torch.bfloat16, torch.float32):
+        n = 2048
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        reps = 3 if device == "cpu" else 50
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def train_flops_per_token(cfg, seq: int) -> float:
+    """The usual 6N + attention estimate of training FLOPs per token (MFU convention)."""
+    n = cfg.num_parameters()
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
+    return 6 * n + attn
+
+
+# ---------------------------------------------------------------------------- workers
+def run_ours(args, path: Path):
+    import lora
+    import train
+    from models.qwen import load
+
+    model = load(path, dtype=torch.bfloat16, device=args.device, quantize="nf4" if args.mode == "qlora" else None)
+    lora.inject(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+    def step(ids):
+        loss = model(ids, labels=ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model.config, step
+
+
+def run_hf(args, path: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if args.mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=args.device, **kwargs)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    from models.qwen import QwenConfig
+
+    return QwenConfig.from_hf(path), step
+
+
+def worker(args) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    path = Path(args.path)
+    cfg, step = (run_ours if args.worker == "ours" else run_hf)(args, path)
+    data = batches(args, cfg.vocab_size)
+    losses, times = [], []
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for ids in data:
+        ids = ids.to(args.device)
+        t = time.perf_counter()
+        loss = step(ids)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    timed = times[args.warmup :]
+    tokens_per_s = args.batch * args.seq * len(timed) / sum(timed)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
+    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, peak_mib=peak, losses=losses,
+                          step_s=times, flops=flops)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="bench-100m", help="QwenConfig preset name (bench-100m, 0.5b, 1.5b, 7b, ...)")
+    p.add_argument("--mode", choices=["lora", "qlora"], default="lora")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per side")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the timing")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--cache", default=os.environ.get("QWEN_TUNE_CACHE", str(Path.home() / ".cache" / "qwen-tune")))
+    p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    path = checkpoint_dir(args.shape, Path(args.cache))
+    results = {}
+    for side in ("ours", "hf"):
+        cmd = [sys.executable, __file__, "--worker", side, "--path", str(path)] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k in ("mode", "device", "batch", "seq", "steps", "warmup", "threads")
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            print(f"{side} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}", file=sys.stderr)
+            sys.exit(1)
+        results[side] = json.loads(lines[-1])
+    peak = matmul_peak(args.device)
+    ours, hf = results["ours"], results["hf"]
+    unit = "peak MiB (" + ("cuda allocated" if args.device == "cuda" else "RSS") + ")"
+    print(f"\n{args.mode} | {args.shape} | {args.device} | batch {args.batch} x {args.seq} | {args.steps} steps "
+          f"({args.warmup} warm-up) | threads {args.threads}")
+    print(f"{'':14}{'ours':>14}{'hf+peft':>14}{'ratio':>10}")
+    print(f"{'tokens/s':14}{ours['tokens_per_s']:14.1f}{hf['tokens_per_s']:14.1f}{ours['tokens_per_s'] / hf['tokens_per_s']:10.2f}")
+    print(f"{unit[:14]:14}{ours['peak_mib']:14.0f}{hf['peak_mib']:14.0f}{ours['peak_mib'] / hf['peak_mib']:10.2f}")
+    print(f"{'final loss':14}{ours['losses'][-1]:14.4f}{hf['losses'][-1]:14.4f}{ours['losses'][-1] - hf['losses'][-1]:10.4f}")
+    print(f"{'MFU':14}{ours['flops'] / peak:14.1%}{hf['flops'] / peak:14.1%}")
+    print(f"matmul peak measured: {peak / 1e9:.0f} GFLOP/s; {unit}")
+    print("losses ours:", " ".join(f"{x:.4f}" for x in ours["losses"]))
+    print("losses hf:  ", " ".join(f"{x:.4f}" for x in hf["losses"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Evaluate and compare models/adapters: held-out perplexity, answers, forgetting.
+
+    python examples/evaluate.py          # every stage of the embedded-default run found in runs/
+    python examples/evaluate.py --model base=/models/Qwen2.5-7B --adapter cpt=runs/cpt/adapter \\
+        --model merged=runs/cpt-merged --model sft=runs/sft/merged \\
+        --domain-data held_out/domain.jsonl --general-data held_out/general.jsonl \\
+        --instructions held_out/eval.jsonl --out runs/eval
+
+Each --model / --adapter adds one row, in the order given; the first row is the reference of
+the forgetting check (general-text perplexity rising by more than --forgetting-threshold
+over it is flagged). An adapter is loaded onto the base named in its adapter_config.json, or
+onto the one given after '@' (--adapter cpt=runs/cpt/adapter@/models/Qwen2.5-7B).
+
+Per row: perplexity of the domain and general text (token-weighted, sliding window of
+--max-length tokens with --stride), greedy answers to the instructions (ROUGE-L, exact
+match, token F1, average length, share ending with <|im_end|>). Writes report.md,
+report.json and loss_curves.png (from the runs' metrics.jsonl, when matplotlib is installed)
+into --out.
+
+With no --model/--adapter it evaluates the embedded-default pipeline (cpt.py, merge.py,
+sft.py, residual.py with no flags): the cached demo base, base + runs/cpt/adapter,
+runs/cpt-merged, runs/sft/merged, runs/residual; held-out Python documentation for the
+domain and general text and the held-out Q/A set for the instructions. Stages not run yet
+are listed as missing, with the command that makes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _cli  # noqa: E402
+import _pipeline as P  # noqa: E402
+from _cli import UsageError  # noqa: E402
+
+DEFAULT_EVAL_OUT = _cli.RUNS / "eval"
+DEFAULT_RESIDUAL_OUT = _cli.RUNS / "residual"
+# The embedded default evaluates a slice of the held-out data (2 CPU cores, five models): the
+# windows match the demo's 256-token training blocks, with at least 64 tokens of context.
+DEMO_EVAL = dict(max_tokens=3072, max_instructions=24, max_new_tokens=32, max_length=256, stride=192)
+
+
+class _AppendEntry(argparse.Action):
+    """--model and --adapter append (kind, value) to one list, keeping their order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        entries = list(getattr(namespace, "entries", None) or [])
+        entries.append((self.dest, values))
+        namespace.entries = entries
+
+
+def build_parser() -> _cli.Parser:
+    p = _cli.new_parser("evaluate.py", __doc__)
+    g = p.add_argument_group("what to compare (rows, in order; the first is the reference)")
+    g.add_argument("--model", metavar="[NAME=]DIR", action=_AppendEntry, dest="model",
+                   help="an HF-format Qwen model directory (repeatable)")
+    g.add_argument("--adapter", metavar="[NAME=]DIR[@BASE]", action=_AppendEntry, dest="adapter",
+                   help="a LoRA adapter on its base (adapter_config.json's base_model_name_or_path, or @BASE)")
+    g.add_argument("--metrics", metavar="NAME=FILE", action="append", default=[],
+                   help="metrics.jsonl of the run behind row NAME, for the loss plot (default: found next "
+                        "to the adapter / model directory)")
+    g = p.add_argument_group("held-out data")
+    g.add_argument("--domain-data", metavar="PATH", nargs="+",
+                   help="held-out domain text: .txt (one document per file) / .jsonl(.gz) files or directories")
+    g.add_argument("--general-data", metavar="PATH", nargs="+", help="general text (the forgetting check)")
+    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
+    g.add_argument("--instructions", metavar="FILE.jsonl", help="held-out instructions (messages/alpaca/ShareGPT)")
+    g.add_argument("--max-tokens", type=_cli.positive_int, default=None,
+                   help="use only the first N tokens of each text set (default: all)")
+    g.add_argument("--max-instructions", type=_cli.positive_int, default=None, help="use only the first N instructions")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--max-length", type=_cli.positive_int, default=None,
+                   help="perplexity window in tokens (default: min(2048, the first model's max positions))")
+    g.add_argument("--stride", type=_cli.positive_int, default=None, help="step between windows (default: half)")
+    g.add_argument("--batch-size", type=_cli.positive_int, default=8, help="windows per forward pass")
+    g.add_argument("--max-new-tokens", type=_cli.positive_int, default=64, help="greedy answer budget")
+    g.add_argument("--gen-batch-size", type=_cli.positive_int, default=8, help="prompts decoded together")
+    g.add_argument("--forgetting-threshold", type=_cli.non_negative_float, default=0.10,
+                   help="flag general-text perplexity rising by more than this fraction over the first row")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="compute dtype (default bf16 on a GPU, fp32 on CPU)")
+    g.add_argument("--qlora", action="store_true",
+                   help="load the base of every --adapter row in NF4, as it was trained with QLoRA")
+    g.add_argument("--eval-fraction", type=_cli.ratio, default=0.05,
+                   help="embedded default only: the held-out fraction of the domain documentation "
+                        "(default: what runs/cpt/run.json records)")
+    p.add_argument("--out", metavar="DIR", default=str(DEFAULT_EVAL_OUT), help="where report.md/.json go")
+    _cli.add_config_flag(p)
+    return p
+
+
+# ---------------------------------------------------------------------- rows from flags
+def _split_name(value: str, flag: str) -> tuple[Optional[str], str]:
+    name, sep, rest = value.partition("=")
+    if sep and name and "/" not in name:
+        return name, rest
+    return None, value
+
+
+def _unique(name: str, taken: set) -> str:
+    out, k = name, 2
+    while out in taken:
+        out, k = f"{name}-{k}", k + 1
+    taken.add(out)
+    return out
+
+
+def candidates_from_flags(entries, metrics_flags, qlora: bool = False) -> list:
+    from train.report import Candidate
+
+    taken: set = set()
+    out = []
+    for kind, value in entries:
+        flag = f"--{kind}"
+        name, spec = _split_name(value, flag)
+        if kind == "model":
+            model = _cli.check_model_dir(spec, flag=flag)
+            out.append(Candidate(_unique(name or model.name, taken), model, metrics=_found_metrics(model)))
+            continue
+        adapter_path, _, base = spec.partition("@")
+        adapter = _cli.check_adapter_dir(adapter_path, flag=flag)
+        if not base:
+            base = _adapter_base(adapter, flag)
+        model = _cli.check_model_dir(base, flag=f"{flag} {value} (base model)")
+        default_name = adapter.parent.name if adapter.name == "adapter" else adapter.name
+        out.append(Candidate(_unique(name or default_name, taken), model, adapter, metrics=_found_metrics(adapter),
+                             quantize="nf4" if qlora else None))
+    by_name = {c.name: c for c in out}
+    for item in metrics_flags:
+        name, sep, file = item.partition("=")
+        if not sep or name not in by_name:
+            raise UsageError(f"--metrics {item}: expected NAME=FILE with NAME one of {', '.join(by_name)}")
+        if not Path(file).is_file():
+            raise UsageError(f"--metrics {item}: {file} not found")
+        by_name[name].metrics = [Path(file)]
+    return out
+
+
+def _adapter_base(adapter: Path, flag: str) -> str:
+    cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    base = cfg.get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise UsageError(f"{flag} {adapter}: its base model {base!r} (adapter_config.json "
+                         f"base_model_name_or_path) is not a local directory; give it as {flag} {adapter}@BASE_DIR")
+    return base
+
+
+def _found_metrics(path: Path) -> list:
+    """metrics.jsonl of the run that wrote `path` (an adapter/ or merged/ dir inside the run)."""
+    for d in (path, path.parent):
+        if (d / "metrics.jsonl").is_file():
+            return [d / "metrics.jsonl"]
+    return []
+
+
+# ---------------------------------------------------------------------- the embedded default
+def default_stages() -> tuple[list, list]:
+    """(candidates, missing) of the embedded-default run: what exists under runs/ now."""
+    from train.report import Candidate
+
+    cpt, merged, sft, residual = (_cli.DEFAULT_CPT_OUT, _cli.DEFAULT_MERGED_OUT, _cli.DEFAULT_SFT_OUT,
+                                  DEFAULT_RESIDUAL_OUT)
+    found, missing = [], []
+
+    def is_model(d: Path) -> bool:
+        return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+    def is_adapter(d: Path) -> bool:
+        return (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
+
+    # The base is the one the stage-1 adapter records (cpt.py --model DIR with the default
+    # --out), else the cached demo base of the embedded default.
+    base = P.demo_base_dir()
+    if is_adapter(cpt / "adapter"):
+        try:
+            recorded = json.loads((cpt / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+            recorded = recorded.get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if recorded and is_model(Path(recorded)):
+            base = Path(recorded)
+
+    stages = [
+        ("base", base, None, "python examples/cpt.py (pretrains and caches the demo base)"),
+        ("cpt", base, cpt / "adapter", "python examples/cpt.py"),
+        ("cpt-merged", merged, None, "python examples/merge.py"),
+        ("sft", sft / "merged", None, "python examples/sft.py"),
+        ("residual", residual, None, "python examples/residual.py"),
+    ]
+    for name, model, adapter, command in stages:
+        if name == "sft" and not is_model(model) and is_adapter(sft / "adapter") and is_model(merged):
+            model, adapter = merged, sft / "adapter"  # sft.py --no-merge: the adapter on its base
+        ok = is_model(model) and (adapter is None or is_adapter(adapter))
+        where = adapter if adapter is not None else model
+        if ok:
+            run_dir = where.parent if where.name in ("adapter", "merged") else where
+            metrics = [run_dir / "metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
+            quantize = "nf4" if adapter is not None and _run_setting(run_dir, "qlora") else None
+            found.append(Candidate(name, model, adapter, metrics=metrics, quantize=quantize))
+        else:
+            missing.append({"name": name, "reason": f"{where} not found (made by `{command}`)"})
+    return found, missing
+
+
+def held_out_documents(path: Path, tok, fraction: float, seed: int) -> list:
+    """The held-out documents (token ids, eos included) of the corpus file `path`, split as the
+    training scripts split it: `data.load_corpus(...).split(fraction, seed)`."""
+    from data import load_corpus
+
+    corpus = load_corpus([str(path)], tok, progress=sys.stderr.isatty())
+    _, held = corpus.split(fraction, seed=seed)
+    return [held.doc(k) for k in range(len(held))]
+
+
+def _run_setting(run_dir: Path, key: str, default=None):
+    """A setting recorded in a run's run.json (what cpt.py/sft.py were run with), or default."""
+    try:
+        return json.loads((run_dir / _cli.RUN_FILE).read_text(encoding="utf-8")).get(key, default)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return default
+
+
+def default_data(args, tok) -> dict:
+    """Held-out text and questions of the embedded default: the documents cpt.py held out of
+    the domain corpus (its --eval-fraction and --seed, read from runs/cpt/run.json), the ones
+    the demo base's pretraining held out of the general corpus, and the held-out Q/A set."""
+    from data import pydocs
+
+    corpus = pydocs.build()
+    fraction, seed = args.eval_fraction, 0
+    if "eval_fraction" not in args._given:
+        try:
+            fraction = float(_run_setting(_cli.DEFAULT_CPT_OUT, "eval_fraction", fraction))
+            seed = int(_run_setting(_cli.DEFAULT_CPT_OUT, "seed", seed))
+        except (TypeError, ValueError):
+            pass  # a damaged run.json: the defaults cpt.py uses
+    general_fraction = getattr(P, "DEMO_PRETRAIN_EVAL_FRACTION", 0.02)
+    general_seed = P.DEMO_PRETRAIN.get("seed", 0)
+    return {
+        "domain": held_out_documents(corpus.domain, tok, fraction, seed),
+        "general": held_out_documents(corpus.general, tok, general_fraction, general_seed),
+        "instructions": corpus.sft_eval,
+        "info": {
+            "domain": f"{corpus.domain} (held out: --eval-fraction {fraction:g}, --seed {seed}, as cpt.py)",
+            "general": f"{corpus.general} (held out of the demo base's pretraining: "
+                       f"fraction {general_fraction:g}, seed {general_seed})",
+            "instructions": f"{corpus.sft_eval} (held-out Q/A pairs)",
+        },
+    }
+
+
+def user_documents(paths, flag: str, tok, text_field: str) -> list:
+    """Every document of --domain-data / --general-data, read and tokenised as cpt.py reads
+    its corpus (`data.load_corpus`: .txt one document per file, .jsonl(.gz) one per line)."""
+    from data import load_corpus
+
+    _cli.check_data_paths(paths, flag)
+    corpus = load_corpus([str(p) for p in paths], tok, text_field=text_field, progress=sys.stderr.isatty())
+    return [corpus.doc(i) for i in range(len(corpus))]
+
+
+# ---------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = _cli.parse_args(build_parser(), argv)
+    timer = P.Timer()
+    from models.qwen.tokenizer import TokenizerError
+    from train.report import EvalSettings, ReportError, compare_models, read_instructions
+
+    entries = getattr(args, "entries", None) or []
+    embedded = not entries
+    missing: list = []
+    if embedded:
+        candidates, missing = default_stages()
+        if not candidates:
+            raise UsageError("no stage of the embedded-default run found (looked for "
+                             + "; ".join(m["reason"] for m in missing) + "); run python examples/cpt.py first")
+        for key, value in DEMO_EVAL.items():
+            if key not in args._given:
+                setattr(args, key, value)
+    else:
+        candidates = candidates_from_flags(entries, args.metrics, args.qlora)
+        if not (args.domain_data or args.general_data or args.instructions):
+            raise UsageError("nothing to evaluate: give --domain-data, --general-data and/or --instructions")
+
+    try:
+        # Texts are tokenised once, with the first row's tokenizer (Qwen checkpoints share the
+        # vocabulary; the SFT outputs change only the eos setting).
+        from train.report import load_tokenizer
+
+        tok = load_tokenizer(candidates[0].adapter_dir, candidates[0].model_dir)
+        if embedded and not (args.domain_data or args.general_data or args.instructions):
+            held = default_data(args, tok)
+            domain, general = held["domain"], held["general"]
+            instructions = read_instructions(held["instructions"], limit=args.max_instructions)
+            data_info = held["info"]
+        else:
+            domain = user_documents(args.domain_data, "--domain-data", tok, args.text_field) \
+                if args.domain_data else None
+            general = user_documents(args.general_data, "--general-data", tok, args.text_field) \
+                if args.general_data else None
+            instructions = None
+            if args.instructions:
+                _cli.check_data_paths([args.instructions], "--instructions")
+                instructions = read_instructions(args.instructions, limit=args.max_instructions)
+            data_info = {k: " ".join(map(str, v)) if isinstance(v, list) else v
+                         for k, v in (("domain", args.domain_data), ("general", args.general_data),
+                                      ("instructions", args.instructions)) if v}
+        if general is None:
+            P.log("note: no --general-data, so no forgetting check")
+
+        from models.qwen import QwenConfig
+
+        max_pos = QwenConfig.from_hf(candidates[0].model_dir).max_position_embeddings
+        max_length = args.max_length or min(2048, max_pos)
+        if max_length < 2:
+            raise UsageError(f"--max-length must be >= 2, got {max_length}")
+        stride = args.stride or max(1, max_length // 2)
+        if stride >= max_length:
+            raise UsageError(f"--stride {stride} must be smaller than --max-length {max_length}")
+        settings = EvalSettings(max_length=max_length, stride=stride, batch_size=args.batch_size,
+                                max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
+                                gen_batch_size=args.gen_batch_size, dtype=P.resolve_dtype(args.dtype),
+                                device=P.device())
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+
+        P.log("== qwen-tune evaluation ==")
+        if embedded:
+            P.log("embedded default: the stages of the default pipeline found under runs/ "
+                  f"(settings: {', '.join(f'--{k.replace(chr(95), chr(45))} {getattr(args, k)}' for k in DEMO_EVAL)})")
+        P.log(f"rows: {', '.join(c.name for c in candidates)} (reference: {candidates[0].name})")
+        for m in missing:
+            P.log(f"missing stage {m['name']}: {m['reason']}")
+        P.log(f"data: {len(domain or [])} domain documents, {len(general or [])} general documents, "
+              f"{len(instructions or [])} instructions; window {max_length}, stride {stride}, "
+              f"dtype {settings.dtype}")
+        report = compare_models(candidates, domain=domain, general=general, instructions=instructions,
+                                settings=settings, threshold=args.forgetting_threshold, out_dir=out,
+                                missing=missing, data_info=data_info, log=P.log)
+    except (ReportError, TokenizerError) as e:
+        raise UsageError(str(e)) from None
+
+    from train.report import render_markdown
+
+    P.log("")
+    md = render_markdown(report)
+    P.log(md.split("\n\n## ")[0])  # the table and the forgetting note
+    P.log(f"\nreport ({timer}): {out / 'report.md'}, {out / 'report.json'}"
+          + (f", {report['plot']}" if report.get("plot") else
+             ("" if not report.get("loss_curves") else " (no loss plot: matplotlib is not installed)")))
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run_main(main)
