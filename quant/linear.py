@@ -42,7 +42,9 @@ class _NF4MatMul(torch.autograd.Function):
         weight = ctx.module.dequantize()  # re-dequantised: no weight copy lived through forward
         mm = upcast_matmul_dtype(grad_out, weight)
         if mm is None:
-            grad_x = grad_out @ weight
+            # Under autocast the forward ran in the autocast dtype; the backward of a custom
+            # Function runs outside autocast, so cast the weight to the gradient's dtype.
+            grad_x = grad_out @ weight.to(grad_out.dtype)
         else:
             grad_x = (grad_out.to(mm) @ weight.to(mm)).to(grad_out.dtype)
         return grad_x, None

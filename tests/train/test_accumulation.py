@@ -4,6 +4,8 @@ Reference: a transformers Qwen2ForCausalLM with the same weights, one forward of
 padded batch of 8 with HF's loss (mean over every label != -100 of the batch), backward.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -48,7 +50,9 @@ def grads(model):
 
 
 def hf_reference_grads(ref, exs):
-    ref.zero_grad(set_to_none=True)
+    """transformers' gradients in float64: the exact function, so the comparison measures our
+    fp32 rounding only (fp32 against fp32 adds both sides' summation-order noise)."""
+    ref = copy.deepcopy(ref).double()
     batch = pad_collate(exs, pad_id=0)
     out = ref(input_ids=batch["input_ids"], labels=batch["labels"])   # HF: mean over all labels != -100
     out.loss.backward()
