@@ -309,14 +309,22 @@ def _strip_path(message: str, root: Path) -> str:
 
 
 # ---------------------------------------------------------------------- output dirs
+# The split of the global batch may change on --resume (e.g. another number of processes
+# under torchrun), its size may not: the identity holds "global_batch" = batch-size x
+# grad-accum x processes instead of the two flags.
+BATCH_SPLIT_FLAGS = ("batch_size", "grad_accum")
 IDENTITY_IGNORED = {
-    "out", "resume", "overwrite", "config", "eval_every", "save_every", "keep_last", "_given",
+    "out", "resume", "overwrite", "config", "eval_every", "save_every", "keep_last", "_given", *BATCH_SPLIT_FLAGS,
 }
 
 
 def run_identity(args: argparse.Namespace, extra: Optional[dict] = None) -> dict:
     """The settings that make a run what it is (what --resume must match)."""
     ident = {k: v for k, v in sorted(vars(args).items()) if k not in IDENTITY_IGNORED}
+    if all(hasattr(args, k) for k in BATCH_SPLIT_FLAGS):
+        from train import distributed
+
+        ident["global_batch"] = args.batch_size * args.grad_accum * distributed.world_size()
     ident.update(extra or {})
     return json.loads(json.dumps(ident, default=str))
 
@@ -327,7 +335,11 @@ def prepare_out_dir(out: Path, identity: dict, *, resume: bool, overwrite: bool,
     empty or missing: fine. Holds this run: needs --resume (continue) or --overwrite.
     Holds a different run, or files that are not a run: exit 2 unless --overwrite (only a
     directory that holds a run is ever deleted).
+    Under torchrun every rank checks the same directory; rank 0 alone deletes it.
     """
+    from train import distributed
+
+    distributed.barrier()   # every rank looks at `out` before any of them changes it
     if resume and not (out / RUN_FILE).is_file():
         if out.exists() and any(out.iterdir()):
             raise UsageError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
@@ -348,11 +360,15 @@ def prepare_out_dir(out: Path, identity: dict, *, resume: bool, overwrite: bool,
         raise UsageError(f"{flag} {out}: {RUN_FILE} is corrupt; choose another {flag}") from None
     diff = _first_difference(previous, identity)
     if overwrite:
-        shutil.rmtree(out)
+        if distributed.is_main():
+            shutil.rmtree(out)
+        distributed.barrier()
         return
     if diff is not None:
         key, old, new = diff
-        raise UsageError(f"{flag} {out}: holds a different run (--{key.replace('_', '-')} was {old!r}, now "
+        what = ("the global batch (--batch-size x --grad-accum x processes)" if key == "global_batch"
+                else f"--{key.replace('_', '-')}")
+        raise UsageError(f"{flag} {out}: holds a different run ({what} was {old!r}, now "
                          f"{new!r}); choose another {flag} or pass --overwrite")
     if not resume:
         raise UsageError(f"{flag} {out}: already holds this run; pass --resume to continue it, "
@@ -360,6 +376,8 @@ def prepare_out_dir(out: Path, identity: dict, *, resume: bool, overwrite: bool,
 
 
 def _first_difference(old: dict, new: dict):
+    if "global_batch" not in old and all(k in old for k in BATCH_SPLIT_FLAGS):   # run.json of one process
+        old = {**old, "global_batch": old["batch_size"] * old["grad_accum"]}
     for key in sorted(set(old) | set(new)):
         if key in IDENTITY_IGNORED:
             continue
@@ -369,6 +387,10 @@ def _first_difference(old: dict, new: dict):
 
 
 def write_run_file(out: Path, identity: dict) -> None:
+    from train import distributed
+
+    if not distributed.is_main():   # torchrun: rank 0 writes the run's files
+        return
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -398,9 +420,24 @@ def _expected_errors() -> tuple[type, ...]:
     return tuple(errors)
 
 
+def start_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints on stdout."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from train import distributed
+
+    distributed.init_from_env()
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    return True
+
+
 def run_main(main: Callable[[], Optional[int]]) -> None:
-    """Call main(); bad input -> one line on stderr + exit 2; Ctrl-C -> exit 130."""
+    """Call main(); bad input -> one line on stderr + exit 2; Ctrl-C -> exit 130.
+
+    Under torchrun every process runs main() (see `start_distributed`)."""
     prog = Path(sys.argv[0]).name
+    distributed = start_distributed()
     try:
         code = main()
     except KeyboardInterrupt:
@@ -410,4 +447,8 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
+    if distributed:
+        from train.distributed import shutdown
+
+        shutdown()
     raise SystemExit(code or 0)

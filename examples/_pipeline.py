@@ -87,7 +87,19 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda (cuda:LOCAL_RANK under torchrun) when there is a GPU, else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    from train import distributed
+
+    return str(distributed.device()) if distributed.is_distributed() else "cuda"
+
+
+def is_main() -> bool:
+    """False on the ranks of a torchrun job other than 0: they train but write no file."""
+    from train import distributed
+
+    return distributed.is_main()
 
 
 def has_tokenizer_files(path: Path) -> bool:
@@ -262,6 +274,8 @@ def loss_table(rows: list[dict], every: int = 1) -> str:
 
 def list_outputs(out: Path) -> str:
     """Every file under `out` (checkpoints summarised), with sizes."""
+    if not is_main():   # rank 0 may be writing there; only its report is printed
+        return ""
     lines = []
     for p in sorted(out.rglob("*")):
         if not p.is_file():
@@ -400,7 +414,9 @@ def fit(model, cfg, train_ds, eval_ds, collate) -> dict:
         if "warmup" in str(e):  # only known once the data set size fixes the number of steps
             raise UsageError(f"--warmup-steps {cfg.warmup_steps}: more than the run's steps ({e})") from None
         raise
-    log(f"training: {trainer.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} sequences, "
+    world = trainer.dist.world_size   # torchrun: batch size and accumulation are per process
+    split = f"{cfg.batch_size} x {cfg.grad_accum} sequences" + (f" on each of {world} processes" if world > 1 else "")
+    log(f"training: {trainer.total_steps} optimizer steps of {split}, "
         f"warm-up {trainer.warmup} steps, peak lr {cfg.lr:g} (cosine to {cfg.min_lr:g}), dtype {cfg.dtype}")
     summary = trainer.fit()
     if summary.get("resumed_from"):
@@ -427,8 +443,9 @@ def save_adapter(model, path: Path, base_dir: Path, tok) -> Path:
     """PEFT adapter + the tokenizer files (so the adapter directory is self-contained)."""
     import lora
 
-    lora.save(model, path, base_model_name_or_path=str(Path(base_dir).resolve()))
-    tok.save_pretrained(path)
+    if is_main():
+        lora.save(model, path, base_model_name_or_path=str(Path(base_dir).resolve()))
+        tok.save_pretrained(path)
     return path
 
 
@@ -436,6 +453,8 @@ def save_model(model, path: Path, tok, dtype: Optional[str] = None, max_shard_si
     """HF-format model directory (config, generation config, safetensors, tokenizer files)."""
     from models.qwen import save
 
+    if not is_main():
+        return Path(path)
     return save(model, path, max_shard_size=max_shard_size, tokenizer=tok,
                 dtype=torch_dtype(dtype) if dtype else None)
 
@@ -456,7 +475,17 @@ def set_chat_eos(model) -> None:
 
 # ---------------------------------------------------------------------- the demo base model
 def ensure_demo_base(path: Path, tok, corpus, say: Callable[[str], None] = log) -> Path:
-    """The embedded default's base model: pretrained once on the general corpus, then cached."""
+    """The embedded default's base model: pretrained once on the general corpus, then cached.
+
+    Under torchrun rank 0 pretrains it alone (the same model as on one process) while the
+    other ranks wait, then they find it cached."""
+    from train import distributed
+
+    with distributed.main_process_first():
+        return _ensure_demo_base(path, tok, corpus, say)
+
+
+def _ensure_demo_base(path: Path, tok, corpus, say: Callable[[str], None]) -> Path:
     from models.qwen import Qwen, QwenConfig, save
     from train import TrainConfig, Trainer
 
@@ -480,7 +509,8 @@ def ensure_demo_base(path: Path, tok, corpus, say: Callable[[str], None] = log) 
     cfg = TrainConfig(out_dir=str(work), lr=p["lr"], warmup_steps=p["warmup_steps"], max_steps=p["max_steps"],
                       batch_size=p["batch_size"], grad_accum=p["grad_accum"], max_grad_norm=1.0,
                       weight_decay=0.0, betas=(0.9, 0.95), dtype="fp32", grad_checkpointing=False,
-                      save_every=None, keep_last=1, seed=p["seed"], mode="full", progress=sys.stderr.isatty())
+                      save_every=None, keep_last=1, seed=p["seed"], mode="full", progress=sys.stderr.isatty(),
+                      parallel="none")
     import shutil
 
     try:

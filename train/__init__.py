@@ -7,7 +7,7 @@
                       dtype="bf16", grad_checkpointing=True, eval_every=None, save_every=None,
                       keep_last=2, seed=0, log_every=1, mode="lora",   # "lora" | "full" | "full-then-lora"
                       full_fraction=0.0, nan_policy="stop", max_bad_steps=3, resume=False,
-                      warm_start=None)
+                      warm_start=None, parallel="ddp")   # "ddp" | "fsdp" | "none" (2+ processes)
     trainer = Trainer(model, cfg, train_dataset, eval_dataset=None, collate_fn=None)
     summary = trainer.fit()    # {"steps", "final_loss", "evals", "final_eval", "paths", "interrupted", ...}
     trainer.evaluate()         # {"loss", "ppl", "tokens"}
@@ -24,6 +24,11 @@ at the end (LoRA) and model/ (full training). resume=True continues from the new
 checkpoint and reproduces the uninterrupted run bit for bit; warm_start=<dir> loads weights
 only. SIGINT/SIGTERM finish the current step, save a checkpoint and return.
 
+Several processes (torchrun): `train.init_from_env()` joins the process group (nccl on CUDA,
+gloo on CPU); the Trainer then splits every global batch (batch_size x grad_accum x world
+size) over the ranks, with DDP (parallel="ddp") or FSDP2 (parallel="fsdp"); see
+train.distributed.
+
 Building blocks, usable on their own:
     AdamW(param_groups(model, weight_decay=0.1), lr=...)      # torch.optim.Optimizer
     cosine_warmup(step, warmup=..., total=..., peak_lr=..., min_lr=0.0)
@@ -33,6 +38,7 @@ Building blocks, usable on their own:
 from .batches import MicroBatchSampler
 from .checkpoint import CheckpointError, atomic_directory, complete_checkpoints, newest_checkpoint, prune_checkpoints
 from .config import ConfigError, TrainConfig
+from .distributed import DataParallel, init_from_env
 from .guards import NonFiniteError, NothingTrainsError, first_nonfinite
 from .loop import Trainer, best_checkpoint, supervised_tokens
 from .optim import AdamW, no_decay, param_groups
@@ -45,7 +51,7 @@ __all__ = [
     "MicroBatchSampler", "CheckpointError", "ConfigError", "NonFiniteError", "NothingTrainsError",
     "atomic_directory", "complete_checkpoints", "newest_checkpoint", "prune_checkpoints", "best_checkpoint",
     "capture_rng_state", "restore_rng_state", "DynamicLossScaler", "first_nonfinite", "supervised_tokens",
-    "activation_bytes",
+    "activation_bytes", "DataParallel", "init_from_env",
 ]
 
 

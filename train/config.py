@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 MODES = ("lora", "full", "full-then-lora")
+PARALLEL = ("ddp", "fsdp", "none")
 DTYPES = ("bf16", "fp16", "fp32")
 NAN_POLICIES = ("stop", "skip")
 
@@ -19,7 +20,8 @@ class TrainConfig:
     """Options of one run (defaults in parentheses are what the examples' CLI uses).
 
     Length: max_steps, or epochs over the training set (default 1 epoch when neither).
-    A step is one optimizer update over batch_size x grad_accum examples.
+    A step is one optimizer update over the global batch: batch_size (per process) x
+    grad_accum x the world size (the processes torchrun started; 1 without it).
     Warm-up: warmup_steps or warmup_ratio of the total steps (neither: no warm-up).
     mode: "lora" (inject adapters unless the model already holds some; train only them),
     "full" (every parameter), "full-then-lora" (full for the first full_fraction of the steps,
@@ -29,6 +31,10 @@ class TrainConfig:
     resume: continue from the newest complete checkpoint in out_dir/checkpoints (fresh start
     when there is none). warm_start: a checkpoint or adapter directory whose weights are
     loaded before training, with a fresh optimizer and schedule.
+    parallel (only with a torch.distributed process group of 2+ ranks; see train.distributed):
+    "ddp" replicates the model and all-reduces the trainable gradients; "fsdp" shards
+    parameters, gradients and optimizer state with FSDP2 (mode "full" or "lora", no NF4);
+    "none" trains in this process alone.
     """
 
     out_dir: str = "out"
@@ -66,6 +72,7 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None  # default batch_size
     shuffle: bool = True
     progress: bool = True                 # tqdm progress bar on stderr
+    parallel: str = "ddp"                 # with 2+ processes: "ddp" | "fsdp" | "none"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -116,6 +123,8 @@ class TrainConfig:
             raise bad("full_fraction", "a number in [0, 1]")
         if self.mode == "full-then-lora" and not 0.0 < self.full_fraction < 1.0:
             raise bad("full_fraction", "a fraction in (0, 1) of the steps to train in full with mode='full-then-lora'")
+        if self.parallel not in PARALLEL:
+            raise bad("parallel", f"one of {PARALLEL}")
         if self.nan_policy not in NAN_POLICIES:
             raise bad("nan_policy", f"one of {NAN_POLICIES}")
         if self.resume and self.warm_start:
@@ -139,5 +148,8 @@ class TrainConfig:
 
 
 # Options that must not change between a checkpoint and its resume: they decide which
-# examples each step sees and how the update is formed.
-RESUME_FIXED = ("batch_size", "grad_accum", "seed", "shuffle", "mode", "full_fraction", "dtype")
+# examples each step sees and how the update is formed. The split of the global batch
+# (batch_size x grad_accum x world size) may change; the global batch itself may not
+# (Trainer.load_checkpoint checks it).
+RESUME_FIXED = ("seed", "shuffle", "mode", "full_fraction", "dtype")
+BATCH_SPLIT = ("batch_size", "grad_accum", "world_size")

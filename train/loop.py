@@ -15,6 +15,11 @@ One optimizer step:
      had a finite gradient and every LoRA B moved.
 Every `save_every` steps, on SIGINT/SIGTERM, and at the end, the whole state goes to
 out_dir/checkpoints/step-N (see `save_checkpoint`); resume=True continues from the newest.
+
+Under torchrun (a torch.distributed process group of W ranks, see train.distributed), each
+rank takes its share of every micro-batch of the global batch (batch_size x grad_accum x W),
+N in step 1 is summed over the ranks, gradients are averaged by DDP or FSDP2 on the last
+micro-batch, and rank 0 alone writes metrics, checkpoints and the final outputs.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ from .checkpoint import (
     save_tensors,
     write_json,
 )
-from .config import RESUME_FIXED, TrainConfig
+from .config import BATCH_SPLIT, RESUME_FIXED, TrainConfig
+from .distributed import DataParallel, rank_seed, shard_as
 from .guards import (
     NonFiniteError,
     NothingTrainsError,
@@ -122,7 +128,10 @@ class Trainer:
         self.device = model_device(model)
         self.pad_id = self._pad_id()
         self.collate = collate_fn or self.default_collate
-        self.sampler = MicroBatchSampler(train_dataset, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+        self.dist = DataParallel(cfg.parallel)   # world_size 1 without a process group
+        self.dist.check_supported(cfg.mode, has_nf4(model))
+        self.sampler = MicroBatchSampler(train_dataset, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
         self.total_steps = self._total_steps()
         self.warmup = resolve_warmup(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
         self.switch_step = round(cfg.full_fraction * self.total_steps) if cfg.mode == "full-then-lora" else None
@@ -139,12 +148,16 @@ class Trainer:
         self._stop_signal: Optional[str] = None
         self._checked_phase: Optional[str] = None
         self.phase = "full" if cfg.mode == "full" or (cfg.mode == "full-then-lora" and self.switch_step > 0) else "lora"
+        self.forward_model: nn.Module = model   # what forward/backward run through (DDP wrapper, ...)
         self._setup_phase(self.phase)
+        self.device = model_device(model)      # FSDP2 may have moved the shards to the mesh's device
         if hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = bool(cfg.grad_checkpointing)
         elif cfg.grad_checkpointing:
             raise ValueError(f"{type(model).__name__} has no `gradient_checkpointing` switch; set grad_checkpointing=False")
         self.optimizer = self._build_optimizer()
+        if self.dist.rank > 0:   # the replicas are equal now; the other ranks draw their own dropout masks
+            torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))   # (rank 0 keeps a single process's stream)
 
     # ------------------------------------------------------------------ setup
     def default_collate(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -169,7 +182,8 @@ class Trainer:
         if cfg.max_steps is not None:
             return cfg.max_steps
         epochs = cfg.epochs if cfg.epochs is not None else 1
-        return max(1, math.ceil(epochs * self.sampler.batches_per_epoch / cfg.grad_accum))
+        global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        return max(1, math.ceil(epochs * self.sampler.samples_per_epoch / global_batch))
 
     def _precision(self) -> Optional[torch.dtype]:
         """The autocast dtype, or None to run the model in its own dtype."""
@@ -206,6 +220,7 @@ class Trainer:
                 lora.inject(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             targets=cfg.lora_targets)
         self.phase = phase
+        self.forward_model = self.dist.prepare(model)   # the trainable set is fixed now
 
     def _build_optimizer(self) -> AdamW:
         return AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr,
@@ -219,9 +234,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        """Train to `total_steps` (or until SIGINT/SIGTERM); returns the run summary."""
+        """Train to `total_steps` (or until SIGINT/SIGTERM); returns the run summary (on every rank)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.ckpt_root)
+        if self.dist.is_main:
+            remove_stale_temporaries(self.ckpt_root)
+        self.dist.barrier()
         if self.cfg.resume:
             found = newest_checkpoint(self.ckpt_root)
             if found is not None:
@@ -229,7 +246,8 @@ class Trainer:
         elif self.cfg.warm_start:
             self.warm_start(self.cfg.warm_start)
         self._trim_metrics()
-        write_json(self.out / "train_config.json", self.cfg.to_json())
+        if self.dist.is_main:
+            write_json(self.out / "train_config.json", self.cfg.to_json())
 
         last_loss: Optional[float] = None
         paths: dict[str, str] = {}
@@ -240,6 +258,7 @@ class Trainer:
                     self._setup_phase("lora")
                     self.optimizer = self._build_optimizer()   # fresh state for the adapters
                 stats = self.train_step()
+                self._agree_on_stop()
                 if stats["loss"] is not None:
                     last_loss = stats["loss"]
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
@@ -295,6 +314,8 @@ class Trainer:
 
         params = self.trainable_parameters()
         finite = self.scaler.unscale_(params)
+        if self.dist.fsdp:   # each rank checked its own shards of the gradients only
+            finite = not self.dist.any(not finite)
         if not finite and self.scaler.enabled:       # fp16 overflow: expected now and then
             self.scaler.update(False)
             self.optimizer.zero_grad(set_to_none=True)
@@ -325,36 +346,56 @@ class Trainer:
         (sum of token losses of all batches) / (supervised tokens of all batches) x loss scale.
 
         Returns (loss_sum, n_total, tokens), or the index of the first micro-batch whose loss
-        was not finite (its backward is not run).
+        was not finite (its backward is not run). With several ranks, "all batches" means those
+        of every rank: n_total, loss_sum and tokens are summed over the ranks, and a rank keeps
+        running the backwards after a non-finite loss so that the gradient collectives stay in
+        step (the step is then dropped on every rank).
         """
-        model = self.model
-        n_total = sum(supervised_tokens(b["labels"]) for b in batches)
+        model, dist = self.forward_model, self.dist
+        n_local = sum(supervised_tokens(b["labels"]) for b in batches)
+        n_total = int(dist.all_reduce([n_local])[0])
         if n_total == 0:
             raise ValueError(f"step {step}: the {len(batches)} micro-batch(es) hold no supervised token "
                              "(every label is -100): check the data's label masking")
-        loss_sum, tokens = 0.0, 0
+        # DDP and FSDP average the ranks' gradients: the factor world_size makes that average
+        # the sum of every rank's share of the global token mean.
+        factor = self.scaler.scale * dist.world_size / n_total
+        loss_sum, tokens, first_bad = 0.0, 0, len(batches)
         for m, batch in enumerate(batches):
             if self.on_micro_batch is not None:
                 self.on_micro_batch(step, m)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             extras = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-            with self._autocast():
-                ls, n = model(batch["input_ids"], labels=batch["labels"], reduction="sum", **extras)
-            expected = supervised_tokens(batch["labels"])
-            if int(n) != expected:
-                raise RuntimeError(f"step {step}, micro-batch {m + 1}: the model counted {int(n)} supervised tokens, "
-                                   f"the loop {expected}: the model must shift labels inside and ignore -100")
-            if not torch.isfinite(ls.detach()):
-                return m
-            if not ls.requires_grad:
-                first = next((n for n, p in model.named_parameters() if p.requires_grad), None)
-                raise NothingTrainsError(
-                    f"step {step}, micro-batch {m + 1}: the loss depends on no trainable parameter, so every one "
-                    f"received no gradient, first {first!r} (adapters disabled? base and adapters frozen?)")
-            (ls * (self.scaler.scale / n_total)).backward()
+            with dist.sync_gradients(model, last=m == len(batches) - 1):
+                with self._autocast():
+                    ls, n = model(batch["input_ids"], labels=batch["labels"], reduction="sum", **extras)
+                expected = supervised_tokens(batch["labels"])
+                if int(n) != expected:
+                    raise RuntimeError(f"step {step}, micro-batch {m + 1}: the model counted {int(n)} supervised "
+                                       f"tokens, the loop {expected}: the model must shift labels inside and ignore -100")
+                if not torch.isfinite(ls.detach()):
+                    if not dist.enabled:
+                        return m
+                    first_bad = min(first_bad, m)
+                if not ls.requires_grad:
+                    first = next((n for n, p in self.model.named_parameters() if p.requires_grad), None)
+                    raise NothingTrainsError(
+                        f"step {step}, micro-batch {m + 1}: the loss depends on no trainable parameter, so every one "
+                        f"received no gradient, first {first!r} (adapters disabled? base and adapters frozen?)")
+                (ls * factor).backward()
             loss_sum += float(ls.detach())
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        return loss_sum, n_total, tokens
+        if dist.enabled:
+            loss_sum, tokens = dist.all_reduce([loss_sum, tokens])
+            first_bad = int(dist.all_reduce([first_bad], op="min")[0])
+            if first_bad < len(batches):
+                return first_bad
+        return loss_sum, n_total, int(tokens)
+
+    def _agree_on_stop(self) -> None:
+        """A SIGINT/SIGTERM on any rank stops every rank after the same step."""
+        if self.dist.enabled and self.dist.any(self._stop_signal is not None) and self._stop_signal is None:
+            self._stop_signal = "signal on another rank"
 
     def _bad_step(self, step: int, micro: int, what: str, lr: float) -> dict[str, Any]:
         """Non-finite loss/gradient: raise (nan_policy="stop") or skip and count ("skip")."""
@@ -380,15 +421,23 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (mean over supervised tokens), perplexity exp(loss) and token count."""
+        """Validation loss (mean over supervised tokens), perplexity exp(loss) and token count.
+
+        Distributed: a collective (every rank calls it), each result is over the whole eval_dataset."""
         if self.eval_dataset is None:
             raise ValueError("evaluate(): this Trainer has no eval_dataset")
         was_training = self.model.training
         self.model.eval()
         size = self.cfg.eval_batch_size or self.cfg.batch_size
+        starts = range(0, len(self.eval_dataset), size)
+        # DDP: each rank evaluates a share of the batches and the sums are added up. FSDP2's
+        # forward is itself a collective, so there every rank runs every batch.
+        share = self.dist.enabled and not self.dist.fsdp
+        if share:
+            starts = starts[self.dist.rank :: self.dist.world_size]
         loss_sum, n_total = 0.0, 0
         try:
-            for start in range(0, len(self.eval_dataset), size):
+            for start in starts:
                 examples = [self.eval_dataset[i] for i in range(start, min(start + size, len(self.eval_dataset)))]
                 batch = {k: v.to(self.device) for k, v in self.collate(examples).items()}
                 extras = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -398,6 +447,9 @@ class Trainer:
                 n_total += int(n)
         finally:
             self.model.train(was_training)
+        if share:
+            loss_sum, n_total = self.dist.all_reduce([loss_sum, n_total])
+            n_total = int(n_total)
         if n_total == 0:
             raise ValueError("evaluate(): the eval_dataset holds no supervised token")
         loss = loss_sum / n_total
@@ -420,33 +472,52 @@ class Trainer:
         Files: trainable.safetensors (every trainable parameter by name: the adapter, or the
         full model), model.safetensors (full-then-lora after the switch: the updated base),
         adapter/ (PEFT format, when the model has adapters), optimizer.safetensors +
-        optimizer.json, rng.safetensors + rng.json, state.json (steps, schedule, sampler,
-        loss scaler, guards, config; written last).
+        optimizer.json, rng.safetensors + rng.json (rng-rank{r}.* for the other ranks of a
+        distributed run), state.json (steps, schedule, sampler, loss scaler, guards, config,
+        world size; written last).
+
+        Distributed: every rank calls it (FSDP shards and the ranks' RNG states are gathered
+        onto rank 0), rank 0 writes the same files as a single process would, the others wait.
         """
         final = self.ckpt_root / f"step-{self.step}"
-        with atomic_directory(final) as tmp:
-            trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            save_tensors(tmp / "trainable.safetensors", trainable)
-            if self.cfg.mode == "full-then-lora" and self.phase == "lora":
-                base = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
-                save_tensors(tmp / "model.safetensors", base)
-            if lora.has_adapters(self.model):
-                lora.save(self.model, tmp / "adapter")
-            opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
-            save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-            write_json(tmp / "optimizer.json", opt_meta)
-            rng_tensors, rng_meta = capture_rng_state()
-            save_tensors(tmp / "rng.safetensors", rng_tensors)
-            write_json(tmp / "rng.json", rng_meta)
-            write_json(tmp / STATE_FILE, {
-                "step": self.step, "micro_step": self.micro_step, "total_steps": self.total_steps,
-                "warmup": self.warmup, "next_lr": self.lr_at(min(self.step, self.total_steps)),
-                "phase": self.phase, "sampler": self.sampler.state_dict(), "scaler": self.scaler.state_dict(),
-                "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps, "val_loss": val_loss,
-                "evals": self.evals, "config": self.cfg.to_json(), "time": time.time(),
-            })
-        prune_checkpoints(self.ckpt_root, self.cfg.keep_last, best=best_checkpoint(self.ckpt_root))
+        opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
+        opt_tensors = self.dist.full_tensors(opt_tensors)
+        rng_states = self._gather_rng_states()
+        with self.dist.full_parameters(self.model, trainable_only=True):
+            if self.dist.is_main:
+                with atomic_directory(final) as tmp:
+                    trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+                    save_tensors(tmp / "trainable.safetensors", trainable)
+                    if self.cfg.mode == "full-then-lora" and self.phase == "lora":
+                        base = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
+                        save_tensors(tmp / "model.safetensors", base)
+                    if lora.has_adapters(self.model):
+                        lora.save(self.model, tmp / "adapter")
+                    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+                    write_json(tmp / "optimizer.json", opt_meta)
+                    for r, (rng_tensors, rng_meta) in enumerate(rng_states):
+                        save_tensors(tmp / f"{_rng_name(r)}.safetensors", rng_tensors)
+                        write_json(tmp / f"{_rng_name(r)}.json", rng_meta)
+                    write_json(tmp / STATE_FILE, {
+                        "step": self.step, "micro_step": self.micro_step, "total_steps": self.total_steps,
+                        "warmup": self.warmup, "next_lr": self.lr_at(min(self.step, self.total_steps)),
+                        "phase": self.phase, "sampler": self.sampler.state_dict(), "scaler": self.scaler.state_dict(),
+                        "bad_in_a_row": self.bad_in_a_row, "skipped_steps": self.skipped_steps, "val_loss": val_loss,
+                        "evals": self.evals, "config": self.cfg.to_json(), "time": time.time(),
+                        "world_size": self.dist.world_size,
+                    })
+                prune_checkpoints(self.ckpt_root, self.cfg.keep_last, best=best_checkpoint(self.ckpt_root))
+        self.dist.barrier()
         return final
+
+    def _gather_rng_states(self) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """[(tensors, meta)] of capture_rng_state() for every rank, on rank 0 ([] elsewhere)."""
+        tensors, meta = capture_rng_state()
+        if not self.dist.enabled:
+            return [(tensors, meta)]
+        blobs = self.dist.gather_bytes(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+        metas = self.dist.gather_bytes(json.dumps(meta).encode("utf-8"))
+        return [(safetensors_tensors(b), json.loads(m)) for b, m in zip(blobs, metas)]
 
     def load_checkpoint(self, path: os.PathLike) -> None:
         """Restore the whole run state from a checkpoint directory (resume)."""
@@ -458,6 +529,7 @@ class Trainer:
             if key in saved and saved[key] != now:
                 raise CheckpointError(f"{path}: written with {key}={saved[key]!r}, this run has {key}={now!r}; "
                                       "resume needs the same value (or start a new out_dir / use warm_start)")
+        self._check_global_batch(path, {**saved, "world_size": state.get("world_size", 1)})
         if state["total_steps"] != self.total_steps:
             raise CheckpointError(f"{path}: the run had {state['total_steps']} total steps, this one {self.total_steps}: "
                                   "the schedule would change (same max_steps/epochs and dataset needed)")
@@ -474,13 +546,30 @@ class Trainer:
             raise CheckpointError(f"{path / 'optimizer.json'}: its parameter groups do not match the model's trainable "
                                   "parameters (different LoRA targets/rank or mode?)")
         self.optimizer.load_state_dict(optimizer_from_files(load_tensors(path / "optimizer.safetensors"), opt_meta))
+        self.dist.shard_optimizer_state(self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
         self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(load_tensors(path / "rng.safetensors"), read_json(path / "rng.json"))
+        rng = path / _rng_name(self.dist.rank)
+        if self.dist.rank == 0 or rng.with_suffix(".safetensors").is_file():
+            restore_rng_state(load_tensors(rng.with_suffix(".safetensors")), read_json(rng.with_suffix(".json")))
+        else:  # a rank the checkpointed run did not have (resumed on more processes)
+            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, int(state["step"])))
         self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
         self.bad_in_a_row, self.skipped_steps = int(state["bad_in_a_row"]), int(state["skipped_steps"])
         self.evals = list(state.get("evals", []))
         self.resumed_from = str(path)
+
+    def _check_global_batch(self, path: Path, then: dict[str, Any]) -> None:
+        """The split of the global batch may change between runs (another world size), not its size."""
+        now = {**self.cfg.to_json(), "world_size": self.dist.world_size}
+        if any(then.get(k) is None for k in BATCH_SPLIT):
+            return
+        size_then, size_now = math.prod(then[k] for k in BATCH_SPLIT), math.prod(now[k] for k in BATCH_SPLIT)
+        if size_then != size_now:
+            key = next(k for k in BATCH_SPLIT if then[k] != now[k])
+            raise CheckpointError(f"{path}: written with {key}={then[key]!r}, this run has {key}={now[key]!r}: the "
+                                  f"global batch (batch_size x grad_accum x world_size) was {size_then}, now {size_now}; "
+                                  "resume needs the same global batch (or start a new out_dir / use warm_start)")
 
     def warm_start(self, path: os.PathLike) -> None:
         """Load weights only from a checkpoint (trainable.safetensors) or a PEFT adapter directory."""
@@ -497,34 +586,47 @@ class Trainer:
         self.optimizer = self._build_optimizer()
 
     def save_final(self) -> dict[str, str]:
-        """out_dir/adapter (PEFT) for LoRA; out_dir/model (HF format) after full training."""
-        paths = {}
-        if lora.has_adapters(self.model):
-            paths["adapter"] = str(lora.save(self.model, self.out / "adapter"))
-        if self.cfg.mode in ("full", "full-then-lora"):
-            from models.qwen import Qwen, save
+        """out_dir/adapter (PEFT) for LoRA; out_dir/model (HF format) after full training.
 
-            if isinstance(self.model, Qwen) and not lora.has_adapters(self.model):
-                paths["model"] = str(save(self.model, self.out / "model"))
-            else:  # base weights under their model names; adapters (if any) are in adapter/
-                target = self.out / "model"
-                target.mkdir(parents=True, exist_ok=True)
-                save_tensors(target / "model.safetensors",
-                             {n: p for n, p in self.model.named_parameters() if ".lora_" not in n})
-                paths["model"] = str(target)
+        Distributed: rank 0 writes (FSDP2 shards gathered onto its CPU first), the others wait.
+        """
+        paths = {}
+        full = self.cfg.mode in ("full", "full-then-lora")
+        with self.dist.full_parameters(self.model, trainable_only=not full):
+            if lora.has_adapters(self.model):
+                paths["adapter"] = str(self.out / "adapter")
+                if self.dist.is_main:
+                    lora.save(self.model, self.out / "adapter")
+            if full:
+                paths["model"] = str(self.out / "model")
+                if self.dist.is_main:
+                    self._save_model(self.out / "model")
+        self.dist.barrier()
         return paths
+
+    def _save_model(self, target: Path) -> None:
+        from models.qwen import Qwen, save
+
+        if isinstance(self.model, Qwen) and not lora.has_adapters(self.model):
+            save(self.model, target)
+        else:  # base weights under their model names; adapters (if any) are in adapter/
+            target.mkdir(parents=True, exist_ok=True)
+            save_tensors(target / "model.safetensors",
+                         {n: p for n, p in self.model.named_parameters() if ".lora_" not in n})
 
     # ------------------------------------------------------------------ logging and signals
     def _log(self, stats: dict[str, Any]) -> None:
         self._append_metrics({k: v for k, v in stats.items()})
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=True) + "\n")
 
     def _trim_metrics(self) -> None:
         """Fresh run: empty metrics.jsonl. Resume: drop rows past the restored step."""
-        if not self.metrics_path.exists():
+        if not self.dist.is_main or not self.metrics_path.exists():
             return
         if self.resumed_from is None:
             self.metrics_path.write_text("")
@@ -540,7 +642,7 @@ class Trainer:
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     def _progress_bar(self):
-        if not self.cfg.progress:
+        if not self.cfg.progress or not self.dist.is_main:
             return None
         from tqdm import tqdm
 
@@ -594,7 +696,24 @@ def _copy_named(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path, 
             t = tensors[n]
             if t.shape != p.shape or t.dtype != p.dtype:
                 raise CheckpointError(f"{file}: {n!r} is {t.dtype} {tuple(t.shape)}, the model has {p.dtype} {tuple(p.shape)}")
-            p.copy_(t)
+            p.copy_(shard_as(t, p))   # FSDP2: this rank's shard of the full tensor
+
+
+def _rng_name(rank: int) -> str:
+    """Stem of a rank's RNG files in a checkpoint: rng (rank 0, as in a single process), rng-rank{r}."""
+    return "rng" if rank == 0 else f"rng-rank{rank}"
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def safetensors_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
 
 
 def best_checkpoint(root: os.PathLike) -> Optional[Path]:

@@ -1,0 +1,60 @@
+"""A tiny fp32 training run for the distributed tests: one rank of a torchrun job, or the
+whole single-process reference when imported.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/train/run_dist.py '{"out_dir": ..., ...}'
+
+Options (JSON): kind "lora" | "full"; parallel "ddp" | "fsdp"; max_steps; batch_size (per
+process); grad_accum; save_every; resume; kill_at [rank, step, micro_batch]: that rank
+SIGKILLs itself just before that micro-batch. The model (run_tiny's tiny Qwen, LoRA dropout 0
+so that no random draw depends on the split) and the data depend only on fixed seeds.
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import run_tiny  # noqa: E402
+import train  # noqa: E402
+from train import distributed  # noqa: E402
+
+SAMPLES = 20   # not a multiple of the global batch (6): steps straddle the epoch boundary
+
+
+def build(opts: dict) -> "train.Trainer":
+    kind = opts.get("kind", "lora")
+    cfg = train.TrainConfig(
+        out_dir=opts["out_dir"], lr=5e-3, warmup_steps=1, max_steps=opts["max_steps"],
+        batch_size=opts["batch_size"], grad_accum=opts["grad_accum"], dtype="fp32",
+        save_every=opts.get("save_every"), keep_last=5, seed=3, progress=False,
+        mode="full" if kind == "full" else "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        weight_decay=0.01, eps=opts.get("eps", 1e-8), resume=opts.get("resume", False),
+        parallel=opts.get("parallel", "ddp"),
+    )
+    trainer = train.Trainer(run_tiny.tiny_model(kind), cfg, run_tiny.dataset(n=SAMPLES))
+    kill_at = opts.get("kill_at")
+    if kill_at and kill_at[0] == trainer.dist.rank:
+        def hook(step, micro):
+            if [step, micro] == kill_at[1:]:
+                os.kill(os.getpid(), signal.SIGKILL)
+        trainer.on_micro_batch = hook
+    return trainer
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    summary = build(json.loads(sys.argv[1])).fit()
+    if distributed.is_main():
+        print(json.dumps({"steps": summary["steps"], "resumed_from": summary["resumed_from"],
+                          "world_size": distributed.world_size()}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
