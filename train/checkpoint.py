@@ -19,12 +19,13 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from models.qwen.atomic import atomic_directory, fsync_tree  # noqa: F401
 
 PathLike = Union[str, os.PathLike]
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -36,48 +37,8 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- atomic writing
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file, then every directory bottom-up, under `root`."""
-    for dirpath, _dirs, files in os.walk(root, topdown=False):
-        for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
-
-
-@contextmanager
-def atomic_directory(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success rename it to `final` (replacing it).
-
-    On an exception the temporary directory is removed and `final` is untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        old = None
-        if final.exists():  # re-saving the same step (e.g. after a resume): swap, then drop
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_path(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# atomic_directory / fsync_tree live in models.qwen.atomic (model export and lora.delta use
+# them too); imported here as part of this module's interface.
 
 
 def remove_stale_temporaries(root: PathLike) -> list[Path]:

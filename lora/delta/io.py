@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,14 +269,6 @@ TOKENIZER_FILES = (
 )
 
 
-def temp_dir_for(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def check_output_path(out: Path, inputs: Iterable[Checkpoint], overwrite: bool) -> None:
     """Refuse an output that is, contains or lies in an input (inputs are never modified),
     and an existing output unless `overwrite`."""
@@ -288,19 +279,6 @@ def check_output_path(out: Path, inputs: Iterable[Checkpoint], overwrite: bool) 
             raise DeltaError(f"--out {out}: overlaps input {ck.describe()}; inputs are never modified in place")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise DeltaError(f"--out {out}: already exists (pass overwrite=True / --overwrite to replace it)")
-
-
-def finish_output(tmp: Path, out: Path) -> None:
-    """Move the finished temp directory into place; an existing `out` is replaced whole."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def write_json(path: Path, obj) -> None:

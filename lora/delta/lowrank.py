@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from models.qwen.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
 
 from .combine import check_compatible
 from .groups import layer_index
-from .io import Checkpoint, DeltaError, PathLike, SafetensorsStreamWriter, check_output_path, finish_output, temp_dir_for, write_json
+from .io import Checkpoint, DeltaError, PathLike, SafetensorsStreamWriter, check_output_path, write_json
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LINEAR = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.weight$")
@@ -191,8 +191,7 @@ def extract_lora(
             "rel_error": math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
         })
 
-    tmp = temp_dir_for(out)
-    try:
+    with atomic_directory(out, fsync=False) as tmp:
         entries = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
         writer = SafetensorsStreamWriter(tmp / ADAPTER_WEIGHTS, entries)
         try:
@@ -213,8 +212,4 @@ def extract_lora(
             "r": r, "method": method, "svd_dtype": dtype_name(work_dtype), "dtype": dtype_name(store_dtype),
             "layers": result.layers, "modules": result.modules, "not_representable": result.not_representable,
         })
-        finish_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

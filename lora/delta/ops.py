@@ -19,13 +19,14 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from models.qwen import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from models.qwen.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
 
 from .combine import Plan, Term, check_compatible, run_plan
 from .groups import group_scales, module_group, special_row_plan
 from .io import (
-    MANIFEST, TOKENIZER_FILES, Checkpoint, DeltaError, PathLike, check_output_path, finish_output,
-    sha256_file, temp_dir_for, write_json,
+    MANIFEST, TOKENIZER_FILES, Checkpoint, DeltaError, PathLike, check_output_path,
+    sha256_file, write_json,
 )
 
 IM_END = "<|im_end|>"
@@ -57,13 +58,12 @@ def _inputs_record(checkpoints: Sequence[Checkpoint], hash_inputs: bool) -> dict
     return rec
 
 
-def _finish(tmp: Path, out: Path, manifest: dict) -> Path:
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    """manifest.json, with the sha256 of every output shard, as the last file of the output."""
     manifest["outputs"] = {
         "sha256": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
     }
     write_json(tmp / MANIFEST, manifest)
-    finish_output(tmp, out)
-    return out
 
 
 def _copy_config(src: Checkpoint, tmp: Path, dtype: Optional[torch.dtype], **updates) -> None:
@@ -110,8 +110,7 @@ def diff(
     check_compatible([ca, cb], check_dtypes=[ca, cb] if check_dtypes else [])
     check_output_path(out, [ca, cb], overwrite)
     plan = Plan(layout=ca, anchor=None, terms=[Term(ca, cb, lambda k: 1.0)], dtype=dt)
-    tmp = temp_dir_for(out)
-    try:
+    with atomic_directory(out, fsync=False) as tmp:
         stats = run_plan(plan, tmp)
         _copy_config(ca, tmp, dt)
         manifest = {
@@ -119,10 +118,8 @@ def diff(
             "inputs": _inputs_record([ca, cb], hash_inputs), "dtype": dtype_name(dt) if dt else None,
             "tensors": stats["tensors"], "skipped": [], "compute_dtypes": stats["compute_dtypes"],
         }
-        return _finish(tmp, out, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp, manifest)
+    return out
 
 
 def apply(
@@ -159,8 +156,7 @@ def apply(
     skipped = _skip_matcher(skip)
     coef = lambda k: 0.0 if skipped(k) else eff[module_group(k)]  # noqa: E731
     plan = Plan(layout=ct, anchor=ct, terms=[Term(cd, None, coef)], dtype=dt)
-    tmp = temp_dir_for(out)
-    try:
+    with atomic_directory(out, fsync=False) as tmp:
         stats = run_plan(plan, tmp)
         _copy_config(ct, tmp, dt)
         _copy_model_files(ct, tmp)
@@ -170,10 +166,8 @@ def apply(
             "effective_scales": eff, "skipped": _skipped_records(stats, skipped, skip_embeddings),
             "dtype": dtype_name(dt) if dt else None, "tensors": stats["tensors"], "compute_dtypes": stats["compute_dtypes"],
         }
-        return _finish(tmp, out, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp, manifest)
+    return out
 
 
 def _skipped_records(stats: dict, skipped, skip_embeddings: bool) -> list[dict]:
@@ -232,8 +226,7 @@ def task_arithmetic(
     terms = [Term(cd, None, (lambda w: (lambda k: w))(w)) for cd, w in zip(cds, ws)]
     layout = cb or cds[0]
     plan = Plan(layout=layout, anchor=cb, terms=terms, dtype=dt)
-    tmp = temp_dir_for(out)
-    try:
+    with atomic_directory(out, fsync=False) as tmp:
         stats = run_plan(plan, tmp)
         _copy_config(layout, tmp, dt)
         if cb:
@@ -244,10 +237,8 @@ def task_arithmetic(
             "inputs": _inputs_record(every, hash_inputs), "dtype": dtype_name(dt) if dt else None,
             "tensors": stats["tensors"], "skipped": [], "compute_dtypes": stats["compute_dtypes"],
         }
-        return _finish(tmp, out, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp, manifest)
+    return out
 
 
 # ---------------------------------------------------------------------- instruction residual
@@ -297,8 +288,7 @@ def instruction_residual(
     coef = lambda k: 0.0 if skipped(k) else eff[module_group(k)]  # noqa: E731
     overrides, special_records = special_row_plan(special_rows, list(special_token_ids), cc, cb, ct)
     plan = Plan(layout=ct, anchor=ct, terms=[Term(cc, cb, coef)], dtype=dt, row_overrides=overrides)
-    tmp = temp_dir_for(out)
-    try:
+    with atomic_directory(out, fsync=False) as tmp:
         stats = run_plan(plan, tmp)
         warnings = write_chat_files(cc, ct, tmp, dt)
         manifest = {
@@ -311,10 +301,8 @@ def instruction_residual(
             "eos_token_id": IM_END_ID, "dtype": dtype_name(dt) if dt else None,
             "tensors": stats["tensors"], "compute_dtypes": stats["compute_dtypes"], "warnings": warnings,
         }
-        return _finish(tmp, out, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_manifest(tmp, manifest)
+    return out
 
 
 def write_chat_files(chat: Checkpoint, target: Checkpoint, tmp: Path, dtype: Optional[torch.dtype]) -> list[str]:

@@ -18,7 +18,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_directory
 from .config import ConfigError, QwenConfig, dtype_from_name, dtype_name
 from .model import Qwen
 
@@ -449,11 +449,7 @@ def save(
     float_dtypes = [v.dtype for k, v in state.items() if v.is_floating_point() and "norm" not in k]
     saved_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.bfloat16)
 
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(root, fsync=False) as tmp:
         shards = _shards(state, parse_size(max_shard_size))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
@@ -478,10 +474,6 @@ def save(
         _write_json(tmp / "generation_config.json", generation_config(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _atomic_replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
@@ -499,14 +491,3 @@ def generation_config(model: Qwen) -> dict:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _atomic_replace(tmp: Path, root: Path) -> None:
-    """Move the finished `tmp` directory to `root`; an existing `root` is replaced whole."""
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{os.getpid()}")
-        os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, root)

@@ -187,7 +187,7 @@ def test_output_carries_chat_tokenizer_eos_and_manifest(tmp_path):
         assert m["inputs"][role]["path"] == str(paths[role].resolve())
         assert m["inputs"][role]["sha256"] == {"model.safetensors": before[role]["model.safetensors"]}
     assert m["outputs"]["sha256"]["model.safetensors"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    assert not list(tmp_path.glob(".out.tmp-*"))  # the temp dir was renamed into place
+    assert not list(tmp_path.glob(".*"))  # the staging dir was renamed into place, nothing left over
 
 
 def test_skip_embeddings_and_patterns_copy_the_target(tmp_path):

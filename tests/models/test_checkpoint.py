@@ -132,7 +132,7 @@ def test_save_overwrites_atomically(tmp_path):
     (tmp_path / "out" / "stale.txt").write_text("old run")
     save(model, tmp_path / "out")
     assert not (tmp_path / "out" / "stale.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or old copy left
 
 
 # ---------------------------------------------------------------------------- errors
