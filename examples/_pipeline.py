@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+import _cli
 from _cli import UsageError
 
 # ---------------------------------------------------------------------- the embedded default
@@ -422,6 +423,20 @@ def fit(model, cfg, train_ds, eval_ds, collate) -> dict:
     if summary.get("resumed_from"):
         log(f"resumed from {summary['resumed_from']}")
     return summary
+
+
+def train_and_report(model, args, out: Path, identity: dict, train_ds, eval_ds, collate, eval_batches,
+                     loss_name: str) -> tuple[dict, dict]:
+    """Record the run in `out`, train, and print the loss curve (`loss_name`, per optimizer
+    step) and table; returns (fit summary, held-out perplexity after training)."""
+    _cli.write_run_file(out, identity)
+    summary = fit(model, train_config(args, out), train_ds, eval_ds, collate)
+    after = perplexity(model, eval_batches)
+    rows = read_metrics(out / "metrics.jsonl")
+    log(f"\nloss curve ({loss_name} per optimizer step):")
+    log(loss_curve(rows))
+    log(loss_table(rows, every=max(1, len(rows) // 10)))
+    return summary, after
 
 
 def short_summary(summary: dict) -> str:

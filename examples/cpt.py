@@ -127,16 +127,8 @@ def main(argv=None) -> int:
     P.log()
 
     # ---- train
-    _cli.write_run_file(out, identity)
-    cfg = P.train_config(args, out)
-    summary = P.fit(model, cfg, train_ds, eval_ds, collate)
-
-    # ---- after
-    after = P.perplexity(model, eval_batches)
-    rows = P.read_metrics(out / "metrics.jsonl")
-    P.log("\nloss curve (training loss per optimizer step):")
-    P.log(P.loss_curve(rows))
-    P.log(P.loss_table(rows, every=max(1, len(rows) // 10)))
+    summary, after = P.train_and_report(model, args, out, identity, train_ds, eval_ds, collate, eval_batches,
+                                        loss_name="training loss")
     P.log(f"\nheld-out perplexity: before {before['ppl']:.2f} -> after {after['ppl']:.2f} "
           f"(loss {before['loss']:.4f} -> {after['loss']:.4f}, {after['tokens']:,} tokens)")
     P.log(f"sample after:  {args.sample_prompt!r} ->")

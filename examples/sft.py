@@ -119,15 +119,8 @@ def main(argv=None) -> int:
     answers_before = [P.generate_text(model, tok, P.chat_ids(tok, q), max_new_tokens=args.sample_tokens,
                                       stream=False) for q in questions]
 
-    _cli.write_run_file(out, identity)
-    cfg = P.train_config(args, out)
-    summary = P.fit(model, cfg, train_ds, eval_ds, collate)
-
-    after = P.perplexity(model, eval_batches)
-    rows = P.read_metrics(out / "metrics.jsonl")
-    P.log("\nloss curve (training loss on assistant tokens per optimizer step):")
-    P.log(P.loss_curve(rows))
-    P.log(P.loss_table(rows, every=max(1, len(rows) // 10)))
+    summary, after = P.train_and_report(model, args, out, identity, train_ds, eval_ds, collate, eval_batches,
+                                        loss_name="training loss on assistant tokens")
     P.log(f"\nheld-out answer loss: before {before['loss']:.4f} -> after {after['loss']:.4f} "
           f"(perplexity {before['ppl']:.2f} -> {after['ppl']:.2f})")
     for q, a0 in zip(questions, answers_before):
