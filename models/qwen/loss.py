@@ -19,8 +19,51 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 32 * 1024 * 1024
 
 
+# Rows of fp32 softmax done at a time on CPU: 8 x 151936 x 4 B = 4.9 MB stays in cache, so
+# the upcast, softmax and downcast passes run at cache speed instead of DRAM speed (28 -> 16 ms
+# per 220 rows on a 2-core EPYC, bit-identical). On CUDA the whole chunk goes at once.
+CPU_SOFTMAX_ROWS = 8
+
+
+def _nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, scratch: torch.Tensor, want_grad: bool):
+    """Per-row -log softmax(logits)[target] in float64 [n]; in place, logits [n, V] become
+    softmax - onehot rounded to their dtype when want_grad (the reference's fp32 math).
+
+    scratch: fp32 [k, V] with k rows processed per step (k >= 1).
+    """
+    n, k = logits.shape[0], scratch.shape[0]
+    nll = torch.empty(n, dtype=torch.float64, device=logits.device)
+    for s in range(0, n, k):
+        x, t = logits[s : s + k], targets[s : s + k]
+        m = x.shape[0]
+        rows = torch.arange(m, device=t.device)
+        p = scratch[:m]
+        p.copy_(x)  # the reference's .float()
+        torch.ops.aten._softmax.out(p, -1, False, out=p)
+        p_t = p[rows, t]
+        out = nll[s : s + m]
+        torch.log(p_t.double(), out=out).neg_()
+        # Where p underflows (a target ~87 nats below the best logit) -log p would be inf:
+        # those rows take the exact lse - logit from the logits, still untouched in x.
+        tiny = p_t < torch.finfo(torch.float32).tiny
+        if tiny.any():
+            xt = x[tiny].float()
+            out[tiny] = (torch.logsumexp(xt, -1) - xt.gather(1, t[tiny][:, None]).squeeze(1)).double()
+        if want_grad:
+            p[rows, t] = p_t - 1.0
+            x.copy_(p)
+    return nll
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i); hidden [N, H], weight [V, H], target [N]."""
+    """sum_i CE(hidden_i @ weight.T, target_i); hidden [N, H], weight [V, H], target [N].
+
+    The function is the reference's: logits in the head's dtype (bf16), upcast to fp32, softmax
+    and loss in fp32, and the gradient of the logits rounded back to the head's dtype. Every
+    chunk reuses one preallocated logits buffer [chunk, V] and one fp32 scratch. Why: on CPU a
+    fresh tensor of this size is a fresh mmap, and its first-touch page faults cost more than
+    the softmax itself (benchmarks/RESULTS.md has the before/after).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, matmul_dtype):
@@ -29,33 +72,40 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         w_mm = weight.to(matmul_dtype) if matmul_dtype is not None else weight
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        N, V = hidden.shape[0], weight.shape[0]
+        chunk = min(chunk, max(N, 1))
+        device = hidden.device
+        logits_buf = torch.empty(chunk, V, dtype=hidden.dtype, device=device)
+        block = chunk if device.type != "cpu" or matmul_dtype is not None else min(chunk, CPU_SOFTMAX_ROWS)
+        scratch = torch.empty(block, V, dtype=torch.float32, device=device)
+        loss = torch.zeros((), dtype=torch.float64, device=device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
+        for start in range(0, N, chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
+            n = h.shape[0]
+            logits = logits_buf[:n]
             if matmul_dtype is not None:
-                logits = (h.to(matmul_dtype) @ w_mm.t()).to(hidden.dtype).float()
+                torch.mm(h.to(matmul_dtype), w_mm.t(), out=scratch[:n])
+                logits.copy_(scratch[:n])  # round to the head's dtype, as a bf16 GEMM does
             else:
-                logits = (h @ weight.t()).float()  # [n, V] in fp32, like the reference's .float()
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                torch.mm(h, weight.t(), out=logits)
+            loss += _nll_and_logit_grad_(logits, t, scratch, need_h or need_w).sum()
             if need_h or need_w:
-                # d(sum CE)/d(logits) = softmax - onehot, computed in place on the chunk.
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                g = probs.to(hidden.dtype)
+                g = logits  # softmax - onehot now, in the logits dtype
                 if need_h:
-                    gh = g.to(matmul_dtype) @ w_mm if matmul_dtype is not None else g @ weight
-                    grad_h[start : start + chunk] = gh
+                    if matmul_dtype is not None:
+                        grad_h[start : start + n] = g.to(matmul_dtype) @ w_mm
+                    else:
+                        torch.mm(g, weight, out=grad_h[start : start + n])
                 if need_w:
                     grad_w += g.t().float() @ h.float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (need_h, need_w)
         ctx.w_dtype = weight.dtype
         ctx.h_dtype = hidden.dtype
-        return loss
+        return loss.float()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

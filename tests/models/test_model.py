@@ -103,6 +103,28 @@ def test_chunked_cross_entropy_matches_full_softmax():
     assert max_rel_err(weight.grad, w2.grad) <= 1e-5
 
 
+def test_chunked_cross_entropy_when_the_target_probability_underflows():
+    # Targets 200 nats below the best logit: softmax gives p = 0 in fp32, so -log p would be
+    # inf; the loss must still be the exact lse - logit and the gradient stay finite.
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 9, 8)
+    weight = torch.randn(31, 8)
+    labels = torch.randint(1, 31, (1, 9))
+    weight[0] = 0.0
+    weight[0, 0] = 1.0
+    hidden[0, :, 0] = 300.0  # token 0 scores ~300 everywhere, the rest ~0
+    labels[0, 1:5] = 0  # half the targets are the dominant token, half are ~300 nats below
+    hidden.requires_grad_()
+    loss_sum, _ = linear_cross_entropy(hidden, weight, labels, chunk_elements=31 * 4)
+    h2 = hidden.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2[:, :-1] @ weight.t()).reshape(-1, 31), labels[:, 1:].reshape(-1), reduction="sum")
+    assert torch.isfinite(loss_sum) and ref > 1000
+    assert torch.allclose(loss_sum, ref, rtol=1e-6)
+    loss_sum.backward()
+    ref.backward()
+    assert max_rel_err(hidden.grad, h2.grad) <= 1e-5
+
+
 def test_label_outside_vocabulary_is_an_error(pair):
     _, ours = pair
     ids = random_ids(1, 5)
