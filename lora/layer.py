@@ -182,9 +182,15 @@ class LoRALinear(FlattenedBase):
         if not self.adapters_enabled:
             return out
         A = self.lora_A.weight
+        if not self.use_dora and not torch.is_autocast_enabled(x.device.type):
+            # Dropout after the cast to the adapter dtype, as PEFT does (a bf16 dropout would
+            # round x / (1 - p) to bf16).
+            dropped = not isinstance(self.lora_dropout, nn.Identity)
+            x_d = self.lora_dropout(x.to(A.dtype)) if dropped else x
+            return _LoRAUpdate.apply(out, x_d, A, self.lora_B.weight, self.scale)
         x_d = self.lora_dropout(x)
-        # Outside autocast the input is cast to the adapter dtype (e.g. bf16 activations with
-        # fp32 adapters); under autocast F.linear picks the autocast dtype itself.
+        # Under autocast F.linear picks the autocast dtype itself; outside it the input is cast
+        # to the adapter dtype (e.g. bf16 activations with fp32 adapters).
         x_a = x_d if torch.is_autocast_enabled(x.device.type) else x_d.to(A.dtype)
         lora = self.lora_B(self.lora_A(x_a))  # (x·Aᵀ)·Bᵀ: never B·A
         if not self.use_dora:
@@ -211,3 +217,41 @@ class LoRALinear(FlattenedBase):
         kind = "DoRA" if self.use_dora else "LoRA"
         rs = ", rslora" if self.rslora else ""
         return f"{kind} r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{rs}"
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    """y = round(base_out + scale · (x·Aᵀ)·Bᵀ), the adapter math in A's dtype (fp32).
+
+    base_out [..., out] (the frozen layer's output, e.g. bf16), x [..., in] (its input after
+    dropout), A [r, in], B [out, r] -> y [..., out] in base_out's dtype. This is PEFT's
+    function (it adds the fp32 update to the upcast base output, then rounds once), computed
+    with one addmm and without the intermediates autograd would keep: backward saves only x
+    (the tensor the base layer saves anyway) and x·Aᵀ [N, r], where the autograd version
+    keeps an fp32 copy of x and allocates three [N, out] temporaries per call.
+    """
+
+    @staticmethod
+    def forward(ctx, base_out, x, A, B, scale: float):
+        n_in, n_out = A.shape[1], B.shape[0]
+        x32 = x.reshape(-1, n_in).to(A.dtype)
+        xa = x32 @ A.t()  # [N, r]
+        y = torch.addmm(base_out.reshape(-1, n_out).to(A.dtype), xa, B.t(), alpha=scale)
+        ctx.save_for_backward(x, xa, A, B)
+        ctx.scale = scale
+        return y.to(base_out.dtype).view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, A, B = ctx.saved_tensors
+        need_base, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        g = grad_y.reshape(-1, B.shape[0]).to(A.dtype)  # [N, out]
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = (g.t() @ xa).mul_(ctx.scale)  # [out, r]
+        if need_x or need_A:
+            g_xa = (g @ B).mul_(ctx.scale)  # [N, r]
+            if need_A:
+                grad_A = g_xa.t() @ x.reshape(-1, A.shape[1]).to(A.dtype)  # [r, in]
+            if need_x:
+                grad_x = (g_xa @ A).to(x.dtype).view(x.shape)
+        return (grad_y if need_base else None), grad_x, grad_A, grad_B, None

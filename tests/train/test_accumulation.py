@@ -60,12 +60,24 @@ def hf_reference_grads(ref, exs):
     return {n: named[n].grad.detach().clone() for n in named}, float(out.loss.detach())
 
 
+def hf_fp32_rounding(ref, exs, ref_grads):
+    """Per parameter, how far transformers' own fp32 gradients are from the float64 ones: the
+    rounding floor of this computation in fp32 (1.2e-6 on a k_proj bias, whose gradient is a
+    near-cancelling sum over positions)."""
+    ref = copy.deepcopy(ref).float()
+    batch = pad_collate(exs, pad_id=0)
+    ref(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+    named = dict(ref.named_parameters())
+    return {n: max_rel_err(named[n].grad, g) for n, g in ref_grads.items()}
+
+
 @pytest.mark.parametrize("split", [(1, 8), (8, 1), (2, 4)], ids=["8x1", "1x8", "4x2"])
 def test_accumulated_gradients_equal_one_big_batch(pair, tmp_path, split):
     path, ref = pair
     batch_size, accum = split
     exs = examples()
     ref_grads, ref_loss = hf_reference_grads(ref, exs)
+    floor = hf_fp32_rounding(ref, exs, ref_grads)
     model = load(path, dtype=torch.float32)
     trainer = trainer_for(model, tmp_path, batch_size=batch_size, grad_accum=accum)
     micro = [pad_collate(exs[i : i + batch_size], pad_id=0) for i in range(0, 8, batch_size)]
@@ -76,7 +88,8 @@ def test_accumulated_gradients_equal_one_big_batch(pair, tmp_path, split):
     for name, g in ref_grads.items():
         if name == "lm_head.weight" and name not in ours:    # tied in the reference config?
             continue
-        assert max_rel_err(ours[name], g) <= 1e-6, name
+        # 1e-6, or transformers' own fp32 error where that is larger (its rounding floor).
+        assert max_rel_err(ours[name], g) <= max(1e-6, 1.5 * floor[name]), name
 
 
 def test_mean_of_micro_batch_means_would_differ(pair):
@@ -146,6 +159,7 @@ def test_checkpointing_changes_no_full_gradient_and_cuts_activation_memory(pair,
     path, ref = pair
     exs = examples()
     ref_grads, _ = hf_reference_grads(ref, exs)
+    floor = hf_fp32_rounding(ref, exs, ref_grads)
     batch = pad_collate(exs, pad_id=0)
     saved = {}
     for on in (False, True):
@@ -155,7 +169,7 @@ def test_checkpointing_changes_no_full_gradient_and_cuts_activation_memory(pair,
         loss, n = model(batch["input_ids"], labels=batch["labels"], reduction="sum")
         (loss / n).backward()
         for name, g in ref_grads.items():
-            assert max_rel_err(dict(model.named_parameters())[name].grad, g) <= 1e-6, (on, name)
+            assert max_rel_err(dict(model.named_parameters())[name].grad, g) <= max(1e-6, 1.5 * floor[name]), (on, name)
         long_batch = pad_collate(examples(4, seed=1) * 2, pad_id=0)
         saved[on] = activation_bytes(model, long_batch)
     with capsys.disabled():
