@@ -139,6 +139,8 @@ def run_hf(args, path: Path):
 
 
 def worker(args) -> None:
+    if args.lib:  # another checkout of this library (benchmarks/ablation.py: before/after a commit)
+        sys.path.insert(0, args.lib)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     path = Path(args.path)
@@ -184,6 +186,7 @@ def main() -> None:
     p.add_argument("--cache", default=os.environ.get("QWEN_TUNE_CACHE", str(Path.home() / ".cache" / "qwen-tune")))
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--lib", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)

@@ -100,7 +100,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     else:
                         torch.mm(g, weight, out=grad_h[start : start + n])
                 if need_w:
-                    grad_w += g.t().float() @ h.float()
+                    grad_w.addmm_(g.t().float(), h.float())  # in place: no [V, H] temporary
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (need_h, need_w)
         ctx.w_dtype = weight.dtype
