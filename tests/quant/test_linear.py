@@ -76,6 +76,24 @@ def test_reused_buffer_gives_same_values():
     assert torch.equal(a(x), b(x))
 
 
+def test_layers_of_one_shape_share_scratch_without_mixing_weights():
+    # Two NF4 layers of the same shape (like q_proj and o_proj) chained: their matmuls share one
+    # dequantisation scratch; each output and input gradient must still use its own weight.
+    l1, l2 = _linear(seed=1, inp=128, out=128), _linear(seed=2, inp=128, out=128)
+    a, b = (NF4Linear.from_linear(m, compute_dtype=torch.float32) for m in (l1, l2))
+    assert a.dequantize_transient().data_ptr() == b.dequantize_transient().data_ptr()
+    w1, w2 = _bnb_weight(l1, torch.float32), _bnb_weight(l2, torch.float32)
+    x = torch.randn(5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = b(a(x))
+    y_ref = F.linear(F.linear(x_ref, w1, l1.bias.detach()), w2, l2.bias.detach())
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_keys_round_trip_and_bnb_readable():
     lin = _linear()
     layer = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
