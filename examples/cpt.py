@@ -26,7 +26,6 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import _cli  # noqa: E402
 import _pipeline as P  # noqa: E402
-from _cli import UsageError  # noqa: E402
 
 
 def build_parser() -> _cli.Parser:
@@ -38,6 +37,8 @@ def build_parser() -> _cli.Parser:
     p.add_argument("--sample-prompt", default="The json module",
                    help="prompt of the completion printed before and after training")
     p.add_argument("--sample-tokens", type=_cli.positive_int, default=40, help="tokens of that completion")
+    p.add_argument("--sample-temperature", type=_cli.non_negative_float, default=0.8,
+                   help="sampling temperature of that completion (0 = greedy; top-p 0.9, seed 0 either way)")
     return p
 
 
@@ -122,8 +123,11 @@ def main(argv=None) -> int:
     before = P.perplexity(model, eval_batches)
     P.log(f"held-out perplexity before CPT: {before['ppl']:.2f} (loss {before['loss']:.4f} over "
           f"{before['tokens']:,} tokens)")
-    P.log(f"sample before: {args.sample_prompt!r} ->")
-    P.generate_text(model, tok, prompt, max_new_tokens=args.sample_tokens, stop_ids=(151643,))
+    sampling = dict(max_new_tokens=args.sample_tokens, stop_ids=(151643,), temperature=args.sample_temperature,
+                    top_p=0.9, seed=0)
+    how = "greedy" if args.sample_temperature == 0 else f"sampled: temperature {args.sample_temperature:g}, top-p 0.9, seed 0"
+    P.log(f"sample before ({how}): {args.sample_prompt!r} ->")
+    P.generate_text(model, tok, prompt, **sampling)
     P.log()
 
     # ---- train
@@ -131,8 +135,8 @@ def main(argv=None) -> int:
                                         loss_name="training loss")
     P.log(f"\nheld-out perplexity: before {before['ppl']:.2f} -> after {after['ppl']:.2f} "
           f"(loss {before['loss']:.4f} -> {after['loss']:.4f}, {after['tokens']:,} tokens)")
-    P.log(f"sample after:  {args.sample_prompt!r} ->")
-    P.generate_text(model, tok, prompt, max_new_tokens=args.sample_tokens, stop_ids=(151643,))
+    P.log(f"sample after ({how}):  {args.sample_prompt!r} ->")
+    P.generate_text(model, tok, prompt, **sampling)
     P.log()
 
     P.save_adapter(model, out / "adapter", model_dir, tok)
