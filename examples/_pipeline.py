@@ -31,11 +31,11 @@ DEMO_BASE_SHAPE = dict(
 # continued pretraining on the "domain" part starts from a model that already knows some
 # English and Python (from random weights CPT would mean nothing). It runs in two phases:
 # `steps` over a compact vocabulary of the ~14K token ids the corpus uses (data.vocab.subset:
-# the head is ~8x cheaper, so ~4 epochs of the corpus fit in a few minutes), then, grown back
-# to the real 151936 rows (the ids no data uses share one low-logit row), `full_vocab_steps`
-# on the full vocabulary.
+# the head is ~8x cheaper, so ~4 epochs of the corpus fit in a few minutes; the other ids share
+# one row, which keeps the softmax exactly the full vocabulary's), then it is grown back to the
+# real 151936 rows (same function) and trained `full_vocab_steps` more on the full vocabulary.
 DEMO_PRETRAIN = dict(block_size=256, batch_size=8, grad_accum=1, steps=600, lr=3e-3, warmup_steps=30,
-                     full_vocab_steps=10, full_vocab_lr=5e-4, seed=0)
+                     full_vocab_steps=0, full_vocab_lr=5e-4, seed=0)
 # Stage-1 settings of the embedded default (flags given on the command line still win).
 DEMO_CPT = dict(block_size=256, batch_size=4, grad_accum=2, max_steps=40, lr=2e-3, warmup_steps=4,
                 lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20)
@@ -58,7 +58,7 @@ def cache_root() -> Path:
 
 def demo_base_dir() -> Path:
     """Where the pretrained embedded-default base lives: keyed by its shape and recipe."""
-    key = json.dumps([DEMO_BASE_SHAPE, DEMO_PRETRAIN, "pydocs-general-v2-compact-vocab"], sort_keys=True)
+    key = json.dumps([DEMO_BASE_SHAPE, DEMO_PRETRAIN, "pydocs-general-v3-compact-vocab"], sort_keys=True)
     return cache_root() / "models" / f"pydocs-base-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -533,24 +533,21 @@ def _ensure_demo_base(path: Path, tok, corpus, say: Callable[[str], None]) -> Pa
     # them is an untrained row later; the specials of the chat template too.
     extra = [_token_items(corpus.domain, tok), _token_items(corpus.sft_train, tok)]
     ids = vocab.used_ids([train_ds, held_out] + extra, always=sorted(set(CHAT_STOP) | {151644}))
-    small = Qwen(replace(full_cfg, vocab_size=vocab.padded_rows(len(ids))))
+    small = Qwen(replace(full_cfg, vocab_size=vocab.compact_rows(len(ids))))
+    small.logit_offset = vocab.compact_logit_offset(len(ids), full_cfg.vocab_size, small.config.vocab_size)
     say(f"  phase 1: {p['steps']} steps of {p['batch_size']}x{p['block_size']} tokens ({tokens:,}, "
-        f"~{tokens / max(1, len(train_ds) * p['block_size']):.1f} epochs) over a compact vocabulary of the "
-        f"{len(ids):,} token ids the corpus uses")
+        f"~{tokens / max(1, len(train_ds) * p['block_size']):.1f} epochs) over a compact vocabulary: the "
+        f"{len(ids):,} token ids the demo's data uses + one row the other {full_cfg.vocab_size - len(ids):,} share "
+        f"(data.vocab.subset; the same softmax as the full vocabulary)")
     work = path.with_name(path.name + f".work-{os.getpid()}")
     import shutil
 
     try:
         first = _pretrain(small, vocab.RemappedDataset(train_ds, ids), vocab.RemappedDataset(held_out, ids),
                           work / "compact", steps=p["steps"], lr=p["lr"], warmup=p["warmup_steps"], say=say)
-        small.eval()
-        probe = [pad_collate([vocab.RemappedDataset(train_ds, ids)[i] for i in range(k, k + 8)]) for k in (0, 64, 128)]
-        fill = vocab.unused_row(small, probe)
-        model = vocab.expand_vocabulary(small, ids, full_cfg, fill=fill)
-        say(f"  phase 2: grown back to the full {full_cfg.vocab_size:,}-row vocabulary; the "
-            f"{full_cfg.vocab_size - len(ids):,} ids no data uses share one row "
-            + ("pointing away from the model's typical hidden state (data.vocab.unused_row)" if fill is not None
-               else "of zeros") + f"; {p['full_vocab_steps']} full-vocabulary steps")
+        model = vocab.expand_vocabulary(small, ids, full_cfg)
+        say(f"  phase 2: grown back to the full {full_cfg.vocab_size:,}-row vocabulary (every unused id gets the "
+            f"shared row; the held-out loss must not move); {p['full_vocab_steps']} full-vocabulary steps")
         second = _pretrain(model, train_ds, held_out, work / "full", steps=p["full_vocab_steps"],
                            lr=p["full_vocab_lr"], warmup=0, say=say)
         model.config.torch_dtype = "float32"
@@ -585,7 +582,7 @@ def _pretrain(model, train_ds, held_out, out: Path, *, steps: int, lr: float, wa
     from train import TrainConfig, Trainer
 
     p = DEMO_PRETRAIN
-    cfg = TrainConfig(out_dir=str(out), lr=lr, warmup_steps=warmup, max_steps=steps, batch_size=p["batch_size"],
+    cfg = TrainConfig(out_dir=str(out), lr=lr, warmup_steps=warmup, max_steps=max(1, steps), batch_size=p["batch_size"],
                       grad_accum=p["grad_accum"], max_grad_norm=1.0, weight_decay=0.0, betas=(0.9, 0.95),
                       dtype="fp32", grad_checkpointing=False, save_every=None, keep_last=1, seed=p["seed"],
                       mode="full", progress=sys.stderr.isatty(), parallel="none", eval_every=None)

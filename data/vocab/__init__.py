@@ -27,7 +27,7 @@ from .mine import (
     sentencepiece_pieces,
 )
 from .rows import ROW_MULTIPLE, VocabExtension, add_tokens, extend_model, rows_for
-from .subset import RemappedDataset, compact_table, expand_vocabulary, padded_rows, unused_row, used_ids
+from .subset import RemappedDataset, compact_logit_offset, compact_rows, compact_table, expand_vocabulary, used_ids
 from .trainable import (
     NEW_ROWS_FILE,
     NewRowsEmbedding,
@@ -45,7 +45,7 @@ __all__ = [
     "MinedToken", "MiningReport", "mine_tokens", "measure_tokens", "count_tokens", "embedded_corpus",
     "sentencepiece_pieces",
     "ROW_MULTIPLE", "VocabExtension", "add_tokens", "extend_model", "rows_for",
-    "used_ids", "padded_rows", "compact_table", "RemappedDataset", "expand_vocabulary", "unused_row",
+    "used_ids", "compact_rows", "compact_logit_offset", "compact_table", "RemappedDataset", "expand_vocabulary",
     "NEW_ROWS_FILE", "NewRowsEmbedding", "NewRowsHead", "train_new_rows", "merge_new_rows", "merge",
     "new_row_modules", "new_rows_state_dict", "save_new_rows", "load_new_rows",
 ]

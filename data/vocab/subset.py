@@ -1,26 +1,26 @@
 """Pretrain on the token ids a corpus actually uses, then grow back to the full vocabulary.
 
 Qwen's vocabulary has 151936 rows; a small corpus uses a few percent of them (the Python
-documentation: ~16K ids). For a small model the [vocab, hidden] head is almost all of the
+documentation: ~17K ids). For a small model the [vocab, hidden] head is almost all of the
 training cost, so pretraining it from scratch over ids that never occur wastes ~90% of the
-compute. Here the model is trained with a compact vocabulary, then its rows are scattered
-back to their real ids:
+compute. Here the model trains with a compact vocabulary: one row per used id, plus one row
+that all the other ids share, whose logit counts log(number of other ids) extra. That is
+exactly the full-vocabulary softmax of a model whose unused rows are all equal, so growing
+back (scattering the rows to their real ids, the shared row to every other id) changes no
+loss and no probability:
 
     ids = used_ids([train_blocks, held_out], always=[151643, 151644, 151645])
-    small = Qwen(replace(config, vocab_size=padded_rows(len(ids))))
+    small = Qwen(replace(config, vocab_size=compact_rows(len(ids))))
+    small.logit_offset = compact_logit_offset(len(ids), config.vocab_size, small.config.vocab_size)
     fit(small, RemappedDataset(train_blocks, ids))            # any trainer
-    model = expand_vocabulary(small, ids, config)             # full-vocabulary Qwen
-
-Rows of ids the corpus never used get one shared row (`unused_row`: pointing away from the
-model's typical final hidden state, so their logits are low), or zero (logit 0 for every
-input: the expanded model then leaks probability to them until full-vocabulary training
-pushes them down). Either way the held-out loss before and after growing tells the cost.
+    model = expand_vocabulary(small, ids, config)             # full-vocabulary Qwen, same function
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -40,9 +40,20 @@ def used_ids(datasets: Iterable[Sequence], always: Iterable[int] = ()) -> torch.
     return torch.unique(torch.cat([seen] + parts))
 
 
-def padded_rows(n_ids: int, multiple: int = ROW_MULTIPLE) -> int:
-    """Rows of the compact embedding: n_ids rounded up to a multiple (matmul-friendly)."""
-    return -(-n_ids // multiple) * multiple
+def compact_rows(n_ids: int, multiple: int = ROW_MULTIPLE) -> int:
+    """Rows of the compact embedding: n_ids + the shared row, rounded up to a multiple."""
+    return -(-(n_ids + 1) // multiple) * multiple
+
+
+def compact_logit_offset(n_ids: int, vocab_size: int, rows: int) -> torch.Tensor:
+    """fp32 [rows] for `Qwen.logit_offset`: 0 on the n_ids used rows, log(vocab_size - n_ids) on
+    the shared row (row n_ids), -inf on the padding rows after it (they are no id)."""
+    if vocab_size <= n_ids or rows <= n_ids:
+        raise ValueError(f"{n_ids} ids need a vocabulary above {n_ids} and at least {n_ids + 1} rows")
+    offset = torch.full((rows,), float("-inf"))
+    offset[:n_ids] = 0.0
+    offset[n_ids] = math.log(vocab_size - n_ids)
+    return offset
 
 
 def compact_table(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -83,35 +94,14 @@ class RemappedDataset:
 
 
 @torch.no_grad()
-def unused_row(small: torch.nn.Module, batches: Iterable[dict], target_logit: float = -12.0,
-               quantile: float = 0.01) -> Optional[torch.Tensor]:
-    """A row [hidden] for the ids `small` never saw, or None when no good one exists.
-
-    u = -c · m̂ with m̂ the mean direction of small's final hidden states over `batches`
-    (compact-vocabulary ids), and c chosen so that h·u <= target_logit for all but `quantile`
-    of those positions: the ~138K unused ids then take a few percent of the probability mass
-    instead of most of it (a zero row gives them logit 0). None when the hidden states do
-    not share a direction (the quantile of h·m̂ is not positive)."""
-    hidden = torch.cat([small.hidden_states(b["input_ids"]).reshape(-1, small.config.hidden_size).float()
-                        for b in batches])
-    direction = hidden.mean(0)
-    direction = direction / direction.norm().clamp_min(1e-12)
-    low = torch.quantile(hidden @ direction, quantile)
-    if low <= 0:
-        return None
-    return direction * (target_logit / low)
-
-
-@torch.no_grad()
-def expand_vocabulary(small: torch.nn.Module, ids: torch.Tensor, config,
-                      fill: Optional[torch.Tensor] = None) -> torch.nn.Module:
-    """A Qwen of `config` (the full vocabulary) with `small`'s weights; small's row k becomes
-    row ids[k] of the embedding (and of an untied head); every other row is `fill` [hidden]
-    (default zero; see `unused_row`)."""
+def expand_vocabulary(small: torch.nn.Module, ids: torch.Tensor, config) -> torch.nn.Module:
+    """A Qwen of `config` (the full vocabulary) computing `small`'s function: small's row k
+    becomes row ids[k] of the embedding (and of an untied head), its shared row (row len(ids))
+    every other row."""
     from models.qwen import Qwen
 
-    if small.config.vocab_size < len(ids):
-        raise ValueError(f"the small model has {small.config.vocab_size} rows for {len(ids)} ids")
+    if small.config.vocab_size < len(ids) + 1:
+        raise ValueError(f"the small model has {small.config.vocab_size} rows for {len(ids)} ids + the shared row")
     if int(ids.max()) >= config.vocab_size:
         raise ValueError(f"id {int(ids.max())} does not fit a vocabulary of {config.vocab_size}")
     if replace(small.config, vocab_size=config.vocab_size) != config:
@@ -120,9 +110,7 @@ def expand_vocabulary(small: torch.nn.Module, ids: torch.Tensor, config,
     state = small.state_dict()
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         if key in state and not (key == "lm_head.weight" and big.is_tied):
-            rows = torch.zeros(config.vocab_size, state[key].shape[1], dtype=state[key].dtype)
-            if fill is not None:
-                rows[:] = fill.to(rows.dtype)
+            rows = state[key][len(ids)].expand(config.vocab_size, -1).clone()  # the shared row everywhere
             rows[ids] = state[key][: len(ids)]
             state[key] = rows
     if big.is_tied:

@@ -9,6 +9,8 @@ the forward pass, so peak memory is one chunk of logits.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .linear import upcast_matmul_dtype
@@ -25,11 +27,12 @@ CHUNK_ELEMENTS = 32 * 1024 * 1024
 CPU_SOFTMAX_ROWS = 8
 
 
-def _nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, scratch: torch.Tensor, want_grad: bool):
-    """Per-row -log softmax(logits)[target] in float64 [n]; in place, logits [n, V] become
-    softmax - onehot rounded to their dtype when want_grad (the reference's fp32 math).
+def _nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, scratch: torch.Tensor, want_grad: bool,
+                         offset: Optional[torch.Tensor] = None):
+    """Per-row -log softmax(logits + offset)[target] in float64 [n]; in place, logits [n, V]
+    become softmax - onehot rounded to their dtype when want_grad (the reference's fp32 math).
 
-    scratch: fp32 [k, V] with k rows processed per step (k >= 1).
+    scratch: fp32 [k, V] with k rows processed per step (k >= 1); offset: fp32 [V] or None.
     """
     n, k = logits.shape[0], scratch.shape[0]
     nll = torch.empty(n, dtype=torch.float64, device=logits.device)
@@ -39,6 +42,8 @@ def _nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, scratch: t
         rows = torch.arange(m, device=t.device)
         p = scratch[:m]
         p.copy_(x)  # the reference's .float()
+        if offset is not None:
+            p.add_(offset)
         torch.ops.aten._softmax.out(p, -1, False, out=p)
         p_t = p[rows, t]
         out = nll[s : s + m]
@@ -47,7 +52,7 @@ def _nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, scratch: t
         # those rows take the exact lse - logit from the logits, still untouched in x.
         tiny = p_t < torch.finfo(torch.float32).tiny
         if tiny.any():
-            xt = x[tiny].float()
+            xt = x[tiny].float() + (offset if offset is not None else 0.0)
             out[tiny] = (torch.logsumexp(xt, -1) - xt.gather(1, t[tiny][:, None]).squeeze(1)).double()
         if want_grad:
             p[rows, t] = p_t - 1.0
@@ -66,7 +71,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, matmul_dtype):
+    def forward(ctx, hidden, weight, targets, chunk: int, matmul_dtype, offset=None):
         # matmul_dtype=float32: bf16 operands multiplied by fp32 kernels, products rounded to
         # bf16 (same function as a bf16 GEMM; see linear.py). None: operands' own dtype.
         w_mm = weight.to(matmul_dtype) if matmul_dtype is not None else weight
@@ -91,7 +96,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 logits.copy_(scratch[:n])  # round to the head's dtype, as a bf16 GEMM does
             else:
                 torch.mm(h, weight.t(), out=logits)
-            loss += _nll_and_logit_grad_(logits, t, scratch, need_h or need_w).sum()
+            loss += _nll_and_logit_grad_(logits, t, scratch, need_h or need_w, offset).sum()
             if need_h or need_w:
                 g = logits  # softmax - onehot now, in the logits dtype
                 if need_h:
@@ -113,7 +118,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         need_h, need_w = ctx.has
         grad_h = saved.pop(0) * grad_out.to(ctx.h_dtype) if need_h else None
         grad_w = (saved.pop(0) * grad_out.float()).to(ctx.w_dtype) if need_w else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -122,11 +127,14 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
+    logit_offset: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss and the number of supervised tokens.
 
     hidden [B, T, H] (final-norm output), weight [V, H] (the output head), labels [B, T]
     aligned with the inputs (shifted here: position t predicts labels[t + 1]); -100 = ignore.
+    logit_offset [V] (optional): a constant added to each row's logit; log(m) makes a row
+    stand for m ids that share it, -inf removes a row (data.vocab.subset uses both).
     Returns (loss_sum fp32 scalar, n_tokens int64 scalar).
     """
     targets = labels[:, 1:].reshape(-1)
@@ -138,5 +146,7 @@ def linear_cross_entropy(
         bad = targets[(targets < 0) | (targets >= weight.shape[0])][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {weight.shape[0]}) (and is not -100)")
     chunk = max(1, chunk_elements // weight.shape[0])
-    loss_sum = _LinearCrossEntropySum.apply(h, weight, targets, chunk, upcast_matmul_dtype(h, weight))
+    if logit_offset is not None:
+        logit_offset = logit_offset.to(device=h.device, dtype=torch.float32)
+    loss_sum = _LinearCrossEntropySum.apply(h, weight, targets, chunk, upcast_matmul_dtype(h, weight), logit_offset)
     return loss_sum, n_tokens

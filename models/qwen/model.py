@@ -80,6 +80,10 @@ class Qwen(nn.Module):
         self.model = QwenBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # Optional constant per head row added to the logits of the training loss ([vocab],
+        # fp32): log(m) for a row shared by m ids, -inf for a row that is no id. Only the
+        # compact-vocabulary pretraining of data.vocab.subset sets it; never saved.
+        self.logit_offset: Optional[torch.Tensor] = None
         if config.tie_word_embeddings:
             self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
@@ -141,7 +145,8 @@ class Qwen(nn.Module):
             cache=cache,
         )
         if labels is None:
-            return self.lm_head(hidden)
+            logits = self.lm_head(hidden)
+            return logits if self.logit_offset is None else logits + self.logit_offset.to(logits.dtype)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         loss_sum, n_tokens = self.loss_from_hidden(hidden, labels)
@@ -205,7 +210,9 @@ class Qwen(nn.Module):
             else:
                 hidden = hidden.to(weight.dtype)
             with torch.autocast(device_type, enabled=False):
-                return linear_cross_entropy(hidden, weight, labels)
+                return linear_cross_entropy(hidden, weight, labels, logit_offset=self.logit_offset)
+        if self.logit_offset is not None:
+            raise NotImplementedError("logit_offset needs a plain bias-free head (not a wrapped or biased one)")
         # A wrapped head (e.g. trainable copy, adapter): run it per chunk through autograd.
         targets = labels[:, 1:].reshape(-1)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])

@@ -3,10 +3,12 @@ the same logits on the used ids (against the small model) and zero rows elsewher
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data import vocab
 from models.qwen import Qwen, QwenConfig
@@ -47,46 +49,43 @@ def test_used_ids_and_remapping():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_expanded_model_gives_the_small_models_logits_on_used_ids(tied):
+def test_grown_model_is_the_compact_models_function(tied):
+    # The compact model trains with the shared row counted log(#unused) times; the grown model
+    # has that row at every unused id. Same logits on used ids, and the same loss: the
+    # full-vocabulary softmax (computed by the plain F.cross_entropy here) equals the compact one.
     items, _ = blocks()
     ids = vocab.used_ids([items], always=[5])
     torch.manual_seed(0)
-    small = Qwen(replace(config(tied), vocab_size=vocab.padded_rows(len(ids)))).eval()
+    small = Qwen(replace(config(tied), vocab_size=vocab.compact_rows(len(ids)))).eval()
+    small.logit_offset = vocab.compact_logit_offset(len(ids), FULL, small.config.vocab_size)
     big = vocab.expand_vocabulary(small, ids, config(tied)).eval()
-    assert big.config.vocab_size == FULL and big.is_tied == tied
-    real = items[0]["input_ids"][None]
-    compact = vocab.RemappedDataset(items, ids)[0]["input_ids"][None]
+    assert big.config.vocab_size == FULL and big.is_tied == tied and big.logit_offset is None
+    real = torch.stack([items[i]["input_ids"] for i in range(4)])
+    labels = torch.stack([items[i]["labels"] for i in range(4)])
+    compact = vocab.RemappedDataset(items, ids)
+    c_ids = torch.stack([compact[i]["input_ids"] for i in range(4)])
+    c_labels = torch.stack([compact[i]["labels"] for i in range(4)])
     with torch.no_grad():
-        got, ref = big(real), small(compact)
-    assert max_rel_err(got[..., ids], ref[..., : len(ids)]) <= 1e-6
+        logits = big(real)
+        ref = small.hidden_states(c_ids) @ small.lm_head.weight.t()
+        compact_loss = small(c_ids, labels=c_labels)
+    assert max_rel_err(logits[..., ids], ref[..., : len(ids)]) <= 1e-6
     unused = torch.ones(FULL, dtype=torch.bool)
     unused[ids] = False
-    assert (got[..., unused] == 0).all()  # zero rows: logit 0 until trained down
+    assert torch.allclose(logits[..., unused], ref[..., len(ids) : len(ids) + 1].expand_as(logits[..., unused]))
+    full_loss = F.cross_entropy(logits[:, :-1].reshape(-1, FULL), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(float(full_loss) - float(compact_loss)) <= 1e-5 * float(full_loss)
+    # Control: without the log(#unused) offset the compact loss is a different (lower) number.
+    small.logit_offset[len(ids)] = 0.0
+    with torch.no_grad():
+        assert float(small(c_ids, labels=c_labels)) < float(full_loss) - 1e-3
     with pytest.raises(ValueError, match="more than vocab_size"):
         vocab.expand_vocabulary(small, ids, replace(config(tied), hidden_size=64))
 
 
-def test_unused_row_keeps_the_unused_ids_improbable():
-    # A small model whose final hidden states share a direction (RMSNorm weight with a large
-    # constant component): the shared row must give the unused ids logits <= -12 at nearly
-    # every position, where zero rows give them 0.
-    items, _ = blocks()
-    ids = vocab.used_ids([items])
-    torch.manual_seed(0)
-    small = Qwen(replace(config(True), vocab_size=vocab.padded_rows(len(ids)))).eval()
-    with torch.no_grad():
-        small.model.norm.weight.add_(3.0)
-    compact = vocab.RemappedDataset(items, ids)
-    batches = [{"input_ids": torch.stack([compact[i]["input_ids"] for i in range(4)])}]
-    fill = vocab.unused_row(small, batches)
-    assert fill is not None
-    big = vocab.expand_vocabulary(small, ids, config(True), fill=fill).eval()
-    unused = torch.ones(FULL, dtype=torch.bool)
-    unused[ids] = False
-    with torch.no_grad():
-        logits = big(torch.stack([items[i]["input_ids"] for i in range(4)]))
-    low = logits[..., unused].amax(-1)  # the shared row: one value per position
-    assert (low <= -12.0 + 1e-4).float().mean() >= 0.95
-    with torch.no_grad():  # the used ids are unchanged by the fill
-        ref = small(batches[0]["input_ids"])
-    assert max_rel_err(logits[..., ids], ref[..., : len(ids)]) <= 1e-6
+def test_logit_offset_rows():
+    off = vocab.compact_logit_offset(3, 100, 64)
+    assert off[:3].tolist() == [0.0, 0.0, 0.0]
+    assert abs(float(off[3]) - math.log(97)) < 1e-6 and torch.isinf(off[4:]).all() and (off[4:] < 0).all()
+    with pytest.raises(ValueError):
+        vocab.compact_logit_offset(3, 100, 3)

@@ -46,24 +46,17 @@ def test_demo_base_is_pretrained_once_grown_to_the_full_vocabulary_and_cached(tm
     monkeypatch.setattr(P, "DEMO_BASE_SHAPE", dict(P.DEMO_BASE_SHAPE, hidden_size=32, intermediate_size=64,
                                                    num_hidden_layers=1))
     monkeypatch.setattr(P, "DEMO_PRETRAIN", dict(P.DEMO_PRETRAIN, block_size=32, batch_size=4, steps=40,
-                                                 warmup_steps=1, full_vocab_steps=1))
+                                                 warmup_steps=1, full_vocab_steps=0))
     tok = Tokenizer.default()
     lines = []
     path = P._ensure_demo_base(tmp_path / "base", tok, corpus(tmp_path), lines.append)
     info = json.loads((path / "pretrain.json").read_text(encoding="utf-8"))
     # Phase 1 learned (tiny repetitive corpus: the loss falls a lot), and growing back to the
-    # full vocabulary cost little thanks to the shared low-logit row of the unused ids.
+    # full vocabulary changed nothing: the compact softmax was the full one.
     assert info["eval_loss_compact_vocab"] < info["eval_loss_at_init"] - 1.0
-    assert info["eval_loss_after_growing_back"] < info["eval_loss_compact_vocab"] + 0.5
+    assert abs(info["eval_loss_after_growing_back"] - info["eval_loss_compact_vocab"]) < 1e-4
     model = load(path, dtype=torch.float32)
     assert model.config.vocab_size == 151936 and model.is_tied
-    used = set(tok.encode(TEXT)) | {151643, 151644, 151645} | set(tok.encode("An event loop runs asynchronous tasks."))
-    ids = torch.tensor(tok.encode(TEXT)[:16])[None]
-    with torch.no_grad():
-        probs = model(ids).softmax(-1)
-    unused = torch.ones(151936, dtype=torch.bool)
-    unused[sorted(used)] = False
-    assert probs[..., unused].sum(-1).max() < 0.2  # most of the mass stays on ids the data uses
     # Cached: a second call trains nothing and says so.
     lines.clear()
     assert P._ensure_demo_base(tmp_path / "base", tok, corpus(tmp_path), lines.append) == path
