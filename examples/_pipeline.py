@@ -30,7 +30,7 @@ DEMO_BASE_SHAPE = dict(
 # Full-parameter pretraining on the "general" part of the corpus, done once and cached, so that
 # continued pretraining on the "domain" part starts from a model that already knows some
 # English and Python (from random weights CPT would mean nothing). It runs in two phases:
-# `steps` over a compact vocabulary of the ~14K token ids the corpus uses (data.vocab.subset:
+# `steps` over a compact vocabulary of the ~17K token ids the demo's data uses (data.vocab.subset:
 # the head is ~8x cheaper, so ~4 epochs of the corpus fit in a few minutes; the other ids share
 # one row, which keeps the softmax exactly the full vocabulary's), then it is grown back to the
 # real 151936 rows (same function) and trained `full_vocab_steps` more on the full vocabulary.
