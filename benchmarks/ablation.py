@@ -14,7 +14,6 @@ shared VM hits all revisions alike). Prints tokens/s, peak RSS and the final los
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def worktree(rev: str, base: Path) -> Path:
 
 
 def main() -> None:
-    from vs_hf import checkpoint_dir
+    from vs_hf import checkpoint_dir, run_worker
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--revs", nargs="+", required=True, help="git revisions, oldest first (HEAD = the working tree)")
@@ -61,11 +60,7 @@ def main() -> None:
                     cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_hf.py"), "--worker", "ours", "--path", str(path),
                            "--lib", str(tree), f"--mode={args.mode}", "--device=cpu", f"--batch={args.batch}",
                            f"--seq={args.seq}", f"--steps={args.steps}", "--warmup=1", f"--threads={args.threads}"]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-                    if out.returncode != 0 or not lines:
-                        sys.exit(f"{rev}: worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-                    runs[rev].append(json.loads(lines[-1]))
+                    runs[rev].append(run_worker(cmd, rev))
         finally:
             for rev, tree in trees.items():
                 if tree != ROOT:

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -157,11 +158,9 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
-    timed = sorted(times[args.warmup :])
     # The median step, not the mean: on a shared VM a single step can take 1.5x longer than its
     # neighbours (host noise), and the median keeps one such hiccup from deciding a ratio.
-    median = timed[len(timed) // 2] if len(timed) % 2 else (timed[len(timed) // 2 - 1] + timed[len(timed) // 2]) / 2
-    tokens_per_s = args.batch * args.seq / median
+    tokens_per_s = args.batch * args.seq / statistics.median(times[args.warmup :])
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -169,6 +168,15 @@ def worker(args) -> None:
     flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
     print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, peak_mib=peak, losses=losses,
                           step_s=times, flops=flops)))
+
+
+def run_worker(cmd: list[str], label: str) -> dict:
+    """Run one worker process; its last JSON line (exits with the worker's stderr on failure)."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        sys.exit(f"{label} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -199,12 +207,7 @@ def main() -> None:
                 f"--{k}={v}" for k, v in vars(args).items()
                 if k in ("mode", "device", "batch", "seq", "steps", "warmup", "threads")
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode != 0 or not lines:
-                print(f"{side} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}", file=sys.stderr)
-                sys.exit(1)
-            runs[side].append(json.loads(lines[-1]))
+            runs[side].append(run_worker(cmd, side))
     results = {side: max(r, key=lambda d: d["tokens_per_s"]) for side, r in runs.items()}
     peak = matmul_peak(args.device)
     ours, hf = results["ours"], results["hf"]

@@ -138,6 +138,18 @@ def load_model(path: Path, dtype: str, qlora: bool = False):
     return load(path, dtype=torch_dtype(dtype), device=device(), quantize="nf4" if qlora else None)
 
 
+def load_model_with_lora(path: Path, args):
+    """The model at `path` with a fresh LoRA from the shared flags (--dtype, --qlora,
+    --no-grad-checkpointing, --lora-r/alpha/dropout/targets) -> (model, trainable, total)."""
+    import lora
+
+    model = load_model(path, args.dtype, qlora=args.qlora)
+    model.gradient_checkpointing = not args.no_grad_checkpointing
+    targets = args.lora_targets if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
+    lora.inject(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+    return (model, *count_parameters(model))
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -568,12 +580,13 @@ def _ensure_demo_base(path: Path, tok, corpus, say: Callable[[str], None]) -> Pa
 def _token_items(path: Path, tok) -> list[dict]:
     """A .jsonl file's texts ("text", or the contents of "messages") as token items
     ({"input_ids"}), for counting the ids they use."""
+    from data import InputReport
+    from data.sources import iter_jsonl
+
     items = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            text = record.get("text") or "\n".join(str(m.get("content", "")) for m in record.get("messages", []))
-            items.append({"input_ids": torch.tensor(tok.encode(text), dtype=torch.long)})
+    for _, record in iter_jsonl(path, InputReport()):
+        text = record.get("text") or "\n".join(str(m.get("content", "")) for m in record.get("messages", []))
+        items.append({"input_ids": torch.tensor(tok.encode(text), dtype=torch.long)})
     return items
 
 

@@ -96,13 +96,7 @@ def main(argv=None) -> int:
         P.check_vocab(model_dir, tok)
 
     # ---- model + adapter
-    import lora
-
-    model = P.load_model(model_dir, args.dtype, qlora=args.qlora)
-    model.gradient_checkpointing = not args.no_grad_checkpointing
-    targets = args.lora_targets if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
-    lora.inject(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
-    trainable, total = P.count_parameters(model)
+    model, trainable, total = P.load_model_with_lora(model_dir, args)
     P.log(f"model: {model_dir} ({model.config.model_type}, hidden {model.config.hidden_size}, "
           f"{model.config.num_hidden_layers} layers, vocab rows {model.config.vocab_size}), dtype {args.dtype}"
           f"{', base in NF4' if args.qlora else ''}")

@@ -94,13 +94,7 @@ def main(argv=None) -> int:
     P.log(f"tokenizer: {tok_source}")
     P.check_vocab(model_dir, tok)
 
-    import lora
-
-    model = P.load_model(model_dir, args.dtype, qlora=args.qlora)
-    model.gradient_checkpointing = not args.no_grad_checkpointing
-    targets = args.lora_targets if args.lora_targets == "all-linear" else [t.strip() for t in args.lora_targets.split(",")]
-    lora.inject(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
-    trainable, total = P.count_parameters(model)
+    model, trainable, total = P.load_model_with_lora(model_dir, args)
     P.log(f"model: {model_dir}, dtype {args.dtype}{', base in NF4' if args.qlora else ''}; LoRA r={args.lora_r} "
           f"alpha={args.lora_alpha:g}: {trainable:,} trainable of {total:,} parameters")
 
@@ -131,6 +125,8 @@ def main(argv=None) -> int:
     chat_tok = P.with_chat_eos(tok)
     P.save_adapter(model, out / "adapter", model_dir, chat_tok)
     if not args.no_merge:
+        import lora
+
         lora.merge(model)
         P.set_chat_eos(model)
         P.save_model(model, out / "merged", chat_tok)

@@ -115,17 +115,13 @@ class NF4Linear(nn.Module):
     # ------------------------------------------------------------------ compute
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] in the compute dtype (bitsandbytes' kernel on CUDA when present)."""
-        self.quant.packed = self.weight.data  # the Parameter is the storage (may have been moved)
         out = None
         if self.reuse_buffer:
             buf = self._buffer
             if buf is None or buf.device != self.weight.device or buf.dtype != self.compute_dtype:
                 buf = self._buffer = torch.empty(self.quant.shape, dtype=self.compute_dtype, device=self.weight.device)
             out = buf
-        fast = backend.dequantize(self.quant, self.compute_dtype, out=out)
-        if fast is not None:
-            return fast
-        return self.quant.dequantize(self.compute_dtype, out=out)
+        return self._dequantize_into(out)
 
     def dequantize_transient(self) -> torch.Tensor:
         """Like `dequantize()`, but on the PyTorch path the result lives in a scratch tensor that
@@ -133,13 +129,20 @@ class NF4Linear(nn.Module):
         matmuls of `_NF4MatMul`, which use it at once and keep nothing (on CPU a fresh
         tensor per call costs page faults: 47 -> 33 ms for the 56 weights of the 100M shape)."""
         if backend.available() and self.weight.device.type == "cuda":
-            return self.dequantize()
+            return self._dequantize_into(None)  # bnb's kernel allocates; copying into a scratch would add a pass
         key = (tuple(self.quant.shape), self.compute_dtype, self.weight.device)
         buf = _SCRATCH.get(key)
         if buf is None:
             buf = _SCRATCH[key] = torch.empty(key[0], dtype=self.compute_dtype, device=self.weight.device)
-        self.quant.packed = self.weight.data
-        return self.quant.dequantize(self.compute_dtype, out=buf)
+        return self._dequantize_into(buf)
+
+    def _dequantize_into(self, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """Dequantise into `out` (or a fresh tensor): bitsandbytes on CUDA, else our codec."""
+        self.quant.packed = self.weight.data  # the Parameter is the storage (may have been moved)
+        fast = backend.dequantize(self.quant, self.compute_dtype, out=out)
+        if fast is not None:
+            return fast
+        return self.quant.dequantize(self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

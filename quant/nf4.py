@@ -280,7 +280,7 @@ def dequantize_nf4(
     code = nf4_code(packed.device) if code is None else code.to(packed.device)
     if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype):
         raise ValueError(f"dequantize: out is {tuple(out.shape)} {out.dtype}, expected {tuple(shape)} {dtype}")
-    if n % blocksize == 0:  # every real linear (in_features is a multiple of 64): the fast path
+    if n % blocksize == 0 and (out is None or out.is_contiguous()):  # every real linear: the fast path
         # One lookup per byte: a 256-entry table of (high, low) level pairs, read as 8-byte
         # words so the gather moves one element per byte (2.5x faster than unpacking the
         # nibbles and gathering each; same values).

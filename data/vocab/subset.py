@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .rows import ROW_MULTIPLE
+from .rows import ROW_MULTIPLE, rows_for
 
 
 def used_ids(datasets: Iterable[Sequence], always: Iterable[int] = ()) -> torch.Tensor:
@@ -42,7 +42,7 @@ def used_ids(datasets: Iterable[Sequence], always: Iterable[int] = ()) -> torch.
 
 def compact_rows(n_ids: int, multiple: int = ROW_MULTIPLE) -> int:
     """Rows of the compact embedding: n_ids + the shared row, rounded up to a multiple."""
-    return -(-(n_ids + 1) // multiple) * multiple
+    return rows_for(n_ids + 1, 0, multiple)
 
 
 def compact_logit_offset(n_ids: int, vocab_size: int, rows: int) -> torch.Tensor:
