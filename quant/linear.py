@@ -114,7 +114,7 @@ class NF4Linear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def dequantize(self) -> torch.Tensor:
-        """The weight [out, in] in the compute dtype (bitsandbytes' kernel on CUDA when present)."""
+        """The weight [out, in] in the compute dtype (bitsandbytes' kernel when present, see backend.serves)."""
         out = None
         if self.reuse_buffer:
             buf = self._buffer
@@ -128,7 +128,8 @@ class NF4Linear(nn.Module):
         every NF4Linear of the same shape shares: valid only until the next call. For the
         matmuls of `_NF4MatMul`, which use it at once and keep nothing (on CPU a fresh
         tensor per call costs page faults: 47 -> 33 ms for the 56 weights of the 100M shape)."""
-        if backend.available() and self.weight.device.type == "cuda":
+        self.quant.packed = self.weight.data
+        if backend.serves(self.quant):
             return self._dequantize_into(None)  # bnb's kernel allocates; copying into a scratch would add a pass
         key = (tuple(self.quant.shape), self.compute_dtype, self.weight.device)
         buf = _SCRATCH.get(key)
@@ -137,7 +138,7 @@ class NF4Linear(nn.Module):
         return self._dequantize_into(buf)
 
     def _dequantize_into(self, out: Optional[torch.Tensor]) -> torch.Tensor:
-        """Dequantise into `out` (or a fresh tensor): bitsandbytes on CUDA, else our codec."""
+        """Dequantise into `out` (or a fresh tensor): bitsandbytes' kernel where it serves, else our codec."""
         self.quant.packed = self.weight.data  # the Parameter is the storage (may have been moved)
         fast = backend.dequantize(self.quant, self.compute_dtype, out=out)
         if fast is not None:

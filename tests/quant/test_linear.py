@@ -76,12 +76,18 @@ def test_reused_buffer_gives_same_values():
     assert torch.equal(a(x), b(x))
 
 
-def test_layers_of_one_shape_share_scratch_without_mixing_weights():
-    # Two NF4 layers of the same shape (like q_proj and o_proj) chained: their matmuls share one
-    # dequantisation scratch; each output and input gradient must still use its own weight.
+@pytest.mark.parametrize("kernel", ["codec", "bitsandbytes"])
+def test_layers_of_one_shape_share_scratch_without_mixing_weights(kernel, monkeypatch):
+    # Two NF4 layers of the same shape (like q_proj and o_proj) chained: on the codec path their
+    # matmuls share one dequantisation scratch; each output and input gradient must still use
+    # its own weight (on bitsandbytes' path each call gets a fresh tensor).
+    if kernel == "codec":
+        monkeypatch.setattr(quant.backend, "serves", lambda q: False)
     l1, l2 = _linear(seed=1, inp=128, out=128), _linear(seed=2, inp=128, out=128)
     a, b = (NF4Linear.from_linear(m, compute_dtype=torch.float32) for m in (l1, l2))
-    assert a.dequantize_transient().data_ptr() == b.dequantize_transient().data_ptr()
+    assert quant.backend.serves(a.quant) == (kernel == "bitsandbytes")
+    shared = a.dequantize_transient().data_ptr() == b.dequantize_transient().data_ptr()
+    assert shared == (kernel == "codec")
     w1, w2 = _bnb_weight(l1, torch.float32), _bnb_weight(l2, torch.float32)
     x = torch.randn(5, 128, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
@@ -92,6 +98,21 @@ def test_layers_of_one_shape_share_scratch_without_mixing_weights():
     y.backward(g)
     y_ref.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kernel_only_where_rows_hold_whole_blocks(dtype):
+    # bitsandbytes' CPU kernel serves in_features % blocksize == 0 (every Qwen linear) and must
+    # give the codec's exact values there; other widths take the codec (the kernel is wrong on
+    # them: tests/quant/test_codec.py::test_bnb_cpu_dequant_bug_documented).
+    for inp, out, blocksize, served in [(128, 96, 64, True), (512, 1536, 64, True), (256, 40, 128, True),
+                                        (48, 64, 64, False), (192, 32, 128, False)]:
+        lin = _linear(inp, out)
+        layer = NF4Linear.from_linear(lin, blocksize=blocksize, compute_dtype=dtype)
+        assert quant.backend.serves(layer.quant) == served, (inp, out, blocksize)
+        codec = layer.quant.dequantize(dtype)
+        assert torch.equal(layer.dequantize(), codec), (inp, out, blocksize)
+        assert torch.equal(layer.dequantize_transient(), codec), (inp, out, blocksize)
 
 
 def test_state_dict_keys_round_trip_and_bnb_readable():
