@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from models.qwen.scratch import cast_shared, scratch
+
 
 def is_nf4_linear(module: nn.Module) -> bool:
     """Duck-typed check for `quant.NF4Linear` (lora must work when quant/bitsandbytes is absent)."""
@@ -226,32 +228,43 @@ class _LoRAUpdate(torch.autograd.Function):
     dropout), A [r, in], B [out, r] -> y [..., out] in base_out's dtype. This is PEFT's
     function (it adds the fp32 update to the upcast base output, then rounds once), computed
     with one addmm and without the intermediates autograd would keep: backward saves only x
-    (the tensor the base layer saves anyway) and x·Aᵀ [N, r], where the autograd version
-    keeps an fp32 copy of x and allocates three [N, out] temporaries per call.
+    (in its own dtype) and x·Aᵀ [N, r], where the autograd version keeps an fp32 copy of x
+    and allocates three [N, out] temporaries per call.
+
+    The fp32 temporaries are CPU scratch (`models.qwen.scratch`), and the fp32 cast of x is
+    shared by the adapters that read the same input (q/k/v, gate/up), in forward and backward.
     """
 
     @staticmethod
     def forward(ctx, base_out, x, A, B, scale: float):
-        n_in, n_out = A.shape[1], B.shape[0]
-        x32 = x.reshape(-1, n_in).to(A.dtype)
-        xa = x32 @ A.t()  # [N, r]
-        y = torch.addmm(base_out.reshape(-1, n_out).to(A.dtype), xa, B.t(), alpha=scale)
+        n_out = B.shape[0]
+        xa = cast_shared(x, A.dtype, "lora.x") @ A.t()  # [N, r]
+        base = base_out.reshape(-1, n_out)
         ctx.save_for_backward(x, xa, A, B)
         ctx.scale = scale
-        return y.to(base_out.dtype).view(base_out.shape)
+        if base_out.dtype == A.dtype:
+            return torch.addmm(base, xa, B.t(), alpha=scale).view(base_out.shape)
+        y = scratch(tuple(base.shape), A.dtype, base.device, "lora.y").copy_(base)
+        return y.addmm_(xa, B.t(), alpha=scale).to(base_out.dtype).view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xa, A, B = ctx.saved_tensors
         need_base, need_x, need_A, need_B = ctx.needs_input_grad[:4]
-        g = grad_y.reshape(-1, B.shape[0]).to(A.dtype)  # [N, out]
+        g = grad_y.reshape(-1, B.shape[0])  # [N, out]
+        if g.dtype != A.dtype:
+            g = scratch(tuple(g.shape), A.dtype, g.device, "lora.grad_y").copy_(g)
         grad_x = grad_A = grad_B = None
         if need_B:
             grad_B = (g.t() @ xa).mul_(ctx.scale)  # [out, r]
         if need_x or need_A:
             g_xa = (g @ B).mul_(ctx.scale)  # [N, r]
             if need_A:
-                grad_A = g_xa.t() @ x.reshape(-1, A.shape[1]).to(A.dtype)  # [r, in]
+                grad_A = g_xa.t() @ cast_shared(x, A.dtype, "lora.x")  # [r, in]
             if need_x:
-                grad_x = (g_xa @ A).to(x.dtype).view(x.shape)
+                if x.dtype == A.dtype:
+                    grad_x = (g_xa @ A).view(x.shape)
+                else:
+                    out = scratch((g_xa.shape[0], A.shape[1]), A.dtype, g.device, "lora.grad_x")
+                    grad_x = torch.mm(g_xa, A, out=out).to(x.dtype).view(x.shape)
         return (grad_y if need_base else None), grad_x, grad_A, grad_B, None

@@ -180,3 +180,48 @@ def test_bf16_base_fp32_adapter_is_pefts_function(dropout):
     assert max_rel_err(ours.lora_A.weight.grad, ref_layer.lora_A["default"].weight.grad) < 1e-5
     assert max_rel_err(ours.lora_B.weight.grad, ref_layer.lora_B["default"].weight.grad) < 1e-5
     assert ours.base_layer.weight.grad is None
+
+
+def test_adapters_reading_one_input_share_its_cast_correctly(monkeypatch):
+    # q/k/v-style siblings read the same bf16 input: the fp32 cast is computed once and shared
+    # (models.qwen.scratch.cast_shared), in forward and in backward. Each sibling's output and
+    # every gradient must equal the same graph with a fresh cast per call, also when an adapter
+    # of another input runs in between and when the input changes in place.
+    import lora.layer as layer_module
+    torch.manual_seed(0)
+    layers = [lora.LoRALinear(nn.Linear(32, n).to(torch.bfloat16), r=4, alpha=8) for n in (32, 16, 16)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.5)
+    other = lora.LoRALinear(nn.Linear(32, 24).to(torch.bfloat16), r=4, alpha=8)
+    with torch.no_grad():
+        other.lora_B.weight.normal_(0, 0.5)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    z = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+
+    def run(shared: bool):
+        if not shared:
+            monkeypatch.setattr(layer_module, "cast_shared", lambda t, dtype, slot: t.reshape(-1, t.shape[-1]).to(dtype))
+        for m in layers + [other]:
+            m.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        outs = [layers[0](xs), other(z), layers[1](xs), layers[2](xs)]
+        loss = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
+        loss.backward()
+        grads = [p.grad.clone() for m in layers + [other] for p in (m.lora_A.weight, m.lora_B.weight)]
+        return [o.detach() for o in outs], xs.grad.clone(), grads
+
+    outs_s, gx_s, grads_s = run(shared=True)
+    outs_r, gx_r, grads_r = run(shared=False)
+    monkeypatch.undo()
+    for a, b in zip(outs_s, outs_r):
+        assert torch.equal(a, b)
+    assert torch.equal(gx_s, gx_r)
+    for a, b in zip(grads_s, grads_r):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # the same tensor, changed in place: the cached cast must not be reused
+        x.mul_(3)
+        changed = layers[0](x)
+        expected = layers[0].base_layer(x).float() + layers[0].scale * (
+            x.float() @ layers[0].lora_A.weight.t() @ layers[0].lora_B.weight.t())
+    assert max_rel_err(changed.float(), expected) < 1e-2
