@@ -224,6 +224,9 @@ def main() -> None:
     print("losses hf:  ", " ".join(f"{x:.4f}" for x in hf["losses"]))
     for side in ("ours", "hf"):
         print(f"tokens/s of every {side} run:", " ".join(f"{d['tokens_per_s']:.1f}" for d in runs[side]))
+    typical = {side: statistics.median(d["tokens_per_s"] for d in r) for side, r in runs.items()}
+    print(f"median run: ours {typical['ours']:.1f}, hf {typical['hf']:.1f} tokens/s, "
+          f"ratio {typical['ours'] / typical['hf']:.2f}")
 
 
 if __name__ == "__main__":
