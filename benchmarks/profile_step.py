@@ -5,14 +5,16 @@
     python benchmarks/profile_step.py --ops aten::mm aten::copy_ --rows 30
 
 The same model, data and settings as vs_hf.py's worker (it reuses that code). After --warmup
-untimed steps, --steps steps run under the profiler; printed per step: the ops with the most
-self time, then the listed --ops split by input shape (which matmul, which copy).
+untimed steps, --steps steps run plain (wall time, page faults, kernel time) and --steps more
+under the profiler; printed per step: the ops with the most self time, then the listed --ops
+split by input shape (which matmul, which copy).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,7 @@ def main() -> None:
     if args.lib:
         sys.path.insert(0, args.lib)
     args.device = "cpu"
-    args.steps_total = args.warmup + args.steps
+    args.steps_total = args.warmup + 2 * args.steps
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -53,15 +55,26 @@ def main() -> None:
     data = vs_hf.batches(argparse.Namespace(batch=args.batch, seq=args.seq, steps=args.steps_total), cfg.vocab_size)
     for ids in data[: args.warmup]:
         step(ids)
+    # Page faults and kernel time, measured on unprofiled steps: a fresh large tensor on CPU is
+    # new memory from the OS, and first-touch faults are a cost the op timings hide.
+    before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for ids in data[args.warmup : args.warmup + args.steps]:
+        step(ids)
+    plain = (time.perf_counter() - t) / args.steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = (after.ru_minflt - before.ru_minflt) / args.steps
+    kernel_s = (after.ru_stime - before.ru_stime) / args.steps
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t = time.perf_counter()
-        for ids in data[args.warmup :]:
+        for ids in data[args.warmup + args.steps :]:
             step(ids)
         wall = (time.perf_counter() - t) / args.steps
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
     print(f"{args.side} | {args.mode} | {args.shape} | batch {args.batch} x {args.seq} | {args.steps} profiled steps: "
           f"{wall:.2f} s wall per step (profiler on), {total:.0f} ms self CPU time per step (all threads' ops)")
+    print(f"without the profiler: {plain:.2f} s per step, {faults:.0f} page faults and {kernel_s:.2f} s of kernel "
+          f"time per step")
     print(f"\n{'op':58}{'calls/step':>11}{'ms/step':>10}{'share':>8}")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
         ms = e.self_cpu_time_total / 1e3 / args.steps
