@@ -43,7 +43,23 @@ def checkpoint_dir(shape: str, cache: Path) -> Path:
         return path
     torch.manual_seed(0)
     cfg = QwenConfig.preset(shape, torch_dtype="bfloat16")
-    model = Qwen(cfg).to(torch.bfloat16)
+    if cfg.num_parameters() <= 1e9:
+        model = Qwen(cfg).to(torch.bfloat16)
+    else:
+        # A 7B model built the usual way is 30 GB of fp32 and minutes of init on the lent GPU
+        # machine's clock: build it on the meta device in bf16, allocate, fill N(0, 0.02)
+        # (norms 1, biases 0), the way HF initialises Qwen2.
+        with torch.device("meta"):
+            model = Qwen(cfg).to(torch.bfloat16)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif name.endswith(".bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, 0.02)
     save(model, path)
     return path
 
