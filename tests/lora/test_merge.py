@@ -22,6 +22,7 @@ VARIANTS = {
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_merged_logits_equal_adapter_logits(ckpt_dirs, tied, variant):
+    torch.manual_seed(0)  # lora_A's init draws from the global RNG: no dependence on test order
     model = load_ours(ckpt_dirs[tied])
     keys_before = set(model.state_dict())
     base_logits = model(random_ids(2, 9))
@@ -34,7 +35,11 @@ def test_merged_logits_equal_adapter_logits(ckpt_dirs, tied, variant):
     lora.merge(model)
     with torch.no_grad():
         merged = model(ids)
-    assert max_rel_err(merged, adapted) < 1e-5
+    # Both are fp32 evaluations of one function: x·(W + s·B·A) against x·W + s·(x·A)·B, with
+    # adapters randomised to std 0.2 (deltas larger than W). Over 20 init seeds the difference
+    # reached 2.8e-5 of the largest logit (rsLoRA, tied); a merge that is wrong (a missing
+    # scale, a transposed B·A) is off by more than 1e-2.
+    assert max_rel_err(merged, adapted) < 5e-5
     assert not lora.has_adapters(model)
     assert set(model.state_dict()) == keys_before
     assert all(type(m) is not lora.LoRALinear for m in model.modules())
