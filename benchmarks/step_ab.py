@@ -68,8 +68,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     switch = VARIANTS[args.variant]
     path = vs_hf.checkpoint_dir(args.shape, Path(args.cache))
-    _, step = vs_hf.run_ours(args, path)
-    ids = vs_hf.batches(argparse.Namespace(batch=args.batch, seq=args.seq, steps=1), 151643)[0]
+    cfg, step = vs_hf.run_ours(args, path)
+    ids = vs_hf.batches(argparse.Namespace(batch=args.batch, seq=args.seq, steps=1), cfg.vocab_size)[0]
     times: dict[str, list[float]] = {"before": [], "after": []}
     for r in range(args.rounds + 1):
         for side in ("before", "after") if r % 2 == 0 else ("after", "before"):

@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.qwen.linear import upcast_matmul_dtype
+from models.qwen.scratch import scratch
 
 from . import backend
 from .nf4 import NF4Tensor, quantize
 from .serialization import STAT_SUFFIXES, hf_quantization_config, nf4_from_state, nf4_to_state
-
-
-# Shared dequantisation scratch of `NF4Linear.dequantize_transient`, one per (shape, dtype,
-# device): the size of one decoder block's distinct weight shapes, not of the model.
-_SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
 class _NF4MatMul(torch.autograd.Function):
@@ -124,18 +120,16 @@ class NF4Linear(nn.Module):
         return self._dequantize_into(out)
 
     def dequantize_transient(self) -> torch.Tensor:
-        """Like `dequantize()`, but on the PyTorch path the result lives in a scratch tensor that
-        every NF4Linear of the same shape shares: valid only until the next call. For the
-        matmuls of `_NF4MatMul`, which use it at once and keep nothing (on CPU a fresh
-        tensor per call costs page faults: 47 -> 33 ms for the 56 weights of the 100M shape)."""
+        """Like `dequantize()`, but on the CPU codec path the result lives in a scratch tensor
+        (`models.qwen.scratch`, one slot per weight shape) that every NF4Linear of the same
+        shape shares: valid only until the next call. For the matmuls of `_NF4MatMul`, which
+        use it at once and keep nothing (on CPU a fresh tensor per call costs page faults:
+        47 -> 33 ms for the 56 weights of the 100M shape)."""
         self.quant.packed = self.weight.data
         if backend.serves(self.quant):
             return self._dequantize_into(None)  # bnb's kernel allocates; copying into a scratch would add a pass
-        key = (tuple(self.quant.shape), self.compute_dtype, self.weight.device)
-        buf = _SCRATCH.get(key)
-        if buf is None:
-            buf = _SCRATCH[key] = torch.empty(key[0], dtype=self.compute_dtype, device=self.weight.device)
-        return self._dequantize_into(buf)
+        shape = tuple(self.quant.shape)
+        return self._dequantize_into(scratch(shape, self.compute_dtype, self.weight.device, f"nf4 {shape}"))
 
     def _dequantize_into(self, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Dequantise into `out` (or a fresh tensor): bitsandbytes' kernel where it serves, else our codec."""
