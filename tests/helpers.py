@@ -10,7 +10,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+# The devices a reference test runs on: always the CPU; CUDA where a GPU is visible (on a lent
+# GPU machine: `benchmarks/device_check.sh`, or `pytest -m cuda`). CI has no GPU, so there the
+# CUDA case is reported as skipped, and the CPU case runs the same assertions.
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")],
+)
+DEVICES = ["cpu", CUDA]
 
 # Small odd shapes: GQA (4 query heads over 2 KV heads), an MLP width that is not a
 # multiple of the hidden size, and a vocabulary large enough to hold Qwen's special ids is

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
-from tests.helpers import max_rel_err
+from tests.helpers import DEVICES, max_rel_err
 
 
 def _layer(in_f=24, out_f=40, bias=True, seed=0, **kw):
@@ -145,26 +145,27 @@ def test_wrapping_twice_is_an_error():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_bf16_base_fp32_adapter_is_pefts_function(dropout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_base_fp32_adapter_is_pefts_function(device, dropout):
     # The fused update (one addmm, custom backward) against PEFT's own LoRA Linear on the same
     # weights: bf16 base, fp32 adapters, no autocast (PEFT's default adapter dtype).
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    outer = nn.Sequential(nn.Linear(48, 80)).to(torch.bfloat16)
+    outer = nn.Sequential(nn.Linear(48, 80)).to(device=device, dtype=torch.bfloat16)
     ref = peft.get_peft_model(
         outer, peft.LoraConfig(r=8, lora_alpha=24, lora_dropout=dropout, target_modules=["0"])
     )
     ref_layer = ref.base_model.model[0]
     with torch.no_grad():
         ref_layer.lora_B["default"].weight.normal_(0, 0.5)
-    ours = lora.LoRALinear(nn.Linear(48, 80).to(torch.bfloat16), r=8, alpha=24, dropout=dropout)
+    ours = lora.LoRALinear(nn.Linear(48, 80).to(device=device, dtype=torch.bfloat16), r=8, alpha=24, dropout=dropout)
     with torch.no_grad():
         ours.base_layer.weight.copy_(ref_layer.base_layer.weight)
         ours.base_layer.bias.copy_(ref_layer.base_layer.bias)
         ours.lora_A.weight.copy_(ref_layer.lora_A["default"].weight)
         ours.lora_B.weight.copy_(ref_layer.lora_B["default"].weight)
     assert ref_layer.lora_A["default"].weight.dtype == torch.float32
-    x = torch.randn(2, 33, 48, dtype=torch.bfloat16)
+    x = torch.randn(2, 33, 48, dtype=torch.bfloat16).to(device)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(5)
     y_ref = ref_layer(x1)

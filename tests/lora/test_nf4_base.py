@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora
-from tests.helpers import max_rel_err
+from tests.helpers import DEVICES, max_rel_err
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
 class BnbNF4Linear(nn.Module):
-    """Reference NF4 linear built directly on bitsandbytes' CPU kernels (test-only)."""
+    """Reference NF4 linear built directly on bitsandbytes' kernels, on the linear's device (test-only)."""
 
     def __init__(self, linear: nn.Linear, compute_dtype=torch.float32):
         super().__init__()
@@ -61,9 +61,10 @@ def _reference_weight(linear: nn.Linear) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", list(BASES))
 @pytest.mark.parametrize("dora", [False, True])
-def test_nf4_lora_math_and_grads(kind, dora):
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_lora_math_and_grads(device, kind, dora):
     torch.manual_seed(0)
-    linear = nn.Linear(128, 72, bias=True)
+    linear = nn.Linear(128, 72, bias=True).to(device)
     base = BASES[kind](linear)
     assert lora.is_nf4_linear(base) and lora.is_linear(base)
     layer = lora.LoRALinear(base, r=4, alpha=8, rslora=True, dora=dora)
@@ -76,7 +77,7 @@ def test_nf4_lora_math_and_grads(kind, dora):
     V = W + (8 / math.sqrt(4)) * B @ A
     if dora:
         V = layer.lora_magnitude_vector.detach()[:, None] * V / V.norm(dim=1, keepdim=True)
-    x = torch.randn(3, 5, 128, requires_grad=True)
+    x = torch.randn(3, 5, 128).to(device).requires_grad_()
     y = layer(x)
     assert max_rel_err(y, x.detach() @ V.T + linear.bias.detach()) < 1e-6
     y.square().sum().backward()

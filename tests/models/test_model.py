@@ -1,4 +1,5 @@
-"""Our decoder against transformers' Qwen2/Qwen3 on tiny random models (fp32)."""
+"""Our decoder against transformers' Qwen2/Qwen3 on tiny random models (fp32), on the CPU and,
+where there is one, on a CUDA device (both sides on the same device: SDPA takes CUDA's kernels)."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from models.qwen import load
 from models.qwen.loss import linear_cross_entropy
-from tests.helpers import hf_model, max_rel_err, random_ids, save_hf_model
+from tests.helpers import DEVICES, hf_model, max_rel_err, random_ids, save_hf_model
 
 VARIANTS = [
     ("qwen2", dict(tie_word_embeddings=True)),
@@ -25,17 +26,25 @@ def pair(request, tmp_path):
     return ref, ours
 
 
-def test_logits_match_transformers(pair):
+def on(pair, device):
+    """The (reference, ours) pair moved to `device`."""
     ref, ours = pair
-    ids = random_ids(3, 29)
+    return ref.to(device), ours.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_match_transformers(pair, device):
+    ref, ours = on(pair, device)
+    ids = random_ids(3, 29).to(device)
     with torch.no_grad():
         assert max_rel_err(ours(ids), ref(ids).logits) <= 1e-5
 
 
-def test_loss_and_gradients_match_transformers(pair):
-    ref, ours = pair
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_and_gradients_match_transformers(pair, device):
+    ref, ours = on(pair, device)
     ref.train(), ours.train()
-    ids = random_ids(2, 21, seed=1)
+    ids = random_ids(2, 21, seed=1).to(device)
     labels = ids.clone()
     labels[0, :7] = -100
     loss_ref = ref(ids, labels=labels).loss
@@ -59,21 +68,23 @@ def test_sum_reduction_counts_supervised_tokens(pair):
     assert torch.allclose(loss_sum / n, ours(ids, labels=labels), rtol=1e-6)
 
 
-def test_document_mask_equals_separate_documents(pair):
+@pytest.mark.parametrize("device", DEVICES)
+def test_document_mask_equals_separate_documents(pair, device):
     """A packed row with document ids gives each document exactly its own logits."""
-    _, ours = pair
-    a, b = random_ids(1, 9, seed=3), random_ids(1, 6, seed=4)
+    _, ours = on(pair, device)
+    a, b = random_ids(1, 9, seed=3).to(device), random_ids(1, 6, seed=4).to(device)
     packed = torch.cat([a, b], dim=1)
-    docs = torch.tensor([[0] * 9 + [1] * 6])
+    docs = torch.tensor([[0] * 9 + [1] * 6], device=device)
     with torch.no_grad():
         got = ours(packed, document_ids=docs)
         sep = torch.cat([ours(a), ours(b)], dim=1)
     assert max_rel_err(got, sep) <= 1e-5
 
 
-def test_left_padding_with_attention_mask(pair):
-    ref, ours = pair
-    ids = random_ids(2, 10, seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_left_padding_with_attention_mask(pair, device):
+    _, ours = on(pair, device)
+    ids = random_ids(2, 10, seed=5).to(device)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with torch.no_grad():
@@ -83,11 +94,12 @@ def test_left_padding_with_attention_mask(pair):
     assert max_rel_err(got[0], ours(ids[:1])[0]) <= 1e-5
 
 
-def test_chunked_cross_entropy_matches_full_softmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_cross_entropy_matches_full_softmax(device):
     torch.manual_seed(0)
-    hidden = torch.randn(2, 50, 16, requires_grad=True)
-    weight = torch.randn(97, 16, requires_grad=True)
-    labels = torch.randint(0, 97, (2, 50))
+    hidden = torch.randn(2, 50, 16).to(device).requires_grad_()
+    weight = torch.randn(97, 16).to(device).requires_grad_()
+    labels = torch.randint(0, 97, (2, 50)).to(device)
     labels[0, 10:20] = -100
     # Tiny chunks: 97 * 3 elements -> 3 tokens per chunk, many chunks.
     loss_sum, n = linear_cross_entropy(hidden, weight, labels, chunk_elements=97 * 3)
@@ -134,10 +146,11 @@ def test_label_outside_vocabulary_is_an_error(pair):
         ours(ids, labels=labels)
 
 
-def test_gradient_checkpointing_changes_no_gradient(pair):
-    _, ours = pair
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_checkpointing_changes_no_gradient(pair, device):
+    _, ours = on(pair, device)
     ours.train()
-    ids = random_ids(2, 16, seed=6)
+    ids = random_ids(2, 16, seed=6).to(device)
     ours(ids, labels=ids).backward()
     plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
@@ -147,11 +160,12 @@ def test_gradient_checkpointing_changes_no_gradient(pair):
         assert max_rel_err(p.grad, plain[n]) <= 1e-6, n
 
 
-def test_bf16_autocast_close_to_fp32(pair):
-    _, ours = pair
-    ids = random_ids(1, 16, seed=7)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_close_to_fp32(pair, device):
+    _, ours = on(pair, device)
+    ids = random_ids(1, 16, seed=7).to(device)
     with torch.no_grad():
         full = ours(ids, labels=ids)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             half = ours(ids, labels=ids)
     assert abs(half.item() - full.item()) < 0.05 * full.item()

@@ -1,5 +1,5 @@
-"""quant.nf4 against bitsandbytes' own CPU kernels: bytes of `packed` and of every statistic,
-and dequantised values, must be identical."""
+"""quant.nf4 against bitsandbytes' own kernels (CPU, and CUDA where there is a GPU): bytes of
+`packed` and of every statistic, and dequantised values, must be identical."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from quant import nf4
+from tests.helpers import DEVICES
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -27,9 +28,12 @@ def _weight(shape, dtype, seed=0):
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bytes_identical_to_bitsandbytes(dtype, blocksize, double_quant):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bytes_identical_to_bitsandbytes(device, dtype, blocksize, double_quant):
+    # On CUDA both sides run there: our codec in torch ops, bitsandbytes its CUDA kernels (which
+    # round and search the 8-bit code their own way, not through the CPU kernel's table).
     for shape in SHAPES:
-        w = _weight(shape, dtype)
+        w = _weight(shape, dtype).to(device)
         packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
         q = nf4.quantize(w, blocksize=blocksize, double_quant=double_quant)
         assert q.packed.dtype == torch.uint8 and torch.equal(q.packed, packed), shape

@@ -10,6 +10,7 @@ from torch import nn
 
 import quant
 from quant import NF4Linear
+from tests.helpers import DEVICES
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -32,13 +33,14 @@ def _bnb_weight(lin, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_input_grad_match_expression(dtype, bias):
-    lin = _linear(bias=bias)
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_input_grad_match_expression(device, dtype, bias):
+    lin = _linear(bias=bias).to(device)
     layer = NF4Linear.from_linear(lin, compute_dtype=dtype)
     w = _bnb_weight(lin, dtype)
     assert torch.equal(layer.dequantize(), w) and layer.dequantize().dtype == dtype
 
-    x = torch.randn(2, 5, 128, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 5, 128, dtype=dtype, device=device, requires_grad=True)
     y = layer(x)
     assert y.shape == (2, 5, 96) and y.dtype == dtype  # no silent fp32
     x_ref = x.detach().clone().requires_grad_(True)

@@ -1,7 +1,9 @@
-"""Streaming 4-bit load and the on-disk format, against transformers + bitsandbytes on CPU."""
+"""Streaming 4-bit load and the on-disk format, against transformers + bitsandbytes on CPU (and the
+load on a CUDA device, where there is one)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import quant
 from models.qwen import load, save
 from quant import NF4Linear
-from tests.helpers import max_rel_err, random_ids
+from tests.helpers import DEVICES, max_rel_err, random_ids
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
@@ -22,13 +24,13 @@ transformers = pytest.importorskip("transformers")
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _hf_4bit(path):
+def _hf_4bit(path, device="cpu"):
     cfg = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
     return _exact_bnb_kernels(transformers.AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=cfg, dtype=torch.float32, device_map="cpu"
+        path, quantization_config=cfg, dtype=torch.float32, device_map=device
     ).eval())
 
 
@@ -49,13 +51,18 @@ def hf4(ckpts):
     return _hf_4bit(ckpts["aligned"][0])
 
 
-def test_streaming_load_equals_transformers_bnb_logits(ckpts, hf4):
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_load_equals_transformers_bnb_logits(ckpts, request, device):
     path, hf16 = ckpts["aligned"]
-    ours = load(path, dtype=torch.float32, quantize="nf4")
+    # On CUDA both sides quantise there (bitsandbytes with its CUDA kernels) and run there.
+    hf4 = request.getfixturevalue("hf4") if device == "cpu" else _hf_4bit(path, device)
+    hf16 = hf16 if device == "cpu" else copy.deepcopy(hf16).to(device)  # the fixture stays on the CPU
+    ours = load(path, dtype=torch.float32, device=device, quantize="nf4")
     n_nf4 = sum(isinstance(m, NF4Linear) for m in ours.modules())
     assert n_nf4 == 7 * hf16.config.num_hidden_layers  # every decoder linear, not lm_head/embeddings
     assert not isinstance(ours.lm_head, NF4Linear)
-    ids = random_ids(2, 12)
+    assert ours.model.layers[0].mlp.up_proj.weight.device.type == device
+    ids = random_ids(2, 12).to(device)
     with torch.no_grad():
         logits = ours(ids)
         ref = hf4(ids).logits

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from models.qwen import Qwen, QwenConfig
-from tests.helpers import max_rel_err
+from tests.helpers import DEVICES, max_rel_err
 from train import AdamW, cosine_warmup, param_groups, resolve_warmup
 from train.checkpoint import load_tensors, optimizer_from_files, optimizer_to_files, save_tensors
 
@@ -18,9 +18,9 @@ def tiny_qwen(**kw) -> Qwen:
 
 
 def grads_for(params, step, seed=0):
-    """Deterministic pseudo-gradients, different scale per tensor and step."""
+    """Deterministic pseudo-gradients, different scale per tensor and step (on each parameter's device)."""
     g = torch.Generator().manual_seed(seed * 100_003 + step)
-    return [torch.randn(p.shape, generator=g) * (0.1 + i % 3) for i, p in enumerate(params)]
+    return [(torch.randn(p.shape, generator=g) * (0.1 + i % 3)).to(p.device) for i, p in enumerate(params)]
 
 
 def clone_groups(model, groups_spec):
@@ -31,8 +31,9 @@ def clone_groups(model, groups_spec):
 
 
 @pytest.mark.parametrize("foreach", [True, False])
-def test_adamw_matches_torch_over_200_steps_with_groups_and_decay(foreach):
-    ours_model, ref_model = tiny_qwen(), tiny_qwen()
+@pytest.mark.parametrize("device", DEVICES)
+def test_adamw_matches_torch_over_200_steps_with_groups_and_decay(device, foreach):
+    ours_model, ref_model = tiny_qwen().to(device), tiny_qwen().to(device)
     groups = param_groups(ours_model, weight_decay=0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     groups[1]["lr"] = 3e-3          # per-group hyper-parameters
