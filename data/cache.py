@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from models.qwen.hashing import sha256_file
+
 CACHE_VERSION = 1
 ENV_VAR = "QWEN_TUNE_CACHE"
 
@@ -31,22 +33,10 @@ def cache_root(root: Optional[os.PathLike] = None) -> Path:
     return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "qwen-tune")
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (as stored: a .gz file is hashed compressed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(path: Path, tokenizer_fingerprint: str, **options) -> str:
     """Key of a file's token cache: its content, the tokenizer, the options that change ids."""
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, file_digest(path), tokenizer_fingerprint, sorted(options.items())]).encode())
+    h.update(json.dumps([CACHE_VERSION, sha256_file(path), tokenizer_fingerprint, sorted(options.items())]).encode())
     return h.hexdigest()[:32]
 
 

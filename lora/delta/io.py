@@ -15,7 +15,6 @@ resident set at one chunk, whatever the size of the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -28,6 +27,7 @@ from safetensors import safe_open
 
 from models.qwen import CheckpointError, ConfigError, QwenConfig
 from models.qwen.checkpoint import SAFE_INDEX, checkpoint_files
+from models.qwen.hashing import sha256_file
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
@@ -193,19 +193,8 @@ class Checkpoint:
             raise DeltaError(f"{info.file} ({self.role}): tensor {src!r} cannot be read ({e})") from None
 
     def weight_hashes(self) -> dict[str, str]:
-        """sha256 of every weight file, by file name (read in 1 MiB blocks)."""
+        """sha256 of every weight file, by file name."""
         return {f.name: sha256_file(f) for f in self.files}
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(block)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class SafetensorsStreamWriter:

@@ -21,13 +21,11 @@ import torch
 from models.qwen import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from models.qwen.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
+from models.qwen.hashing import sha256_file
 
 from .combine import Plan, Term, check_compatible, run_plan
 from .groups import group_scales, module_group, special_row_plan
-from .io import (
-    MANIFEST, TOKENIZER_FILES, Checkpoint, DeltaError, PathLike, check_output_path,
-    sha256_file, write_json,
-)
+from .io import MANIFEST, TOKENIZER_FILES, Checkpoint, DeltaError, PathLike, check_output_path, write_json
 
 IM_END = "<|im_end|>"
 
