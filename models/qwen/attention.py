@@ -1,8 +1,9 @@
 """Grouped-query self-attention with rotate-half RoPE, a KV cache, and document masking.
 
 Attention runs through `torch.nn.functional.scaled_dot_product_attention`, so the backend
-(flash / memory-efficient / math) is chosen by PyTorch. The plain causal case passes
-`is_causal=True` and never builds a T x T mask.
+(flash / memory-efficient / math) is chosen by PyTorch; `sdpa_broadcasts_kv_heads` keeps that
+choice off the unfused math kernel on CUDA. The plain causal case passes `is_causal=True` and
+never builds a T x T mask.
 """
 
 from __future__ import annotations
@@ -88,6 +89,21 @@ def build_attention_mask(
     return allowed
 
 
+def sdpa_broadcasts_kv_heads(q: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    """Whether SDPA gets the KV heads as they are (`enable_gqa=True`) rather than expanded to
+    the query heads first. q [B, H, T, D]; mask as passed to SDPA.
+
+    CPU: its flash kernel broadcasts KV heads itself, with or without a mask. CUDA: only the
+    flash backend does, and it takes fp16/bf16 and no mask; for anything else (a document or
+    padding mask, fp32) PyTorch would fall back to the unfused math kernel, which materialises
+    the [B, H, T, T] scores. There the KV heads are expanded (a few MB) and the memory-efficient
+    kernel runs. Other devices: expanded, which every backend supports.
+    """
+    if q.device.type == "cpu":
+        return True
+    return q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+
+
 class Attention(nn.Module):
     """Qwen2/Qwen3 self-attention. x [B, T, hidden] -> [B, T, hidden]."""
 
@@ -135,7 +151,10 @@ class Attention(nn.Module):
         is_causal = mask is None and past == 0 and T > 1
         if mask is None and past > 0 and T > 1:
             mask = build_attention_mask(T, past, attention_mask=torch.ones(B, past + T, device=x.device))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        gqa = self.num_kv_heads != self.num_heads
+        if gqa and not sdpa_broadcasts_kv_heads(q, mask):
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            gqa = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -169,3 +169,54 @@ def test_bf16_autocast_close_to_fp32(pair, device):
         with torch.autocast(device, dtype=torch.bfloat16):
             half = ours(ids, labels=ids)
     assert abs(half.item() - full.item()) < 0.05 * full.item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_attention_never_falls_back_to_the_math_kernel(device, dtype):
+    # GQA (4 query heads over 2 KV heads) with every mask the pipeline passes: none (causal),
+    # document ids (CPT packing), padding (SFT batches). SDPA's unfused math backend is
+    # forbidden here, so a call it would fall back to raises instead of running slowly with
+    # [B, H, T, T] scores (on CUDA: enable_gqa with a mask or fp32, see sdpa_broadcasts_kv_heads).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from models.qwen import Qwen, QwenConfig
+
+    torch.manual_seed(0)
+    # head_dim 64: a size every fused kernel takes (the tiny test shapes' 12 and 20 are not).
+    model = Qwen(QwenConfig.preset("tiny", vocab_size=64, hidden_size=256)).to(device=device, dtype=dtype)
+    model.train()
+    ids = random_ids(2, 24, vocab=64, seed=8).to(device)
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24], device=device)
+    pad = torch.ones_like(ids)
+    pad[1, :5] = 0
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    results = {}
+    for name, kwargs in {"causal": {}, "documents": {"document_ids": docs}, "padding": {"attention_mask": pad}}.items():
+        with sdpa_kernel(fused):
+            loss = model(ids, labels=ids, **kwargs)
+            loss.backward()
+        results[name] = loss.detach()
+        with torch.no_grad():  # and the same function as the math kernel (SDPA's own reference)
+            with sdpa_kernel([SDPBackend.MATH]):
+                reference = model(ids, labels=ids, **kwargs)
+        bound = 1e-5 if dtype == torch.float32 else 2e-2
+        assert abs(results[name].float() - reference.float()) <= bound * reference.abs().float(), name
+    assert not torch.equal(results["causal"], results["documents"])  # the mask did something
+
+
+def test_expanded_kv_heads_are_the_same_attention(pair, monkeypatch):
+    # The CUDA path for masked or fp32 GQA expands the KV heads before SDPA; forced here on the
+    # CPU, it must give transformers' logits and those of SDPA's own broadcast (enable_gqa).
+    import models.qwen.attention as attention
+
+    ref, ours = pair
+    ids = random_ids(2, 19, seed=9)
+    docs = torch.tensor([[0] * 7 + [1] * 12, [0] * 19])
+    with torch.no_grad():
+        broadcast_causal, broadcast_docs = ours(ids), ours(ids, document_ids=docs)
+        monkeypatch.setattr(attention, "sdpa_broadcasts_kv_heads", lambda q, mask: False)
+        expanded_causal, expanded_docs = ours(ids), ours(ids, document_ids=docs)
+        assert max_rel_err(expanded_causal, ref(ids).logits) <= 1e-5
+    assert max_rel_err(expanded_causal, broadcast_causal) <= 1e-6
+    assert max_rel_err(expanded_docs, broadcast_docs) <= 1e-6
