@@ -77,7 +77,7 @@ stage_suite() {
     # Everything, on the GPU machine: examples and the train loop pick CUDA when it is there.
     local workers=()
     "$PY" -c "import xdist" >/dev/null 2>&1 && workers=(-n 8)
-    timeout "$T_SUITE" "$PY" -m pytest -q -p no:cacheprovider -rf "${workers[@]}"
+    timeout "$T_SUITE" "$PY" -m pytest -q -p no:cacheprovider -rf ${workers[@]+"${workers[@]}"}
 }
 
 stages=("$@")
