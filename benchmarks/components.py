@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -292,6 +291,8 @@ def child(component: str, variant: str, reps: int) -> None:
 
 
 def main() -> None:
+    from vs_hf import run_worker  # this folder: one way to run a child and read its JSON lines
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("components", nargs="*", help=f"any of {', '.join(COMPONENTS)} (default: all but compile)")
     p.add_argument("--reps", type=int, default=10)
@@ -315,12 +316,8 @@ def main() -> None:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
             for variant in COMPONENTS[name][1]:
-                out = subprocess.run([sys.executable, __file__, "--child", name, variant, f"--reps={args.reps}",
-                                      f"--threads={args.threads}"], capture_output=True, text=True)
-                rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-                if out.returncode != 0 or not rows:
-                    sys.exit(f"{name} / {variant}: failed (exit {out.returncode}) {out.stderr[-500:]}")
-                r = {k: v for row in rows for k, v in row.items()}
+                r = run_worker([sys.executable, __file__, "--child", name, variant, f"--reps={args.reps}",
+                                f"--threads={args.threads}"], f"{name} / {variant}")
                 if variant not in best or r["median_ms"] < best[variant]["median_ms"]:
                     best[variant] = r
         first = None
@@ -329,6 +326,7 @@ def main() -> None:
             extra = f"   (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
             print(f"  {variant:46}{r['median_ms']:9.2f} ms {first / r['median_ms']:6.2f}x"
                   f"{r['added_peak_mib']:9.0f} MiB added{extra}")
+
 
 if __name__ == "__main__":
     main()

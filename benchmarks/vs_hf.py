@@ -187,12 +187,13 @@ def worker(args) -> None:
 
 
 def run_worker(cmd: list[str], label: str) -> dict:
-    """Run one worker process; its last JSON line (exits with the worker's stderr on failure)."""
+    """Run one worker process; the JSON objects it printed, one per line, merged into one dict (a
+    later key wins). Exits with the worker's stderr on failure."""
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         sys.exit(f"{label} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return {k: v for line in lines for k, v in json.loads(line).items()}
 
 
 def main() -> None:
