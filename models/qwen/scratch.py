@@ -49,6 +49,8 @@ def cast_shared(x: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     if x.dtype == dtype:
         return flat
+    if x.device.type != "cpu":  # no scratch off the CPU, and no memo that would keep x's cast alive
+        return flat.to(dtype)
     memo = _local.__dict__.setdefault("casts", {})
     key = (slot, dtype, x.device)
     hit = memo.get(key)
@@ -56,9 +58,6 @@ def cast_shared(x: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
         ref, version, cast = hit
         if ref() is x and x._version == version:
             return cast
-    cast = scratch(tuple(flat.shape), dtype, x.device, "cast:" + slot)
-    if x.device.type != "cpu":  # no scratch off the CPU: do not keep the tensor alive here
-        return cast.copy_(flat)
-    cast.copy_(flat)
+    cast = scratch(tuple(flat.shape), dtype, x.device, "cast:" + slot).copy_(flat)
     memo[key] = (weakref.ref(x), x._version, cast)
     return cast

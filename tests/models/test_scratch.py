@@ -23,6 +23,10 @@ def test_scratch_off_the_cpu_is_a_fresh_tensor():
     a = scratch((4, 8), torch.float32, torch.device("meta"), "test.meta")
     b = scratch((4, 8), torch.float32, torch.device("meta"), "test.meta")
     assert a is not b and a.device.type == "meta"
+    x = torch.empty(2, 3, 8, dtype=torch.bfloat16, device="meta")  # off the CPU a cast is a plain cast
+    cast = cast_shared(x, torch.float32, "test.meta")
+    assert cast.shape == (6, 8) and cast.dtype == torch.float32 and cast.device.type == "meta"
+    assert cast_shared(x, torch.float32, "test.meta") is not cast  # nothing memoised
 
 
 def test_cast_shared_computes_once_per_unchanged_input():
