@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from models.qwen.atomic import dir_mode
 from models.qwen.hashing import sha256_file
 
 CACHE_VERSION = 1
@@ -94,6 +95,7 @@ class CacheWriter:
         self.final_dir = final_dir
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=final_dir.name + ".tmp-", dir=final_dir.parent))
+        os.chmod(self.tmp_dir, dir_mode())   # mkdtemp makes it 0o700; the cache may be shared
         self._f = open(self.tmp_dir / "tokens.u32", "wb")
         self._offsets = [0]
 

@@ -12,10 +12,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from models.qwen import ENDOFTEXT_ID, IGNORE_INDEX
 
-ENDOFTEXT_ID = 151643
-IGNORE_INDEX = -100
+from .errors import DataError
 
 
 def pad_collate(

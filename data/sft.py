@@ -30,11 +30,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from models.qwen import IGNORE_INDEX
+
 from .errors import DataError, InputReport, check_on_error
 from .sources import PathLike, find_files, iter_jsonl
 
 FORMATS = ("alpaca", "messages", "sharegpt")
-IGNORE_INDEX = -100
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user", "user": "user",

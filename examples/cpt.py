@@ -2,145 +2,151 @@
 
     python examples/cpt.py                                   # the embedded default (see below)
     python examples/cpt.py --model /models/Qwen2.5-7B --qlora --data corpus/ --out runs/cpt
+    qwen-tune cpt --config recipe.yaml                       # the same, installed; LLaMA-Factory keys work
 
 Writes into --out: adapter/ (PEFT format, with the tokenizer files), checkpoints/step-N/,
 metrics.jsonl (one JSON object per logged step) and run.json (the settings of the run), and
 prints the loss curve and held-out perplexity before and after.
 
-With no --model and no --data it runs a real, small job on any machine: a small
-Qwen2-architecture model with Qwen's real tokenizer (151936-row vocabulary), pretrained once
-on the "general" part of Python's own documentation (cached under ~/.cache/qwen-tune), then
-LoRA-CPT on the "domain" part (networking / concurrency / data-format docs of the stdlib).
+With no --model it runs a real, small job on any machine: a small Qwen2-architecture model with
+Qwen's real tokenizer (151936-row vocabulary), pretrained once on the "general" part of Python's
+own documentation (cached under ~/.cache/qwen-tune), then LoRA-CPT on the "domain" part
+(networking / concurrency / data-format docs of the stdlib).
 Next: python examples/merge.py; python examples/sft.py; python examples/generate.py.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# The scripts run from a checkout: examples/ for the shared CLI helpers, the repository root
-# for the packages (already importable after `pip install -e .`).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from cli import flags, inputs, outdir, runtime
+from cli.console import Timer, generate_text, list_outputs, log, note, print_training_curve
+from cli.datasets import cpt_datasets
+from cli.errors import run_main
+from demo import settings as demo_settings
+from models.qwen import ENDOFTEXT_ID
+from models.qwen.tokenizer import load_tokenizer
 
-import _cli  # noqa: E402
-import _pipeline as P  # noqa: E402
 
-
-def build_parser() -> _cli.Parser:
-    p = _cli.new_parser("cpt.py", __doc__)
-    _cli.add_training_flags(p, sft=False)
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("cpt.py", __doc__, epilog=demo_settings.describe(demo_settings.CPT))
+    flags.add_training_flags(p, stage="cpt")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
     p.add_argument("--no-document-mask", action="store_true",
                    help="let attention cross document boundaries inside a packed block (plain concatenation)")
     p.add_argument("--sample-prompt", default="The json module",
                    help="prompt of the completion printed before and after training")
-    p.add_argument("--sample-tokens", type=_cli.positive_int, default=40, help="tokens of that completion")
-    p.add_argument("--sample-temperature", type=_cli.non_negative_float, default=0.8,
+    p.add_argument("--sample-tokens", type=flags.positive_int, default=40, help="tokens of that completion")
+    p.add_argument("--sample-temperature", type=flags.non_negative_float, default=0.8,
                    help="sampling temperature of that completion (0 = greedy; top-p 0.9, seed 0 either way)")
     return p
 
 
 def main(argv=None) -> int:
-    args = _cli.parse_args(build_parser(), argv)
-    _cli.check_training_flags(args)
-    timer = P.Timer()
+    args = flags.parse_args(build_parser(), argv, stage="cpt")
+    flags.check_training_flags(args)
+    timer = Timer()
 
-    # ---- resolve inputs (all checks happen before anything is written)
-    embedded_model = args.model is None
-    if args.data:
-        data_paths = _cli.check_data_paths(args.data)
-    if not embedded_model:
-        model_dir = _cli.check_model_dir(args.model)
+    # ---- inputs, all checked before anything loads or is written
+    data_paths = inputs.check_data_paths(args.data) if args.data else None
+    embedded = args.model is None
+    changed = []
+    if embedded:
+        from demo import base_model
+
+        model_dir = base_model.base_dir()
+        changed = demo_settings.apply(args, demo_settings.CPT)
     else:
-        model_dir = P.demo_base_dir()
-        demo = P.apply_demo_defaults(args, P.DEMO_CPT)
-    if args.epochs is None and args.max_steps is None:
-        args.epochs = 2.0
-    args.dtype = P.resolve_dtype(args.dtype)
-    if args.qlora and embedded_model and "qlora" in args._given and args.dtype == "fp32":
-        pass  # QLoRA on the demo model is allowed (NF4 base, fp32 compute)
-    out = Path(args.out) if args.out else _cli.DEFAULT_CPT_OUT
-
-    from data import pydocs
-
+        model_dir = inputs.check_model_dir(args.model)
     corpus = None
-    if not args.data:
-        corpus = pydocs.build()
-        data_paths = [corpus.domain]
-    identity = _cli.run_identity(args, {"stage": "cpt", "model": str(Path(model_dir).resolve()),
-                                        "data": [str(Path(p).resolve()) for p in data_paths]})
-    _cli.prepare_out_dir(out, identity, resume=args.resume, overwrite=args.overwrite)
+    if data_paths is None:
+        from demo import corpus as demo_corpus
 
-    # ---- report what will happen
-    P.log(f"== qwen-tune stage 1: continued pretraining ({'QLoRA' if args.qlora else 'LoRA'}) ==")
-    if embedded_model:
-        P.log("embedded default: a small Qwen2-architecture model with Qwen's real tokenizer, trained on "
-              "Python's own documentation")
-        if demo:
-            P.log(f"  demo settings (flags you give win): {' '.join(demo)}")
+        corpus = demo_corpus.build()
+        data_paths = [corpus.domain]
+    if args.epochs is None and args.max_steps is None:
+        args.epochs = flags.STAGE_DEFAULTS["cpt"]["epochs"]
+    args.dtype = runtime.compute_dtype(args.dtype)
+    out = Path(args.out)
+    identity = outdir.run_identity(args, {"stage": "cpt", "model": str(Path(model_dir).resolve()),
+                                          "data": [str(Path(p).resolve()) for p in data_paths]})
+    outdir.claim(out, command="cpt", identity=identity, inputs=[model_dir, *data_paths],
+                 resume=args.resume, overwrite=args.overwrite)
+
+    # ---- what will happen
+    log(f"== qwen-tune stage 1: continued pretraining ({'QLoRA' if args.qlora else args.finetuning}) ==")
+    if embedded:
+        log("embedded default: a small Qwen2-architecture model with Qwen's real tokenizer, trained on "
+            "Python's own documentation")
+        if changed:
+            log(f"  demo settings (flags you give win): {' '.join(changed)}")
     if corpus is not None:
         st = corpus.stats
-        P.log(f"corpus: Python {st['python']} standard library docs at {st['stdlib']}")
-        P.log(f"  domain  (CPT data)      : {st['domain_documents']} documents, {st['domain_chars']:,} chars "
-              f"-> {corpus.domain}")
-        P.log(f"  general (base pretrain) : {st['general_documents']} documents, {st['general_chars']:,} chars "
-              f"-> {corpus.general}")
+        log(f"corpus: Python {st['python']} standard library docs at {st['stdlib']}")
+        log(f"  domain  (CPT data)      : {st['domain_documents']} documents, {st['domain_chars']:,} chars -> {corpus.domain}")
+        log(f"  general (base pretrain) : {st['general_documents']} documents, {st['general_chars']:,} chars -> {corpus.general}")
+    tok, tok_source = load_tokenizer(None if embedded else model_dir)
+    log(f"tokenizer: {tok_source} ({len(tok)} tokens)")
+    if not embedded:
+        runtime.check_vocab(model_dir, tok)
+        too_long = inputs.check_block_size(model_dir, args.block_size)
+        if too_long:
+            note(too_long)
 
-    tok, tok_source = P.load_tokenizer(None if embedded_model else model_dir)
-    P.log(f"tokenizer: {tok_source} ({len(tok)} tokens)")
-    if embedded_model:
-        P.ensure_demo_base(model_dir, tok, corpus or pydocs.build(), P.log)
-    else:
-        P.check_vocab(model_dir, tok)
+    # ---- data (tokenised before the model loads: a bad file is reported in seconds, not after a 7B load)
+    train_ds, eval_ds, info = cpt_datasets(data_paths, tok, block_size=args.block_size, eval_fraction=args.eval_fraction,
+                                           seed=args.seed, text_field=args.text_field,
+                                           document_mask=not args.no_document_mask)
+    log(f"data: {info}")
 
-    # ---- model + adapter
-    model, trainable, total = P.load_model_with_lora(model_dir, args)
-    P.log(f"model: {model_dir} ({model.config.model_type}, hidden {model.config.hidden_size}, "
-          f"{model.config.num_hidden_layers} layers, vocab rows {model.config.vocab_size}), dtype {args.dtype}"
-          f"{', base in NF4' if args.qlora else ''}")
-    P.log(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} targets={args.lora_targets}: "
-          f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+    # ---- model
+    if embedded:
+        base_model.ensure_base(model_dir, tok, corpus or demo_corpus.build(), log)
+    model = runtime.load_model(model_dir, args.dtype, qlora=args.qlora)
+    lora_settings = runtime.prepare_for_training(model, args)
+    trainable, total = runtime.parameter_counts(model)
+    log(f"model: {model_dir} ({model.config.model_type}, hidden {model.config.hidden_size}, "
+        f"{model.config.num_hidden_layers} layers, vocab rows {model.config.vocab_size}), dtype {args.dtype}"
+        f"{', base in NF4' if args.qlora else ''}")
+    if args.finetuning != "full":
+        log(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} targets={args.lora_targets}"
+            + ("" if args.finetuning == "lora" else f" (injected after {args.full_fraction:g} of the steps)"))
+    log(f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
 
-    # ---- data
-    train_ds, eval_ds, collate, info = P.cpt_datasets(
-        data_paths, tok, block_size=args.block_size, eval_fraction=args.eval_fraction, seed=args.seed,
-        text_field=args.text_field, document_mask=not args.no_document_mask,
-    )
-    P.log(f"data: {info}")
-    eval_batches = P.eval_batches(eval_ds, collate, args.batch_size)
-
-    # ---- before
+    # ---- before, train, after
+    trainer = runtime.build_trainer(model, args, out, train_ds, eval_ds, lora_config=lora_settings, tokenizer=tok, say=log)
+    before = trainer.evaluate() if eval_ds is not None else None
+    if before:
+        log(f"held-out perplexity before CPT: {before['ppl']:.2f} (loss {before['loss']:.4f} over "
+            f"{before['tokens']:,} tokens)")
     prompt = tok.encode(args.sample_prompt)
-    # A fresh adapter has lora_B = 0, so before fit() the model computes exactly the base model.
-    before = P.perplexity(model, eval_batches)
-    P.log(f"held-out perplexity before CPT: {before['ppl']:.2f} (loss {before['loss']:.4f} over "
-          f"{before['tokens']:,} tokens)")
-    sampling = dict(max_new_tokens=args.sample_tokens, stop_ids=(151643,), temperature=args.sample_temperature,
+    sampling = dict(max_new_tokens=args.sample_tokens, stop_ids=(ENDOFTEXT_ID,), temperature=args.sample_temperature,
                     top_p=0.9, seed=0)
     how = "greedy" if args.sample_temperature == 0 else f"sampled: temperature {args.sample_temperature:g}, top-p 0.9, seed 0"
-    P.log(f"sample before ({how}): {args.sample_prompt!r} ->")
-    P.generate_text(model, tok, prompt, **sampling)
-    P.log()
+    log(f"sample before ({how}): {args.sample_prompt!r} ->")
+    generate_text(model, tok, prompt, **sampling)
+    log()
 
-    # ---- train
-    summary, after = P.train_and_report(model, args, out, identity, train_ds, eval_ds, collate, eval_batches,
-                                        loss_name="training loss")
-    P.log(f"\nheld-out perplexity: before {before['ppl']:.2f} -> after {after['ppl']:.2f} "
-          f"(loss {before['loss']:.4f} -> {after['loss']:.4f}, {after['tokens']:,} tokens)")
-    P.log(f"sample after ({how}):  {args.sample_prompt!r} ->")
-    P.generate_text(model, tok, prompt, **sampling)
-    P.log()
+    summary = trainer.fit()
+    print_training_curve(out, "training loss")
+    after = summary["final_eval"]
+    if before and after:
+        log(f"\nheld-out perplexity: before {before['ppl']:.2f} -> after {after['val_ppl']:.2f} "
+            f"(loss {before['loss']:.4f} -> {after['val_loss']:.4f}, {after['val_tokens']:,} tokens)")
+    log(f"sample after ({how}):  {args.sample_prompt!r} ->")
+    generate_text(model, tok, prompt, **sampling)
+    log()
 
-    P.save_adapter(model, out / "adapter", model_dir, tok)
-    P.log(f"\noutputs ({timer}):")
-    P.log(P.list_outputs(out))
-    P.log(f"  training summary: {P.short_summary(summary)}")
-    extra = "" if args.out is None else f" --adapter {out / 'adapter'}"
-    P.log(f"\nnext: python examples/merge.py{extra}   (merges the adapter into the base model)")
+    log(f"\noutputs ({timer}):")
+    log(list_outputs(out))
+    log(f"  training summary: {runtime.summary_line(summary)}")
+    if args.finetuning == "full":
+        log(f"\nnext: python examples/sft.py --model {out / 'model'}   (instruction SFT on the trained model)")
+    else:
+        extra = "" if "out" not in args._given else f" --adapter {out / 'adapter'}"
+        log(f"\nnext: python examples/merge.py{extra}   (merges the adapter into its base model)")
     return 0
 
 
 if __name__ == "__main__":
-    _cli.run_main(main)
+    run_main(main)

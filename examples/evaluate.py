@@ -32,17 +32,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import flags, inputs, outdir, paths, runtime
+from cli.console import Timer, log
+from cli.errors import UsageError, run_main
+from demo import settings as demo_settings
 
-import _cli  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _cli import UsageError  # noqa: E402
-
-DEFAULT_EVAL_OUT = _cli.RUNS / "eval"
-DEFAULT_RESIDUAL_OUT = _cli.RUNS / "residual"
-# The embedded default evaluates a slice of the held-out data (2 CPU cores, five models): the
-# windows match the demo's 256-token training blocks, with at least 64 tokens of context.
-DEMO_EVAL = dict(max_tokens=3072, max_instructions=24, max_new_tokens=32, max_length=256, stride=192)
+DEFAULT_EVAL_OUT = paths.RUNS / "eval"
+DEFAULT_RESIDUAL_OUT = paths.RUNS / "residual"
+DEMO_EVAL = demo_settings.EVAL
 
 
 class _AppendEntry(argparse.Action):
@@ -54,8 +51,8 @@ class _AppendEntry(argparse.Action):
         namespace.entries = entries
 
 
-def build_parser() -> _cli.Parser:
-    p = _cli.new_parser("evaluate.py", __doc__)
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("evaluate.py", __doc__, epilog=demo_settings.describe(DEMO_EVAL))
     g = p.add_argument_group("what to compare (rows, in order; the first is the reference)")
     g.add_argument("--model", metavar="[NAME=]DIR", action=_AppendEntry, dest="model",
                    help="an HF-format Qwen model directory (repeatable)")
@@ -70,27 +67,27 @@ def build_parser() -> _cli.Parser:
     g.add_argument("--general-data", metavar="PATH", nargs="+", help="general text (the forgetting check)")
     g.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
     g.add_argument("--instructions", metavar="FILE.jsonl", help="held-out instructions (messages/alpaca/ShareGPT)")
-    g.add_argument("--max-tokens", type=_cli.positive_int, default=None,
+    g.add_argument("--max-tokens", type=flags.positive_int, default=None,
                    help="use only the first N tokens of each text set (default: all)")
-    g.add_argument("--max-instructions", type=_cli.positive_int, default=None, help="use only the first N instructions")
+    g.add_argument("--max-instructions", type=flags.positive_int, default=None, help="use only the first N instructions")
     g = p.add_argument_group("measurement")
-    g.add_argument("--max-length", type=_cli.positive_int, default=None,
+    g.add_argument("--max-length", type=flags.positive_int, default=None,
                    help="perplexity window in tokens (default: min(2048, the first model's max positions))")
-    g.add_argument("--stride", type=_cli.positive_int, default=None, help="step between windows (default: half)")
-    g.add_argument("--batch-size", type=_cli.positive_int, default=8, help="windows per forward pass")
-    g.add_argument("--max-new-tokens", type=_cli.positive_int, default=64, help="greedy answer budget")
-    g.add_argument("--gen-batch-size", type=_cli.positive_int, default=8, help="prompts decoded together")
-    g.add_argument("--forgetting-threshold", type=_cli.non_negative_float, default=0.10,
+    g.add_argument("--stride", type=flags.positive_int, default=None, help="step between windows (default: half)")
+    g.add_argument("--batch-size", type=flags.positive_int, default=8, help="windows per forward pass")
+    g.add_argument("--max-new-tokens", type=flags.positive_int, default=64, help="greedy answer budget")
+    g.add_argument("--gen-batch-size", type=flags.positive_int, default=8, help="prompts decoded together")
+    g.add_argument("--forgetting-threshold", type=flags.non_negative_float, default=0.10,
                    help="flag general-text perplexity rising by more than this fraction over the first row")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="compute dtype (default bf16 on a GPU, fp32 on CPU)")
     g.add_argument("--qlora", action="store_true",
                    help="load the base of every --adapter row in NF4, as it was trained with QLoRA")
-    g.add_argument("--eval-fraction", type=_cli.ratio, default=0.05,
+    g.add_argument("--eval-fraction", type=flags.ratio, default=0.05,
                    help="embedded default only: the held-out fraction of the domain documentation "
                         "(default: what runs/cpt/run.json records)")
     p.add_argument("--out", metavar="DIR", default=str(DEFAULT_EVAL_OUT), help="where report.md/.json go")
-    _cli.add_config_flag(p)
+    flags.add_config_flag(p)
     return p
 
 
@@ -119,14 +116,14 @@ def candidates_from_flags(entries, metrics_flags, qlora: bool = False) -> list:
         flag = f"--{kind}"
         name, spec = _split_name(value, flag)
         if kind == "model":
-            model = _cli.check_model_dir(spec, flag=flag)
+            model = inputs.check_model_dir(spec, flag=flag)
             out.append(Candidate(_unique(name or model.name, taken), model, metrics=_found_metrics(model)))
             continue
         adapter_path, _, base = spec.partition("@")
-        adapter = _cli.check_adapter_dir(adapter_path, flag=flag)
+        adapter = inputs.check_adapter_dir(adapter_path, flag=flag)
         if not base:
             base = _adapter_base(adapter, flag)
-        model = _cli.check_model_dir(base, flag=f"{flag} {value} (base model)")
+        model = inputs.check_model_dir(base, flag=f"{flag} {value} (base model)")
         default_name = adapter.parent.name if adapter.name == "adapter" else adapter.name
         out.append(Candidate(_unique(name or default_name, taken), model, adapter, metrics=_found_metrics(adapter),
                              quantize="nf4" if qlora else None))
@@ -163,8 +160,7 @@ def default_stages() -> tuple[list, list]:
     """(candidates, missing) of the embedded-default run: what exists under runs/ now."""
     from train.report import Candidate
 
-    cpt, merged, sft, residual = (_cli.DEFAULT_CPT_OUT, _cli.DEFAULT_MERGED_OUT, _cli.DEFAULT_SFT_OUT,
-                                  DEFAULT_RESIDUAL_OUT)
+    cpt, merged, sft, residual = paths.CPT_OUT, paths.MERGED_OUT, paths.SFT_OUT, DEFAULT_RESIDUAL_OUT
     found, missing = [], []
 
     def is_model(d: Path) -> bool:
@@ -175,7 +171,9 @@ def default_stages() -> tuple[list, list]:
 
     # The base is the one the stage-1 adapter records (cpt.py --model DIR with the default
     # --out), else the cached demo base of the embedded default.
-    base = P.demo_base_dir()
+    from demo.base_model import base_dir
+
+    base = base_dir()
     if is_adapter(cpt / "adapter"):
         try:
             recorded = json.loads((cpt / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
@@ -219,28 +217,26 @@ def held_out_documents(path: Path, tok, fraction: float, seed: int) -> list:
 
 def _run_setting(run_dir: Path, key: str, default=None):
     """A setting recorded in a run's run.json (what cpt.py/sft.py were run with), or default."""
-    try:
-        return json.loads((run_dir / _cli.RUN_FILE).read_text(encoding="utf-8")).get(key, default)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return default
+    return outdir.run_settings(run_dir).get(key, default)
 
 
 def default_data(args, tok) -> dict:
     """Held-out text and questions of the embedded default: the documents cpt.py held out of
     the domain corpus (its --eval-fraction and --seed, read from runs/cpt/run.json), the ones
     the demo base's pretraining held out of the general corpus, and the held-out Q/A set."""
-    from data import pydocs
+    from demo import corpus as demo_corpus
+    from demo.base_model import PRETRAIN
 
-    corpus = pydocs.build()
+    corpus = demo_corpus.build()
     fraction, seed = args.eval_fraction, 0
     if "eval_fraction" not in args._given:
         try:
-            fraction = float(_run_setting(_cli.DEFAULT_CPT_OUT, "eval_fraction", fraction))
-            seed = int(_run_setting(_cli.DEFAULT_CPT_OUT, "seed", seed))
+            fraction = float(_run_setting(paths.CPT_OUT, "eval_fraction", fraction))
+            seed = int(_run_setting(paths.CPT_OUT, "seed", seed))
         except (TypeError, ValueError):
             pass  # a damaged run.json: the defaults cpt.py uses
-    general_fraction = getattr(P, "DEMO_PRETRAIN_EVAL_FRACTION", 0.02)
-    general_seed = P.DEMO_PRETRAIN.get("seed", 0)
+    general_fraction = 0.02   # demo.base_model's held-out share of the general corpus
+    general_seed = PRETRAIN["seed"]
     return {
         "domain": held_out_documents(corpus.domain, tok, fraction, seed),
         "general": held_out_documents(corpus.general, tok, general_fraction, general_seed),
@@ -259,15 +255,15 @@ def user_documents(paths, flag: str, tok, text_field: str) -> list:
     its corpus (`data.load_corpus`: .txt one document per file, .jsonl(.gz) one per line)."""
     from data import load_corpus
 
-    _cli.check_data_paths(paths, flag)
+    inputs.check_data_paths(paths, flag)
     corpus = load_corpus([str(p) for p in paths], tok, text_field=text_field, progress=sys.stderr.isatty())
     return [corpus.doc(i) for i in range(len(corpus))]
 
 
 # ---------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    args = _cli.parse_args(build_parser(), argv)
-    timer = P.Timer()
+    args = flags.parse_args(build_parser(), argv)
+    timer = Timer()
     from models.qwen.tokenizer import TokenizerError
     from train.report import EvalSettings, ReportError, compare_models, read_instructions
 
@@ -290,9 +286,9 @@ def main(argv=None) -> int:
     try:
         # Texts are tokenised once, with the first row's tokenizer (Qwen checkpoints share the
         # vocabulary; the SFT outputs change only the eos setting).
-        from train.report import load_tokenizer
+        from models.qwen.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(candidates[0].adapter_dir, candidates[0].model_dir)
+        tok, _ = load_tokenizer(candidates[0].adapter_dir, candidates[0].model_dir)
         if embedded and not (args.domain_data or args.general_data or args.instructions):
             held = default_data(args, tok)
             domain, general = held["domain"], held["general"]
@@ -305,13 +301,13 @@ def main(argv=None) -> int:
                 if args.general_data else None
             instructions = None
             if args.instructions:
-                _cli.check_data_paths([args.instructions], "--instructions")
+                inputs.check_data_paths([args.instructions], "--instructions")
                 instructions = read_instructions(args.instructions, limit=args.max_instructions)
             data_info = {k: " ".join(map(str, v)) if isinstance(v, list) else v
                          for k, v in (("domain", args.domain_data), ("general", args.general_data),
                                       ("instructions", args.instructions)) if v}
         if general is None:
-            P.log("note: no --general-data, so no forgetting check")
+            log("note: no --general-data, so no forgetting check")
 
         from models.qwen import QwenConfig
 
@@ -324,38 +320,39 @@ def main(argv=None) -> int:
             raise UsageError(f"--stride {stride} must be smaller than --max-length {max_length}")
         settings = EvalSettings(max_length=max_length, stride=stride, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
-                                gen_batch_size=args.gen_batch_size, dtype=P.resolve_dtype(args.dtype),
-                                device=P.device())
+                                gen_batch_size=args.gen_batch_size, dtype=runtime.compute_dtype(args.dtype),
+                                device=runtime.device())
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a directory")
+        used = [p for c in candidates for p in (c.model_dir, c.adapter_dir) if p is not None]
+        outdir.claim(out, command="evaluate", identity={"rows": [str(p) for p in used]}, inputs=used,
+                     outputs=outdir.MODEL_OUTPUTS, one_shot=True)
 
-        P.log("== qwen-tune evaluation ==")
+        log("== qwen-tune evaluation ==")
         if embedded:
-            P.log("embedded default: the stages of the default pipeline found under runs/ "
+            log("embedded default: the stages of the default pipeline found under runs/ "
                   f"(settings: {', '.join(f'--{k.replace(chr(95), chr(45))} {getattr(args, k)}' for k in DEMO_EVAL)})")
-        P.log(f"rows: {', '.join(c.name for c in candidates)} (reference: {candidates[0].name})")
+        log(f"rows: {', '.join(c.name for c in candidates)} (reference: {candidates[0].name})")
         for m in missing:
-            P.log(f"missing stage {m['name']}: {m['reason']}")
-        P.log(f"data: {len(domain or [])} domain documents, {len(general or [])} general documents, "
+            log(f"missing stage {m['name']}: {m['reason']}")
+        log(f"data: {len(domain or [])} domain documents, {len(general or [])} general documents, "
               f"{len(instructions or [])} instructions; window {max_length}, stride {stride}, "
               f"dtype {settings.dtype}")
         report = compare_models(candidates, domain=domain, general=general, instructions=instructions,
                                 settings=settings, threshold=args.forgetting_threshold, out_dir=out,
-                                missing=missing, data_info=data_info, log=P.log)
+                                missing=missing, data_info=data_info, log=log)
     except (ReportError, TokenizerError) as e:
         raise UsageError(str(e)) from None
 
     from train.report import render_markdown
 
-    P.log("")
+    log("")
     md = render_markdown(report)
-    P.log(md.split("\n\n## ")[0])  # the table and the forgetting note
-    P.log(f"\nreport ({timer}): {out / 'report.md'}, {out / 'report.json'}"
+    log(md.split("\n\n## ")[0])  # the table and the forgetting note
+    log(f"\nreport ({timer}): {out / 'report.md'}, {out / 'report.json'}"
           + (f", {report['plot']}" if report.get("plot") else
              ("" if not report.get("loss_curves") else " (no loss plot: matplotlib is not installed)")))
     return 0
 
 
 if __name__ == "__main__":
-    _cli.run_main(main)
+    run_main(main)

@@ -20,45 +20,41 @@ rows with data.vocab.train_new_rows (old rows stay bit-identical) or lora module
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from cli import flags, inputs, outdir, paths, runtime
+from cli.console import Timer, list_outputs, log
+from cli.errors import UsageError, run_main
+from models.qwen.atomic import atomic_directory
+from models.qwen.tokenizer import load_tokenizer
 
-import _cli  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _cli import UsageError  # noqa: E402
-
-DEFAULT_OUT = _cli.RUNS / "extend-vocab"
-MARKER = "report.json"
+DEFAULT_OUT = paths.RUNS / "extend-vocab"
 
 
-def build_parser() -> _cli.Parser:
-    p = _cli.new_parser("extend_vocab.py", __doc__)
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("extend_vocab.py", __doc__)
     p.add_argument("--model", metavar="DIR", help="HF-format Qwen checkpoint to give the new tokens rows "
                                                   "(default: none, the tokenizer alone is extended)")
     p.add_argument("--data", metavar="PATH", nargs="+",
                    help="domain corpus: .txt/.jsonl/.jsonl.gz files or directories (default: the embedded "
                         "Python-documentation domain corpus)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl records")
-    p.add_argument("--max-chars", type=_cli.positive_int, default=None,
+    p.add_argument("--max-chars", type=flags.positive_int, default=None,
                    help="use only the first documents, up to about this many characters")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tokens", metavar="FILE", help="UTF-8 file of tokens to add, one per line (no mining); "
                                                     "a leading space is part of the token")
     g.add_argument("--token", metavar="TEXT", action="append", help="a token to add (repeatable; no mining)")
-    p.add_argument("--max-tokens", type=_cli.positive_int, default=32, help="most tokens mining proposes")
-    p.add_argument("--min-frequency", type=_cli.positive_int, default=20,
+    p.add_argument("--max-tokens", type=flags.positive_int, default=32, help="most tokens mining proposes")
+    p.add_argument("--min-frequency", type=flags.positive_int, default=20,
                    help="occurrences a mined token needs in the corpus")
     p.add_argument("--sp-model-type", choices=("unigram", "bpe"), default="unigram", help="sentencepiece model")
-    p.add_argument("--sp-vocab-size", type=_cli.positive_int, default=4000, help="sentencepiece pieces to train")
+    p.add_argument("--sp-vocab-size", type=flags.positive_int, default=4000, help="sentencepiece pieces to train")
     p.add_argument("--rank", choices=("per_occurrence", "saving"), default="per_occurrence",
                    help="order of candidates: tokens saved per occurrence, or estimated total saving")
     p.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out written by another run")
-    _cli.add_config_flag(p)
+    flags.add_overwrite_flag(p)
+    flags.add_config_flag(p)
     return p
 
 
@@ -95,13 +91,13 @@ def check_tokens(numbered: list[tuple[int, str]], tok, where: str) -> list[str]:
 
 
 def read_corpus(args) -> tuple[list[str], str]:
-    from data import vocab
     from data.errors import InputReport
     from data.sources import find_files, iter_documents
 
     if not args.data:
-        return vocab.embedded_corpus(args.max_chars), "the embedded Python-documentation domain corpus"
-    _cli.check_data_paths(args.data)
+        from demo.corpus import domain_documents
+
+        return domain_documents(args.max_chars), "the embedded Python-documentation domain corpus"
     docs: list[str] = []
     chars = 0
     report = InputReport()
@@ -116,32 +112,23 @@ def read_corpus(args) -> tuple[list[str], str]:
     return docs, " ".join(args.data)
 
 
-def check_out(out: Path, overwrite: bool, protected: list[Path]) -> None:
-    if out.resolve() in [p.resolve() for p in protected]:
-        raise UsageError(f"--out {out}: is the input model itself; choose another directory")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    if any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
-        raise UsageError(f"--out {out}: exists, is not empty and was not written by extend_vocab.py; "
-                         f"choose another --out or pass --overwrite")
-
-
 def main(argv=None) -> int:
-    args = _cli.parse_args(build_parser(), argv)
-    timer = P.Timer()
-    model_dir = _cli.check_model_dir(args.model) if args.model else None
+    args = flags.parse_args(build_parser(), argv)
+    timer = Timer()
+    model_dir = inputs.check_model_dir(args.model) if args.model else None
+    data = inputs.check_data_paths(args.data) if args.data else []
     out = Path(args.out)
-    check_out(out, args.overwrite, [model_dir] if model_dir else [])
+    identity = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "config", "_given")}
+    outdir.claim(out, command="extend_vocab", identity=json.loads(json.dumps(identity, default=str)),
+                 inputs=[model_dir, *data], overwrite=args.overwrite, outputs=outdir.MODEL_OUTPUTS, one_shot=True)
 
     from data import vocab
 
-    tok, tok_source = P.load_tokenizer(model_dir)
+    tok, tok_source = load_tokenizer(model_dir)
     if model_dir is not None:
-        P.check_vocab(model_dir, tok)
-    P.log("== qwen-tune extend_vocab ==")
-    P.log(f"tokenizer: {tok_source} ({len(tok)} tokens)")
+        runtime.check_vocab(model_dir, tok)
+    log("== qwen-tune extend_vocab ==")
+    log(f"tokenizer: {tok_source} ({len(tok)} tokens)")
     if args.tokens:
         given = check_tokens(read_token_file(args.tokens), tok, f"--tokens {args.tokens}")
     elif args.token:
@@ -149,10 +136,10 @@ def main(argv=None) -> int:
     else:
         given = None
     docs, corpus_source = read_corpus(args)
-    P.log(f"corpus: {corpus_source}: {len(docs)} documents, {sum(map(len, docs)):,} characters")
+    log(f"corpus: {corpus_source}: {len(docs)} documents, {sum(map(len, docs)):,} characters")
 
     if given is None:
-        P.log(f"mining: sentencepiece {args.sp_model_type} ({args.sp_vocab_size} pieces), up to {args.max_tokens} "
+        log(f"mining: sentencepiece {args.sp_model_type} ({args.sp_vocab_size} pieces), up to {args.max_tokens} "
               f"tokens occurring >= {args.min_frequency} times, ranked by {args.rank.replace('_', ' ')}")
         report = vocab.mine_tokens(docs, tok, max_tokens=args.max_tokens, min_frequency=args.min_frequency,
                                    model_type=args.sp_model_type, sp_vocab_size=args.sp_vocab_size, rank=args.rank)
@@ -161,34 +148,30 @@ def main(argv=None) -> int:
                              "corpus; lower it or give --tokens")
     else:
         report = vocab.measure_tokens(docs, tok, given)
-    P.log("\n" + report.table() + "\n")
+    log("\n" + report.table() + "\n")
 
     new_tok = report.tokenizer
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     if model_dir is not None:
         from models.qwen import load, save
 
         model = load(model_dir)  # in its stored dtype: rows are copied, never recomputed
-        ext = vocab.extend_model(model, tok, new_tok)
-        save(model, tmp, tokenizer=new_tok)
-        P.log(f"model: {ext}")
+        log(f"model: {vocab.extend_model(model, tok, new_tok)}")
+        save(model, out, tokenizer=new_tok)
     else:
-        new_tok.save_pretrained(tmp)
-        P.log(f"model: none given (--model DIR gives the {len(report.rows)} tokens rows in a checkpoint)")
-    (tmp / "report.txt").write_text(report.table() + "\n", encoding="utf-8")
-    (tmp / MARKER).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+        with atomic_directory(out, fsync=False) as tmp:
+            new_tok.save_pretrained(tmp)
+        log(f"model: none given (--model DIR gives the {len(report.rows)} tokens rows in a checkpoint)")
+    for name, text in (("report.txt", report.table()),
+                       ("report.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False))):
+        (out / f".{name}.tmp").write_text(text + "\n", encoding="utf-8")
+        (out / f".{name}.tmp").replace(out / name)
 
-    P.log(f"\noutputs ({timer}):")
-    P.log(P.list_outputs(out))
+    log(f"\noutputs ({timer}):")
+    log(list_outputs(out))
     if model_dir is not None:
-        P.log(f"\nnext: train with the new rows (data.vocab.train_new_rows after lora.inject), starting from {out}")
+        log(f"\nnext: train with the new rows (data.vocab.train_new_rows after lora.inject), starting from {out}")
     return 0
 
 
 if __name__ == "__main__":
-    _cli.run_main(main)
+    run_main(main)

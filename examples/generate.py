@@ -6,25 +6,21 @@
         --mode completion --prompt "The TCP handshake"
     python examples/generate.py --compare           # base vs tuned answers side by side
 
-Tokens are printed as they are generated. In chat mode the prompt is rendered with the
-ChatML template and generation stops at <|im_end|> (or <|endoftext|>); in completion mode
-the prompt is plain text and generation stops at <|endoftext|>.
+Tokens are printed as they are generated. In chat mode the prompt is rendered with the chat
+template the model folder carries and generation stops at <|im_end|> (or <|endoftext|>); in
+completion mode the prompt is plain text and generation stops at <|endoftext|>.
 """
 
 from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
 
-# The scripts run from a checkout: examples/ for the shared CLI helpers, the repository root
-# for the packages (already importable after `pip install -e .`).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-
-import _cli  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _cli import UsageError  # noqa: E402
+from cli import flags, inputs, paths, runtime
+from cli.console import CHAT_STOP, chat_ids, generate_text, log
+from cli.errors import UsageError, run_main
+from models.qwen import ENDOFTEXT_ID
+from models.qwen.tokenizer import load_tokenizer
 
 DEMO_QUESTIONS = (
     "What does the function `json.dumps` do?",
@@ -33,87 +29,83 @@ DEMO_QUESTIONS = (
 )
 
 
-def build_parser() -> _cli.Parser:
-    p = _cli.new_parser("generate.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help=f"model directory (default: {_cli.DEFAULT_MERGED_OUT})")
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("generate.py", __doc__)
+    p.add_argument("--model", metavar="DIR", help=f"model directory (default: {paths.MERGED_OUT})")
     p.add_argument("--adapter", metavar="DIR",
-                   help=f"LoRA adapter directory (default with the default model: {_cli.DEFAULT_SFT_OUT / 'adapter'})")
+                   help=f"LoRA adapter directory (default with the default model: {paths.SFT_OUT / 'adapter'})")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt or user message; repeat for several (default: demo questions)")
-    p.add_argument("--mode", choices=("chat", "completion"), default="chat", help="ChatML chat or raw completion")
+    p.add_argument("--mode", choices=("chat", "completion"), default="chat", help="chat template or raw completion")
     p.add_argument("--system", default=None, help="system message in chat mode (default: the template's)")
     p.add_argument("--compare", action="store_true", help="answer with the base (no adapter) and the tuned model")
-    p.add_argument("--max-new-tokens", type=_cli.positive_int, default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=_cli.non_negative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--max-new-tokens", type=flags.positive_int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=flags.non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=flags.non_negative_int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--qlora", action="store_true", help="load the base in NF4 (as it was trained with QLoRA)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="compute dtype")
-    _cli.add_config_flag(p)
+    p.add_argument("--dtype", choices=flags.DTYPES, default=None, help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
+    flags.add_config_flag(p)
     return p
 
 
 def resolve(args):
     if args.model is None:
-        default = _cli.DEFAULT_MERGED_OUT
+        default = paths.MERGED_OUT
         if not default.is_dir():
             raise UsageError(f"--model: not given and {default} does not exist; run examples/cpt.py and "
                              f"examples/merge.py first, or pass --model DIR")
-        model = _cli.check_model_dir(str(default), flag=f"--model (default {default})")
-        if args.adapter is None and (_cli.DEFAULT_SFT_OUT / "adapter").is_dir():
-            args.adapter = str(_cli.DEFAULT_SFT_OUT / "adapter")
+        model = inputs.check_model_dir(str(default), flag=f"--model (default {default})")
+        if args.adapter is None and (paths.SFT_OUT / "adapter").is_dir():
+            args.adapter = str(paths.SFT_OUT / "adapter")
     else:
-        model = _cli.check_model_dir(args.model)
-    adapter = _cli.check_adapter_dir(args.adapter) if args.adapter else None
+        model = inputs.check_model_dir(args.model)
+    adapter = inputs.check_adapter_dir(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
         raise UsageError("--compare needs an --adapter (base = --model alone, tuned = --model + --adapter)")
     if not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     return model, adapter
 
 
 def main(argv=None) -> int:
-    args = _cli.parse_args(build_parser(), argv)
+    args = flags.parse_args(build_parser(), argv)
     model_dir, adapter = resolve(args)
-    dtype = P.resolve_dtype(args.dtype)
 
     import lora
 
-    tok, tok_source = P.load_tokenizer(adapter, model_dir)
-    P.check_vocab(model_dir, tok)
+    tok, tok_source = load_tokenizer(adapter, model_dir)
+    runtime.check_vocab(model_dir, tok)
     prompts = args.prompt or list(DEMO_QUESTIONS if args.mode == "chat" else ("The json module",))
-    P.log(f"model: {model_dir}" + (f" + adapter {adapter}" if adapter else "") + f"  (tokenizer: {tok_source})")
+    log(f"model: {model_dir}" + (f" + adapter {adapter}" if adapter else "") + f"  (tokenizer: {tok_source})")
 
-    model = P.load_model(model_dir, dtype, qlora=args.qlora)
+    model = runtime.load_model(model_dir, runtime.compute_dtype(args.dtype), qlora=args.qlora)
     if adapter is not None:
         lora.load(model, adapter)
     model.eval()
-    stop = P.CHAT_STOP if args.mode == "chat" else (151643,)
+    stop = CHAT_STOP if args.mode == "chat" else (ENDOFTEXT_ID,)
 
     def encode(text: str) -> list[int]:
-        return P.chat_ids(tok, text, args.system) if args.mode == "chat" else tok.encode(text)
+        return chat_ids(tok, text, args.system) if args.mode == "chat" else tok.encode(text)
 
     def answer(text: str, label: str) -> str:
         sys.stdout.write(f"[{label}] ")
         sys.stdout.flush()
-        out = P.generate_text(model, tok, encode(text), max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              stop_ids=stop, seed=args.seed)
-        P.log()
+        out = generate_text(model, tok, encode(text), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, stop_ids=stop, seed=args.seed)
+        log()
         return out
 
     for text in prompts:
-        P.log(f"\n>>> {text}")
+        log(f"\n>>> {text}")
         if not args.compare:
             answer(text, "tuned" if adapter else "model")
             continue
         with lora.disable_adapters(model):
             base = answer(text, "base")
         tuned = answer(text, "tuned")
-        P.log(side_by_side(base, tuned))
+        log(side_by_side(base, tuned))
     return 0
 
 
@@ -128,4 +120,4 @@ def side_by_side(left: str, right: str, width: int = 48) -> str:
 
 
 if __name__ == "__main__":
-    _cli.run_main(main)
+    run_main(main)

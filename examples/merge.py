@@ -7,27 +7,24 @@ The adapter is folded in fp32 and cast once. After QLoRA the merge goes, by defa
 original 16-bit weights (`--into original`); `--into nf4` merges into the dequantised NF4
 weights the adapter was trained against. The script prints the logit drift between the
 model as trained (base + adapter, unmerged) and the merged model on a few prompts.
-The output carries the tokenizer files, so it is a complete model directory.
+The output carries the tokenizer files, so it is a complete model directory; `--gguf` also
+writes a GGUF file for llama.cpp / Ollama (see examples/export.py).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-# The scripts run from a checkout: examples/ for the shared CLI helpers, the repository root
-# for the packages (already importable after `pip install -e .`).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from cli import flags, inputs, outdir, paths, runtime
+from cli.console import Timer, list_outputs, log
+from cli.errors import UsageError, run_main
+from models.qwen import QwenConfig
+from models.qwen.config import dtype_name_short
+from models.qwen.tokenizer import load_tokenizer
 
-import _cli  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _cli import UsageError  # noqa: E402
-
-MERGE_FILE = "merge.json"
 DRIFT_PROMPTS = (
     "The json module",
     "def fetch(url):\n    \"\"\"Open the URL and return",
@@ -36,38 +33,28 @@ DRIFT_PROMPTS = (
 )
 
 
-def build_parser() -> _cli.Parser:
-    p = _cli.new_parser("merge.py", __doc__)
-    p.add_argument("--model", metavar="DIR",
-                   help="base model directory (default: the base recorded by the adapter's run)")
-    p.add_argument("--adapter", metavar="DIR", default=str(_cli.DEFAULT_CPT_OUT / "adapter"),
-                   help="PEFT-format adapter directory")
-    p.add_argument("--out", metavar="DIR", default=str(_cli.DEFAULT_MERGED_OUT), help="output model directory")
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("merge.py", __doc__)
+    p.add_argument("--model", metavar="DIR", help="base model directory (default: the base recorded by the adapter's run)")
+    p.add_argument("--adapter", metavar="DIR", default=str(paths.CPT_OUT / "adapter"), help="PEFT-format adapter directory")
+    p.add_argument("--out", metavar="DIR", default=str(paths.MERGED_OUT), help="output model directory")
     p.add_argument("--into", choices=("original", "nf4"), default="original",
                    help="merge into the original 16-bit weights, or into the dequantised NF4 weights")
     p.add_argument("--qlora", action="store_true",
-                   help="the adapter was trained on an NF4 base (default: read from the run's run.json)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="dtype of the written weights (default: the base checkpoint's)")
+                   help="the adapter was trained on an NF4 base (default: what the adapter's run.json records)")
+    p.add_argument("--dtype", choices=flags.DTYPES, default=None, help="dtype of the written weights (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds another model")
-    _cli.add_config_flag(p)
+    p.add_argument("--gguf", choices=("f16", "bf16", "q8_0"), default=None,
+                   help="also write OUT/model-<type>.gguf (+ an Ollama Modelfile)")
+    flags.add_overwrite_flag(p)
+    flags.add_config_flag(p)
     return p
 
 
-def _adapter_run(adapter: Path) -> dict:
-    run = adapter.parent / _cli.RUN_FILE
-    if run.is_file():
-        try:
-            return json.loads(run.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}
-    return {}
-
-
 def resolve_base(args, adapter: Path, run: dict) -> Path:
+    """--model, else the base the adapter's run recorded, else its adapter_config.json's."""
     if args.model:
-        return _cli.check_model_dir(args.model)
+        return inputs.check_model_dir(args.model)
     candidates = []
     if run.get("model"):
         candidates.append(("the run's run.json", run["model"]))
@@ -76,102 +63,97 @@ def resolve_base(args, adapter: Path, run: dict) -> Path:
         candidates.append(("adapter_config.json base_model_name_or_path", cfg["base_model_name_or_path"]))
     for source, path in candidates:
         if Path(path).is_dir():
-            return _cli.check_model_dir(path, flag=f"--model (from {source})")
+            return inputs.check_model_dir(path, flag=f"--model (from {source})")
     if candidates:
         raise UsageError(f"--model: not given, and the adapter's base {candidates[-1][1]!r} is not a "
                          f"directory here; pass --model DIR")
     raise UsageError("--model: not given and the adapter does not record its base model; pass --model DIR")
 
 
-def check_out(out: Path, identity: dict, overwrite: bool) -> None:
-    """--out may be missing, empty, or a model this script wrote from the same inputs."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    if not any(out.iterdir()) or overwrite:
-        return
-    marker = out / MERGE_FILE
-    if not marker.is_file():
-        raise UsageError(f"--out {out}: exists, is not empty and was not written by merge.py; "
-                         f"choose another --out or pass --overwrite")
-    try:
-        previous = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        previous = {}
-    if previous != identity:
-        raise UsageError(f"--out {out}: holds a different merge (of {previous.get('adapter')!r} into "
-                         f"{previous.get('model')!r}); choose another --out or pass --overwrite")
-
-
 def main(argv=None) -> int:
-    args = _cli.parse_args(build_parser(), argv)
-    timer = P.Timer()
-    adapter = _cli.check_adapter_dir(args.adapter)
-    run = _adapter_run(adapter)
+    args = flags.parse_args(build_parser(), argv)
+    timer = Timer()
+    adapter = inputs.check_adapter_dir(args.adapter)
+    run = outdir.run_settings(adapter.parent)
     base = resolve_base(args, adapter, run)
     qlora = args.qlora or bool(run.get("qlora"))
     out = Path(args.out)
-    if out.resolve() in (base.resolve(), adapter.resolve()):
-        raise UsageError(f"--out {out}: is the base model or the adapter itself; choose another directory")
-
-    from models.qwen import QwenConfig
-
-    base_dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(QwenConfig.from_hf(base).torch_dtype, "bf16")
+    base_dtype = dtype_name_short(QwenConfig.from_hf(base).torch_dtype)
     out_dtype = args.dtype or base_dtype
     identity = {"model": str(base.resolve()), "adapter": str(adapter.resolve()), "into": args.into,
-                "qlora": qlora, "dtype": out_dtype}
-    check_out(out, identity, args.overwrite)
+                "qlora": qlora, "dtype": out_dtype, "gguf": args.gguf}
+    outdir.claim(out, command="merge", identity=identity, inputs=[base, adapter], overwrite=args.overwrite,
+                 outputs=outdir.MODEL_OUTPUTS, one_shot=True)
 
     import lora
 
-    tok, tok_source = P.load_tokenizer(adapter, base)
-    P.log(f"== qwen-tune merge: {adapter} into {base} ==")
-    P.log(f"tokenizer: {tok_source}")
+    tok, tok_source = load_tokenizer(adapter, base)
+    log(f"== qwen-tune merge: {adapter} into {base} ==")
+    log(f"tokenizer: {tok_source}")
     prompts = [torch.tensor(tok.encode(t), dtype=torch.long) for t in DRIFT_PROMPTS]
 
     # The model as trained: base (NF4 after QLoRA) + the unmerged adapter.
     compute = "fp32" if out_dtype == "fp32" or not torch.cuda.is_available() else out_dtype
-    trained = P.load_model(base, compute, qlora=qlora)
+    trained = runtime.load_model(base, compute, qlora=qlora)
     lora.load(trained, adapter)
-    reference = P.logits_on(trained, prompts)
+    reference = logits_on(trained, prompts)
     del trained
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
     into_nf4 = args.into == "nf4"
     if into_nf4 and not qlora:
-        P.log("note: --into nf4 on an adapter trained without QLoRA: merging into NF4-rounded weights anyway")
-    model = P.load_model(base, compute, qlora=into_nf4)
+        log("note: --into nf4 on an adapter trained without QLoRA: merging into NF4-rounded weights anyway")
+    model = runtime.load_model(base, compute, qlora=into_nf4)
     lora.load(model, adapter)
     lora.merge(model)
-    merged = P.logits_on(model, prompts)
-    fold = P.drift(reference, merged)
+    merged = logits_on(model, prompts)
+    fold = drift(reference, merged)
 
-    P.save_model(model, out, tok, dtype=out_dtype, max_shard_size=args.max_shard_size)
-    (out / MERGE_FILE).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    from models.qwen import save
 
+    save(model, out, tokenizer=tok, dtype=out_dtype, max_shard_size=args.max_shard_size)
     del model  # one model in memory at a time (a 7B model is 15 GB in bf16)
     # What a user will load: the written files, in the written dtype.
-    saved = P.load_model(out, out_dtype if torch.cuda.is_available() else "fp32")
-    written = P.drift(reference, P.logits_on(saved, prompts))
+    saved = runtime.load_model(out, out_dtype if torch.cuda.is_available() else "fp32")
+    written = drift(reference, logits_on(saved, prompts))
+    del saved
 
     target = "dequantised NF4 weights" if into_nf4 else f"original {base_dtype} weights"
-    P.log(f"merged into the {target}{' (adapter trained with QLoRA)' if qlora else ''}; fold in fp32, "
-          f"written as {out_dtype}")
-    P.log(f"adapter-vs-merged logit drift on {len(prompts)} prompts ({sum(len(x) for x in prompts)} positions):")
-    P.log(f"  in memory (before the cast): max |diff| {fold['max_abs']:.3g}, relative {fold['max_rel']:.3g}, "
-          f"argmax agreement {100 * fold['argmax_agree']:.1f}%")
-    P.log(f"  written files ({out_dtype}):   max |diff| {written['max_abs']:.3g}, relative {written['max_rel']:.3g}, "
-          f"argmax agreement {100 * written['argmax_agree']:.1f}%")
+    log(f"merged into the {target}{' (adapter trained with QLoRA)' if qlora else ''}; fold in fp32, written as {out_dtype}")
+    log(f"adapter-vs-merged logit drift on {len(prompts)} prompts ({sum(len(x) for x in prompts)} positions):")
+    log(f"  in memory (before the cast): max |diff| {fold['max_abs']:.3g}, relative {fold['max_rel']:.3g}, "
+        f"argmax agreement {100 * fold['argmax_agree']:.1f}%")
+    log(f"  written files ({out_dtype}):   max |diff| {written['max_abs']:.3g}, relative {written['max_rel']:.3g}, "
+        f"argmax agreement {100 * written['argmax_agree']:.1f}%")
     if qlora and not into_nf4:
-        P.log("  (after QLoRA the difference includes the NF4 rounding the adapter was trained against)")
-    P.log(f"\noutputs ({timer}):")
-    P.log(P.list_outputs(out))
-    nxt = "" if args.out == str(_cli.DEFAULT_MERGED_OUT) else f" --model {out}"
-    P.log(f"\nnext: python examples/sft.py{nxt}   (instruction SFT on the merged model)")
+        log("  (after QLoRA the difference includes the NF4 rounding the adapter was trained against)")
+    if args.gguf:
+        from models.qwen.gguf import write_gguf
+
+        gguf = write_gguf(out, out / f"model-{args.gguf}.gguf", args.gguf)
+        log(f"GGUF ({args.gguf}): {gguf}")
+    log(f"\noutputs ({timer}):")
+    log(list_outputs(out))
+    nxt = "" if "out" not in args._given else f" --model {out}"
+    log(f"\nnext: python examples/sft.py{nxt}   (instruction SFT on the merged model)")
     return 0
 
 
+@torch.no_grad()
+def logits_on(model, prompts) -> list[torch.Tensor]:
+    model.eval()
+    return [model(ids[None].to(model.device)).float().cpu()[0] for ids in prompts]
+
+
+def drift(reference, other) -> dict:
+    """max |a-b|, max |a-b| / max |a|, and argmax agreement over a list of [T, V] logits."""
+    abs_err = max(float((a - b).abs().max()) for a, b in zip(reference, other))
+    scale = max(float(a.abs().max()) for a in reference)
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, other))
+    total = sum(a.shape[0] for a in reference)
+    return {"max_abs": abs_err, "max_rel": abs_err / max(scale, 1e-30), "argmax_agree": agree / max(total, 1)}
+
+
 if __name__ == "__main__":
-    _cli.run_main(main)
+    run_main(main)

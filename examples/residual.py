@@ -17,37 +17,33 @@ ChatML with the result and shows that generation stops at <|im_end|>.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from cli import flags, paths
+from cli.delta import add_residual_args, run_residual
+from cli.errors import UsageError, run_main
+from models.qwen import CHAT_STOP_IDS
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from lora.delta.cli import OneLineParser, UsageError, add_residual_args, main as delta_main  # noqa: E402
-
 DEMO_QUESTION = "What does `json.dumps` do?"
 
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="residual.py", description=__doc__.split("\n\n")[0])
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("residual.py", __doc__)
     add_residual_args(p)
+    flags.add_config_flag(p)
     return p
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        try:
-            return embedded_default()
-        except UsageError as e:
-            print(f"residual.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-    if argv[0] in ("-h", "--help"):
-        build_parser().print_help()
-        return 0
-    return delta_main(["residual"] + argv, prog="residual.py")
+        return embedded_default()
+    args = flags.parse_args(build_parser(), argv)
+    args.command = "residual"
+    return run_residual(args)
 
 
 # ---------------------------------------------------------------------- embedded default
@@ -59,41 +55,44 @@ def _run(cmd: list[str]) -> None:
 
 
 def embedded_default() -> int:
-    import _cli
-    import _pipeline as P
+    from cli.console import chat_ids
+    from cli.runtime import load_model
+    from demo.base_model import base_dir
+    from models.qwen import IM_END_ID
+    from models.qwen.tokenizer import load_tokenizer
 
-    base = P.demo_base_dir()
-    target = _cli.DEFAULT_MERGED_OUT
+    base = base_dir()
+    target = paths.MERGED_OUT
     if not (base / "config.json").exists() or not (target / "config.json").exists():
         raise UsageError(
             f"no flags: the embedded default needs cpt.py's cached base ({base}) and merge.py's output "
             f"({target}); run `python examples/cpt.py` and `python examples/merge.py` first, "
             f"or pass --base/--chat/--target/--out"
         )
-    chat = _cli.RUNS / "base-chat"
+    chat = paths.RUNS / "base-chat"
     if not (chat / "config.json").exists():
         print(f"building the tiny chat model once: SFT of the base {base} then merge -> {chat}")
-        sft_out = _cli.RUNS / "base-sft"
+        sft_out = paths.RUNS / "base-sft"
         _run([sys.executable, str(HERE / "sft.py"), "--model", str(base), "--out", str(sft_out), "--overwrite"])
         _run([sys.executable, str(HERE / "merge.py"), "--model", str(base), "--adapter", str(sft_out / "adapter"),
               "--out", str(chat), "--overwrite"])
-    out = _cli.RUNS / "residual"
-    code = delta_main(["residual", "--base", str(base), "--chat", str(chat), "--target", str(target),
-                       "--out", str(out), "--overwrite"], prog="residual.py")
-    if code:
-        return code
+    out = paths.RUNS / "residual"
+    args = flags.parse_args(build_parser(), ["--base", str(base), "--chat", str(chat), "--target", str(target),
+                                             "--out", str(out)])
+    args.command = "residual"
+    run_residual(args)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     carried = [f"{r['tensor']}[{r['row']}]" for r in manifest["special_rows"]["rows"] if r["carried"]]
     print(f"special-token rows from the chat model: {', '.join(carried) or 'none'}")
 
-    tok, _ = P.load_tokenizer(out)
-    prompt = P.chat_ids(tok, DEMO_QUESTION)
+    tok, _ = load_tokenizer(out)
+    prompt = chat_ids(tok, DEMO_QUESTION)
     for name, path in (("chat model", chat), ("target (CPT, no residual)", target), ("target + residual", out)):
-        model = P.load_model(path, "fp32")
+        model = load_model(path, "fp32")
         print(f"\n[{name}] user: {DEMO_QUESTION}\n[{name}] assistant: ", end="", flush=True)
         ids = _generate_ids(model, prompt, 64)
-        stopped = bool(ids) and ids[-1] == 151645
-        print(tok.decode([t for t in ids if t not in (151645, 151643)]))
+        stopped = bool(ids) and ids[-1] == IM_END_ID
+        print(tok.decode([t for t in ids if t not in CHAT_STOP_IDS]))
         print(f"[{name}] {len(ids)} tokens, " + ("stopped at <|im_end|>" if stopped else "did not stop at <|im_end|>"))
     print(f"\nwrote {out} (manifest.json lists inputs, hashes, scales and skipped tensors)")
     return 0
@@ -104,14 +103,14 @@ def _generate_ids(model, prompt: list[int], max_new: int) -> list[int]:
 
     from models.qwen import generate
 
-    out = generate(model, torch.tensor([prompt]), max_new_tokens=max_new, temperature=0.0, eos_ids=[151645, 151643])
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=max_new, temperature=0.0, eos_ids=list(CHAT_STOP_IDS))
     ids = out[0, len(prompt):].tolist()
     for i, t in enumerate(ids):  # generate pads a finished row with eos: keep up to the first stop
-        if t in (151645, 151643):
+        if t in CHAT_STOP_IDS:
             ids = ids[: i + 1]
             break
     return ids
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

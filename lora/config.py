@@ -37,6 +37,11 @@ class LoRAConfig:
     modules_to_save: Optional[list[str]] = None
     modules: list[str] = field(default_factory=list)
 
+    def inject_kwargs(self) -> dict[str, Any]:
+        """These settings as `lora.inject` keywords: lora.inject(model, **cfg.inject_kwargs())."""
+        return dict(r=self.r, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.target_modules,
+                    rslora=self.use_rslora, dora=self.use_dora, modules_to_save=self.modules_to_save)
+
     @property
     def scale(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -304,6 +304,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under their checkpoint names, without the adapters (what
+    `models.qwen.save(model, dir, state_dict=...)` writes for the base of a LoRA model)."""
+    adapter = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
+    return {k: v for k, v in model.state_dict().items() if not any(a in f"{k}." for a in adapter)}
+
+
 def check_gradients(model: nn.Module) -> None:
     """After backward: every trainable parameter has a finite gradient, else a clear error.
 

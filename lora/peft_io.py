@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from models.qwen.atomic import atomic_directory
+from models.qwen.safetensors_file import write_tensors
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError, LoRAConfig, read_peft_config
 from .inject import (
@@ -45,11 +46,14 @@ LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_
 
 
 # ---------------------------------------------------------------------- save
-def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> Path:
+def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None,
+         tokenizer=None) -> Path:
     """Write the adapter of `model` to `path` in PEFT format; returns the directory.
 
     base_model_name_or_path defaults to where the model was loaded from (`model.name_or_path`).
-    Each file is written to a temporary name and renamed, so a crash never leaves half a file.
+    tokenizer: also write its files (so the adapter directory is self-contained). The directory
+    is written whole and renamed into place (models.qwen.atomic), so a crash never leaves half
+    an adapter under `path`.
     """
     config: Optional[LoRAConfig] = getattr(model, "lora_config", None)
     if config is None or not has_adapters(model):
@@ -65,23 +69,13 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
         base_model_name_or_path = getattr(model, "name_or_path", None)
         base_model_name_or_path = str(base_model_name_or_path) if base_model_name_or_path else None
     root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    _atomic_write(root / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    text = json.dumps(config.to_peft(base_model_name_or_path), indent=2, sort_keys=True) + "\n"
-    _atomic_write(root / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    with atomic_directory(root, fsync=False) as tmp:
+        write_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        text = json.dumps(config.to_peft(base_model_name_or_path), indent=2, sort_keys=True) + "\n"
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return root
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------- load

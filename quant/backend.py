@@ -6,16 +6,25 @@ raises all sorts of exceptions at import), so any exception disables the fast pa
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 
 from .nf4 import NF4Tensor
 
+# bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels`
+# package is missing ("Failed to load CPU gemm_4bit_forward ... pip install kernels"); we never
+# call that kernel, so the line would only be noise a user cannot act on.
+_cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+_level = _cpu_ops_log.level
+_cpu_ops_log.setLevel(logging.ERROR)
 try:  # noqa: SIM105 - any failure (ImportError, OSError, RuntimeError...) means "not available"
     import bitsandbytes.functional as _bnbf
 except Exception:  # pragma: no cover - depends on the machine
     _bnbf = None
+finally:
+    _cpu_ops_log.setLevel(_level)
 
 
 def available() -> bool:

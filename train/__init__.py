@@ -1,28 +1,38 @@
 """Training: our own AdamW, warm-up + cosine, token-normalised accumulation, exact resume.
 
     from train import TrainConfig, Trainer
-    cfg = TrainConfig(out_dir="out", lr=1e-4, min_lr=0.0, warmup_steps=None, warmup_ratio=None,
-                      epochs=None, max_steps=None, batch_size=1, grad_accum=16,
+    cfg = TrainConfig(out_dir="out", lr=1e-4, min_lr=0.0, lr_scheduler="cosine", warmup_steps=None,
+                      warmup_ratio=None, epochs=None, max_steps=None, batch_size=1, grad_accum=16,
                       max_grad_norm=1.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                       dtype="bf16", grad_checkpointing=True, eval_every=None, save_every=None,
                       keep_last=2, seed=0, log_every=1, mode="lora",   # "lora" | "full" | "full-then-lora"
                       full_fraction=0.0, nan_policy="stop", max_bad_steps=3, resume=False,
-                      warm_start=None, parallel="ddp")   # "ddp" | "fsdp" | "none" (2+ processes)
-    trainer = Trainer(model, cfg, train_dataset, eval_dataset=None, collate_fn=None)
-    summary = trainer.fit()    # {"steps", "final_loss", "evals", "final_eval", "paths", "interrupted", ...}
+                      warm_start=None, parallel="ddp", progress="auto", report_to="none")
+    trainer = Trainer(model, cfg, train_dataset, eval_dataset=None, collate_fn=None,
+                      objective=None, lora_config=None, tokenizer=None)
+    summary = trainer.fit()    # {"steps", "final_loss", "evals", "final_eval", "paths", ...}
     trainer.evaluate()         # {"loss", "ppl", "tokens"}
+
+Modules, one job each:
+    loop.py         the Trainer: the loop, accumulation, evaluation, checkpoint save/restore calls
+    objective.py    what a step minimises (the language-model loss; preference.py for DPO & co.)
+    config.py       TrainConfig, validated up front
+    checkpoint/     checkpoint files, step-N directories (retention, crash recovery), their content
+    export.py       the final outputs: adapter/ and/or model/, with the tokenizer
+    metrics_log.py  metrics.jsonl, TensorBoard events, progress bar or progress lines
+    signals.py      SIGINT/SIGTERM: finish the step, checkpoint, raise Interrupted
+    perplexity.py   held-out loss and perplexity (token-weighted; sliding windows for documents)
+    optim.py, schedule.py, scaler.py, rng.py, guards.py, batches.py, distributed.py, memory.py
 
 Datasets are indexable sequences of examples (dicts of 1-D LongTensors or lists: input_ids,
 optional labels / position_ids / document_ids / attention_mask); collate_fn turns a list of
 them into [B, T] LongTensors (default `data.pad_collate`: right-pad with <|endoftext|>, labels -100).
 The model must accept `model(ids, labels=..., reduction="sum") -> (loss_sum, n_supervised)`.
 
-out_dir receives metrics.jsonl (step, loss, lr, grad_norm, tokens_per_s, peak_mem, ...; eval
-rows: step, val_loss, val_ppl), checkpoints/step-N/ (trainable weights, PEFT adapter/,
-optimizer, RNG, sampler, scaler, schedule, config: see `Trainer.save_checkpoint`), adapter/
-at the end (LoRA) and model/ (full training). resume=True continues from the newest complete
-checkpoint and reproduces the uninterrupted run bit for bit; warm_start=<dir> loads weights
-only. SIGINT/SIGTERM finish the current step, save a checkpoint and return.
+out_dir receives metrics.jsonl, checkpoints/step-N/, adapter/ at the end (LoRA) and model/
+(full training). resume=True continues from the newest complete checkpoint and reproduces the
+uninterrupted run bit for bit; warm_start=<dir> loads weights only. SIGINT/SIGTERM finish the
+current step, save a checkpoint and raise `train.Interrupted`.
 
 Several processes (torchrun): `train.init_from_env()` joins the process group (nccl on CUDA,
 gloo on CPU); the Trainer then splits every global batch (batch_size x grad_accum x world
@@ -35,23 +45,29 @@ Building blocks, usable on their own:
     resolve_warmup(total, steps=None, ratio=None)
 """
 
+from models.qwen import CheckpointError, ConfigError
+
 from .batches import MicroBatchSampler
-from .checkpoint import CheckpointError, atomic_directory, complete_checkpoints, newest_checkpoint, prune_checkpoints
-from .config import ConfigError, TrainConfig
+from .checkpoint import atomic_directory, best_checkpoint, complete_checkpoints, newest_checkpoint, prune_checkpoints
+from .config import TrainConfig
 from .distributed import DataParallel, init_from_env
 from .guards import NonFiniteError, NothingTrainsError, first_nonfinite
-from .loop import Trainer, best_checkpoint, supervised_tokens
+from .loop import Trainer
+from .objective import LanguageModelLoss, Objective, supervised_tokens
 from .optim import AdamW, no_decay, param_groups
+from .perplexity import heldout_loss, perplexity_of
 from .rng import capture_rng_state, restore_rng_state
 from .scaler import DynamicLossScaler
-from .schedule import cosine_warmup, resolve_warmup
+from .schedule import cosine_warmup, learning_rate, resolve_warmup
+from .signals import Interrupted
 
 __all__ = [
-    "TrainConfig", "Trainer", "AdamW", "param_groups", "no_decay", "cosine_warmup", "resolve_warmup",
-    "MicroBatchSampler", "CheckpointError", "ConfigError", "NonFiniteError", "NothingTrainsError",
+    "TrainConfig", "Trainer", "AdamW", "param_groups", "no_decay", "cosine_warmup", "learning_rate", "resolve_warmup",
+    "MicroBatchSampler", "CheckpointError", "ConfigError", "NonFiniteError", "NothingTrainsError", "Interrupted",
     "atomic_directory", "complete_checkpoints", "newest_checkpoint", "prune_checkpoints", "best_checkpoint",
     "capture_rng_state", "restore_rng_state", "DynamicLossScaler", "first_nonfinite", "supervised_tokens",
-    "activation_bytes", "DataParallel", "init_from_env",
+    "LanguageModelLoss", "Objective", "heldout_loss", "perplexity_of", "activation_bytes", "DataParallel",
+    "init_from_env",
 ]
 
 

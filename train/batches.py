@@ -24,8 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from data import DataLoader
-
-IGNORE_INDEX = -100
+from models.qwen import IGNORE_INDEX
 
 
 class MicroBatchSampler:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
+from models.qwen import ConfigError
+
+from .schedule import SCHEDULES
+
 MODES = ("lora", "full", "full-then-lora")
 PARALLEL = ("ddp", "fsdp", "none")
 DTYPES = ("bf16", "fp16", "fp32")
 NAN_POLICIES = ("stop", "skip")
-
-
-class ConfigError(ValueError):
-    """A training option with a bad value; the message names the option."""
+PROGRESS = ("auto", "bar", "lines", "off")
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -23,9 +25,13 @@ class TrainConfig:
     A step is one optimizer update over the global batch: batch_size (per process) x
     grad_accum x the world size (the processes torchrun started; 1 without it).
     Warm-up: warmup_steps or warmup_ratio of the total steps (neither: no warm-up).
-    mode: "lora" (inject adapters unless the model already holds some; train only them),
+    mode: "lora" (train what is trainable: the adapters the caller injected with lora.inject),
     "full" (every parameter), "full-then-lora" (full for the first full_fraction of the steps,
-    then adapters are injected into the updated model and trained with a fresh optimizer).
+    then the Trainer's `lora_config` is injected into the updated model and trained with a
+    fresh optimizer).
+    lr_scheduler: "cosine" | "linear" | "constant" | "constant_with_warmup" (train.schedule).
+    progress: "auto" (a bar on a terminal, else a line every print_every steps), "bar",
+    "lines" or "off". report_to: "tensorboard" also writes event files under out_dir/runs.
     nan_policy: "stop" raises at the first non-finite loss/grad; "skip" drops that step and
     raises after max_bad_steps in a row.
     resume: continue from the newest complete checkpoint in out_dir/checkpoints (fresh start
@@ -40,6 +46,7 @@ class TrainConfig:
     out_dir: str = "out"
     lr: float = 1e-4
     min_lr: float = 0.0
+    lr_scheduler: str = "cosine"
     warmup_steps: Optional[int] = None
     warmup_ratio: Optional[float] = None
     epochs: Optional[float] = None
@@ -62,22 +69,20 @@ class TrainConfig:
     nan_policy: str = "stop"
     max_bad_steps: int = 3
     resume: bool = False
+    save_final: bool = True               # write adapter/ and/or model/ when training ends
     warm_start: Optional[str] = None
-    # LoRA settings used when the loop injects the adapters itself (mode lora/full-then-lora).
-    lora_r: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: Union[str, list] = "all-linear"
     pad_id: Optional[int] = None          # default <|endoftext|> (151643), or 0 for a tiny vocabulary
     eval_batch_size: Optional[int] = None  # default batch_size
     shuffle: bool = True
-    progress: bool = True                 # tqdm progress bar on stderr
+    progress: Union[str, bool] = "auto"   # see the class docstring; True = "auto", False = "off"
+    print_every: Optional[int] = None     # progress lines: default about 20 per run
+    report_to: str = "none"
     parallel: str = "ddp"                 # with 2+ processes: "ddp" | "fsdp" | "none"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if isinstance(self.lora_targets, tuple):
-            self.lora_targets = list(self.lora_targets)
+        if isinstance(self.progress, bool):
+            self.progress = "auto" if self.progress else "off"
         self.validate()
 
     def validate(self) -> None:
@@ -91,9 +96,9 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "an int >= 1" + (" or None" if optional else ""))
 
-        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "max_bad_steps", "lora_r"):
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "max_bad_steps"):
             positive_int(name)
-        for name in ("max_steps", "eval_every", "save_every", "eval_batch_size"):
+        for name in ("max_steps", "eval_every", "save_every", "eval_batch_size", "print_every"):
             positive_int(name, optional=True)
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError(f"give epochs ({self.epochs}) or max_steps ({self.max_steps}), not both")
@@ -130,8 +135,12 @@ class TrainConfig:
         if self.resume and self.warm_start:
             raise ConfigError("give resume=True or warm_start=<dir>, not both: resume restores the whole run state, "
                               "warm start only the weights")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", "a number in [0, 1)")
+        if self.lr_scheduler not in SCHEDULES:
+            raise bad("lr_scheduler", f"one of {SCHEDULES}")
+        if self.progress not in PROGRESS:
+            raise bad("progress", f"one of {PROGRESS}")
+        if self.report_to not in REPORT_TO:
+            raise bad("report_to", f"one of {REPORT_TO}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,5 +160,5 @@ class TrainConfig:
 # examples each step sees and how the update is formed. The split of the global batch
 # (batch_size x grad_accum x world size) may change; the global batch itself may not
 # (Trainer.load_checkpoint checks it).
-RESUME_FIXED = ("seed", "shuffle", "mode", "full_fraction", "dtype")
+RESUME_FIXED = ("seed", "shuffle", "mode", "full_fraction", "dtype", "lr_scheduler")
 BATCH_SPLIT = ("batch_size", "grad_accum", "world_size")

@@ -119,6 +119,15 @@ def main_process_first() -> Iterator[None]:
         dist.barrier()
 
 
+def broadcast_text(text: Optional[str]) -> Optional[str]:
+    """Rank 0's `text` (or None) on every rank; unchanged without a process group."""
+    if not is_distributed():
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank_seed(seed: int, rank_: int, step: int = 0) -> int:
     """A seed of its own for each rank (dropout masks differ between ranks), from (seed, rank, step)."""
     return int(np.random.SeedSequence([seed, rank_, step]).generate_state(1)[0])

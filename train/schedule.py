@@ -38,6 +38,33 @@ def cosine_warmup(step: int, *, warmup: int, total: int, peak_lr: float, min_lr:
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+def learning_rate(step: int, *, schedule: str = "cosine", warmup: int, total: int, peak_lr: float,
+                  min_lr: float = 0.0) -> float:
+    """lr for optimizer step `step` under one of the HF Trainer's schedules (`lr_scheduler_type`).
+
+    cosine: `cosine_warmup`. linear: the same warm-up, then a straight line from peak_lr at
+    `warmup` to min_lr at `total`. constant_with_warmup: the warm-up, then peak_lr. constant:
+    peak_lr from the first step (HF's constant schedule has no warm-up).
+    """
+    if schedule == "cosine":
+        return cosine_warmup(step, warmup=warmup, total=total, peak_lr=peak_lr, min_lr=min_lr)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "constant":
+        return peak_lr
+    cosine_warmup(step, warmup=warmup, total=total, peak_lr=peak_lr, min_lr=min_lr)   # the same argument checks
+    if step < warmup:
+        return peak_lr * (step + 1) / (warmup + 1)
+    if schedule == "constant_with_warmup":
+        return peak_lr
+    if step >= total or total == warmup:
+        return min_lr if step >= total else peak_lr
+    return peak_lr - (peak_lr - min_lr) * (step - warmup) / (total - warmup)
+
+
 def resolve_warmup(total: int, steps: Optional[int] = None, ratio: Optional[float] = None) -> int:
     """Warm-up length in steps from either `steps` or `ratio` of `total` (ceil); 0 if neither."""
     if steps is not None and ratio is not None:

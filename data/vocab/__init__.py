@@ -21,7 +21,6 @@ from .mine import (
     MinedToken,
     MiningReport,
     count_tokens,
-    embedded_corpus,
     measure_tokens,
     mine_tokens,
     sentencepiece_pieces,
@@ -42,7 +41,7 @@ from .trainable import (
 )
 
 __all__ = [
-    "MinedToken", "MiningReport", "mine_tokens", "measure_tokens", "count_tokens", "embedded_corpus",
+    "MinedToken", "MiningReport", "mine_tokens", "measure_tokens", "count_tokens",
     "sentencepiece_pieces",
     "ROW_MULTIPLE", "VocabExtension", "add_tokens", "extend_model", "rows_for",
     "used_ids", "compact_rows", "compact_logit_offset", "compact_table", "RemappedDataset", "expand_vocabulary",

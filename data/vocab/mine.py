@@ -311,37 +311,12 @@ def measure_tokens(texts: Iterable[str], tokenizer: Tokenizer, tokens: Sequence[
     return _report(docs, tokenizer, accepted, savings, measured, extended, f"given list of {len(accepted)} tokens")
 
 
-def embedded_corpus(max_chars: Optional[int] = None) -> List[str]:
-    """The embedded default domain corpus: data.pydocs' "domain" module documents, in its
-    order (the first ones up to about `max_chars` characters; None: all of them)."""
-    from .. import pydocs
-
-    docs: List[str] = []
-    chars = 0
-    for module, path in pydocs.module_files(pydocs.stdlib_dir()):
-        if max_chars is not None and chars >= max_chars:
-            break
-        if not pydocs.is_domain(module):
-            continue
-        try:
-            entries = pydocs.parse_module(module, path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-        text = pydocs.module_document(module, entries) if entries else ""
-        if len(text) >= pydocs.MIN_DOC_CHARS:
-            docs.append(text)
-            chars += len(text)
-    if not docs:
-        raise ValueError(f"{pydocs.stdlib_dir()}: no domain documents found in the standard library")
-    return docs
-
-
 def count_tokens(texts: Iterable[str], tokenizer: Tokenizer) -> int:
     """Total Qwen tokens of the documents (as the mining report counts them)."""
     return sum(document_lengths(_normalised(texts, tokenizer), tokenizer))
 
 
 __all__ = [
-    "MinedToken", "MiningReport", "mine_tokens", "measure_tokens", "count_tokens", "embedded_corpus",
+    "MinedToken", "MiningReport", "mine_tokens", "measure_tokens", "count_tokens",
     "sentencepiece_pieces", "piece_texts", "document_lengths",
 ]

@@ -9,7 +9,7 @@ exactly the full-vocabulary softmax of a model whose unused rows are all equal, 
 back (scattering the rows to their real ids, the shared row to every other id) changes no
 loss and no probability:
 
-    ids = used_ids([train_blocks, held_out], always=[151643, 151644, 151645])
+    ids = used_ids([train_blocks, held_out], always=[ENDOFTEXT_ID, IM_START_ID, IM_END_ID])
     small = Qwen(replace(config, vocab_size=compact_rows(len(ids))))
     small.logit_offset = compact_logit_offset(len(ids), config.vocab_size, small.config.vocab_size)
     fit(small, RemappedDataset(train_blocks, ids))            # any trainer

@@ -30,8 +30,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from models.qwen.safetensors_file import write_tensors
 
 NEW_ROWS_FILE = "new_token_rows.safetensors"
 PATHS = {"embed": "model.embed_tokens", "head": "lm_head"}
@@ -201,7 +203,7 @@ def save_new_rows(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     state = new_rows_state_dict(model)
     tmp = root / f".{NEW_ROWS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
+    write_tensors(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, root / NEW_ROWS_FILE)
     return root / NEW_ROWS_FILE
 

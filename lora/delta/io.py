@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from models.qwen import CheckpointError, ConfigError, QwenConfig
 from models.qwen.checkpoint import SAFE_INDEX, checkpoint_files
+from models.qwen.atomic import OWNER_FILES
 from models.qwen.hashing import sha256_file
 
 EMBED = "model.embed_tokens.weight"
@@ -266,8 +267,25 @@ def check_output_path(out: Path, inputs: Iterable[Checkpoint], overwrite: bool) 
         src = ck.root.resolve()
         if target == src or src in target.parents or target in src.parents:
             raise DeltaError(f"--out {out}: overlaps input {ck.describe()}; inputs are never modified in place")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    entries = [p for p in out.iterdir() if p.name not in OWNER_FILES] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise DeltaError(f"--out {out}: exists and is not a directory")
+    if entries and not overwrite:
         raise DeltaError(f"--out {out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if entries and not _written_here(out):
+        raise DeltaError(f"--out {out}: holds {entries[0].name!r} and no manifest.json of lora.delta: only a folder "
+                         "these tools wrote is replaced; nothing was deleted")
+
+
+def _written_here(out: Path) -> bool:
+    """Whether `out` is an output of these tools (a manifest.json of lora.delta, or the report of
+    an extracted adapter)."""
+    if (out / "extraction_report.json").is_file() and (out / "adapter_config.json").is_file():
+        return True
+    try:
+        return json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("tool") == "lora.delta"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_json(path: Path, obj) -> None:

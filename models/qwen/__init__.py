@@ -6,8 +6,10 @@ tokenizer and generation.
 
 from .attention import KVCache
 from .checkpoint import CheckpointError, load, register_quantizer, save
-from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, ConfigError, QwenConfig
+from .config import ConfigError, QwenConfig
 from .generation import generate, sample_next
+from .loss import IGNORE_INDEX
+from .special_tokens import CHAT_STOP_IDS, ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_END_ID, IM_START, IM_START_ID
 from .model import Qwen
 
 from .tokenizer import Tokenizer
@@ -15,4 +17,5 @@ from .tokenizer import Tokenizer
 __all__ = [
     "QwenConfig", "Qwen", "Tokenizer", "load", "save", "generate", "sample_next", "KVCache",
     "CheckpointError", "ConfigError", "register_quantizer", "ENDOFTEXT_ID", "IM_START_ID", "IM_END_ID",
+    "ENDOFTEXT", "IM_START", "IM_END", "CHAT_STOP_IDS", "IGNORE_INDEX",
 ]

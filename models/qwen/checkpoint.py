@@ -18,24 +18,23 @@ import importlib
 import json
 import os
 import re
+import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_directory
-from .config import ConfigError, QwenConfig, dtype_from_name, dtype_name
+from .atomic import OWNER_FILES, atomic_directory
+from .config import QwenConfig, dtype_from_name, dtype_name
+from .errors import CheckpointError, ConfigError
+from .safetensors_file import read_tensors, write_tensors
 from .model import Qwen
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded as it is (names file and tensor)."""
 
 
 # ---------------------------------------------------------------------- quantizer registry
@@ -68,7 +67,13 @@ def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        inside = root.resolve()
+        for f in files:
+            if Path(f).is_absolute() or not (root / f).resolve().is_relative_to(inside):
+                raise CheckpointError(f"{index}: shard {f!r} lies outside the model folder {root}; refused")
         missing = [f for f in files if not (root / f).exists()]
         if missing:
             raise CheckpointError(f"{index}: lists shard {missing[0]} which does not exist in {root}")
@@ -86,65 +91,11 @@ def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
     raise CheckpointError(f"{root}: no model.safetensors, {SAFE_INDEX} or *.safetensors found")
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def read_safetensors_header(file: Path, fh) -> tuple[dict, int]:
-    """Parse and validate a safetensors header; returns ({key: info}, data start offset)."""
-    size = os.fstat(fh.fileno()).st_size
-    head = fh.read(8)
-    if len(head) != 8:
-        raise CheckpointError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
-    n = int.from_bytes(head, "little")
-    if n <= 0 or 8 + n > size:
-        raise CheckpointError(f"{file}: not a readable safetensors file (header length {n}, file size {size})")
-    try:
-        header = json.loads(fh.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file (bad JSON header: {e})") from None
-    header.pop("__metadata__", None)
-    for key, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: tensor {key!r} has a malformed header entry {info!r}") from None
-        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or 8 + n + end > size:
-            raise CheckpointError(
-                f"{file}: tensor {key!r} cannot be read (data {begin}..{end} does not fit its shape "
-                f"{info['shape']} or the file is truncated at {size} bytes)"
-            )
-    return header, 8 + n
-
-
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (key, tensor, file) one tensor at a time, in sorted key order per file.
-
-    Each tensor is read with a plain file read into its own buffer rather than as a view of a
-    memory-mapped shard: with mmap, every page a loader touches stays resident until the
-    shard is closed, so a one-file 3 GB checkpoint cost 3 GB of RSS even when loading it to
-    4 bits (measured in benchmarks/nf4_load.py: peak 121% -> 54% of the bf16 size).
-    """
+    """Yield (key, tensor, file) one tensor at a time (models.qwen.safetensors_file.read_tensors)."""
     for file in files:
-        with open(file, "rb", buffering=0) as fh:
-            header, data_start = read_safetensors_header(file, fh)
-            for key in sorted(header):
-                info = header[key]
-                begin, end = info["data_offsets"]
-                tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-                if tensor.numel():
-                    raw = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-                    fh.seek(data_start + begin)
-                    if fh.readinto(raw) != end - begin:
-                        raise CheckpointError(f"{file}: tensor {key!r} is truncated")
-                yield key, tensor, file
+        for key, tensor in read_tensors(file):
+            yield key, tensor, file
 
 
 # ---------------------------------------------------------------------- Qwen-7B v1 names
@@ -292,8 +243,10 @@ def load(
                     raise CheckpointError(f"{file}: unexpected tensor {name!r}")
                 if suffix == "weight" and not serialized:
                     _check_shape(name, value, expected[name], file)
+                    _check_values(name, value, file)
                 if suffix == "bias":
                     _check_shape(name, value, expected[name], file)
+                    _check_values(name, value, file)
                 if suffix in pending[owner]:
                     raise CheckpointError(f"{file}: tensor {name!r} appears twice")
                 pending[owner][suffix] = value
@@ -307,8 +260,8 @@ def load(
             if name in filled:
                 raise CheckpointError(f"{file}: tensor {name!r} appears twice")
             _check_shape(name, value, expected[name], file)
-            target_dtype = dtype if value.is_floating_point() else value.dtype
-            _set_param(model, name, value.to(device=device, dtype=target_dtype))
+            _check_values(name, value, file)
+            _set_param(model, name, value.to(device=device, dtype=dtype))
             filled.add(name)
 
     required = tuple(getattr(serialized, "required_suffixes", suffixes)) if serialized else ()
@@ -331,7 +284,7 @@ def load(
         model.tie_weights()
     model.model.rotary_emb.inv_freq = model.model.rotary_emb._inv_freq(device)
     gen = _read_json(root / "generation_config.json")
-    model.hf_generation_config = gen or {}
+    model.generation_config = gen or {}
     model.name_or_path = str(root)
     cfg.torch_dtype = dtype_name(dtype)
     model.eval()
@@ -343,6 +296,17 @@ def _check_shape(name: str, value: torch.Tensor, expected: torch.Tensor, file: P
         raise CheckpointError(
             f"{file}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}"
         )
+
+
+def _check_values(name: str, value: torch.Tensor, file: Path) -> None:
+    """A weight is floating point and finite: an int tensor would be cast silently, an Inf or NaN
+    would surface steps later as a NaN loss or a crash in sampling."""
+    if not value.is_floating_point():
+        raise CheckpointError(f"{file}: tensor {name!r} is {str(value.dtype).replace('torch.', '')}, expected a "
+                              "floating-point weight")
+    if not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN or Inf value(s)")
 
 
 def _build_quantized(model, name, tensors, quantizer, serialized, device, dtype) -> None:
@@ -432,16 +396,23 @@ def save(
     max_shard_size: Union[int, str] = "5GB",
     tokenizer: Any = None,
     dtype: Optional[Union[torch.dtype, str]] = None,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    keep: Sequence[str] = OWNER_FILES,
 ) -> Path:
     """Write an HF-format checkpoint directory, atomically (temp dir + rename).
 
     Files: config.json, generation_config.json, model.safetensors or sharded
-    model-0000i-of-0000n.safetensors + model.safetensors.index.json, and the tokenizer files
-    when a tokenizer (with `save_pretrained(dir)`) is given. dtype: cast floating tensors.
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json, and the tokenizer files:
+    those of `tokenizer` (anything with `save_pretrained(dir)`), else copies of the ones in the
+    directory the model was loaded from; a model with neither is written with a warning, since
+    transformers would then build a useless tokenizer for it. dtype: cast floating tensors.
+    state_dict: the tensors to write (default: the model's own; e.g. a LoRA model's base,
+    `lora.base_state_dict(model)`). keep: entries of an existing `path` carried over
+    (models.qwen.atomic.OWNER_FILES: the lock and run.json of the script writing it).
     """
     root = Path(path)
     cfg: QwenConfig = model.config
-    state = export_state_dict(model)
+    state = export_state_dict(model) if state_dict is None else _checked_state(state_dict, model)
     dtype = dtype_from_name(dtype)
     if dtype is not None:
         # Cast weights only: 4-bit statistics (`*.weight.absmax`, ...) keep their own dtypes.
@@ -449,16 +420,16 @@ def save(
     float_dtypes = [v.dtype for k, v in state.items() if v.is_floating_point() and "norm" not in k]
     saved_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.bfloat16)
 
-    with atomic_directory(root, fsync=False) as tmp:
+    with atomic_directory(root, fsync=False, keep=keep) as tmp:
         shards = _shards(state, parse_size(max_shard_size))
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
+            write_tensors(shards[0], tmp / SAFE_SINGLE, metadata={"format": "pt"})
         else:
             weight_map = {}
             n = len(shards)
             for i, shard in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                write_tensors(shard, tmp / fname, metadata={"format": "pt"})
                 weight_map.update({k: fname for k in shard})
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -474,13 +445,40 @@ def save(
         _write_json(tmp / "generation_config.json", generation_config(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        elif not _copy_tokenizer_files(getattr(model, "name_or_path", None), tmp):
+            warnings.warn(f"{root}: written without tokenizer files (none given, none next to the weights it was "
+                          "loaded from): transformers would build a 1-token tokenizer for it; pass tokenizer=",
+                          stacklevel=2)
     return root
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "qwen.tiktoken",
+                   "chat_template.jinja", "special_tokens_map.json", "added_tokens.json")
+
+
+def _copy_tokenizer_files(source: Optional[str], target: Path) -> bool:
+    """Copy the tokenizer files of the model directory `source` into `target`; False if none."""
+    if not source or not Path(source).is_dir():
+        return False
+    found = [Path(source) / n for n in TOKENIZER_FILES if (Path(source) / n).is_file()]
+    for f in found:
+        shutil.copyfile(f, target / f.name)
+    return any(f.name in ("tokenizer.json", "vocab.json", "qwen.tiktoken") for f in found)
+
+
+def _checked_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    bad = next((k for k in state if ".lora_" in k), None)
+    if bad is not None:
+        raise ValueError(f"state_dict holds the adapter tensor {bad!r}: pass the base model's tensors")
+    tied = getattr(model, "is_tied", False)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()
+            if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
 
 
 def generation_config(model: Qwen) -> dict:
     """generation_config.json: the loaded one (if any) with eos/bos/pad from the config."""
     cfg = model.config
-    gen = dict(getattr(model, "hf_generation_config", None) or {})
+    gen = dict(getattr(model, "generation_config", None) or {})
     gen.pop("transformers_version", None)
     eos = cfg.eos_token_id
     gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=eos)

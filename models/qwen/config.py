@@ -19,10 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-# Qwen's special token ids: identical in Qwen-7B v1, Qwen2, Qwen2.5 and Qwen3.
-ENDOFTEXT_ID = 151643
-IM_START_ID = 151644
-IM_END_ID = 151645
+from .errors import ConfigError  # noqa: F401  (re-exported)
+from .special_tokens import ENDOFTEXT_ID, IM_END_ID, IM_START_ID  # noqa: F401  (re-exported)
 
 _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
@@ -33,9 +31,6 @@ _DTYPE_NAMES = {
     "fp32": torch.float32,
 }
 
-
-class ConfigError(ValueError):
-    """A config.json that is not a Qwen config we understand (names the file and key)."""
 
 
 def dtype_from_name(name: Any) -> Optional[torch.dtype]:
@@ -51,6 +46,11 @@ def dtype_from_name(name: Any) -> Optional[torch.dtype]:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'bfloat16' (the spelling HF configs use)."""
     return str(dtype).replace("torch.", "")
+
+
+def dtype_name_short(name: Any) -> str:
+    """'bfloat16' / torch.bfloat16 / 'bf16' -> 'bf16' (the spelling of the --dtype flags)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype_from_name(name), "bf16")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .config import QwenConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 from .linear import Linear
 from .loss import IGNORE_INDEX, linear_cross_entropy
+from .special_tokens import ENDOFTEXT_ID, IM_END_ID
 
 
 class DecoderLayer(nn.Module):
@@ -80,6 +81,10 @@ class Qwen(nn.Module):
         self.model = QwenBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # generation_config.json as loaded (written back by save, with eos/pad from the config),
+        # and the directory the model was loaded from (None for a model built in memory).
+        self.generation_config: dict = {}
+        self.name_or_path: Optional[str] = None
         # Optional constant per head row added to the logits of the training loss ([vocab],
         # fp32): log(m) for a row shared by m ids, -inf for a row that is no id. Only the
         # compact-vocabulary pretraining of data.vocab.subset sets it; never saved.
@@ -111,6 +116,14 @@ class Qwen(nn.Module):
                 module.weight.normal_(0.0, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+
+    def use_chat_eos(self) -> "Qwen":
+        """Make <|im_end|> the eos in config.json and generation_config.json (pad stays
+        <|endoftext|>), so generation from a chat-tuned model stops where the turn ends."""
+        self.config.eos_token_id = IM_END_ID
+        self.config.pad_token_id = ENDOFTEXT_ID
+        self.generation_config.update(eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID)
+        return self
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "Qwen":
         """Recompute each decoder block in backward (non-reentrant; LoRA/NF4-safe)."""

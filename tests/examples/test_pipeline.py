@@ -197,7 +197,7 @@ def test_qlora_stage1_merges_into_the_original_weights(pipeline, tmp_path):
                       "--max-steps", "1", "--dtype", "fp32", "--eval-fraction", "0.25", "--sample-tokens", "2",
                       cache=pipeline["cache"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "run.json").read_text())["qlora"] is True
+    assert json.loads((out / "run.json").read_text())["identity"]["qlora"] is True
     proc = run_script("merge.py", "--adapter", out / "adapter", "--out", merged, cache=pipeline["cache"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "original" in proc.stdout and "NF4 rounding" in proc.stdout

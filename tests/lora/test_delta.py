@@ -343,8 +343,12 @@ def test_output_paths_are_checked(tmp_path):
     with pytest.raises(DeltaError, match="already exists"):
         diff(paths["chat"], paths["base"], tmp_path / "taken")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "x"
-    diff(paths["chat"], paths["base"], tmp_path / "taken", overwrite=True)
-    assert not (tmp_path / "taken" / "keep.txt").exists()
+    with pytest.raises(DeltaError, match="holds 'keep.txt' and no manifest.json of lora.delta.*nothing was deleted"):
+        diff(paths["chat"], paths["base"], tmp_path / "taken", overwrite=True)   # a user's folder: never replaced
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "x"
+    diff(paths["chat"], paths["base"], tmp_path / "ours")
+    diff(paths["chat"], paths["base"], tmp_path / "ours", overwrite=True)        # our own output: replaced
+    assert json.loads((tmp_path / "ours" / "manifest.json").read_text())["tool"] == "lora.delta"
     with pytest.raises(DeltaError, match="not a delta checkpoint"):
         apply(paths["target"], paths["chat"], tmp_path / "o")
     with pytest.raises(DeltaError, match="not a directory"):

@@ -32,11 +32,11 @@ def build(opts: dict) -> "train.Trainer":
         out_dir=opts["out_dir"], lr=5e-3, warmup_steps=1, max_steps=opts["max_steps"],
         batch_size=opts["batch_size"], grad_accum=opts["grad_accum"], dtype="fp32",
         save_every=opts.get("save_every"), keep_last=5, seed=3, progress=False,
-        mode="full" if kind == "full" else "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        mode="full" if kind == "full" else "lora",
         weight_decay=0.01, eps=opts.get("eps", 1e-8), resume=opts.get("resume", False),
         parallel=opts.get("parallel", "ddp"),
     )
-    trainer = train.Trainer(run_tiny.tiny_model(kind), cfg, run_tiny.dataset(n=SAMPLES))
+    trainer = train.Trainer(run_tiny.tiny_model(kind, dropout=0.0), cfg, run_tiny.dataset(n=SAMPLES))
     kill_at = opts.get("kill_at")
     if kill_at and kill_at[0] == trainer.dist.rank:
         def hook(step, micro):

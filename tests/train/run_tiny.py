@@ -25,13 +25,19 @@ from models.qwen import Qwen, QwenConfig  # noqa: E402
 VOCAB = 320
 
 
-def tiny_model(kind: str) -> Qwen:
+def tiny_model(kind: str, dropout: float = 0.1) -> Qwen:
+    """The tiny model of a run kind: "full" (every parameter trains), "lora" or "qlora" (adapters
+    r=4, alpha=8 on every linear; the base in NF4 for qlora)."""
+    import lora
+
     torch.manual_seed(1234)
     model = Qwen(QwenConfig.preset("tiny", vocab_size=VOCAB, num_hidden_layers=2))
     if kind == "qlora":
         import quant
 
         quant.quantize_model(model, skip=("lm_head",))
+    if kind != "full":
+        lora.inject(model, r=4, alpha=8, dropout=dropout)
     return model
 
 
@@ -56,7 +62,7 @@ def build(opts: dict) -> "train.Trainer":
         out_dir=opts["out_dir"], lr=opts.get("lr", 5e-3), warmup_steps=1, max_steps=opts["max_steps"],
         batch_size=opts.get("batch_size", 2), grad_accum=opts.get("grad_accum", 3), dtype=opts.get("dtype", "bf16"),
         save_every=opts.get("save_every"), keep_last=opts.get("keep_last", 2), seed=3, progress=False,
-        mode="full" if kind == "full" else "lora", lora_r=4, lora_alpha=8, lora_dropout=0.1,
+        mode="full" if kind == "full" else "lora",
         weight_decay=0.01, resume=opts.get("resume", False), eval_every=opts.get("eval_every"),
     )
     data = dataset()
@@ -71,22 +77,27 @@ def build(opts: dict) -> "train.Trainer":
 
     crash = opts.get("crash_in_save_at")
     if crash:
-        real = train.loop.save_tensors
+        import train.checkpoint.state as state
+
+        real = state.save_tensors
 
         def crashing_save(path, tensors):
             real(path, tensors)
             if path.name == "trainable.safetensors" and path.parent.name.startswith(f".tmp-step-{crash}-"):
                 os._exit(3)
-        train.loop.save_tensors = crashing_save
+        state.save_tensors = crashing_save
 
     return trainer
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    summary = build(json.loads(sys.argv[1])).fit()
-    print(json.dumps({"steps": summary["steps"], "interrupted": summary["interrupted"],
-                      "resumed_from": summary["resumed_from"]}))
+    try:
+        summary = build(json.loads(sys.argv[1])).fit()
+    except train.Interrupted as e:
+        print(json.dumps({"steps": e.step, "interrupted": e.signal, "checkpoint": e.checkpoint}))
+        raise SystemExit(130 if e.signal == "SIGINT" else 143)
+    print(json.dumps({"steps": summary["steps"], "interrupted": None, "resumed_from": summary["resumed_from"]}))
 
 
 if __name__ == "__main__":

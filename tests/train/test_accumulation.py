@@ -81,7 +81,9 @@ def test_accumulated_gradients_equal_one_big_batch(pair, tmp_path, split):
     model = load(path, dtype=torch.float32)
     trainer = trainer_for(model, tmp_path, batch_size=batch_size, grad_accum=accum)
     micro = [pad_collate(exs[i : i + batch_size], pad_id=0) for i in range(0, 8, batch_size)]
-    loss_sum, n_total, _ = trainer.accumulate(micro, step=1)
+    result = trainer.accumulate(micro, step=1)
+    loss_sum, n_total = result.loss_sum, result.count
+    assert result.bad_micro_batch is None
     assert n_total == sum(int((e["labels"][1:] != -100).sum()) for e in exs)
     assert abs(loss_sum / n_total - ref_loss) <= 1e-6 * abs(ref_loss)
     ours = grads(model)

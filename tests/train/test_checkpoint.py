@@ -2,7 +2,9 @@
 validation, warm start, and the full-then-LoRA mode across a stop/resume."""
 
 import json
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 import lora
 from models.qwen import Qwen, QwenConfig
 from train import (
+    Interrupted,
     CheckpointError,
     Trainer,
     TrainConfig,
@@ -26,9 +29,13 @@ from train.checkpoint import load_tensors, save_tensors, write_json
 VOCAB = 64
 
 
-def tiny(seed=0) -> Qwen:
+def tiny(seed=0, adapters=True) -> Qwen:
+    """A tiny model with LoRA r=2 (dropout 0.1) on every linear, unless adapters=False."""
     torch.manual_seed(seed)
-    return Qwen(QwenConfig.preset("tiny", vocab_size=VOCAB))
+    model = Qwen(QwenConfig.preset("tiny", vocab_size=VOCAB))
+    if adapters:
+        lora.inject(model, r=2, alpha=16, dropout=0.1)
+    return model
 
 
 def data(n=10, seed=0):
@@ -38,7 +45,7 @@ def data(n=10, seed=0):
 
 def cfg(out, **kw):
     base = dict(out_dir=str(out), max_steps=6, batch_size=2, grad_accum=2, dtype="fp32", progress=False, lr=1e-2,
-                pad_id=0, lora_r=2, lora_dropout=0.1, warmup_steps=1)
+                pad_id=0, warmup_steps=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -95,7 +102,7 @@ def test_keep_last_k_and_best_by_validation_loss(tmp_path):
                      "rng.json", "state.json"}
     state = json.loads((tmp_path / "checkpoints" / "step-8" / "state.json").read_text())
     assert state["step"] == 8 and state["micro_step"] == 16 and state["sampler"]["epoch"] == 3
-    assert state["config"]["lora_r"] == 2
+    assert json.loads((tmp_path / "checkpoints" / "step-8" / "adapter" / "adapter_config.json").read_text())["r"] == 2
     # the PEFT adapter of the checkpoint loads into a fresh model and equals the trained one
     fresh = tiny()
     lora.load(fresh, tmp_path / "checkpoints" / "step-8" / "adapter")
@@ -137,15 +144,19 @@ def test_warm_start_loads_weights_only(tmp_path):
 
 def test_full_then_lora_switches_and_resumes_exactly(tmp_path):
     def run(out, stop_at=None, resume=False):
-        model = tiny()
-        trainer = Trainer(model, cfg(out, mode="full-then-lora", full_fraction=0.5, max_steps=6, resume=resume,
-                                     lora_dropout=0.0), data())
+        model = tiny(adapters=False)
+        settings = lora.LoRAConfig(r=2, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+        trainer = Trainer(model, cfg(out, mode="full-then-lora", full_fraction=0.5, max_steps=6, resume=resume),
+                          data(), lora_config=settings)
         if stop_at:
             def hook(step, m):
                 if step == stop_at and m == 0:
-                    trainer._stop_signal = "SIGTERM"      # what the signal handler does
+                    os.kill(os.getpid(), signal.SIGTERM)
             trainer.on_micro_batch = hook
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except Interrupted as e:
+            summary = {"interrupted": e.signal, "steps": e.step}
         return model, summary
 
     ref_model, ref = run(tmp_path / "ref")

@@ -16,9 +16,14 @@ VOCAB = 64
 POISON = 13  # token id whose embedding row we set to NaN
 
 
-def tiny(seed=0) -> Qwen:
+def tiny(seed=0, adapters=True) -> Qwen:
+    """A tiny untied model (the NaN row poisons the input side only), with LoRA r=2 on every
+    linear unless adapters=False."""
     torch.manual_seed(seed)
-    return Qwen(QwenConfig.preset("tiny", vocab_size=VOCAB, tie_word_embeddings=False))  # NaN row: input side only
+    model = Qwen(QwenConfig.preset("tiny", vocab_size=VOCAB, tie_word_embeddings=False))
+    if adapters:
+        lora.inject(model, r=2, alpha=16, dropout=0.0)
+    return model
 
 
 def data(n=12, poison_at=None, seed=0):
@@ -35,7 +40,7 @@ def data(n=12, poison_at=None, seed=0):
 
 def cfg(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path), max_steps=6, batch_size=2, grad_accum=2, dtype="fp32", progress=False,
-                shuffle=False, lr=1e-2, pad_id=0, lora_r=2, lora_dropout=0.0)
+                shuffle=False, lr=1e-2, pad_id=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -75,7 +80,7 @@ def test_skip_policy_skips_then_aborts_after_k_in_a_row(tmp_path):
 
 
 def test_nothing_trains_is_an_error_after_the_first_step(tmp_path):
-    model = tiny()
+    model = tiny(adapters=False)
     lora.inject(model, r=2, alpha=4)
     lora.set_adapters_enabled(model, False)     # adapters present but unused: they get no gradient
     with pytest.raises(NothingTrainsError, match=r"step 1, micro-batch 1: .*received no gradient, first 'model\.layers\.0\..*lora_A"):
@@ -83,7 +88,7 @@ def test_nothing_trains_is_an_error_after_the_first_step(tmp_path):
 
 
 def test_one_adapter_without_gradient_is_named(tmp_path):
-    model = tiny()
+    model = tiny(adapters=False)
     lora.inject(model, r=2, alpha=4)
     model.get_submodule("model.layers.1.mlp.down_proj").adapters_enabled = False   # only this one is unused
     with pytest.raises(NothingTrainsError, match=r"step 1: 2 trainable parameter\(s\) received no gradient, "
@@ -92,7 +97,7 @@ def test_one_adapter_without_gradient_is_named(tmp_path):
 
 
 def test_lora_b_that_does_not_move_is_an_error(tmp_path):
-    model = tiny()
+    model = tiny(adapters=False)
     lora.inject(model, r=2, alpha=4)
     trainer = Trainer(model, cfg(tmp_path), data())
     b_params = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
@@ -157,7 +162,7 @@ def test_bad_config_names_the_option():
 
 
 def test_bf16_model_runs_directly_with_fp32_optimizer_state(tmp_path):
-    model = tiny().to(torch.bfloat16)
+    model = tiny(adapters=False).to(torch.bfloat16)
     trainer = Trainer(model, cfg(tmp_path, dtype="bf16", max_steps=2, mode="full"), data())
     assert trainer.autocast_dtype is None              # no autocast: the model already is bf16
     assert math.isfinite(trainer.fit()["final_loss"])

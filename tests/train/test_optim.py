@@ -87,7 +87,7 @@ def test_adamw_state_dict_roundtrip_through_safetensors_continues_identically(tm
     with torch.no_grad():
         for p, q in zip(pa, pb):
             q.copy_(p)
-    b.load_state_dict(optimizer_from_files(load_tensors(tmp_path / "opt.safetensors"), meta))
+    b.load_state_dict(optimizer_from_files(load_tensors(tmp_path / "opt.safetensors"), meta, b, tmp_path / "opt.safetensors"))
     for step in range(10, 20):
         for p, q, gr in zip(pa, pb, grads_for(pa, step)):
             p.grad, q.grad = gr.clone(), gr.clone()

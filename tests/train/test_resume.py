@@ -105,10 +105,13 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, references):
     ref = references("lora")
     opts = {"out_dir": str(tmp_path), "max_steps": N, "grad_accum": ACCUM, "save_every": 3, "kind": "lora"}
     handler = signal.getsignal(signal.SIGTERM)
-    summary = run_tiny.build({**opts, "kill_at": [2, 1, "TERM"]}).fit()
+    with pytest.raises(train.Interrupted) as e:
+        run_tiny.build({**opts, "kill_at": [2, 1, "TERM"]}).fit()
     assert signal.getsignal(signal.SIGTERM) is handler          # the loop's handler is gone again
-    assert summary["interrupted"] == "SIGTERM" and summary["steps"] == 2   # step 2 finished, then saved
+    assert e.value.signal == "SIGTERM" and e.value.step == 2    # step 2 finished, then saved
+    assert e.value.checkpoint == str(tmp_path / "checkpoints" / "step-2")
     assert train.newest_checkpoint(tmp_path / "checkpoints").name == "step-2"
+    assert not (tmp_path / "adapter").exists()                  # nothing final from a half-trained run
     summary = run_tiny.build({**opts, "resume": True}).fit()
     assert summary["resumed_from"].endswith("step-2") and summary["steps"] == N
     assert_same_run(ref, tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.delta.cli import main
+from cli.delta import main
 from tests.lora.test_delta import family, load_sd, write_model
 from tests.helpers import hf_model
 
@@ -82,14 +82,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         "unknown_flag": (res + ["--frobnicate"], "--frobnicate"),
         "vocab": (res[:6] + [str(write_model(hf_model("qwen2", vocab_size=336), tmp_path / "w"))] + res[7:],
                   "vocabulary rows differ"),
-        "exists": (res[:-1] + [p["chat"]], "overlaps input"),
+        "exists": (res[:-1] + [p["chat"]], "holds the input"),
         "not_delta": (["apply", p["target"], p["chat"], "--out", str(tmp_path / "o")], "not a delta checkpoint"),
         "bad_weight": (["arith", "--delta", p["chat"], "x", "--out", str(tmp_path / "o")], "--delta"),
     }[case]
     code, _, err = _run(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("python -m lora.delta") and expect in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("qwen-tune delta") and expect in lines[0], err
     assert not (tmp_path / "o").exists()
 
 

@@ -1,4 +1,5 @@
-"""Command line of the weight-delta tools: `python -m lora.delta {residual,diff,apply,arith,extract,report}`.
+"""Command line of the weight-delta tools (lora.delta): `qwen-tune delta {residual,diff,apply,arith,extract,report}`,
+also `python -m lora.delta ...`.
 
 Bad input ends with one line on stderr naming the flag or file and exit code 2, never a
 traceback.
@@ -12,19 +13,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora.delta.io import DeltaError
 from models.qwen import CheckpointError, ConfigError
 
-from .io import DeltaError
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad flag value, reported as one line and exit code 2."""
+from . import outdir
+from .errors import EXIT_USAGE, UsageError, one_line
+from .flags import Parser, positive_int as _positive_int
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (`prog: error: ...`) and exit code 2."""
+class OneLineParser(Parser):
+    """argparse with one-line usage errors (exit code 2)."""
 
     def error(self, message: str):  # noqa: D401
         raise UsageError(f"{self.prog}: error: {message}")
@@ -51,16 +49,6 @@ def _finite(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_residual_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model directory (the model the chat model was tuned from)")
     p.add_argument("--chat", help="chat/instruct model directory (tokenizer and chat template come from here)")
@@ -82,11 +70,12 @@ def add_residual_args(p: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "bfloat16", "float16", "float32"), default=None,
                    help="output dtype (default: as the layout input, per tensor)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out these tools wrote earlier (never a folder they did not write)")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in manifest.json")
 
 
-def build_parser(prog: str = "python -m lora.delta") -> OneLineParser:
+def build_parser(prog: str = "qwen-tune delta") -> OneLineParser:
     p = OneLineParser(prog=prog, description="Weight-delta tools on HF-format Qwen checkpoints (streaming, low memory).")
     sub = p.add_subparsers(dest="command", parser_class=OneLineParser)
 
@@ -99,7 +88,8 @@ def build_parser(prog: str = "python -m lora.delta") -> OneLineParser:
     d.add_argument("--out", required=True, help="delta output directory")
     d.add_argument("--delta-dtype", choices=("bf16", "fp16", "fp32"), default="fp32",
                    help="storage dtype of the delta (default fp32: exact for 16-bit inputs)")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an --out these tools wrote earlier (never a folder they did not write)")
     d.add_argument("--no-hash", action="store_true", help="skip the sha256 of the inputs in manifest.json")
 
     a = sub.add_parser("apply", help="target + scale * delta")
@@ -124,7 +114,8 @@ def build_parser(prog: str = "python -m lora.delta") -> OneLineParser:
     e.add_argument("--out", required=True, help="adapter output directory")
     e.add_argument("--targets", default="all-linear", help="all-linear or a comma list of q_proj,k_proj,...")
     e.add_argument("--method", choices=("svd", "randomized"), default="svd", help="exact SVD or randomized")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an --out these tools wrote earlier (never a folder they did not write)")
 
     q = sub.add_parser("report", help="per-layer relative change ||new - old|| / ||old||")
     q.add_argument("new", help="model (or delta) directory")
@@ -135,18 +126,19 @@ def build_parser(prog: str = "python -m lora.delta") -> OneLineParser:
 
 
 def run_residual(args) -> int:
-    from .ops import instruction_residual
+    from lora.delta.ops import instruction_residual
 
     base = _model_dir("--base", args.base)
     chat = _model_dir("--chat", args.chat)
     target = _model_dir("--target", args.target)
     if args.out is None:
         raise UsageError("--out is required")
+    _claim(args, [base, chat, target])
     scales = {g: getattr(args, f"{g}_scale") for g in ("attention", "mlp", "embeddings", "norms")
               if getattr(args, f"{g}_scale") is not None}
     out = instruction_residual(
         base, chat, target, args.out, scale=args.scale, scales=scales, skip_embeddings=args.skip_embeddings,
-        skip=args.skip, special_rows=args.special_rows, dtype=args.dtype, overwrite=args.overwrite,
+        skip=args.skip, special_rows=args.special_rows, dtype=args.dtype, overwrite=True,
         hash_inputs=not args.no_hash,
     )
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
@@ -160,7 +152,7 @@ def run_residual(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m lora.delta") -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "qwen-tune delta") -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
@@ -170,27 +162,39 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m lora.delta
     except UsageError as e:
         msg = str(e)
         print(msg if msg.startswith(prog) else f"{prog}: error: {msg}", file=sys.stderr)
+        outdir.release_untouched()
         return EXIT_USAGE
     except (DeltaError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        outdir.release_untouched()
         return EXIT_USAGE
+
+
+def _claim(args, inputs: list[Path]) -> None:
+    """The shared --out rules (cli.outdir): never an input, locked while written, --overwrite
+    only of a folder these tools wrote."""
+    ident = {k: v for k, v in sorted(vars(args).items()) if k not in ("overwrite", "no_hash")}
+    outdir.claim(Path(args.out), command=f"delta {args.command}", identity=json.loads(json.dumps(ident, default=str)),
+                 inputs=inputs, overwrite=args.overwrite, outputs=outdir.MODEL_OUTPUTS, one_shot=True)
 
 
 def _dispatch(args) -> int:
-    from .lowrank import extract_lora
-    from .ops import apply, diff, task_arithmetic
-    from .report import delta_report
+    from lora.delta.lowrank import extract_lora
+    from lora.delta.ops import apply, diff, task_arithmetic
+    from lora.delta.report import delta_report
 
     if args.command == "residual":
         return run_residual(args)
     if args.command == "diff":
-        out = diff(_model_dir("a", args.a), _model_dir("b", args.b), args.out, dtype=args.delta_dtype,
-                   overwrite=args.overwrite, hash_inputs=not args.no_hash)
+        a, b = _model_dir("a", args.a), _model_dir("b", args.b)
+        _claim(args, [a, b])
+        out = diff(a, b, args.out, dtype=args.delta_dtype, overwrite=True, hash_inputs=not args.no_hash)
         print(f"wrote delta {out} = {args.a} - {args.b}")
     elif args.command == "apply":
-        out = apply(_model_dir("target", args.target), _model_dir("delta", args.delta), args.out, args.scale,
-                    skip_embeddings=args.skip_embeddings, dtype=args.dtype, overwrite=args.overwrite,
-                    hash_inputs=not args.no_hash)
+        target, delta = _model_dir("target", args.target), _model_dir("delta", args.delta)
+        _claim(args, [target, delta])
+        out = apply(target, delta, args.out, args.scale, skip_embeddings=args.skip_embeddings, dtype=args.dtype,
+                    overwrite=True, hash_inputs=not args.no_hash)
         print(f"wrote {out} = {args.target} + {args.scale} * {args.delta}")
     elif args.command == "arith":
         dirs, weights = [], []
@@ -201,13 +205,15 @@ def _dispatch(args) -> int:
             except argparse.ArgumentTypeError as e:
                 raise UsageError(f"--delta {d} {w}: {e}") from None
         base = _model_dir("--base", args.base) if args.base else None
-        out = task_arithmetic(dirs, weights, args.out, base=base, dtype=args.dtype, overwrite=args.overwrite,
+        _claim(args, dirs + ([base] if base else []))
+        out = task_arithmetic(dirs, weights, args.out, base=base, dtype=args.dtype, overwrite=True,
                               hash_inputs=not args.no_hash)
         print(f"wrote {out} = {'base + ' if base else ''}" + " + ".join(f"{w} * {d}" for d, w in zip(dirs, weights)))
     elif args.command == "extract":
         targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
         delta = (_model_dir("delta", args.delta), _model_dir("--old", args.old)) if args.old else _model_dir("delta", args.delta)
-        res = extract_lora(delta, args.rank, args.out, targets=targets, method=args.method, overwrite=args.overwrite)
+        _claim(args, list(delta) if isinstance(delta, tuple) else [delta])
+        res = extract_lora(delta, args.rank, args.out, targets=targets, method=args.method, overwrite=True)
         print(res.table())
         print(f"wrote PEFT adapter {res.path} (r={res.r}, lora_alpha={res.r})")
     elif args.command == "report":

@@ -1,4 +1,4 @@
-"""The embedded default corpus: Python's own documentation, read from the installation.
+"""The embedded default's corpus: Python's own documentation, read from the installation.
 
 Every Python installation ships real computer-science text: the docstrings of the standard
 library and the language reference topics of ``pydoc_data``. This module turns them into
@@ -35,6 +35,9 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
+
+from data import cache_root
+from models.qwen.atomic import dir_mode
 
 BUILDER_VERSION = 2
 
@@ -94,13 +97,6 @@ class PydocsPaths:
 
 
 # ---------------------------------------------------------------------- locations
-def cache_root() -> Path:
-    """$QWEN_TUNE_CACHE or ~/.cache/qwen-tune (the root data.cache uses for token caches)."""
-    from .cache import cache_root as root
-
-    return root()
-
-
 def stdlib_dir() -> Path:
     """The directory of the running interpreter's standard library sources."""
     return Path(sysconfig.get_paths()["stdlib"])
@@ -349,6 +345,7 @@ def build(
 
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".pydocs-", dir=base))
+    os.chmod(tmp, dir_mode())   # readable by whoever may read the cache, as mkdir would make it
     try:
         docs = collect(root)
         stats = {"python": sys.version.split()[0], "stdlib": str(root), "builder_version": BUILDER_VERSION}
@@ -382,7 +379,30 @@ def build(
     return PydocsPaths(paths.root, paths.domain, paths.general, paths.sft_train, paths.sft_eval, stats)
 
 
-def main() -> None:  # python -m data.pydocs: build and print where the corpus is
+def domain_documents(max_chars: Optional[int] = None) -> list[str]:
+    """The "domain" module documents, in order (the first ones up to about `max_chars`
+    characters; None: all of them): the corpus extend_vocab.py mines by default."""
+    docs: list[str] = []
+    chars = 0
+    for module, path in module_files(stdlib_dir()):
+        if max_chars is not None and chars >= max_chars:
+            break
+        if not is_domain(module):
+            continue
+        try:
+            entries = parse_module(module, path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        text = module_document(module, entries) if entries else ""
+        if len(text) >= MIN_DOC_CHARS:
+            docs.append(text)
+            chars += len(text)
+    if not docs:
+        raise ValueError(f"{stdlib_dir()}: no domain documents found in the standard library")
+    return docs
+
+
+def main() -> None:  # python -m demo.corpus: build and print where the corpus is
     p = build()
     print(json.dumps({"root": str(p.root), **p.stats}, indent=2))
 

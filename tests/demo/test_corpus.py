@@ -1,4 +1,4 @@
-"""The embedded-default corpus (data/pydocs.py) against Python's own introspection.
+"""The embedded-default corpus (demo/corpus.py) against Python's own introspection.
 
 The corpus is built by parsing stdlib sources with `ast`; the references here import the
 modules and use `inspect`, an independent path to the same docstrings and signatures.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data import pydocs
+from demo import corpus as pydocs
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,15 @@
+"""The command-line layer every stage script shares (examples/*.py, `qwen-tune <stage>`).
+
+    errors.py       exit codes and `run_main`: one line on stderr for bad input (2) or a failure
+                    at run time (1); 130 / 143 after SIGINT / SIGTERM
+    flags.py        the argparse parser, value types and the flag groups the stages share
+    config_file.py  --config FILE: our flag names or LLaMA-Factory's keys, in YAML or JSON
+    inputs.py       checks of --model / --adapter / --data before anything loads
+    outdir.py       what a script may do with --out: the run's identity, --overwrite, the lock
+    runtime.py      device, dtype and model loading for a stage (LoRA / QLoRA / full)
+    console.py      what the scripts print: progress lines, loss curves, streamed generation
+    paths.py        the default locations of the pipeline's outputs (runs/cpt, runs/sft, ...)
+
+The training logic itself lives in the packages (models, quant, lora, data, train); the
+embedded default's corpus and base model live in `demo`.
+"""

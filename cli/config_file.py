@@ -1,0 +1,299 @@
+"""--config FILE: flag values from YAML or JSON, in our names or in LLaMA-Factory's.
+
+Our names are the flags without dashes (`lora-r: 16` or `lora_r: 16`). A LLaMA-Factory recipe
+(`llamafactory-cli train qwen_lora_sft.yaml`) runs unchanged: its keys are translated below,
+and the keys that cannot be honoured here are named in one line on stderr (an unknown key in a
+file of our own names is an error: it is a typo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import UsageError
+
+# LLaMA-Factory's `stage` -> the script that runs it.
+LF_STAGES = {"pt": "cpt", "sft": "sft", "dpo": "dpo"}
+# Keys that change nothing here (we always use SDPA, never remote code, ...).
+LF_HARMLESS = {
+    "do_train", "do_eval", "flash_attn", "trust_remote_code", "preprocessing_num_workers",
+    "dataloader_num_workers", "overwrite_cache", "plot_loss", "ddp_timeout", "per_device_eval_batch_size",
+    "eval_strategy", "evaluation_strategy", "save_strategy", "logging_dir", "disable_tqdm", "optim",
+    "quantization_method", "quantization_type", "double_quantization", "save_only_model", "bf16_full_eval",
+    "gradient_checkpointing", "lr_scheduler_kwargs", "ddp_find_unused_parameters", "upcast_layernorm",
+    "run_name", "logging_first_step", "save_safetensors",
+}
+# Chat templates of LLaMA-Factory that mean "Qwen's ChatML": we render the model's own template.
+LF_QWEN_TEMPLATES = {"qwen", "qwen3", "qwen3_nothink", "qwen2_vl", "default", "empty", "chatml"}
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML (.yaml/.yml) or JSON file holding one mapping of keys to values."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: file not found")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    if file.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise UsageError(f"--config {path}: {where}invalid YAML ({getattr(e, 'problem', e)})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def config_argv(p: argparse.ArgumentParser, path: str, given: set[str], stage: Optional[str] = None) -> list[str]:
+    """The command-line tokens the file stands for; keys the command line gave are left out."""
+    values = load_config_file(path)
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    ours = {str(k).lstrip("-").replace("-", "_") for k in values}
+    llama_factory = any(k in LF_KEYS or k in LF_HARMLESS for k in values if k.replace("-", "_") not in actions)
+    argv: list[str] = []
+    ignored: list[str] = []
+    translated: dict[str, Any] = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest in actions:
+            translated[dest] = (key, value)
+        elif llama_factory and key in LF_KEYS:
+            for dest2, value2 in LF_KEYS[key](value, values, path, stage):
+                if dest2 is None:
+                    ignored.append(f"{key}: {value2}")
+                elif dest2 in actions and dest2 not in ours:
+                    translated[dest2] = (key, value2)
+                elif dest2 not in actions:
+                    ignored.append(f"{key} (this script has no --{dest2.replace('_', '-')})")
+        elif llama_factory and key in LF_HARMLESS:
+            continue
+        elif llama_factory:
+            ignored.append(str(key))
+        else:
+            names = ", ".join(sorted(a.replace("_", "-") for a in actions)[:8])
+            raise UsageError(f"--config {path}: unknown key {key!r} (expected flag names such as {names}, ...)")
+    for dest, (key, value) in translated.items():
+        if dest not in given:   # the command line wins
+            argv += _as_argv(actions[dest], value, path, key)
+    if ignored:
+        print(f"{Path(sys.argv[0]).name}: --config {path}: not honoured here (ignored): {'; '.join(ignored)}",
+              file=sys.stderr, flush=True)
+    return argv
+
+
+def _as_argv(action: argparse.Action, value: Any, file: str, key: str) -> list[str]:
+    flag = max(action.option_strings, key=len)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f"--config {file}: key {key!r}: expected true or false, got {value!r}")
+        want = isinstance(action, argparse._StoreTrueAction)
+        return [flag] if value == want else []
+    if value is None:
+        return []
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise UsageError(f"--config {file}: key {key!r}: expected at least one value")
+        return [flag] + [str(v) for v in items]
+    if isinstance(value, (list, dict)):
+        raise UsageError(f"--config {file}: key {key!r}: expected a single value, got {type(value).__name__}")
+    return [flag, str(value)]
+
+
+# ---------------------------------------------------------------------- LLaMA-Factory keys
+Pairs = list[tuple[Optional[str], Any]]
+
+
+def _same(dest: str) -> Callable[..., Pairs]:
+    return lambda value, values, path, stage: [(dest, value)]
+
+
+def _positive_or_off(dest: str) -> Callable[..., Pairs]:
+    # HF TrainingArguments use -1 / 0 for "not set"
+    return lambda value, values, path, stage: [(dest, value)] if isinstance(value, (int, float)) and value > 0 else []
+
+
+def _stage(value, values, path, stage) -> Pairs:
+    mine = LF_STAGES.get(value)
+    if mine is None:
+        raise UsageError(f"--config {path}: stage {value!r} is not supported (expected one of {sorted(LF_STAGES)})")
+    if stage is not None and mine != stage:
+        raise UsageError(f"--config {path}: stage {value!r} is run by examples/{mine}.py, not by {stage}.py")
+    return []
+
+
+def _finetuning_type(value, values, path, stage) -> Pairs:
+    if value not in ("lora", "full"):
+        raise UsageError(f"--config {path}: finetuning_type {value!r} is not supported (expected lora or full)")
+    return [("finetuning", value)]
+
+
+def _lora_target(value, values, path, stage) -> Pairs:
+    names = value if isinstance(value, list) else [t.strip() for t in str(value).split(",")]
+    return [("lora_targets", "all-linear" if names in (["all"], ["all-linear"]) else ",".join(names))]
+
+
+def _scheduler(value, values, path, stage) -> Pairs:
+    if value in ("cosine", "linear", "constant", "constant_with_warmup"):
+        return [("lr_scheduler", value)]
+    return [(None, f"{value!r} (schedules here: cosine, linear, constant, constant_with_warmup)")]
+
+
+def _cutoff_len(value, values, path, stage) -> Pairs:
+    return [("block_size" if stage == "cpt" else "max_len", value)]
+
+
+def _precision(value, values, path, stage) -> Pairs:
+    # bf16 / fp16 / pure_bf16: true picks that dtype; all of them false means fp32 (seed 004's fallback)
+    chosen = [k for k in ("bf16", "pure_bf16", "fp16") if values.get(k) is True]
+    if chosen:
+        return [("dtype", "fp16" if chosen[0] == "fp16" else "bf16")]
+    return [("dtype", "fp32")]
+
+
+def _quantization_bit(value, values, path, stage) -> Pairs:
+    if value in (None, 0):
+        return []
+    if int(value) != 4:
+        raise UsageError(f"--config {path}: quantization_bit {value}: only 4-bit NF4 (QLoRA) is supported")
+    return [("qlora", True)]
+
+
+def _val_size(value, values, path, stage) -> Pairs:
+    if isinstance(value, (int, float)) and 0 <= value < 1:
+        return [("eval_fraction", value)]
+    return [(None, f"{value!r} (a fraction in [0, 1) here)")]
+
+
+def _report_to(value, values, path, stage) -> Pairs:
+    names = value if isinstance(value, list) else [value]
+    if "tensorboard" in names:
+        return [("report_to", "tensorboard")] + [(None, n) for n in names if n not in ("tensorboard", "none")]
+    return [("report_to", "none")] + [(None, n) for n in names if n not in ("none", None)]
+
+
+def _gradient_checkpointing_off(value, values, path, stage) -> Pairs:
+    return [("no_grad_checkpointing", bool(value))]
+
+
+def _overwrite(value, values, path, stage) -> Pairs:
+    return [("overwrite", bool(value))]
+
+
+def _resume(value, values, path, stage) -> Pairs:
+    return [("resume", True)] if value else []
+
+
+def _template(value, values, path, stage) -> Pairs:
+    if value in LF_QWEN_TEMPLATES:
+        return []   # the model's own chat template is rendered, as the model is served
+    return [(None, f"{value!r} (the model's own chat template is used)")]
+
+
+def _datasets(value, values, path, stage) -> Pairs:
+    return [("data", dataset_files(value, values, path))]
+
+
+def _eval_dataset(value, values, path, stage) -> Pairs:
+    files = dataset_files(value, values, path)
+    if len(files) != 1:
+        return [(None, f"{value!r} (one held-out file here)")]
+    return [("eval_data", files[0])]
+
+
+def _pref_loss(value, values, path, stage) -> Pairs:
+    return [("loss", value)]
+
+
+def dataset_files(value: Any, values: dict, path: str) -> list[str]:
+    """LLaMA-Factory `dataset` names -> files, through `dataset_dir`/dataset_info.json (a name may
+    also be a file path)."""
+    names = value if isinstance(value, list) else [n.strip() for n in str(value).split(",") if n.strip()]
+    base = Path(path).parent
+    folder = Path(values.get("dataset_dir", "data"))
+    folder = folder if folder.is_absolute() else (base / folder if (base / folder).is_dir() else folder)
+    info_file = folder / "dataset_info.json"
+    info = {}
+    if info_file.is_file():
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{info_file}: not valid JSON ({e})") from None
+    files = []
+    for name in names:
+        entry = info.get(name)
+        if isinstance(entry, dict) and entry.get("file_name"):
+            files.append(str(folder / entry["file_name"]))
+        elif (folder / name).exists():
+            files.append(str(folder / name))
+        elif Path(name).exists():
+            files.append(name)
+        else:
+            where = f"{info_file}" if info_file.is_file() else f"{folder} (no dataset_info.json there)"
+            raise UsageError(f"--config {path}: dataset {name!r} is not in {where}; give a file path or a "
+                             "dataset_info.json entry with file_name (hub datasets are not downloaded)")
+    return files
+
+
+LF_KEYS: dict[str, Callable[..., Pairs]] = {
+    "model_name_or_path": _same("model"),
+    "stage": _stage,
+    "finetuning_type": _finetuning_type,
+    "lora_rank": _same("lora_r"),
+    "lora_alpha": _same("lora_alpha"),
+    "lora_dropout": _same("lora_dropout"),
+    "lora_target": _lora_target,
+    "use_rslora": _same("use_rslora"),
+    "use_dora": _same("use_dora"),
+    "learning_rate": _same("lr"),
+    "num_train_epochs": _same("epochs"),
+    "max_steps": _positive_or_off("max_steps"),
+    "per_device_train_batch_size": _same("batch_size"),
+    "gradient_accumulation_steps": _same("grad_accum"),
+    "lr_scheduler_type": _scheduler,
+    "warmup_ratio": _positive_or_off("warmup_ratio"),
+    "warmup_steps": _positive_or_off("warmup_steps"),
+    "max_grad_norm": _same("max_grad_norm"),
+    "weight_decay": _same("weight_decay"),
+    "cutoff_len": _cutoff_len,
+    "bf16": _precision,
+    "fp16": _precision,
+    "pure_bf16": _precision,
+    "output_dir": _same("out"),
+    "overwrite_output_dir": _overwrite,
+    "resume_from_checkpoint": _resume,
+    "save_steps": _positive_or_off("save_every"),
+    "save_total_limit": _positive_or_off("keep_last"),
+    "logging_steps": _positive_or_off("log_every"),
+    "eval_steps": _positive_or_off("eval_every"),
+    "val_size": _val_size,
+    "seed": _same("seed"),
+    "quantization_bit": _quantization_bit,
+    "disable_gradient_checkpointing": _gradient_checkpointing_off,
+    "report_to": _report_to,
+    "dataset": _datasets,
+    "dataset_dir": lambda value, values, path, stage: [],   # read by `dataset`
+    "eval_dataset": _eval_dataset,
+    "template": _template,
+    "pref_beta": _same("beta"),
+    "pref_loss": _pref_loss,
+    "simpo_gamma": _same("simpo_gamma"),
+    "dpo_label_smoothing": _same("label_smoothing"),
+}

@@ -1,0 +1,142 @@
+"""Exit codes and the error boundary around every script's main().
+
+    0    done
+    1    a failure at run time: one line (disk full, non-finite loss naming step and parameter, ...)
+    2    bad input or a refusal: one line naming the flag, file, line or key (busy --out,
+         --overwrite of a folder the library did not write, a malformed data line, ...)
+    130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM: a checkpoint was saved when training
+         had started, nothing final was written, and the line says how to resume
+
+A traceback means a bug in the library, never bad input.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class UsageError(Exception):
+    """Bad input or a refusal: printed as one line, exit code 2."""
+
+
+class RunFailure(Exception):
+    """A failure at run time that is not the user's input: printed as one line, exit code 1."""
+
+
+def _bad_input() -> tuple[type, ...]:
+    from data import DataError
+    from lora import AdapterError
+    from lora.delta.io import DeltaError
+    from models.qwen import CheckpointError, ConfigError
+    from models.qwen.chat_template import ChatTemplateError
+    from models.qwen.tokenizer import TokenizerError
+    from train.report import ReportError
+
+    return (UsageError, CheckpointError, ConfigError, DataError, AdapterError, DeltaError, TokenizerError,
+            ChatTemplateError, ReportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, UnicodeDecodeError)
+
+
+def _failures() -> tuple[type, ...]:
+    import torch
+    from safetensors import SafetensorError
+
+    from train import NonFiniteError, NothingTrainsError
+
+    return (RunFailure, NonFiniteError, NothingTrainsError, SafetensorError, OSError, MemoryError,
+            torch.OutOfMemoryError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (an OSError as 'strerror: filename')."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            text += " (free some space or choose another --out; the last complete checkpoint is intact)"
+        return text
+    message = " ".join(str(error).split()) or type(error).__name__
+    if "No space left on device" in message or "StorageFull" in message:
+        message = "No space left on device while writing (free some space or choose another --out; " \
+                  "the last complete checkpoint is intact)"
+    return message
+
+
+def resume_command(argv: Optional[list[str]] = None) -> str:
+    """The command line that continues this run: the same arguments plus --resume."""
+    argv = list(sys.argv if argv is None else argv)
+    args = [a for a in argv[1:] if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in [f"python {argv[0]}"] + args)
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    from train import Interrupted
+
+    raise Interrupted("SIGTERM")
+
+
+def start_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints on stdout."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from train import distributed
+
+    distributed.init_from_env()
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    return True
+
+
+def _release_outputs() -> None:
+    from .outdir import release_untouched
+
+    release_untouched()
+
+
+def run_main(main: Callable[[], Optional[int]]) -> None:
+    """Call main() and exit with the code the table in the module docstring gives.
+
+    Under torchrun every process runs main() (see `start_distributed`). SIGTERM is turned into
+    the same orderly stop as Ctrl-C (the training loop installs its own handlers while it runs).
+    """
+    prog = Path(sys.argv[0]).name
+    from train import Interrupted
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        distributed = start_distributed()
+        code = main()
+    except (KeyboardInterrupt, Interrupted) as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
+        print(f"{prog}: {stop.describe()}", file=sys.stderr, flush=True)
+        if stop.checkpoint is not None:
+            print(f"{prog}: continue with: {resume_command()}", file=sys.stderr, flush=True)
+        else:
+            _release_outputs()
+        raise SystemExit(EXIT_CODES[stop.signal])
+    except _bad_input() as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        _release_outputs()
+        raise SystemExit(EXIT_USAGE)
+    except _failures() as e:
+        print(f"{prog}: failed: {one_line(e)}", file=sys.stderr, flush=True)
+        _release_outputs()
+        raise SystemExit(EXIT_FAILURE)
+    if distributed:
+        from train.distributed import shutdown
+
+        shutdown()
+    raise SystemExit(code or EXIT_OK)

@@ -1,0 +1,254 @@
+"""The argparse layer: one-line errors, value types, and the flag groups the stages share.
+
+    p = new_parser("cpt.py", __doc__)
+    add_training_flags(p, stage="cpt")        # model/data, fine-tuning mode, LoRA, optimisation, ...
+    args = parse_args(p, argv)                # --config values fill what the command line did not give
+    args._given                               # the dests set explicitly (command line or --config)
+
+`--help` prints each default once, as the script really uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import paths
+from .errors import EXIT_USAGE, UsageError
+
+STAGES = ("cpt", "sft", "dpo")
+FINETUNING = ("lora", "full", "full-then-lora")
+DTYPES = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT}
+# Recommended settings per stage (DESIGN.md section 1): CPT lr 1e-4 and alpha = r, SFT lr 5e-5
+# and alpha = 2r, DPO a low lr; 2 CPT epochs, 1 SFT / DPO epoch.
+STAGE_DEFAULTS = {
+    "cpt": dict(lr=1e-4, lora_alpha=16.0, epochs=2.0),
+    "sft": dict(lr=5e-5, lora_alpha=32.0, epochs=1.0),
+    "dpo": dict(lr=5e-6, lora_alpha=32.0, epochs=1.0),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse's default prints the usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" once, only where a real default exists and the text names none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or default == []:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: {default})"
+        return text
+
+
+def new_parser(prog: str, description: Optional[str], epilog: Optional[str] = None) -> Parser:
+    return Parser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+
+
+# ---------------------------------------------------------------------- value types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def ratio(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def open_ratio(text: str) -> float:
+    value = ratio(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------- shared flag groups
+def add_training_flags(p: Parser, stage: str) -> None:
+    """The flags every training stage shares (DESIGN.md section 3), with its own defaults."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    d = STAGE_DEFAULTS[stage]
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", metavar="DIR", help="HF-format Qwen checkpoint directory (config.json + safetensors)")
+    if stage == "cpt":
+        g.add_argument("--data", metavar="PATH", nargs="+",
+                       help="text corpus: .txt/.jsonl/.jsonl.gz files or directories")
+        g.add_argument("--block-size", type=positive_int, default=2048, help="tokens per packed training block")
+    else:
+        what = "SFT file(s): messages (with tools), alpaca or ShareGPT" if stage == "sft" else \
+            "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)"
+        g.add_argument("--data", metavar="FILE.jsonl", nargs="+", help=what)
+        g.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out file (default: a split of --data)")
+        g.add_argument("--max-len", type=positive_int, default=1024, help="longest sample in tokens")
+    g.add_argument("--eval-fraction", type=ratio, default=0.05,
+                   help="fraction of documents/samples held out for evaluation")
+    g.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT[stage]),
+                   help="output directory (adapter/, checkpoints/, metrics.jsonl, run.json)")
+
+    g = p.add_argument_group("fine-tuning mode")
+    g.add_argument("--finetuning", choices=FINETUNING, default="lora",
+                   help="train LoRA adapters, every parameter, or every parameter first and then adapters")
+    g.add_argument("--full-fraction", type=open_ratio, default=None,
+                   help="with --finetuning full-then-lora: the fraction of the steps trained in full (default: 0.5)")
+    g.add_argument("--qlora", action="store_true", help="quantise the frozen base to NF4 (QLoRA; LoRA only)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP)")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=non_negative_float, default=d["lora_alpha"], help="LoRA alpha (scale = alpha/r)")
+    g.add_argument("--lora-dropout", type=ratio, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="'all-linear' or comma-separated module names (q_proj,k_proj,...)")
+    g.add_argument("--use-rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r) (rsLoRA)")
+    g.add_argument("--use-dora", action="store_true", help="weight-decomposed adapters (DoRA)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="linear warm-up steps (default: --warmup-ratio 0.03)")
+    w.add_argument("--warmup-ratio", type=ratio, default=None, help="linear warm-up as a fraction of all steps")
+    e = g.add_mutually_exclusive_group()
+    e.add_argument("--epochs", type=positive_float, default=None, help=f"passes over the data (default: {d['epochs']:g})")
+    e.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps instead of --epochs")
+    g.add_argument("--lr-scheduler", choices=SCHEDULES, default="cosine",
+                   help="after the warm-up: cosine or linear decay to 0, or constant")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="micro-batch per process")
+    g.add_argument("--grad-accum", type=positive_int, default=16, help="micro-batches per optimizer step")
+    g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="decoupled weight decay")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are slower)")
+    g.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations instead of recomputing")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, dropout and data order")
+
+    g = p.add_argument_group("evaluation, checkpoints and logging")
+    g.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--save-every", type=positive_int, default=None, help="checkpoint every N steps (default: at the end)")
+    g.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints kept (plus the best by eval loss)")
+    g.add_argument("--log-every", type=positive_int, default=None,
+                   help="without a terminal: a progress line every N steps (default: about 20 lines per run)")
+    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="also write TensorBoard event files under --out/runs (metrics.jsonl is always written)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the earlier run in --out (only a folder these scripts wrote) and start over")
+    add_config_flag(p)
+
+
+def add_config_flag(p: Parser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or "
+                        "LLaMA-Factory's keys); flags on the command line win")
+
+
+def add_overwrite_flag(p: Parser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out these scripts wrote earlier (never a folder they did not write)")
+
+
+# ---------------------------------------------------------------------- parsing
+def parse_args(p: Parser, argv: Optional[Sequence[str]] = None, stage: Optional[str] = None) -> argparse.Namespace:
+    """Parse flags; values from --config fill in what the command line did not give.
+
+    The namespace gets `_given`: the dests set explicitly (command line or config), which the
+    conflict checks and the embedded default's settings use (a default never conflicts).
+    """
+    from .config_file import config_argv
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    given = explicit_dests(p, argv)
+    if args.config:
+        cli_argv = config_argv(p, args.config, given, stage=stage)
+        args = p.parse_args(cli_argv + argv)   # config values pass the same types, choices and exclusions
+        given |= explicit_dests(p, cli_argv)
+    args._given = given
+    return args
+
+
+def explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    flags = {opt: a.dest for a in p._actions for opt in a.option_strings}
+    return {flags[tok.split("=", 1)[0]] for tok in argv if tok.split("=", 1)[0] in flags}
+
+
+def check_training_flags(args: argparse.Namespace) -> None:
+    """Conflicting or out-of-range combinations (argparse checks single values)."""
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if args.max_steps is not None and args.warmup_steps is not None and args.warmup_steps > args.max_steps:
+        raise UsageError(f"--warmup-steps {args.warmup_steps} is larger than --max-steps {args.max_steps}")
+    if args.dtype == "fp16" and not _cuda():
+        raise UsageError("--dtype fp16 needs a GPU (CPU fp16 kernels are missing or slow): use bf16 or fp32")
+    if args.full_fraction is not None and args.finetuning != "full-then-lora":
+        raise UsageError(f"--full-fraction {args.full_fraction} applies only to --finetuning full-then-lora")
+    if args.qlora and args.finetuning != "lora":
+        raise UsageError(f"--qlora with --finetuning {args.finetuning}: the NF4 base has no gradient; "
+                         "QLoRA trains adapters only (--finetuning lora)")
+    if args.fsdp and args.qlora:
+        raise UsageError("--fsdp with --qlora: FSDP2 cannot shard NF4 weights; use DDP (the default) for QLoRA")
+    if args.finetuning == "full-then-lora" and args.full_fraction is None:
+        args.full_fraction = 0.5
+
+
+def lora_targets(text: str):
+    """--lora-targets value -> what lora.inject takes ('all-linear' or a list of names)."""
+    if text == "all-linear":
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--lora-targets {text!r}: expected 'all-linear' or module names such as q_proj,v_proj")
+    return names
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

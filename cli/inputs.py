@@ -1,0 +1,77 @@
+"""Checks of the inputs a script names, made before anything loads or is written: a missing
+model, an adapter given as --model, an empty data file all end in one line naming the flag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .errors import UsageError
+
+
+def check_model_dir(path: Optional[str], flag: str = "--model") -> Path:
+    """An HF-format Qwen checkpoint directory: config.json of a Qwen model plus weights."""
+    if not path:
+        raise UsageError(f"{flag}: no model directory given")
+    root = Path(path)
+    if not root.exists():
+        raise UsageError(f"{flag} {path}: directory not found")
+    if not root.is_dir():
+        raise UsageError(f"{flag} {path}: not a directory (expected an HF-format Qwen checkpoint directory)")
+    if not (root / "config.json").is_file():
+        if (root / "adapter_config.json").is_file():
+            raise UsageError(f"{flag} {path}: holds a LoRA adapter, not a model (pass it as --adapter)")
+        raise UsageError(f"{flag} {path}: not a Qwen checkpoint (no config.json)")
+    from models.qwen import ConfigError, QwenConfig
+
+    try:
+        QwenConfig.from_hf(root)
+    except ConfigError as e:
+        message = str(e).replace(str(root / "config.json") + ": ", "config.json: ")
+        raise UsageError(f"{flag} {path}: not a Qwen checkpoint: {message}") from None
+    if not any(root.glob("*.safetensors")) and not any(root.glob("*.bin")):
+        raise UsageError(f"{flag} {path}: no weights (*.safetensors) in the directory")
+    return root
+
+
+def check_adapter_dir(path: str, flag: str = "--adapter") -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{flag} {path}: directory not found")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (root / name).is_file():
+            raise UsageError(f"{flag} {path}: not a PEFT adapter (no {name})")
+    try:
+        json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: adapter_config.json is not valid JSON ({e})") from None
+    return root
+
+
+def check_data_paths(paths: Iterable[str], flag: str = "--data", files_only: bool = False) -> list[Path]:
+    out = []
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"{flag} {path}: no such file or directory")
+        if p.is_dir() and files_only:
+            raise UsageError(f"{flag} {path}: is a directory; expected one or more .jsonl files")
+        if p.is_dir() and not any(x.is_file() for x in p.rglob("*")):
+            raise UsageError(f"{flag} {path}: directory holds no files")
+        if p.is_file() and p.stat().st_size == 0:
+            raise UsageError(f"{flag} {path}: file is empty")
+        out.append(p)
+    return out
+
+
+def check_block_size(model_dir: Path, block: int, flag: str = "--block-size") -> Optional[str]:
+    """A note when `block` exceeds the model's max_position_embeddings (it trains, but on
+    positions the model never saw), else None."""
+    from models.qwen import QwenConfig
+
+    limit = QwenConfig.from_hf(model_dir).max_position_embeddings
+    if block > limit:
+        return (f"{flag} {block} is above the model's max_position_embeddings {limit}: positions past "
+                f"{limit} were never trained (use a smaller {flag} or a model with a longer context)")
+    return None

@@ -1,0 +1,6 @@
+"""The embedded default: what every stage script runs on with no arguments, on any machine.
+
+    corpus.py      Python's own documentation as the corpus: "general" and "domain" text, SFT pairs
+    base_model.py  the small Qwen2-architecture base, pretrained once on the general text and cached
+    settings.py    the stage flags the demo model runs with (--help shows them)
+"""
