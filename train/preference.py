@@ -32,11 +32,14 @@ SimPO / ORPO (as TRL logs them): reward = β a, logps = a. ORPO adds nll_loss, l
 The reference costs no second model: with LoRA it is the same model under
 lora.disable_adapters (the frozen base, NF4 or not) in no_grad, or log-probs computed once before
 training by precompute_reference_logps and carried in the batch (ref_chosen_logps,
-ref_rejected_logps).
+ref_rejected_logps). The base is the right reference for a fresh adapter (B = 0: the policy
+starts as the base); to align an already-trained adapter further, precompute the reference with
+the adapter on (disable_adapters=False), or merge it first (lora.merge) and train a new one.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -98,7 +101,7 @@ class PreferenceObjective:
             raise ValueError(f"loss={loss!r} is reference-free: reference must be None, got {reference!r}")
         if loss not in REFERENCE_FREE and reference is None:
             raise ValueError(f"loss={loss!r} needs a reference: 'adapters' or 'precomputed'")
-        if not (beta > 0 and np.isfinite(beta)):
+        if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a positive number, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
@@ -114,14 +117,14 @@ class PreferenceObjective:
     def __call__(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(sum of the pairs' losses, metric sums over the pairs); one policy forward of all 2B rows."""
         B = pairs_in(batch)
-        reference = self.reference_logps(model, batch) if self.reference is not None else None
+        # The reference pass first: its activations are gone before the policy's graph is built.
+        ref_chosen, ref_rejected = self.reference_logps(model, batch) if self.reference is not None else (None, None)
         logps, n_tokens = sequence_logps(model, batch)
         if bool((n_tokens == 0).any()):
             row = int(torch.nonzero(n_tokens == 0)[0])
             raise ValueError(f"preference batch row {row} ({'chosen' if row < B else 'rejected'} of pair {row % B}) "
                              "has no labelled token: nothing to score")
-        losses, metrics = self.pair_losses(logps[:B], logps[B:], n_tokens[:B], n_tokens[B:],
-                                           *(reference if reference is not None else (None, None)))
+        losses, metrics = self.pair_losses(logps[:B], logps[B:], n_tokens[:B], n_tokens[B:], ref_chosen, ref_rejected)
         return losses.sum(), {k: v.detach().sum() for k, v in metrics.items()}
 
     def reference_logps(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -205,18 +208,21 @@ class WithReferenceLogps(torch.utils.data.Dataset):
 @torch.no_grad()
 def precompute_reference_logps(model: nn.Module, dataset: Sequence, batch_size: int = 8,
                                autocast_dtype: Optional[torch.dtype] = None, collate_fn=preference_collate,
-                               ) -> WithReferenceLogps:
-    """The reference's summed log-probs of every pair's responses, computed once.
+                               disable_adapters: bool = True) -> WithReferenceLogps:
+    """The reference's summed log-probs of every pair's responses, computed once, before training.
 
-    The reference is `model` with its LoRA adapters disabled (the model itself when it has none:
-    call this before training then). autocast_dtype: run under torch.autocast as training does
-    (None: the model's own dtype). Returns the dataset wrapped so that its items, and
-    data.preference_collate's batches, carry ref_chosen_logps / ref_rejected_logps.
+    disable_adapters=True: the reference is `model` with its LoRA adapters disabled (the base:
+    what reference="adapters" computes, and what a fresh adapter starts from). False: the model
+    as it is, for an adapter that does not start at zero (continuing a trained adapter: TRL's
+    reference is then that starting adapter too); also the choice for full fine-tuning.
+    autocast_dtype: run under torch.autocast as training does (None: the model's own dtype).
+    Returns the dataset wrapped so that its items, and data.preference_collate's batches, carry
+    ref_chosen_logps / ref_rejected_logps.
     """
     device = next(model.parameters()).device
     chosen, rejected = [], []
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    with lora.disable_adapters(model), autocast:
+    with (lora.disable_adapters(model) if disable_adapters else nullcontext()), autocast:
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in collate_fn(items).items()}

@@ -260,6 +260,13 @@ def test_precomputed_reference_equals_on_the_fly(ckpt, kind):
             assert max_rel_err(p.grad, grads[name]) <= 1e-4, name
     with pytest.raises(ValueError, match="precompute_reference_logps"):
         precomputed(model, plain)
+    # With the adapter on, the reference is the policy as it stands: every reward is 0.
+    start = precompute_reference_logps(model, items, collate_fn=collate, disable_adapters=False)
+    with torch.no_grad():
+        loss, metrics = precomputed(model, collate([start[i] for i in range(5)]))
+    assert metrics["rewards/chosen"].abs().max() < 1e-6 and metrics["rewards/margins"].abs().max() < 1e-6
+    if kind == "sigmoid":
+        assert loss.item() == pytest.approx(5 * math.log(2), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "orpo"])
