@@ -9,6 +9,8 @@
     mixed = data.MixedDataset([general, domain], ratios=[1, 1])        # mix by tokens
     loader = data.DataLoader(blocks, batch_size=4, seed=0)             # deterministic, resumable
     report = data.vocab.mine_tokens(texts, tok)                        # domain tokens (see data/vocab)
+    pairs = data.PreferenceDataset("pairs.jsonl", tok, max_len=1024)   # DPO pairs (see data/preference)
+    batch = data.preference_collate([pairs[0], pairs[1]])              # chosen rows, then rejected rows
 
 Batches are dicts of LongTensors [B, T]: input_ids, labels, and optionally position_ids,
 document_ids, attention_mask. Bad input raises `data.DataError` naming the file and line (or
@@ -21,6 +23,16 @@ from .cpt import Corpus, Documents, PackedDataset, load_corpus, pack_documents, 
 from .errors import DataError, InputReport
 from .loader import DataLoader
 from .mix import MixedDataset
+from .preference import (
+    PREFERENCE_FORMATS,
+    EncodedPair,
+    PreferenceDataset,
+    detect_preference_format,
+    encode_pair,
+    pairs_from_sft,
+    preference_collate,
+    to_preference,
+)
 from .sft import (
     FORMATS,
     EncodedChat,
@@ -39,5 +51,7 @@ __all__ = [
     "cache_root", "IGNORE_INDEX", "PackedSFTDataset", "pad_collate", "Corpus", "Documents", "PackedDataset",
     "load_corpus", "pack_documents", "split_for_encoding", "tokenize_file", "DataError", "InputReport", "DataLoader",
     "MixedDataset", "FORMATS", "EncodedChat", "SFTDataset", "Subset", "check_roles", "detect_format", "encode_chat",
-    "encode_chat_detailed", "to_messages", "find_files", "vocab",
+    "encode_chat_detailed", "to_messages", "find_files", "vocab", "PREFERENCE_FORMATS", "EncodedPair",
+    "PreferenceDataset", "detect_preference_format", "encode_pair", "pairs_from_sft", "preference_collate",
+    "to_preference",
 ]

@@ -27,7 +27,7 @@ from .attention import Attention, KVCache, build_attention_mask
 from .config import QwenConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 from .linear import Linear
-from .loss import IGNORE_INDEX, linear_cross_entropy
+from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
 from .special_tokens import ENDOFTEXT_ID, IM_END_ID
 
 
@@ -73,6 +73,8 @@ class Qwen(nn.Module):
     forward(input_ids [B, T]) -> logits [B, T, vocab]
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
     forward(..., reduction="sum") -> (loss_sum, n_supervised_tokens), for accumulation
+    forward(..., reduction="none") -> (loss per row [B], supervised tokens per row [B]): a
+        row's loss is -sum of log p(label) over its supervised positions (preference objectives)
     """
 
     def __init__(self, config: QwenConfig):
@@ -162,12 +164,12 @@ class Qwen(nn.Module):
             return logits if self.logit_offset is None else logits + self.logit_offset.to(logits.dtype)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        loss_sum, n_tokens = self.loss_from_hidden(hidden, labels)
-        if reduction == "sum":
-            return loss_sum, n_tokens
-        if reduction != "mean":
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        return loss_sum / n_tokens.clamp_min(1)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        loss, n_tokens = self.loss_from_hidden(hidden, labels, per_row=reduction == "none")
+        if reduction == "mean":
+            return loss / n_tokens.clamp_min(1)
+        return loss, n_tokens
 
     def hidden_states(
         self,
@@ -207,8 +209,11 @@ class Qwen(nn.Module):
             cache.advance(T)
         return self.model.norm(h)
 
-    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor):
-        """(loss_sum, n_tokens) of next-token prediction; the head runs in chunks."""
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor, per_row: bool = False):
+        """(loss_sum, n_tokens) of next-token prediction; the head runs in chunks.
+
+        per_row: ([B] loss sums, [B] counts) instead of scalars, one per row of labels.
+        """
         head = self.lm_head
         # A trainable copy of the head (lora's modules_to_save) exposes the live module as
         # `.active`: unwrap it so the fused chunked loss still applies (it returns the
@@ -223,6 +228,9 @@ class Qwen(nn.Module):
             else:
                 hidden = hidden.to(weight.dtype)
             with torch.autocast(device_type, enabled=False):
+                if per_row:
+                    logps, n_tokens = linear_log_probs(hidden, weight, labels, logit_offset=self.logit_offset)
+                    return -logps, n_tokens
                 return linear_cross_entropy(hidden, weight, labels, logit_offset=self.logit_offset)
         if self.logit_offset is not None:
             raise NotImplementedError("logit_offset needs a plain bias-free head (not a wrapped or biased one)")
@@ -230,10 +238,15 @@ class Qwen(nn.Module):
         targets = labels[:, 1:].reshape(-1)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         keep = targets != IGNORE_INDEX
+        rows = torch.arange(labels.shape[0], device=labels.device).repeat_interleave(labels.shape[1] - 1)[keep]
         h, targets = h[keep], targets[keep]
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        loss = hidden.new_zeros(labels.shape[0] if per_row else (), dtype=torch.float32)
         chunk = 1024
         for start in range(0, h.shape[0], chunk):
             logits = head(h[start : start + chunk]).float()
-            loss_sum = loss_sum + F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
-        return loss_sum, keep.sum()
+            t = targets[start : start + chunk]
+            if per_row:
+                loss = loss.index_add(0, rows[start : start + chunk], F.cross_entropy(logits, t, reduction="none"))
+            else:
+                loss = loss + F.cross_entropy(logits, t, reduction="sum")
+        return loss, keep.view(labels.shape[0], -1).sum(1) if per_row else keep.sum()
