@@ -58,7 +58,8 @@ def check_out(out: Path, modelfile: Path, modelfile_text: str, overwrite: bool) 
         raise UsageError(f"--gguf {out}: already exists; choose another file or pass --overwrite")
     if modelfile.is_dir():
         raise UsageError(f"--gguf {out}: {modelfile} beside it is a directory; choose another folder")
-    if modelfile.exists() and not overwrite and modelfile.read_text(encoding="utf-8", errors="replace") != modelfile_text:
+    ours = modelfile.exists() and modelfile.read_text(encoding="utf-8", errors="replace") == modelfile_text
+    if modelfile.exists() and not ours and not overwrite:
         raise UsageError(f"--gguf {out}: {modelfile} beside it belongs to another model; choose another "
                          f"folder or pass --overwrite")
 

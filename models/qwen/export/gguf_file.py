@@ -45,7 +45,8 @@ class ExportSummary:
     eos_token: str = ""
 
 
-def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16", name: Optional[str] = None) -> ExportSummary:
+def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
+                name: Optional[str] = None) -> ExportSummary:
     """Convert the model in `model_dir` to a GGUF file at `out` (replaced if it exists).
 
     file_type: "f16", "bf16" or "q8_0" (the type of the matrices; norms and biases stay F32).
