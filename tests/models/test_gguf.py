@@ -10,7 +10,6 @@ reads back in milliseconds; one model has Qwen's real 151936-row vocabulary.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -252,8 +251,16 @@ def test_real_vocabulary_as_llama_cpp_converts_it(tmp_path, chat_tokenizer_dir):
 
 
 # ---------------------------------------------------------------------- llama.cpp runs the file
-requires_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                        reason="llama-cpp-python is not installed (it builds llama.cpp from source)")
+def _llama_cpp_importable() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # not installed (CI: it compiles llama.cpp from source), or a broken build
+        return False
+    return True
+
+
+requires_llama_cpp = pytest.mark.skipif(not _llama_cpp_importable(),
+                                        reason="llama_cpp (llama-cpp-python) is not importable")
 
 
 def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -269,11 +276,12 @@ def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]
 
 
 # (architecture, tied head, seed, GGUF type, tolerance on logits relative to their largest).
-# Measured (llama-cpp-python 0.3.36): f16 within 4-7e-4, q8_0 within 1-1.3e-2 (llama.cpp also
-# rounds the activations to 8 bits in its Q8_0 matmuls). The seeds give greedy margins above
-# twice the tolerance at every step, so the greedy paths are comparable (random weights and
-# 151936 outputs make near-ties common: the test asserts the margins rather than trusting luck).
-LLAMA_CASES = [("qwen2", True, 0, "f16", 1e-3), ("qwen3", False, 0, "f16", 1e-3), ("qwen2", True, 0, "q8_0", 2.5e-2)]
+# Measured (llama-cpp-python 0.3.36): f16 within 4-7e-4, bf16 3.4e-3, q8_0 1-1.3e-2 (llama.cpp
+# also rounds the activations to 8 bits in its Q8_0 matmuls). The seeds give greedy margins
+# above twice the tolerance at every step, so the greedy paths are comparable (random weights
+# and 151936 outputs make near-ties common: the test asserts the margins rather than trusting luck).
+LLAMA_CASES = [("qwen2", True, 0, "f16", 1e-3), ("qwen3", False, 0, "f16", 1e-3),
+               ("qwen2", True, 0, "bf16", 1e-2), ("qwen2", True, 0, "q8_0", 2.5e-2)]
 
 
 @requires_llama_cpp
