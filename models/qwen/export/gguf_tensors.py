@@ -82,11 +82,10 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
     """
     check_file_type(file_type)
     if "quantization_config" in config.extra:
-        raise ExportError(
-            f"{model_dir / 'config.json'}: the weights are quantised "
-            f"({config.extra['quantization_config'].get('quant_method', '?')}); export a merged 16-bit "
-            f"model (examples/merge.py writes one)"
-        )
+        quant = config.extra["quantization_config"]
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ExportError(f"{model_dir / 'config.json'}: the weights are quantised ({method}); export a merged "
+                          f"16-bit model (examples/merge.py writes one)")
     arch = ARCHITECTURES[config.model_type]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     expected = expected_shapes(config)
@@ -109,9 +108,9 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
             if hf_name not in expected:
                 raise ExportError(f"{file}: tensor {hf_name!r} is not part of a {config.model_type} model "
                                   f"of this config (LoRA weights must be merged first)")
-            if shape != expected.pop(hf_name):
-                raise ExportError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, config.json implies "
-                                  f"{list(expected_shapes(config)[hf_name])}")
+            want = expected.pop(hf_name)
+            if shape != want:
+                raise ExportError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, config.json implies {list(want)}")
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise ExportError(f"{file}: tensor {hf_name!r} has no GGUF name for {arch.name.lower()}")
