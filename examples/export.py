@@ -32,10 +32,10 @@ TYPES = ("f16", "bf16", "q8_0")
 def build_parser() -> _cli.Parser:
     p = _cli.new_parser("export.py", __doc__)
     p.add_argument("--model", metavar="DIR", default=str(DEFAULT_MODEL), help="HF-format model directory")
-    p.add_argument("--gguf", metavar="OUT.gguf", help=f"output file (default: {DEFAULT_GGUF_DIR}/model-TYPE.gguf)")
+    p.add_argument("--gguf", metavar="OUT.gguf", help=f"output file ({DEFAULT_GGUF_DIR}/model-TYPE.gguf when not given)")
     p.add_argument("--type", choices=TYPES, default="f16", help="type of the weight matrices in the file")
     p.add_argument("--name", help="model name stored in the file and suggested to `ollama create` "
-                                  "(default: the model directory's name; the file's for Ollama)")
+                                  "(when not given: the model directory's name, and the file's for Ollama)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file and its Modelfile")
     _cli.add_config_flag(p)
     return p
