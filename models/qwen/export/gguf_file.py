@@ -1,0 +1,143 @@
+"""Write a GGUF file (llama.cpp, Ollama) from an HF-format Qwen2/Qwen3 model directory.
+
+    from models.qwen.export import export_gguf
+    summary = export_gguf("runs/sft/merged", "runs/gguf/model-q8_0.gguf", file_type="q8_0")
+
+The file holds what llama.cpp's convert_hf_to_gguf.py writes for these models: the
+architecture (`qwen2` / `qwen3`), its hyper-parameters under the gguf package's key names,
+the tokenizer with its chat template (see gguf_vocab.py) and the tensors (see gguf_tensors.py).
+Tensors are streamed: the header is written from the safetensors headers, then each tensor
+is read, converted and appended in turn, so memory holds one tensor at a time. The file is
+written next to its final name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import gguf
+import numpy as np
+
+from ..checkpoint import checkpoint_files, iter_tensors
+from ..config import ConfigError, QwenConfig
+from .errors import ExportError
+from .gguf_tensors import ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, encode, plan_tensors, skipped
+from .gguf_vocab import read_vocab
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class ExportSummary:
+    """What was written: the file, its architecture, size and how many tensors of each type."""
+
+    path: Path
+    architecture: str
+    file_type: str
+    n_tensors: int
+    n_params: int
+    n_bytes: int
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    eos_token: str = ""
+
+
+def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
+                name: Optional[str] = None) -> ExportSummary:
+    """Convert the model in `model_dir` to a GGUF file at `out` (replaced if it exists).
+
+    file_type: "f16", "bf16" or "q8_0" (the type of the matrices; norms and biases stay F32).
+    name: `general.name` in the file (default: the directory's name).
+    """
+    model_dir = Path(model_dir)
+    out = Path(out)
+    check_file_type(file_type)
+    config = read_config(model_dir)
+    plans = plan_tensors(model_dir, config, file_type)
+    vocab = read_vocab(model_dir, config)
+
+    arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type]]
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    n_params = sum(p.numel for p in plans)
+    add_metadata(writer, config, file_type, name or model_dir.resolve().name, n_params)
+    vocab.add_to(writer)
+    for p in plans:
+        # With raw_dtype given, a non-uint8 dtype tells the writer `p.shape` is the logical shape.
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensor_data(writer, model_dir, plans, config)
+        writer.flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportSummary(
+        path=out, architecture=arch, file_type=file_type, n_tensors=len(plans), n_params=n_params,
+        n_bytes=out.stat().st_size, tensor_types=dict(Counter(p.ggml_type.name for p in plans)),
+        eos_token=vocab.tokens[vocab.eos_id],
+    )
+
+
+def read_config(model_dir: Path) -> QwenConfig:
+    """config.json of a Qwen2/Qwen3 model (Qwen-7B v1 checkpoints are refused: other names)."""
+    if not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: not a directory (expected an HF-format Qwen model directory)")
+    try:
+        config = QwenConfig.from_hf(model_dir)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    if config.source_format != "hf":
+        raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
+                          f"with models.qwen.save to get a Qwen2-format directory first")
+    return config
+
+
+def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str, n_params: int) -> None:
+    """general.* and the architecture's hyper-parameters, as llama.cpp's TextModel writes them."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    # Qwen3's head_dim is not hidden/heads; llama.cpp reads it from key/value length.
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_file_type(FILE_TYPES[file_type][0])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tensor_data(writer: "gguf.GGUFWriter", model_dir: Path, plans: list[TensorPlan], config: QwenConfig) -> None:
+    """Append each planned tensor's bytes, reading the checkpoint one tensor at a time."""
+    pending = iter(plans)
+    for hf_name, tensor, file in iter_tensors(checkpoint_files(model_dir)):
+        if skipped(hf_name, config):
+            continue
+        plan = next(pending, None)
+        if plan is None or plan.hf_name != hf_name:
+            raise ExportError(f"{file}: changed while it was being exported (read {hf_name!r}, expected "
+                              f"{plan.hf_name if plan else 'no more tensors'!r})")
+        writer.write_tensor_data(encode(tensor, plan))
+    left = next(pending, None)
+    if left is not None:
+        raise ExportError(f"{model_dir}: changed while it was being exported (tensor {left.hf_name!r} went missing)")
+
+
+__all__ = ["export_gguf", "ExportSummary", "read_config", "add_metadata"]

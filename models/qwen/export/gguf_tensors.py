@@ -1,0 +1,151 @@
+"""Which checkpoint tensors go into a GGUF, under which names and in which GGML types.
+
+The decisions are those of llama.cpp's convert_hf_to_gguf.py for Qwen2/Qwen3:
+
+* names come from the gguf package's own table (`gguf.get_tensor_name_map`):
+  `model.layers.3.self_attn.q_proj.bias` -> `blk.3.attn_q.bias`, `lm_head.weight` -> `output.weight`;
+  Qwen's RoPE is NEOX-style rotate-half, which is what llama.cpp runs for these architectures,
+  so q/k weights are written as they are (no permutation);
+* 1-D tensors (norms, biases) stay F32; every matrix takes the file type (F16, BF16 or Q8_0);
+  a matrix whose rows are not a whole number of Q8_0 blocks (32) falls back to F16;
+* a tied head (`tie_word_embeddings`) is not written: llama.cpp then uses `token_embd` as
+  the output layer, as transformers does.
+
+Shapes are numpy's ([rows, cols] = [out, in]); GGUF stores them reversed, as ggml does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointError, checkpoint_files, read_safetensors_header
+from ..config import QwenConfig
+from ..model import Qwen
+from .errors import ExportError
+
+# `--type` name -> (general.file_type, the GGML type of the matrices)
+FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+}
+ARCHITECTURES = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+F32 = gguf.GGMLQuantizationType.F32
+F16 = gguf.GGMLQuantizationType.F16
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the GGUF: where it comes from, its name, shape [rows, cols] and type."""
+
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    ggml_type: gguf.GGMLQuantizationType
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.ggml_type]
+        return self.numel // block * size
+
+
+def check_file_type(file_type: str) -> None:
+    if file_type not in FILE_TYPES:
+        raise ExportError(f"GGUF type {file_type!r} is not supported: expected one of {', '.join(FILE_TYPES)}")
+
+
+def ggml_type_for(gguf_name: str, shape: tuple[int, ...], file_type: str) -> gguf.GGMLQuantizationType:
+    """The GGML type llama.cpp's converter gives this tensor under `file_type`."""
+    check_file_type(file_type)
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        return F32  # llama.cpp's kernels for norms and other 1-D tensors take F32 only
+    wanted = FILE_TYPES[file_type][1]
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    if shape[-1] % block:
+        return F16  # the converter's fallback when a row is not a whole number of blocks
+    return wanted
+
+
+def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[TensorPlan]:
+    """The GGUF's tensors, in checkpoint order, from the safetensors headers (no data is read).
+
+    Every tensor the model needs must be present with its shape, and nothing else.
+    """
+    check_file_type(file_type)
+    if "quantization_config" in config.extra:
+        quant = config.extra["quantization_config"]
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ExportError(f"{model_dir / 'config.json'}: the weights are quantised ({method}); export a merged "
+                          f"16-bit model (examples/merge.py writes one)")
+    arch = ARCHITECTURES[config.model_type]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    expected = expected_shapes(config)
+    try:
+        files = checkpoint_files(model_dir)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+
+    plans: list[TensorPlan] = []
+    for file in files:
+        with open(file, "rb", buffering=0) as fh:
+            try:
+                header, _ = read_safetensors_header(file, fh)
+            except CheckpointError as e:
+                raise ExportError(str(e)) from None
+        for hf_name in sorted(header):  # the order checkpoint.iter_tensors reads them in
+            if skipped(hf_name, config):
+                continue
+            shape = tuple(int(d) for d in header[hf_name]["shape"])
+            if hf_name not in expected:
+                raise ExportError(f"{file}: tensor {hf_name!r} is not part of a {config.model_type} model "
+                                  f"of this config (LoRA weights must be merged first)")
+            want = expected.pop(hf_name)
+            if shape != want:
+                raise ExportError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, config.json implies {list(want)}")
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(f"{file}: tensor {hf_name!r} has no GGUF name for {arch.name.lower()}")
+            plans.append(TensorPlan(hf_name, gguf_name, shape, ggml_type_for(gguf_name, shape, file_type)))
+    if expected:
+        missing = sorted(expected)
+        raise ExportError(f"{model_dir}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+    return plans
+
+
+def expected_shapes(config: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """{checkpoint name: shape} of every tensor a model of `config` is made of (built on "meta")."""
+    with torch.device("meta"):
+        model = Qwen(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not skipped(k, config)}
+
+
+def skipped(hf_name: str, config: QwenConfig) -> bool:
+    """Tensors a GGUF leaves out: the RoPE table (recomputed) and a tied head (it is the embedding)."""
+    return hf_name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and hf_name == "lm_head.weight")
+
+
+def encode(tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
+    """The bytes of one GGUF tensor: F32/F16 as floats, BF16 and Q8_0 as uint8 blocks.
+
+    Like llama.cpp's converter, a bf16 tensor goes through float32 first (exact), then gguf's
+    own rounding to the target type (round to nearest even; Q8_0 as ggml-quants.c does).
+    """
+    if tuple(tensor.shape) != plan.shape:
+        raise ExportError(f"tensor {plan.hf_name!r} has shape {list(tensor.shape)}, expected {list(plan.shape)}")
+    if tensor.dtype not in (torch.float16, torch.float32):
+        tensor = tensor.float()
+    data = tensor.detach().cpu().contiguous().numpy()
+    out = gguf.quants.quantize(data, plan.ggml_type)
+    if plan.ggml_type == F16 and not np.isfinite(out).all() and np.isfinite(data).all():
+        raise ExportError(f"tensor {plan.hf_name!r} has values beyond float16's range (max |x| = "
+                          f"{float(np.abs(data).max()):.4g}); export with type bf16 instead")
+    return out
