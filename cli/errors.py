@@ -43,9 +43,14 @@ def _bad_input() -> tuple[type, ...]:
     from models.qwen.tokenizer import TokenizerError
     from train.report import ReportError
 
-    return (UsageError, CheckpointError, ConfigError, DataError, AdapterError, DeltaError, TokenizerError,
-            ChatTemplateError, ReportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError, UnicodeDecodeError)
+    errors = (UsageError, CheckpointError, ConfigError, DataError, AdapterError, DeltaError, TokenizerError,
+              ChatTemplateError, ReportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+              PermissionError, UnicodeDecodeError)
+    try:
+        from models.qwen.export import ExportError
+    except ImportError:   # the optional gguf package is not installed
+        return errors
+    return errors + (ExportError,)
 
 
 def _failures() -> tuple[type, ...]:

@@ -12,32 +12,26 @@ with it as it is. A Modelfile for `ollama create` is written next to it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# The scripts run from a checkout: examples/ for the shared CLI helpers, the repository root
-# for the packages (already importable after `pip install -e .`).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from cli import flags, inputs, paths
+from cli.console import Timer, log
+from cli.errors import UsageError, run_main
 
-import _cli  # noqa: E402
-import _pipeline as P  # noqa: E402
-from _cli import UsageError  # noqa: E402
-
-DEFAULT_MODEL = _cli.DEFAULT_SFT_OUT / "merged"
-DEFAULT_GGUF_DIR = _cli.RUNS / "gguf"
+DEFAULT_MODEL = paths.SFT_OUT / "merged"
+DEFAULT_GGUF_DIR = paths.RUNS / "gguf"
 TYPES = ("f16", "bf16", "q8_0")
 
 
-def build_parser() -> _cli.Parser:
-    p = _cli.new_parser("export.py", __doc__)
+def build_parser() -> flags.Parser:
+    p = flags.new_parser("export.py", __doc__)
     p.add_argument("--model", metavar="DIR", default=str(DEFAULT_MODEL), help="HF-format model directory")
     p.add_argument("--gguf", metavar="OUT.gguf", help=f"output file ({DEFAULT_GGUF_DIR}/model-TYPE.gguf when not given)")
     p.add_argument("--type", choices=TYPES, default="f16", help="type of the weight matrices in the file")
     p.add_argument("--name", help="model name stored in the file and suggested to `ollama create` "
                                   "(when not given: the model directory's name, and the file's for Ollama)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file and its Modelfile")
-    _cli.add_config_flag(p)
+    flags.add_config_flag(p)
     return p
 
 
@@ -45,7 +39,7 @@ def check_model(path: str) -> Path:
     if path == str(DEFAULT_MODEL) and not Path(path).exists():
         raise UsageError(f"--model: not given, and {DEFAULT_MODEL} does not exist; run examples/sft.py first "
                          f"(it writes the merged model there) or pass --model DIR")
-    return _cli.check_model_dir(path)
+    return inputs.check_model_dir(path)
 
 
 def check_out(out: Path, modelfile: Path, modelfile_text: str, overwrite: bool) -> None:
@@ -65,8 +59,8 @@ def check_out(out: Path, modelfile: Path, modelfile_text: str, overwrite: bool) 
 
 
 def main(argv=None) -> int:
-    args = _cli.parse_args(build_parser(), argv)
-    timer = P.Timer()
+    args = flags.parse_args(build_parser(), argv)
+    timer = Timer()
     model = check_model(args.model)
     out = Path(args.gguf) if args.gguf else DEFAULT_GGUF_DIR / f"model-{args.type}.gguf"
     try:
@@ -76,7 +70,7 @@ def main(argv=None) -> int:
     modelfile = export.modelfile_path(out)
     check_out(out, modelfile, export.modelfile_text(out), args.overwrite)
 
-    P.log(f"== qwen-tune export: {model} -> {out} ({args.type}) ==")
+    log(f"== qwen-tune export: {model} -> {out} ({args.type}) ==")
     try:
         summary = export.export_gguf(model, out, file_type=args.type, name=args.name)
     except export.ExportError as e:
@@ -84,16 +78,16 @@ def main(argv=None) -> int:
     export.write_modelfile(out)
 
     types = ", ".join(f"{n} {t}" for t, n in sorted(summary.tensor_types.items()))
-    P.log(f"wrote {out}: {summary.architecture}, {summary.n_params / 1e6:.1f}M parameters, "
+    log(f"wrote {out}: {summary.architecture}, {summary.n_params / 1e6:.1f}M parameters, "
           f"{summary.n_bytes / 2**20:.1f} MiB, {summary.n_tensors} tensors ({types}); "
           f"eos {summary.eos_token} ({timer})")
-    P.log(f"wrote {modelfile}: FROM ./{out.name}, stop at {' and '.join(export.modelfile.STOP_TOKENS)}")
+    log(f"wrote {modelfile}: FROM ./{out.name}, stop at {' and '.join(export.modelfile.STOP_TOKENS)}")
     ollama_name = "".join(c if c.isalnum() or c in "-_." else "-" for c in (args.name or out.stem).lower())
-    P.log("\nnext:")
-    P.log(f"  ollama create {ollama_name} -f {modelfile}   # then: ollama run {ollama_name}")
-    P.log(f"  llama-cli -m {out}")
+    log("\nnext:")
+    log(f"  ollama create {ollama_name} -f {modelfile}   # then: ollama run {ollama_name}")
+    log(f"  llama-cli -m {out}")
     return 0
 
 
 if __name__ == "__main__":
-    _cli.run_main(main)
+    run_main(main)

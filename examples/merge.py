@@ -80,6 +80,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     base_dtype = dtype_name_short(QwenConfig.from_hf(base).torch_dtype)
     out_dtype = args.dtype or base_dtype
+    if args.gguf:
+        try:
+            from models.qwen import export  # noqa: F401  (the optional gguf package, checked before any work)
+        except ImportError as e:
+            raise UsageError(f"--gguf: {e}") from None
     identity = {"model": str(base.resolve()), "adapter": str(adapter.resolve()), "into": args.into,
                 "qlora": qlora, "dtype": out_dtype, "gguf": args.gguf}
     outdir.claim(out, command="merge", identity=identity, inputs=[base, adapter], overwrite=args.overwrite,
@@ -129,10 +134,11 @@ def main(argv=None) -> int:
     if qlora and not into_nf4:
         log("  (after QLoRA the difference includes the NF4 rounding the adapter was trained against)")
     if args.gguf:
-        from models.qwen.gguf import write_gguf
+        from models.qwen import export
 
-        gguf = write_gguf(out, out / f"model-{args.gguf}.gguf", args.gguf)
-        log(f"GGUF ({args.gguf}): {gguf}")
+        gguf = export.export_gguf(out, out / f"model-{args.gguf}.gguf", file_type=args.gguf).path
+        export.write_modelfile(gguf)
+        log(f"GGUF ({args.gguf}): {gguf}, with an Ollama Modelfile beside it (ollama create NAME -f {out / 'Modelfile'})")
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
     nxt = "" if "out" not in args._given else f" --model {out}"

@@ -475,12 +475,12 @@ class Trainer:
         if count == 0:
             raise ValueError(f"evaluate(): the eval_dataset holds no {self.objective.unit}")
         loss = loss_sum / count
-        return {"loss": loss, "ppl": perplexity_of(loss), "tokens": count, **{k: v / count for k, v in metrics.items()}}
+        counted = "tokens" if isinstance(self.objective, LanguageModelLoss) else self.objective.count_name
+        return {"loss": loss, "ppl": perplexity_of(loss), counted: count, **{k: v / count for k, v in metrics.items()}}
 
     def _evaluate_and_log(self) -> float:
         result = self.evaluate()
-        row = {"step": self.step, "val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": result["tokens"]}
-        row.update({f"val_{k}": v for k, v in result.items() if k not in ("loss", "ppl", "tokens")})
+        row = {"step": self.step, **{f"val_{k}": v for k, v in result.items()}}
         self.evals.append(row)
         self._append_metrics(row)
         return result["loss"]

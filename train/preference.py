@@ -89,6 +89,9 @@ class PreferenceObjective:
     (which use no reference).
     """
 
+    unit = "pair"
+    count_name = "pairs"
+
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
                  reference: Optional[str] = "auto"):
         if loss not in LOSSES:
