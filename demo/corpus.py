@@ -402,6 +402,26 @@ def domain_documents(max_chars: Optional[int] = None) -> list[str]:
     return docs
 
 
+def preference_pairs(paths: "PydocsPaths", seed: int = 0) -> tuple[Path, Path]:
+    """(train, held-out) preference pairs for the demo's DPO stage, derived from its SFT sets: the
+    real answer is chosen, the answer to a different question rejected (data.pairs_from_sft).
+    Written once beside the SFT files; returns their paths."""
+    from data import InputReport
+    from data.preference import pairs_from_sft
+    from data.sources import iter_jsonl
+
+    out = []
+    for source in (paths.sft_train, paths.sft_eval):
+        target = source.with_name(source.stem.replace("sft_", "pairs_") + ".jsonl")
+        if not target.is_file():
+            records = [record for _, record in iter_jsonl(source, InputReport())]
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            _write_jsonl(tmp, pairs_from_sft(records, seed=seed))
+            os.replace(tmp, target)
+        out.append(target)
+    return out[0], out[1]
+
+
 def main() -> None:  # python -m demo.corpus: build and print where the corpus is
     p = build()
     print(json.dumps({"root": str(p.root), **p.stats}, indent=2))
