@@ -16,6 +16,7 @@ from .inject import (
     adapter_state_dict,
     base_state_dict,
     check_gradients,
+    config_of,
     disable_adapters,
     has_adapters,
     inject,
@@ -35,7 +36,7 @@ __all__ = [
     "LoRALinear", "TrainableCopy", "LoRAConfig", "AdapterError", "AdapterSummary",
     "inject", "merge", "save", "load", "summary", "disable_adapters", "set_adapters_enabled",
     "trainable_state_dict", "load_trainable_state_dict", "adapter_state_dict", "base_state_dict", "check_gradients",
-    "adapter_modules", "trainable_copies", "has_adapters", "merged_linear", "read_peft_config",
+    "adapter_modules", "config_of", "trainable_copies", "has_adapters", "merged_linear", "read_peft_config",
     "read_adapter_tensors", "resolve_targets", "linear_names", "is_linear", "is_nf4_linear",
     "ALL_LINEAR", "V1_ALIASES",
 ]

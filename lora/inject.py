@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from models.qwen.module_tree import replace_module
 
 from .config import LoRAConfig
 from .layer import LoRALinear, is_nf4_linear
@@ -32,12 +35,6 @@ def trainable_copies(model: nn.Module) -> dict[str, TrainableCopy]:
 
 def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, (LoRALinear, TrainableCopy)) for m in model.modules())
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
@@ -73,7 +70,7 @@ def inject(
     dtype: adapter parameter dtype (default float32). Returns `model`.
     """
     if has_adapters(model):
-        cfg = getattr(model, "lora_config", None)
+        cfg = config_of(model)
         got = f" (r={cfg.r}, alpha={cfg.lora_alpha:g}, dora={cfg.use_dora}, targets={cfg.target_modules})" if cfg else ""
         raise ValueError(
             f"the model already holds LoRA adapters{got}: injecting again would stack two adapters. "
@@ -93,19 +90,30 @@ def inject(
     _freeze_base(model)
     for name in chosen:
         base = model.get_submodule(name)
-        _replace_module(model, name, LoRALinear(base, r, alpha, dropout, rslora, dora, dtype))
+        replace_module(model, name, LoRALinear(base, r, alpha, dropout, rslora, dora, dtype))
     _wrap_modules_to_save(model, save_names, share_tied=True)
-    model.lora_config = LoRAConfig(
-        r=r,
-        lora_alpha=float(alpha),
-        lora_dropout=float(dropout),
-        use_rslora=bool(rslora),
-        use_dora=bool(dora),
-        target_modules=peft_target_modules(model, chosen, targets),
-        modules_to_save=sorted({n.rsplit(".", 1)[-1] for n in save_names}) or None,
-        modules=list(chosen),
-    )
     return model
+
+
+def config_of(model: nn.Module) -> Optional[LoRAConfig]:
+    """The settings of the model's adapters, read from its layers (None without adapters): what
+    `save` writes as adapter_config.json. target_modules selects exactly the adapted modules."""
+    layers = adapter_modules(model)
+    copies = trainable_copies(model)
+    if not layers and not copies:
+        return None
+    first = next(iter(layers.values()), None)
+    dropout = getattr(first, "lora_dropout", None)
+    return LoRAConfig(
+        r=first.r if first is not None else 8,   # modules_to_save alone: PEFT needs some r
+        lora_alpha=first.alpha if first is not None else 8.0,
+        lora_dropout=float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+        use_rslora=bool(first.rslora) if first is not None else False,
+        use_dora=bool(first.use_dora) if first is not None else False,
+        target_modules=peft_target_modules(model, list(layers), None) if layers else [],
+        modules_to_save=sorted({n.rsplit(".", 1)[-1] for n in copies}) or None,
+        modules=list(layers),
+    )
 
 
 def inject_modules(model: nn.Module, modules: Sequence[str], config: LoRAConfig, dtype=None) -> nn.Module:
@@ -124,18 +132,28 @@ def inject_modules(model: nn.Module, modules: Sequence[str], config: LoRAConfig,
         layer = LoRALinear(
             base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora, dtype
         )
-        _replace_module(model, name, layer)
-    config.modules = list(modules)
-    model.lora_config = config
+        replace_module(model, name, layer)
     return model
+
+
+# model -> its parameters' requires_grad flags before the first injection, restored by `merge`
+# (kept here, not as an attribute on the model).
+_saved_flags: "weakref.WeakKeyDictionary[nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
 
 
 def _freeze_base(model: nn.Module) -> None:
     """Freeze every parameter, remembering the flags so `merge` can restore them."""
-    if not hasattr(model, "_lora_saved_requires_grad"):
-        model._lora_saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    if model not in _saved_flags:
+        _saved_flags[model] = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def restore_flags(model: nn.Module) -> None:
+    """The requires_grad flags from before the first injection (after `merge`)."""
+    saved = _saved_flags.pop(model, {})
+    for n, p in model.named_parameters():
+        p.requires_grad_(saved.get(n, False))
 
 
 def _check_targets(model: nn.Module, chosen: list[str], save_names: list[str]) -> None:
@@ -186,7 +204,7 @@ def _wrap_modules_to_save(model: nn.Module, names: Sequence[str], share_tied: bo
         wrapper = TrainableCopy(original, shared_weight=shared)
         if w is not None and id(w) not in copies_by_weight:
             copies_by_weight[id(w)] = wrapper.modules_to_save.weight
-        _replace_module(model, name, wrapper)
+        replace_module(model, name, wrapper)
 
 
 # ---------------------------------------------------------------------- summary

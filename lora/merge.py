@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import _replace_module, adapter_modules, sync_tied_config, trainable_copies
+from models.qwen.module_tree import replace_module
+
+from .inject import adapter_modules, restore_flags, sync_tied_config, trainable_copies
 from .layer import LoRALinear
 
 
@@ -46,14 +48,9 @@ def merge(model: nn.Module) -> nn.Module:
     if not layers and not copies:
         raise ValueError(f"{type(model).__name__} holds no LoRA adapter to merge")
     for name, layer in layers.items():
-        _replace_module(model, name, merged_linear(layer))
+        replace_module(model, name, merged_linear(layer))
     for name, wrapper in copies.items():
-        _replace_module(model, name, wrapper.modules_to_save)
-    saved = getattr(model, "_lora_saved_requires_grad", {})
-    for n, p in model.named_parameters():
-        p.requires_grad_(saved.get(n, False))
-    for attr in ("_lora_saved_requires_grad", "lora_config"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+        replace_module(model, name, wrapper.modules_to_save)
+    restore_flags(model)
     sync_tied_config(model)
     return model

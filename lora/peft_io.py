@@ -34,6 +34,7 @@ from .inject import (
     _wrap_modules_to_save,
     adapter_modules,
     adapter_state_dict,
+    config_of,
     has_adapters,
     inject_modules,
     trainable_copies,
@@ -55,8 +56,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
     is written whole and renamed into place (models.qwen.atomic), so a crash never leaves half
     an adapter under `path`.
     """
-    config: Optional[LoRAConfig] = getattr(model, "lora_config", None)
-    if config is None or not has_adapters(model):
+    config: Optional[LoRAConfig] = config_of(model)
+    if config is None:
         raise ValueError(f"{type(model).__name__} holds no LoRA adapter: call lora.inject(model) or lora.load first")
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     # Tied copies share storage; safetensors refuses shared tensors, so give each its own.
@@ -115,7 +116,10 @@ def load(
     cfg = read_peft_config(root / CONFIG_NAME)
     tensors = read_adapter_tensors(root)
     file = root / WEIGHTS_NAME
+    _check_values(tensors, file)
     v1 = is_v1_adapter(tensors, model)
+    if not v1:   # (a Qwen-7B v1 adapter names v1 modules, mapped below)
+        _check_target_modules(model, cfg["target_modules"], root / CONFIG_NAME)
     if v1:  # trained on Qwen-7B v1 (c_attn, w1, w2, c_proj): map onto our Qwen2 names
         tensors = map_v1_adapter(tensors, model, file)
         if cfg["modules_to_save"]:
@@ -154,7 +158,6 @@ def load(
         if modules:
             inject_modules(model, modules, config, dtype=dtype)
         else:
-            model.lora_config = config
             _freeze_base(model)
         _wrap_copies(model, copy_keys, tensors)
     else:
@@ -163,6 +166,40 @@ def load(
 
     _copy_values(model, lora_keys, copy_keys, tensors)
     return model
+
+
+def _check_values(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Adapter weights are floating point and finite: an int lora_B would be cast (erasing it),
+    a NaN would spread through every merged weight it touches."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"{file}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}, expected a "
+                               "floating-point weight")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{file}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} NaN or Inf value(s)")
+
+
+def _check_target_modules(model: nn.Module, targets, file: Path) -> None:
+    """target_modules must name modules of this model, as PEFT requires: a name (a suffix of
+    module paths) or a regex over the full paths that matches nothing is an error."""
+    import re
+
+    if targets is None or targets == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        try:
+            if not any(re.fullmatch(targets, n) for n in names):
+                raise AdapterError(f"{file}: target_modules {targets!r} matches no module of {type(model).__name__}")
+        except re.error as e:
+            raise AdapterError(f"{file}: target_modules {targets!r} is not a valid regex ({e})") from None
+        return
+    for t in targets:
+        if not isinstance(t, str) or not t or "/" in t or ".." in t:
+            raise AdapterError(f"{file}: target_modules entry {t!r} is not a module name")
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise AdapterError(f"{file}: target_modules entry {t!r} names no module of {type(model).__name__} "
+                               "(an adapter for a different model?)")
 
 
 def _key(module: str, part: str) -> str:
@@ -268,7 +305,7 @@ def _tied_groups(model, names) -> list[list[str]]:
 
 
 def _check_matches_model(model, cfg, lora_keys, copy_keys, file) -> None:
-    have: LoRAConfig = getattr(model, "lora_config", None)
+    have: Optional[LoRAConfig] = config_of(model)
     layers = adapter_modules(model)
     if have is not None:
         for field, ours in (("r", have.r), ("lora_alpha", have.lora_alpha), ("use_rslora", have.use_rslora),

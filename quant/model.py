@@ -6,6 +6,8 @@ from typing import Iterable
 
 from torch import nn
 
+from models.qwen.module_tree import replace_module
+
 from .linear import NF4Linear
 
 
@@ -30,7 +32,5 @@ def quantize_model(
     if not targets:
         raise ValueError(f"quantize_model: no nn.Linear to quantise (skip={skip!r})")
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+        replace_module(model, name, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
     return model

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from models.qwen.module_tree import replace_module
 from models.qwen.safetensors_file import write_tensors
 
 NEW_ROWS_FILE = "new_token_rows.safetensors"
@@ -117,11 +118,6 @@ def new_row_modules(model: nn.Module) -> dict[str, _NewRows]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _NewRows)}
 
 
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def train_new_rows(
     model: nn.Module, ids: Sequence[int], dtype: Optional[torch.dtype] = torch.float32
 ) -> list[nn.Parameter]:
@@ -158,8 +154,8 @@ def train_new_rows(
 
     embed_rows = trainable(embed.weight)
     head_rows = embed_rows if tied else trainable(head.weight)
-    _replace(model, PATHS["embed"], NewRowsEmbedding(embed, ids, embed_rows))
-    _replace(model, PATHS["head"], NewRowsHead(head, ids, head_rows))
+    replace_module(model, PATHS["embed"], NewRowsEmbedding(embed, ids, embed_rows))
+    replace_module(model, PATHS["head"], NewRowsHead(head, ids, head_rows))
     return [embed_rows] if tied else [embed_rows, head_rows]
 
 
@@ -167,7 +163,7 @@ def train_new_rows(
 def merge_new_rows(model: nn.Module) -> nn.Module:
     """Write the trained rows into the weights and put the plain modules back; returns `model`."""
     for path, module in new_row_modules(model).items():
-        _replace(model, path, module.unwrap())
+        replace_module(model, path, module.unwrap())
     return model
 
 

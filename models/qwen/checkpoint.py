@@ -32,6 +32,7 @@ from .config import QwenConfig, dtype_from_name, dtype_name
 from .errors import CheckpointError, ConfigError
 from .safetensors_file import read_tensors, write_tensors
 from .model import Qwen
+from .module_tree import replace_module
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -158,11 +159,6 @@ def _set_param(model: nn.Module, key: str, value: torch.Tensor, requires_grad: b
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
 
 
 def quantizable_linears(model: Qwen) -> dict[str, nn.Linear]:
@@ -317,7 +313,7 @@ def _build_quantized(model, name, tensors, quantizer, serialized, device, dtype)
         module = serialized.load_serialized(name, tensors, bias, device=device, compute_dtype=dtype)
     else:
         module = quantizer.quantize_linear(name, tensors["weight"], bias, device=device, compute_dtype=dtype)
-    _replace_module(model, name, module)
+    replace_module(model, name, module)
     tensors.clear()
     release_freed_host_memory()
 

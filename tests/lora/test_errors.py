@@ -129,3 +129,55 @@ def test_loading_into_a_matching_model_replaces_weights(ckpt_dirs, adapter):
 def test_save_without_adapter(ckpt_dirs, tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapter"):
         lora.save(load_ours(ckpt_dirs[False]), tmp_path / "x")
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "int32"])
+def test_non_finite_or_integer_adapter_weights_are_refused(ckpt_dirs, adapter, poison):
+    """A NaN would spread into every merged weight it touches; an int32 lora_B would be cast,
+    silently erasing it. Both are refused at load, naming the tensor."""
+    file = adapter / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    if poison == "int32":
+        tensors[key] = tensors[key].to(torch.int32)
+    else:
+        tensors[key][0, 0] = float(poison)
+    save_file(tensors, file)
+    model = load_ours(ckpt_dirs[False])
+    with pytest.raises(AdapterError, match=rf"{key}.*(NaN or Inf|int32, expected a floating-point)"):
+        lora.load(model, adapter)
+    assert not lora.has_adapters(model)
+
+
+@pytest.mark.parametrize("targets, needle", [
+    (["q_proj", "wq"], "target_modules entry 'wq' names no module"),
+    (["../../etc/passwd"], "is not a module name"),
+    ("model\\.layers\\.9\\..*", "matches no module"),
+])
+def test_target_modules_must_name_modules_of_the_model(ckpt_dirs, adapter, targets, needle):
+    """As PEFT refuses target_modules that match nothing in the base model."""
+    _rewrite_config(adapter, target_modules=targets)
+    model = load_ours(ckpt_dirs[False])
+    with pytest.raises(AdapterError, match=needle):
+        lora.load(model, adapter)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_inject_and_load_keep_the_model_mode(ckpt_dirs, adapter, training):
+    """A model in eval mode stays in eval mode when adapters arrive: an adapter with dropout gives
+    the same output twice. (PEFT's PeftModel.from_pretrained leaves an eval model all in eval mode
+    too; its get_peft_model mixes modes, which is what we do not copy.)"""
+    peft = pytest.importorskip("peft")
+    from tests.lora.conftest import load_hf
+
+    ids = random_ids(1, 12)
+    for add in (lambda m: lora.inject(m, r=4, alpha=8, dropout=0.5), lambda m: lora.load(m, adapter)):
+        model = load_ours(ckpt_dirs[False]).train(training)
+        add(model)
+        assert {m.training for m in model.modules()} == {training}
+        if not training:
+            with torch.no_grad():
+                assert torch.equal(model(ids), model(ids))
+    if not training:
+        loaded = peft.PeftModel.from_pretrained(load_hf(ckpt_dirs[False]).eval(), adapter)
+        assert {m.training for m in loaded.modules()} == {False}   # the reference

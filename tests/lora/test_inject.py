@@ -63,9 +63,9 @@ def test_regex_over_full_name(ckpt_dirs):
     assert _adapted(model) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"}
     # Written for PEFT as explicit paths: PEFT would match a regex against transformers'
     # modules, which include some ours lack (mlp.act_fn).
-    assert model.lora_config.target_modules == sorted(_adapted(model))
+    assert lora.config_of(model).target_modules == sorted(_adapted(model))
     model = lora.inject(load_ours(ckpt_dirs[False]), r=2, targets=r"model\.layers\.1\.mlp\..*")
-    assert model.lora_config.target_modules == sorted(_expected(MLP, 2) - _expected(MLP, 1))
+    assert lora.config_of(model).target_modules == sorted(_expected(MLP, 2) - _expected(MLP, 1))
 
 
 def test_unknown_target_lists_available(ckpt_dirs):

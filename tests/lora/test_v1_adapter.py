@@ -69,7 +69,7 @@ def test_v1_named_adapter(ckpt_dirs, tmp_path, dora):
     with torch.no_grad():
         assert max_rel_err(model(ids), theirs) < 1e-5
     # Saved back in Qwen2 names that PEFT reads on the transformers Qwen2 model.
-    assert sorted(model.lora_config.target_modules) == sorted(
+    assert sorted(lora.config_of(model).target_modules) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
