@@ -65,6 +65,22 @@ def check_data_paths(paths: Iterable[str], flag: str = "--data", files_only: boo
     return out
 
 
+def check_lora_targets(model_dir: Path, targets, flag: str = "--lora-targets") -> None:
+    """The targets must name linears of this model: checked on the model's shape alone (built on
+    the meta device, no weights read), so a typo costs seconds, not a 7B load."""
+    import torch
+
+    import lora
+    from models.qwen import Qwen, QwenConfig
+
+    with torch.device("meta"):
+        shape = Qwen(QwenConfig.from_hf(model_dir))
+    try:
+        lora.resolve_targets(shape, targets)
+    except ValueError as e:
+        raise UsageError(f"{flag} {targets if isinstance(targets, str) else ','.join(targets)}: {e}") from None
+
+
 def check_block_size(model_dir: Path, block: int, flag: str = "--block-size") -> Optional[str]:
     """A note when `block` exceeds the model's max_position_embeddings (it trains, but on
     positions the model never saw), else None."""

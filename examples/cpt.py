@@ -64,6 +64,8 @@ def main(argv=None) -> int:
 
         corpus = demo_corpus.build()
         data_paths = [corpus.domain]
+    if args.finetuning != "full" and (Path(model_dir) / "config.json").is_file():
+        inputs.check_lora_targets(model_dir, flags.lora_targets(args.lora_targets))
     if args.epochs is None and args.max_steps is None:
         args.epochs = flags.STAGE_DEFAULTS["cpt"]["epochs"]
     args.dtype = runtime.compute_dtype(args.dtype)

@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     from demo.base_model import is_demo_shape
 
     changed = demo_settings.apply(args, demo_settings.SFT) if is_demo_shape(model_dir) else []
+    if args.finetuning != "full" and (Path(model_dir) / "config.json").is_file():
+        inputs.check_lora_targets(model_dir, flags.lora_targets(args.lora_targets))
     if args.epochs is None and args.max_steps is None:
         args.epochs = flags.STAGE_DEFAULTS["sft"]["epochs"]
     args.dtype = runtime.compute_dtype(args.dtype)

@@ -76,8 +76,12 @@ class MicroBatchSampler:
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(f"sampler state {key!r} = {state[key]!r} but this run has {self.state_dict()[key]!r}: "
                                  "resuming would not give the batches of the interrupted run")
-        self.epoch = int(state["epoch"])
+        epoch = int(state["epoch"])
         if "position" in state:
-            self.position = int(state["position"])
+            position = int(state["position"])
         else:   # a state of data.DataLoader (checkpoints written before the global stream, one process)
-            self.position = int(state["batches_done"]) * int(state["batch_size"])
+            position = int(state["batches_done"]) * int(state["batch_size"])
+        if epoch < 0 or not 0 <= position < self.samples_per_epoch:
+            raise ValueError(f"epoch {epoch}, position {position}: outside the data (an epoch holds "
+                             f"{self.samples_per_epoch} samples)")
+        self.epoch, self.position = epoch, position

@@ -46,6 +46,7 @@ from torch import nn
 import lora
 from data import pad_collate
 from models.qwen import CheckpointError, ENDOFTEXT_ID
+from models.qwen.atomic import recover_all
 from quant import NF4Linear
 
 from . import checkpoint as ckpt
@@ -250,7 +251,8 @@ class Trainer:
         """Train to `total_steps`; returns the run summary (on every rank). Raises `Interrupted`
         after saving a checkpoint when SIGINT/SIGTERM arrives."""
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
+        if self.dist.is_main:   # what a crash may have left: staged or half-deleted folders
+            recover_all(self.out)
             ckpt.recover_checkpoints(self.ckpt_root)
         self.dist.barrier()
         if self.cfg.resume:

@@ -79,6 +79,15 @@ class QwenConfig:
     extra: dict = field(default_factory=dict)  # unknown keys of config.json, written back on save
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key} = {value!r}: expected a positive integer")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2):
+            raise ConfigError(f"head_dim = {self.head_dim!r}: expected a positive even integer (rotary halves)")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ConfigError(f"rms_norm_eps = {self.rms_norm_eps!r}, rope_theta = {self.rope_theta!r}: expected numbers > 0")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -125,6 +134,15 @@ class QwenConfig:
                 raise ConfigError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"{file}: expected a JSON object")
+        try:
+            return cls._from_hf_dict(raw, source)
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:   # int("abc"), float(None): a value of the wrong kind
+            raise ConfigError(f"{source}: a value has the wrong type ({e})") from None
+
+    @classmethod
+    def _from_hf_dict(cls, raw: dict, source: str) -> "QwenConfig":
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
         if model_type == "qwen" or "QWenLMHeadModel" in archs:

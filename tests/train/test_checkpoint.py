@@ -175,3 +175,117 @@ def test_full_then_lora_switches_and_resumes_exactly(tmp_path):
     assert got == ref_rows
     for (n, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), n
+
+
+# ---------------------------------------------------------------------- faults and tampering
+def _trained(out, steps=4):
+    Trainer(tiny(), cfg(out, max_steps=steps, save_every=2, keep_last=3), data()).fit()
+    return out / "checkpoints" / f"step-{steps}"
+
+
+def _restamp(step_dir):
+    """Record the files' current sizes in state.json, as a deliberate tamperer would (so the deep
+    checks, not the size list, have to find the damage)."""
+    from train.checkpoint.store import file_sizes
+
+    state = json.loads((step_dir / "state.json").read_text())
+    sizes = file_sizes(step_dir)
+    sizes.pop("state.json")
+    state["files"] = sizes
+    (step_dir / "state.json").write_text(json.dumps(state))
+
+
+def _tamper_sampler(d):
+    state = json.loads((d / "state.json").read_text())
+    state["sampler"]["position"] = 10_000
+    (d / "state.json").write_text(json.dumps(state))
+    return r"state\.json: key 'sampler': epoch \d+, position 10000: outside the data"
+
+
+def _tamper_step(d):
+    state = json.loads((d / "state.json").read_text())
+    del state["step"]
+    (d / "state.json").write_text(json.dumps(state))
+    return r"state\.json: missing key 'step'"
+
+
+def _tamper_optimizer_shape(d):
+    t = load_tensors(d / "optimizer.safetensors")
+    key = sorted(k for k in t if k.endswith("exp_avg"))[0]
+    t[key] = t[key][..., :1].contiguous()
+    save_tensors(d / "optimizer.safetensors", t)
+    _restamp(d)
+    return rf"optimizer\.safetensors: tensor '{key}' has shape"
+
+
+def _tamper_optimizer_missing(d):
+    t = load_tensors(d / "optimizer.safetensors")
+    key = sorted(k for k in t if k.endswith("exp_avg_sq"))[-1]
+    del t[key]
+    save_tensors(d / "optimizer.safetensors", t)
+    _restamp(d)
+    return rf"optimizer\.safetensors: missing tensor '{key}'"
+
+
+def _tamper_rng(d):
+    t = load_tensors(d / "rng.safetensors")
+    t["torch_cpu"] = t["torch_cpu"][:100].contiguous()
+    save_tensors(d / "rng.safetensors", t)
+    _restamp(d)
+    return r"rng\.\*: bad RNG state"
+
+
+def _tamper_weights(d):
+    t = load_tensors(d / "trainable.safetensors")
+    key = sorted(t)[0]
+    t[key][0] = float("nan")
+    save_tensors(d / "trainable.safetensors", t)
+    return rf"trainable\.safetensors: '{key}' holds NaN or Inf"
+
+
+def _tamper_size(d):
+    (d / "optimizer.json").write_text((d / "optimizer.json").read_text() + " ")
+    return r"checkpoint step-4 is damaged: .*optimizer\.json: \d+ bytes, state\.json recorded \d+.*delete .*step-4 to resume from step-2"
+
+
+@pytest.mark.parametrize("tamper", [_tamper_sampler, _tamper_step, _tamper_optimizer_shape, _tamper_optimizer_missing,
+                                    _tamper_rng, _tamper_weights, _tamper_size],
+                         ids=lambda f: f.__name__[8:])
+def test_a_tampered_checkpoint_is_one_error_naming_file_and_key(tmp_path, tamper):
+    """Never a KeyError/RuntimeError from deep inside, never a silent different continuation."""
+    step_dir = _trained(tmp_path)
+    needle = tamper(step_dir)
+    with pytest.raises(CheckpointError, match=needle):
+        Trainer(tiny(), cfg(tmp_path, max_steps=4, save_every=2, keep_last=3, resume=True), data()).fit()
+    assert step_dir.is_dir()   # nothing deleted
+
+
+def test_no_sequence_of_crashes_loses_the_newest_checkpoint(tmp_path):
+    """The crash windows of a re-save of step-N (atomic_directory: step-N moved to .old-*, then the
+    new one moved in) and of pruning (.del-*), and a half-deleted old step dir: resume finds the
+    newest complete checkpoint, and everything left over is cleaned up on start."""
+    newest = _trained(tmp_path, steps=6)
+    root = newest.parent
+    expected = json.loads((newest / "state.json").read_text())["step"]
+    os.replace(newest, root / f".old-{newest.name}-999")      # crash between the two renames ...
+    (root / f".tmp-{newest.name}-999").mkdir()                 # ... with a half-written replacement
+    (root / ".del-step-0-999").mkdir()                         # an interrupted prune
+    half = root / "step-1"
+    half.mkdir()                                               # an older half-deleted step dir
+    (half / "state.json").write_text(json.dumps({"step": 1, "files": {"trainable.safetensors": 10}}))
+    trainer = Trainer(tiny(), cfg(tmp_path, max_steps=6, save_every=2, keep_last=3, resume=True), data())
+    lines = []
+    trainer.say = lines.append
+    trainer.fit()
+    assert trainer.resumed_from == str(newest) and expected == 6
+    assert any("resume: continuing from" in line and "step-6" in line for line in lines)
+    left = sorted(p.name for p in root.iterdir())
+    assert left == ["step-2", "step-4", "step-6"], left
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    trainer = Trainer(tiny(), cfg(tmp_path, max_steps=1, resume=True), data())
+    lines = []
+    trainer.say = lines.append
+    trainer.fit()
+    assert lines == [f"resume: no complete checkpoint in {tmp_path / 'checkpoints'}; starting from step 0"]

@@ -41,34 +41,56 @@ def file_sizes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def is_complete(path: Path) -> bool:
-    """A step-N directory with its state.json, holding exactly the files of the size it lists."""
+def damage(path: Path) -> Optional[str]:
+    """Why the step-N directory `path` is not a usable checkpoint, or None when it is: it needs its
+    state.json, and the files with the sizes that state.json lists (older checkpoints list none)."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        return False
+        return f"{state_file}: missing"
     try:
         listed = read_json(state_file).get("files")
-    except (CheckpointError, AttributeError):
-        return False
-    if listed is None:   # written before checkpoints listed their files
-        return True
+    except (CheckpointError, AttributeError) as e:
+        return str(e)
+    if listed is None:
+        return None
     sizes = file_sizes(path)
     sizes.pop(STATE_FILE, None)
-    return sizes == listed
+    for name, size in sorted(listed.items()):
+        if name not in sizes:
+            return f"{path / name}: missing"
+        if sizes[name] != size:
+            return f"{path / name}: {sizes[name]} bytes, state.json recorded {size} (changed after it was written)"
+    extra = sorted(set(sizes) - set(listed))
+    return f"{path / extra[0]}: not part of the checkpoint state.json describes" if extra else None
+
+
+def is_complete(path: Path) -> bool:
+    return damage(path) is None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
 
 
 def complete_checkpoints(root: PathLike) -> list[Path]:
     """Complete step-N directories under `root`, oldest first (temporaries never count)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and is_complete(p)]
-    return sorted(found, key=step_of)
+    return [p for p in _step_dirs(Path(root)) if is_complete(p)]
 
 
 def newest_checkpoint(root: PathLike) -> Optional[Path]:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+    """The newest checkpoint (None when there is none). A damaged newest one is an error naming
+    the file, never a silent fall-back to an older one: resuming from it would not be the run."""
+    found = [p for p in _step_dirs(Path(root)) if (p / STATE_FILE).is_file()]
+    if not found:
+        return None
+    problem = damage(found[-1])
+    if problem is not None:
+        older = [p.name for p in found[:-1] if is_complete(p)]
+        hint = f"; delete {found[-1]} to resume from {older[-1]}" if older else ""
+        raise CheckpointError(f"checkpoint {found[-1].name} is damaged: {problem}{hint}")
+    return found[-1]
 
 
 def best_checkpoint(root: PathLike) -> Optional[Path]:
@@ -102,15 +124,18 @@ def prune_checkpoints(root: PathLike, keep_last: int, best: Optional[Path] = Non
 
 def recover_checkpoints(root: PathLike) -> list[Path]:
     """On start: restore checkpoints a crash left between two renames, delete staging and
-    half-deleted leftovers, and remove step-N directories that are not complete. Returns the
-    removed incomplete ones."""
+    half-deleted leftovers: `.del-*`, step-N directories without their state.json, and
+    incomplete ones older than a complete checkpoint (what an interrupted delete of an older
+    version left). Returns the removed step-N directories."""
     root = Path(root)
     if not root.is_dir():
         return []
     recover_all(root)
     removed = []
-    for p in root.iterdir():
-        if p.is_dir() and step_of(p) is not None and not is_complete(p):
+    steps = _step_dirs(root)
+    newest_complete = max((step_of(p) for p in steps if is_complete(p)), default=-1)
+    for p in steps:
+        if not (p / STATE_FILE).is_file() or (step_of(p) < newest_complete and not is_complete(p)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
