@@ -83,7 +83,8 @@ def resume_command(argv: Optional[list[str]] = None) -> str:
     args = [a for a in argv[1:] if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
-    return " ".join(shlex.quote(a) for a in [f"python {argv[0]}"] + args)
+    program = f"python {shlex.quote(argv[0])}" if argv[0].endswith(".py") else argv[0]   # or "qwen-tune cpt"
+    return " ".join([program] + [shlex.quote(a) for a in args])
 
 
 def _raise_on_sigterm(signum, frame) -> None:

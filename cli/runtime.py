@@ -47,7 +47,10 @@ def seed_everything(seed: int) -> None:
     (LoRA's A initialisation among them), so the same command gives the same run."""
     import random
 
+    import numpy as np
+
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

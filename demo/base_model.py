@@ -97,8 +97,10 @@ def _pretrain_base(path: Path, tok, corpus, say: Callable[[str], None]) -> Path:
     say(f"base model: none cached yet -> pretraining a {BASE_SHAPE['num_hidden_layers']}-layer, hidden "
         f"{BASE_SHAPE['hidden_size']} Qwen2-architecture model from random weights on the general corpus "
         f"(done once, cached at {path}" + ("; continuing the interrupted pretraining)" if resuming else ")"))
+    from cli.runtime import seed_everything
+
     t0 = time.perf_counter()
-    torch.manual_seed(p["seed"])
+    seed_everything(p["seed"])
     full_cfg = QwenConfig(**BASE_SHAPE)
     train_ds, held_out, info = cpt_datasets([corpus.general], tok, block_size=p["block_size"], eval_fraction=0.02,
                                             seed=p["seed"])
