@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager

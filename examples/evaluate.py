@@ -108,7 +108,7 @@ def _unique(name: str, taken: set) -> str:
 
 
 def candidates_from_flags(entries, metrics_flags, qlora: bool = False) -> list:
-    from train.report import Candidate
+    from train.evaluation import Candidate
 
     taken: set = set()
     out = []
@@ -158,7 +158,7 @@ def _found_metrics(path: Path) -> list:
 # ---------------------------------------------------------------------- the embedded default
 def default_stages() -> tuple[list, list]:
     """(candidates, missing) of the embedded-default run: what exists under runs/ now."""
-    from train.report import Candidate
+    from train.evaluation import Candidate
 
     cpt, merged, sft, residual = paths.CPT_OUT, paths.MERGED_OUT, paths.SFT_OUT, DEFAULT_RESIDUAL_OUT
     found, missing = [], []
@@ -265,7 +265,8 @@ def main(argv=None) -> int:
     args = flags.parse_args(build_parser(), argv)
     timer = Timer()
     from models.qwen.tokenizer import TokenizerError
-    from train.report import EvalSettings, ReportError, compare_models, read_instructions
+    from train.evaluation import EvalSettings, compare_models, read_instructions
+    from train.report import ReportError
 
     entries = getattr(args, "entries", None) or []
     embedded = not entries

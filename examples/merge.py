@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     out_dtype = args.dtype or base_dtype
     if args.gguf:
         try:
-            from models.qwen import export  # noqa: F401  (the optional gguf package, checked before any work)
+            from models.qwen import export   # the optional gguf package, checked before any work
         except ImportError as e:
             raise UsageError(f"--gguf: {e}") from None
     identity = {"model": str(base.resolve()), "adapter": str(adapter.resolve()), "into": args.into,
@@ -134,8 +134,6 @@ def main(argv=None) -> int:
     if qlora and not into_nf4:
         log("  (after QLoRA the difference includes the NF4 rounding the adapter was trained against)")
     if args.gguf:
-        from models.qwen import export
-
         gguf = export.export_gguf(out, out / f"model-{args.gguf}.gguf", file_type=args.gguf).path
         export.write_modelfile(gguf)
         log(f"GGUF ({args.gguf}): {gguf}, with an Ollama Modelfile beside it (ollama create NAME -f {out / 'Modelfile'})")

@@ -17,6 +17,7 @@ ChatML with the result and shows that generation stops at <|im_end|>.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path

@@ -25,17 +25,12 @@ import torch
 from torch import nn
 
 from models.qwen.scratch import cast_shared, scratch
+from quant import NF4Linear
 
 
 def is_nf4_linear(module: nn.Module) -> bool:
-    """Duck-typed check for `quant.NF4Linear` (lora must work when quant/bitsandbytes is absent)."""
-    return (
-        not isinstance(module, nn.Linear)
-        and callable(getattr(module, "dequantize", None))
-        and hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-        and hasattr(module, "compute_dtype")
-    )
+    """Whether `module` is a 4-bit `quant.NF4Linear` (a QLoRA base)."""
+    return isinstance(module, NF4Linear)
 
 
 def is_linear(module: nn.Module) -> bool:

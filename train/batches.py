@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from data import DataLoader
-from models.qwen import IGNORE_INDEX
 
 
 class MicroBatchSampler:

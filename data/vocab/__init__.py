@@ -27,7 +27,7 @@ from .mine import (
 )
 from .rows import ROW_MULTIPLE, VocabExtension, add_tokens, extend_model, rows_for
 from .subset import RemappedDataset, compact_logit_offset, compact_rows, compact_table, expand_vocabulary, used_ids
-from .trainable import (
+from lora.new_rows import (
     NEW_ROWS_FILE,
     NewRowsEmbedding,
     NewRowsHead,

@@ -2,10 +2,8 @@
 weight from bitsandbytes itself), gradients reach only the adapter, merge folds into the
 dequantised weight, and the base's state-dict keys are unchanged.
 
-Runs against `quant.NF4Linear` when the quant package provides it, and always against a
-minimal bitsandbytes-backed module with the same duck-typed interface (in_features,
-out_features, bias, compute_dtype, dequantize(), forward), so that lora's contract with any
-NF4 base is checked."""
+The base is `quant.NF4Linear`; the reference weight is bitsandbytes' own quantise ->
+dequantise of the same fp32 weight."""
 
 from __future__ import annotations
 
@@ -22,35 +20,13 @@ from tests.helpers import DEVICES, max_rel_err
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
-class BnbNF4Linear(nn.Module):
-    """Reference NF4 linear built directly on bitsandbytes' kernels, on the linear's device (test-only)."""
-
-    def __init__(self, linear: nn.Linear, compute_dtype=torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype
-        packed, self.quant_state = bnbf.quantize_4bit(
-            linear.weight.detach(), quant_type="nf4", compress_statistics=True, blocksize=64
-        )
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def dequantize(self):
-        return bnbf.dequantize_4bit(self.weight.data, self.quant_state).to(self.compute_dtype)
-
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantize(), bias)
-
-
 def _quant_nf4(linear: nn.Linear):
-    quant = pytest.importorskip("quant")
-    if not hasattr(quant, "NF4Linear"):
-        pytest.skip("quant.NF4Linear not available yet")
+    import quant
+
     return quant.NF4Linear.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=torch.float32)
 
 
-BASES = {"bnb-reference": lambda lin: BnbNF4Linear(lin), "quant.NF4Linear": _quant_nf4}
+BASES = {"quant.NF4Linear": _quant_nf4}
 
 
 def _reference_weight(linear: nn.Linear) -> torch.Tensor:
@@ -102,9 +78,9 @@ def test_nf4_base_state_dict_keys_unchanged(kind):
 def test_inject_into_model_with_nf4_linears():
     torch.manual_seed(0)
     model = nn.Sequential()
-    model.add_module("up", BnbNF4Linear(nn.Linear(64, 96)))
+    model.add_module("up", _quant_nf4(nn.Linear(64, 96)))
     model.add_module("act", nn.GELU())
-    model.add_module("down", BnbNF4Linear(nn.Linear(96, 64)))
+    model.add_module("down", _quant_nf4(nn.Linear(96, 64)))
     lora.inject(model, r=4)
     assert set(lora.adapter_modules(model)) == {"up", "down"}
     s = lora.summary(model)

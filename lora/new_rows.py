@@ -1,4 +1,5 @@
 """Train only the new tokens' rows: a separate trainable parameter, old rows frozen bit-for-bit.
+(The trainable side of data.vocab's vocabulary extension; `data.vocab` re-exports it.)
 
     lora.inject(model, r=16, alpha=16)            # first: inject freezes every parameter
     vocab.train_new_rows(model, ext.ids)          # rows ext.ids of embed_tokens / lm_head train
@@ -169,12 +170,13 @@ def merge_new_rows(model: nn.Module) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     """Everything trained folded in: new-token rows (merge_new_rows), then LoRA (lora.merge)."""
-    import lora
+    from .inject import has_adapters
+    from .merge import merge as merge_adapters
 
     had_rows = bool(new_row_modules(model))
     merge_new_rows(model)
-    if lora.has_adapters(model):
-        lora.merge(model)
+    if has_adapters(model):
+        merge_adapters(model)
     elif not had_rows:
         raise ValueError(f"{type(model).__name__} holds neither new-token rows nor LoRA adapters to merge")
     return model

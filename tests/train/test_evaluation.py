@@ -9,19 +9,16 @@ import pytest
 import torch
 
 from tests.helpers import hf_model, random_ids, save_hf_model
-from train.report import (
+from train.evaluation import (
     Candidate,
     EvalSettings,
-    ReportError,
     cap_tokens,
     compare_models,
     forgetting_check,
     generate_answers,
     read_instructions,
-    read_loss_curves,
-    render_markdown,
-    plot_loss_curves,
 )
+from train.report import ReportError, plot_loss_curves, read_loss_curves, render_markdown
 
 IM_END, EOT = 151645, 151643
 
@@ -134,7 +131,7 @@ def test_read_instructions_errors_name_file_and_line(tmp_path, line, message):
 
 
 def test_documents_text_or_token_ids():
-    from train.report import tokenized
+    from train.evaluation import tokenized
 
     class Tok:
         def encode(self, text):
@@ -245,7 +242,7 @@ def pipeline(tmp_path_factory):
 
 
 def read_instructions_from_rows(rows):
-    from train.report import instruction_from_example
+    from train.evaluation import instruction_from_example
 
     return [instruction_from_example(r, f"row {i}") for i, r in enumerate(rows)]
 
