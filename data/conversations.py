@@ -230,11 +230,13 @@ def check_roles(messages: Sequence[Mapping[str, Any]], where: str = "example") -
     previous = None
     for i in range(start, len(messages)):
         role = roles[i]
-        if previous is None or previous == "assistant":
-            allowed = ("user",) if previous is None else ("user", "tool") if messages[i - 1].get("tool_calls") else ("user",)
+        if previous is None:
+            allowed = ("user",)
         elif previous == "user":
             allowed = ("assistant",)
-        else:  # tool
+        elif previous == "assistant":
+            allowed = ("user", "tool") if messages[i - 1].get("tool_calls") else ("user",)
+        else:  # tool results, then more of them or the assistant again
             allowed = ("tool", "assistant")
         if role not in allowed:
             expected = " or ".join(repr(a) for a in allowed)

@@ -25,7 +25,8 @@ from tests.models.tokenizer_dirs import QWEN3_TEMPLATE, QWEN25_TEMPLATE, load_bo
 
 # A ChatML-like template no model ships: numbered role lines, a default system prompt that
 # names the century and the pad token, tools as indented JSON with sorted keys, tool calls
-# inline, reasoning as a "[thought]" line, `namespace`, `dict`, loop controls, `raise_exception`.
+# inline, reasoning as a "[thought]" line, an indented block tag (lstrip_blocks), `namespace`,
+# `dict`, loop controls, `raise_exception`.
 ODD_TEMPLATE = """{%- set ns = namespace(turn=0, sys=false) -%}
 {%- set meta = dict(brand='Odd', year=strftime_now('%Y')[:2]) -%}
 {%- if messages[0].role == 'system' %}{% set ns.sys = true %}{% endif -%}
@@ -50,7 +51,7 @@ You are {{ meta.brand }} (century {{ meta.year }}, padding {{ pad_token }}).{% i
 {% else -%}
   {%- set ns.turn = ns.turn + 1 -%}
 <|im_start|>{{ m.role }} #{{ ns.turn }}
-{{ m.content }}<|im_end|>
+    {% if m.content %}{{ m.content }}{% else %}(empty){% endif %}<|im_end|>
 {% endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt %}<|im_start|>assistant
