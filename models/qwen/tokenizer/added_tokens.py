@@ -130,22 +130,32 @@ class AddedTokenMatcher:
         self.controls = frozenset(t.content for t in tokens if t.special)
         self._raw = {t.content for t in tokens if not t.normalized}  # matched before normalisation
         self._texts = frozenset(t.content for t in tokens if not t.special)
-        self._regex: Dict[Tuple[bool, FrozenSet[str]], Optional["re.Pattern[str]"]] = {}
+        self._stages: Dict[Tuple[bool, FrozenSet[str]], Tuple[Tuple[str, ...], Optional["re.Pattern[str]"]]] = {}
 
-    def _stage_regex(self, raw_stage: bool, allowed: FrozenSet[str]) -> Optional["re.Pattern[str]"]:
+    def _stage(self, raw_stage: bool, allowed: FrozenSet[str]):
+        """(the literals this stage looks for, their regex)."""
         key = (raw_stage, allowed)
-        if key not in self._regex:
+        if key not in self._stages:
             active = self._texts | (allowed & self.controls)
-            self._regex[key] = literal_regex(t for t in active if (t in self._raw) == raw_stage)
-        return self._regex[key]
+            literals = tuple(sorted(t for t in active if (t in self._raw) == raw_stage))
+            self._stages[key] = (literals, literal_regex(literals))
+        return self._stages[key]
+
+    def _split(self, text: str, raw_stage: bool, allowed: FrozenSet[str]) -> List[Span]:
+        literals, regex = self._stage(raw_stage, allowed)
+        # Most text holds none of a few literals: `in` (C substring search) is ~20x faster than
+        # scanning with the alternation regex, and CPT encodes gigabytes through here.
+        if len(literals) <= 64 and not any(t in text for t in literals):
+            return [(text, 0, len(text))] if text else []
+        return split_literals(text, regex, self.ids)
 
     def split_raw(self, text: str, allowed: FrozenSet[str] = frozenset()) -> List[Span]:
         """Stage 1: the tokens with normalized=False, found in the raw text."""
-        return split_literals(text, self._stage_regex(True, allowed), self.ids)
+        return self._split(text, True, allowed)
 
     def split_normalized(self, text: str, allowed: FrozenSet[str] = frozenset()) -> List[Span]:
         """Stage 2: the tokens with normalized=True, found in already-normalised text."""
-        return split_literals(text, self._stage_regex(False, allowed), self.ids)
+        return self._split(text, False, allowed)
 
     def split(self, text: str, normalize: Callable[[str], str], allowed: FrozenSet[str] = frozenset()) -> List[Union[str, int]]:
         """Both stages: normalised text pieces (for BPE) and token ids, in order."""

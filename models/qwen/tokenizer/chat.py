@@ -24,7 +24,9 @@
 from __future__ import annotations
 
 import unicodedata
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from ..chat_template import ChatTemplateError, marker_regex
@@ -57,14 +59,10 @@ def encode_runs(tok, text: str, base: int, allowed: FrozenSet[str]) -> List[Run]
             continue
         normalized = tok.normalize(piece)
         run = Run(base + start, base + end, [], piece, normalized)
-        at = 0
         for sub, _, _ in tok.matcher.split_normalized(normalized, allowed):
-            ids = [sub] if isinstance(sub, int) else tok.bpe.encode_ordinary(sub)
-            for i in ids:
-                n = len(tok.token_bytes(i))
-                run.ids.append(i)
-                run.bounds.append((at, at + n))
-                at += n
+            run.ids.extend([sub] if isinstance(sub, int) else tok.bpe.encode_ordinary(sub))
+        ends = list(accumulate(tok.token_lengths(run.ids)))
+        run.bounds = list(zip([0] + ends[:-1], ends))
         runs.append(run)
     return runs
 
@@ -172,11 +170,20 @@ def mask_of(runs: Sequence[Run], spans: Sequence[Tuple[int, int]]) -> List[int]:
     mask: List[int] = []
     for run in runs:
         inside = [(s, e) for s, e in spans if s < run.end and e > run.start]
-        if run.text is None:
-            mask.append(int(bool(inside)))
+        if not inside or run.text is None:
+            mask.extend([int(bool(inside))] * len(run.ids))
             continue
-        limits = [(_byte_offset(run, max(s, run.start) - run.start), _byte_offset(run, min(e, run.end) - run.start))
-                  for s, e in inside]
-        for lo, hi in run.bounds:
-            mask.append(int(any(hi > a and lo < b for a, b in limits)))
+        if any(s <= run.start and e >= run.end for s, e in inside):  # the whole run is in a turn
+            mask.extend([1] * len(run.ids))
+            continue
+        starts = [lo for lo, _ in run.bounds]
+        ends = [hi for _, hi in run.bounds]
+        flags = [0] * len(run.ids)
+        for s, e in inside:
+            a = _byte_offset(run, max(s, run.start) - run.start)
+            b = _byte_offset(run, min(e, run.end) - run.start)
+            # tokens overlapping [a, b): from the first one ending after a to the last one starting before b
+            first, stop = bisect_right(ends, a), bisect_left(starts, b)
+            flags[first:stop] = [1] * max(0, stop - first)
+        mask.extend(flags)
     return mask

@@ -25,6 +25,16 @@ class SharedRanks:
         self.value = value
         self.merges: Optional[List[Tuple[bytes, bytes]]] = None
         self._digest: Optional[str] = None
+        self._lengths: Optional[List[int]] = None
+
+    def token_lengths(self) -> List[int]:
+        """Byte length of every BPE token, indexed by id (0 for ids that are not BPE tokens)."""
+        if self._lengths is None:
+            lengths = [0] * (max(self.value.values()) + 1)
+            for tok, idx in self.value.items():
+                lengths[idx] = len(tok)
+            self._lengths = lengths
+        return self._lengths
 
     def digest(self) -> str:
         """sha256 over (id, token bytes) in id order (~0.3 s for Qwen; computed once)."""

@@ -119,6 +119,7 @@ class Tokenizer:
         # 150k-rank Encoding; text tokens are matched by self.matcher before BPE.
         self.bpe = bpe_encoding(name, id(shared), pattern, tuple(sorted(self._control.items())), shared)
         self._n_vocab = max(max(rank_ids), max(ids.values())) + 1
+        self._lengths: Optional[List[int]] = None  # token byte lengths, see token_lengths
         self.eos_token = self._check_token(eos_token, "eos_token")
         self.pad_token = self._check_token(pad_token, "pad_token")
 
@@ -342,6 +343,9 @@ class Tokenizer:
             [p for pieces in split for p in pieces if isinstance(p, str)], num_threads=threads))
         out = []
         for pieces in split:
+            if len(pieces) == 1 and isinstance(pieces[0], str):  # no added tokens: tiktoken's list as is
+                out.append(next(plain))
+                continue
             ids: List[int] = []
             for p in pieces:
                 if isinstance(p, str):
@@ -384,6 +388,16 @@ class Tokenizer:
         if run:
             chunks.append(self.bpe.decode_bytes(run))
         return b"".join(chunks).decode("utf-8", errors=errors)
+
+    def token_lengths(self, ids: Sequence[int]) -> List[int]:
+        """The byte length of each token of `ids` (for offsets; a table built on first use)."""
+        if self._lengths is None:
+            lengths = list(self._shared.token_lengths())
+            lengths += [0] * (self._n_vocab - len(lengths))
+            for t in self.added_tokens:
+                lengths[t.id] = len(t.content.encode("utf-8"))
+            self._lengths = lengths
+        return [self._lengths[i] for i in ids]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one token (added tokens: their text)."""
