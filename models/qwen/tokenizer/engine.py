@@ -2,7 +2,8 @@
 
 Building an Encoding over Qwen's 151643 ranks takes ~0.5 s and holds them in Rust, so
 Tokenizers made from the same ranks (the same file content, or `with_added_tokens`) share one:
-the ranks are wrapped in a `SharedRanks` object and the Encoding is cached for it. The merge list and the ranks' digest, both slow to compute, are cached there too.
+the ranks are wrapped in a `SharedRanks` object and the Encoding is cached for it. The merge
+list, the token byte lengths and the ranks' digest, slow to compute, are cached there too.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -25,7 +26,7 @@ from ..chat_template import (
     CHATML_FALLBACK,
     CHATML_TEMPLATE,
     QWEN25_CHAT_TEMPLATE,
-    ChatTemplateError,
+    ChatTemplateFallbackWarning,
     mark_special_text,
     prepare_messages,
     prepare_tools,
@@ -35,7 +36,7 @@ from ..chat_template import (
 from .added_tokens import AddedToken, AddedTokenMatcher
 from .bpe_files import load_tiktoken_ranks, tokenizer_json
 from .chat import assistant_spans, encode_chat, mask_of
-from .directory import read_directory, write_directory
+from .directory import read_directory, tokenizer_config, write_directory
 from .engine import SharedRanks, bpe_encoding, shared_ranks_of_file
 from .errors import TokenizerError
 from .merges import recover_merges
@@ -147,10 +148,6 @@ class Tokenizer:
         """
         files = read_directory(path)
         if files.chat_template_source.startswith(CHATML_FALLBACK):
-            import warnings
-
-            from ..chat_template import ChatTemplateFallbackWarning
-
             warnings.warn(f"{path}: no chat template (chat_template.jinja or tokenizer_config.json 'chat_template'); "
                           "chats are rendered as plain ChatML", ChatTemplateFallbackWarning, stacklevel=2)
         return cls(files.ranks, files.added, pattern=files.pattern, chat_template=files.chat_template,
@@ -482,8 +479,6 @@ class Tokenizer:
 
     def tokenizer_config(self) -> dict:
         """The tokenizer_config.json dict (HF Qwen2Tokenizer)."""
-        from .directory import tokenizer_config
-
         return tokenizer_config(self)
 
     def tokenizer_json(self) -> dict:
