@@ -2,7 +2,7 @@
 
     import data
     ids, labels = data.encode_chat(example, tok, max_len=1024)         # SFT sample
-    sft = data.SFTDataset("train.jsonl", tok, max_len=1024)            # alpaca / messages / ShareGPT
+    sft = data.SFTDataset("train.jsonl", tok, max_len=1024)            # alpaca / messages (+ tools) / ShareGPT
     corpus = data.load_corpus(["papers/"], tok)                        # cached uint32 tokens
     train_docs, val_docs = corpus.split(val_fraction=0.01, seed=0)
     blocks = data.pack_documents(train_docs, block_size=2048)          # CPT blocks, document masking
@@ -35,6 +35,7 @@ from .preference import (
 )
 from .sft import (
     FORMATS,
+    Conversation,
     EncodedChat,
     SFTDataset,
     Subset,
@@ -42,6 +43,7 @@ from .sft import (
     detect_format,
     encode_chat,
     encode_chat_detailed,
+    to_conversation,
     to_messages,
 )
 from .sources import find_files
@@ -50,8 +52,8 @@ from . import vocab
 __all__ = [
     "cache_root", "IGNORE_INDEX", "PackedSFTDataset", "pad_collate", "Corpus", "Documents", "PackedDataset",
     "load_corpus", "pack_documents", "split_for_encoding", "tokenize_file", "DataError", "InputReport", "DataLoader",
-    "MixedDataset", "FORMATS", "EncodedChat", "SFTDataset", "Subset", "check_roles", "detect_format", "encode_chat",
-    "encode_chat_detailed", "to_messages", "find_files", "vocab", "PREFERENCE_FORMATS", "EncodedPair",
-    "PreferenceDataset", "detect_preference_format", "encode_pair", "pairs_from_sft", "preference_collate",
-    "to_preference",
+    "MixedDataset", "FORMATS", "Conversation", "EncodedChat", "SFTDataset", "Subset", "check_roles", "detect_format",
+    "encode_chat", "encode_chat_detailed", "to_conversation", "to_messages", "find_files", "vocab", "PREFERENCE_FORMATS",
+    "EncodedPair", "PreferenceDataset", "detect_preference_format", "encode_pair", "pairs_from_sft",
+    "preference_collate", "to_preference",
 ]

@@ -205,9 +205,11 @@ class EncodedPair:
 
 
 def _render(prompt: List[Message], response: Message, tokenizer, system: Optional[str], where: str):
-    """(ids, labels) of prompt + response, labels on the final assistant turn only, cut after it."""
-    ids, mask = tokenizer.apply_chat_template(prompt + [response], tokenize=True, return_assistant_mask=True,
-                                              system_prompt=system)
+    """(ids, labels) of prompt + response, labels on the final assistant turn only, cut after it.
+    system: the default system prompt, for a prompt that has none."""
+    if system is not None and (not prompt or prompt[0]["role"] != "system"):
+        prompt = [{"role": "system", "content": system}] + list(prompt)
+    ids, mask = tokenizer.apply_chat_template(prompt + [response], tokenize=True, return_assistant_mask=True)
     end = len(mask)
     while end > 0 and not mask[end - 1]:
         end -= 1

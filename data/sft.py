@@ -1,25 +1,28 @@
-"""Instruction SFT data: alpaca / messages / ShareGPT records -> ChatML ids with label masks.
+"""Instruction SFT data: records -> ids with label masks, rendered by the model's own chat template.
 
     ids, labels = encode_chat(example, tok, max_len=1024)
     ds = SFTDataset("train.jsonl", tok, max_len=1024)      # all records, encoded, with a report
 
-Labels are -100 everywhere except the content of every assistant turn and its closing
-<|im_end|> (option: the last assistant turn only), so the last supervised label of every
-sample is <|im_end|> (151645). The conversation is rendered by the tokenizer's ChatML template
-and tokenised as one conversation (control tokens as ids; message text as ordinary text, so a
-"<|im_end|>" typed in a message stays text).
+Records (alpaca, OpenAI-style messages with tools / tool_calls / reasoning_content, ShareGPT
+incl. LLaMA-Factory's function_call / observation) become conversations in
+data/conversations.py. The conversation is rendered by the chat template the tokenizer carries
+(the model directory's own, as transformers renders it) and tokenised as transformers does.
 
-Formats (detected per file from its first record, or set with fmt=):
-  alpaca:   {"instruction", "input" (optional), "output", "system" (optional), "history" (optional [[q, a], ...])}
-  messages: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-  sharegpt: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...], "system" (optional)}
-A conversation is an optional system message, then user/assistant turns alternating, ending
-with an assistant turn.
+Labels are -100 everywhere except every assistant turn as rendered, through its closing
+<|im_end|> (option: the last assistant turn only): for Qwen3 that includes the think block,
+for tool calling the <tool_call> blocks; tool results, system and user turns and the role
+headers are never supervised. So the last supervised label of every sample is <|im_end|>
+(151645). The turns are found as models/qwen/tokenizer/chat.py describes; a template whose
+output does not show them is an error naming the record.
+
+Special-token text inside a message ("<|im_end|>" typed by a user) is encoded as plain text,
+never as a control token (the tokenizer's default, sanitize_special_tokens=True).
 
 Truncation to max_len never leaves a sample without supervised tokens: first the oldest
-history turns (user+assistant pairs) are dropped, then the last user message is cut (keeping
-its beginning, at least `min_prompt_tokens`), and if the sample still does not fit it is an
-error ("too-long"), or with on_error="skip" the sample is dropped and counted.
+turns (a user message and everything up to the next one) are dropped, then the last user
+message is cut (keeping its beginning, at least `min_prompt_tokens`), and if the sample still
+does not fit it is an error ("too-long"), or with on_error="skip" the sample is dropped and
+counted.
 """
 
 from __future__ import annotations
@@ -31,109 +34,25 @@ import numpy as np
 import torch
 
 from models.qwen import IGNORE_INDEX
+from models.qwen.chat_template import ChatTemplateError
 
+from .conversations import (
+    FORMATS,
+    SHAREGPT_ROLES,
+    Conversation,
+    check_roles,
+    detect_format,
+    parse_message,
+    to_conversation,
+    to_messages,
+)
 from .errors import DataError, InputReport, check_on_error
 from .sources import PathLike, find_files, iter_jsonl
 
-FORMATS = ("alpaca", "messages", "sharegpt")
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "model": "assistant", "bot": "assistant",
-}
-
-
-def detect_format(example: Mapping[str, Any], where: str = "example") -> str:
-    """'messages', 'sharegpt' or 'alpaca' from the record's keys."""
-    if not isinstance(example, Mapping):
-        raise DataError(f"{where}: expected a JSON object, got {type(example).__name__}", "not-object")
-    if "messages" in example:
-        return "messages"
-    if "conversations" in example:
-        return "sharegpt"
-    if "instruction" in example or "output" in example:
-        return "alpaca"
-    raise DataError(
-        f"{where}: cannot tell the format: expected a field 'messages' (messages), 'conversations' (ShareGPT) "
-        f"or 'instruction' + 'output' (alpaca); got keys {sorted(example)[:8]}",
-        "missing-field",
-    )
-
-
-def _field(example: Mapping[str, Any], key: str, where: str, optional: bool = False, kind=str):
-    if key not in example or example[key] is None:
-        if optional:
-            return None
-        raise DataError(f"{where}: missing field {key!r}", "missing-field")
-    value = example[key]
-    if not isinstance(value, kind):
-        raise DataError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(value).__name__}", "bad-field")
-    return value
-
-
-def to_messages(example: Mapping[str, Any], fmt: Optional[str] = None, where: str = "example") -> List[Dict[str, str]]:
-    """A record in any supported format -> [{"role", "content"}, ...] (validated, see check_roles)."""
-    fmt = fmt or detect_format(example, where)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if not isinstance(example, Mapping):
-        raise DataError(f"{where}: expected a JSON object, got {type(example).__name__}", "not-object")
-    messages: List[Dict[str, str]] = []
-    if fmt == "alpaca":
-        instruction = _field(example, "instruction", where)
-        output = _field(example, "output", where)
-        extra = _field(example, "input", where, optional=True)
-        system = _field(example, "system", where, optional=True)
-        history = _field(example, "history", where, optional=True, kind=list) or []
-        if system:
-            messages.append({"role": "system", "content": system})
-        for i, pair in enumerate(history):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise DataError(f"{where}: history[{i}] must be a [question, answer] pair of strings", "bad-field")
-            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-        prompt = instruction + ("\n\n" + extra if extra else "")
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    elif fmt == "messages":
-        items = _field(example, "messages", where, kind=list)
-        for i, m in enumerate(items):
-            if not isinstance(m, Mapping):
-                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'", "bad-field")
-            role = _field(m, "role", f"{where}: messages[{i}]")
-            content = _field(m, "content", f"{where}: messages[{i}]")
-            messages.append({"role": role, "content": content})
-    else:
-        items = _field(example, "conversations", where, kind=list)
-        system = _field(example, "system", where, optional=True)
-        if system:
-            messages.append({"role": "system", "content": system})
-        for i, m in enumerate(items):
-            if not isinstance(m, Mapping):
-                raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'", "bad-field")
-            who = _field(m, "from", f"{where}: conversations[{i}]")
-            if who not in SHAREGPT_ROLES:
-                raise DataError(f"{where}: conversations[{i}]['from'] = {who!r}; expected one of {sorted(SHAREGPT_ROLES)}", "bad-roles")
-            messages.append({"role": SHAREGPT_ROLES[who], "content": _field(m, "value", f"{where}: conversations[{i}]")})
-    check_roles(messages, where)
-    return messages
-
-
-def check_roles(messages: Sequence[Mapping[str, str]], where: str = "example") -> None:
-    """Optional system first, then user/assistant alternating, starting with user, ending with assistant."""
-    if not messages:
-        raise DataError(f"{where}: empty conversation", "bad-roles")
-    roles = [m["role"] for m in messages]
-    start = 1 if roles[0] == "system" else 0
-    turns = roles[start:]
-    for i, role in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            raise DataError(
-                f"{where}: message {start + i} has role {role!r}, expected {expected!r} "
-                f"(roles {roles}: an optional system message, then user/assistant alternating)",
-                "bad-roles",
-            )
-    if not turns or turns[-1] != "assistant":
-        raise DataError(f"{where}: the conversation must end with an assistant turn (roles {roles})", "bad-roles")
+__all__ = [
+    "FORMATS", "SHAREGPT_ROLES", "IGNORE_INDEX", "Conversation", "EncodedChat", "SFTDataset", "Subset", "check_roles",
+    "detect_format", "encode_chat", "encode_chat_detailed", "to_conversation", "to_messages",
+]
 
 
 @dataclass
@@ -150,17 +69,36 @@ class EncodedChat:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def _encode(messages, tok, system, last_turn_only) -> Tuple[List[int], List[int]]:
-    ids, mask = tok.apply_chat_template(messages, tokenize=True, return_assistant_mask=True, system_prompt=system)
+def _last_run_only(mask: List[int]) -> List[int]:
+    """Keep only the last run of 1s: the last assistant turn (turns are separated by their
+    unsupervised <|im_start|>assistant headers)."""
+    end = len(mask)
+    while end and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    return [0] * start + mask[start:end] + [0] * (len(mask) - end)
+
+
+def _encode(conv: Conversation, tok, last_turn_only: bool, where: str, template_kwargs: Mapping[str, Any]):
+    try:
+        ids, mask = tok.apply_chat_template(conv.messages, tools=conv.tools, tokenize=True,
+                                            return_assistant_mask=True, **template_kwargs)
+    except ChatTemplateError as err:
+        raise DataError(f"{where}: {err}", "template") from None
     if last_turn_only:
-        # Segment-wise encoding makes the ids of all but the last message an exact prefix.
-        prefix = len(tok.apply_chat_template(messages[:-1], tokenize=True, system_prompt=system))
-        mask = [0] * prefix + list(mask[prefix:])
+        mask = _last_run_only(mask)
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
+def _turn_starts(messages: Sequence[Mapping[str, Any]]) -> List[int]:
+    """Indices of the user messages: each starts a turn that runs to the next one."""
+    return [i for i, m in enumerate(messages) if m["role"] == "user"]
+
+
 def encode_chat_detailed(
-    example: Union[Mapping[str, Any], Sequence[Mapping[str, str]]],
+    example: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]],
     tokenizer,
     max_len: Optional[int] = None,
     fmt: Optional[str] = None,
@@ -168,40 +106,46 @@ def encode_chat_detailed(
     last_turn_only: bool = False,
     min_prompt_tokens: int = 8,
     where: str = "example",
+    enable_thinking: Optional[bool] = None,
 ) -> EncodedChat:
     """encode_chat, also saying how much was truncated (see the module docstring)."""
     if isinstance(example, (list, tuple)):
-        messages = [dict(m) for m in example]
+        messages = [parse_message(m, f"{where}: messages[{i}]") for i, m in enumerate(example)]
         check_roles(messages, where)
+        conv = Conversation(messages)
     else:
-        messages = to_messages(example, fmt, where)
-    ids, labels = _encode(messages, tokenizer, system, last_turn_only)
+        conv = to_conversation(example, fmt, where)
+    if system is not None and conv.messages[0]["role"] != "system":
+        conv = Conversation([{"role": "system", "content": system}] + conv.messages, conv.tools)
+    template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids, labels = _encode(conv, tokenizer, last_turn_only, where, template_kwargs)
     out = EncodedChat(ids, labels)
     if max_len is None or len(ids) <= max_len:
         return out
     full_len = len(ids)
-    # 1. drop the oldest user+assistant pairs, keeping the system message and the last pair
-    first = 1 if messages[0]["role"] == "system" else 0
-    while len(messages) - first > 2 and len(ids) > max_len:
-        messages = messages[:first] + messages[first + 2 :]
+    messages = conv.messages
+    # 1. drop the oldest turns, keeping the system message and the last turn
+    while len(_turn_starts(messages)) > 1 and len(ids) > max_len:
+        first, second = _turn_starts(messages)[:2]
+        messages = messages[:first] + messages[second:]
         out.history_turns_dropped += 1
-        ids, labels = _encode(messages, tokenizer, system, last_turn_only)
+        ids, labels = _encode(Conversation(messages, conv.tools), tokenizer, last_turn_only, where, template_kwargs)
     # 2. cut the end of the last user message, keeping at least min_prompt_tokens of it
     if len(ids) > max_len:
-        user = messages[-2]
-        content_ids = tokenizer.encode(user["content"])
+        at = _turn_starts(messages)[-1]
+        content_ids = tokenizer.encode(messages[at]["content"])
         keep = len(content_ids) - (len(ids) - max_len)
         while keep >= min_prompt_tokens and len(ids) > max_len:
             cut = tokenizer.decode(content_ids[:keep], errors="ignore")  # never half a character
-            trial = messages[:-2] + [{"role": "user", "content": cut}, messages[-1]]
-            ids, labels = _encode(trial, tokenizer, system, last_turn_only)
+            trial = messages[:at] + [{"role": "user", "content": cut}] + messages[at + 1:]
+            ids, labels = _encode(Conversation(trial, conv.tools), tokenizer, last_turn_only, where, template_kwargs)
             out.prompt_tokens_cut = len(content_ids) - keep
             keep -= max(1, len(ids) - max_len)
     # 3. give up: the caller raises or skips and counts it
     if len(ids) > max_len:
         raise DataError(
             f"{where}: sample is {full_len} tokens, more than max_len={max_len} even after dropping history and "
-            f"cutting the prompt to {min_prompt_tokens} tokens (the answer alone does not fit)",
+            f"cutting the prompt to {min_prompt_tokens} tokens (the last turn alone does not fit)",
             "too-long",
         )
     out.input_ids, out.labels = ids, labels
@@ -209,7 +153,7 @@ def encode_chat_detailed(
 
 
 def encode_chat(
-    example: Union[Mapping[str, Any], Sequence[Mapping[str, str]]],
+    example: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]],
     tokenizer,
     max_len: Optional[int] = None,
     **kwargs: Any,
@@ -217,8 +161,9 @@ def encode_chat(
     """A record (alpaca / messages / ShareGPT dict, or a list of messages) -> (input_ids, labels).
 
     Labels are -100 off the assistant turns; see the module docstring for truncation. Keyword
-    options: fmt, system (default system prompt for records without one), last_turn_only,
-    min_prompt_tokens, where (location used in errors).
+    options: fmt, system (system prompt for records without one; None: the template's own
+    default), last_turn_only, min_prompt_tokens, where (location used in errors),
+    enable_thinking (passed to the chat template when not None).
     """
     enc = encode_chat_detailed(example, tokenizer, max_len=max_len, **kwargs)
     return enc.input_ids, enc.labels
@@ -229,7 +174,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
     system: default system prompt for records without one: a string, or a mapping from the
         record's `task_field` value to a prompt (per-task system prompts; key None = others).
-        None: the tokenizer's template default.
+        None: the chat template's own default (Qwen2.5's writes one, Qwen3's none).
+    enable_thinking: passed to the chat template when not None.
     on_error: "raise" (default) or "skip" (bad and over-length records dropped and counted).
     `report` holds the counts (read, kept, skipped by reason, truncated).
     """
@@ -246,6 +192,7 @@ class SFTDataset(torch.utils.data.Dataset):
         task_field: str = "task",
         glob: Optional[str] = None,
         min_prompt_tokens: int = 8,
+        enable_thinking: Optional[bool] = None,
     ):
         check_on_error(on_error)
         if fmt is not None and fmt not in FORMATS:
@@ -263,7 +210,8 @@ class SFTDataset(torch.utils.data.Dataset):
                         self.formats[str(path)] = file_fmt
                     prompt = system.get(record.get(task_field), system.get(None)) if isinstance(system, Mapping) else system
                     enc = encode_chat_detailed(record, tokenizer, max_len=max_len, fmt=file_fmt, system=prompt,
-                                               last_turn_only=last_turn_only, min_prompt_tokens=min_prompt_tokens, where=where)
+                                               last_turn_only=last_turn_only, min_prompt_tokens=min_prompt_tokens, where=where,
+                                               enable_thinking=enable_thinking)
                 except DataError as err:
                     self.report.handle(err, on_error)
                     continue

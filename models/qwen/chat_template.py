@@ -1,36 +1,41 @@
-"""ChatML rendering exactly as Qwen2.5's chat template does it, without a Jinja engine.
+"""Chat templates rendered exactly as transformers renders them (``apply_chat_template``).
 
-Qwen2.5's template (``QWEN25_CHAT_TEMPLATE``, the string shipped in every Qwen2.5
-``tokenizer_config.json``) renders a system/user/assistant conversation as
+A model directory carries its chat template (``chat_template.jinja``, or ``chat_template`` in
+``tokenizer_config.json``): a Jinja program that turns ``messages`` (+ ``tools``,
+``add_generation_prompt``, ``enable_thinking``, ...) into the text the model was trained on.
+`render` runs it the way transformers 5 does (``utils/chat_template_utils.py``):
 
-    <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n{content}<|im_end|>\\n
-    <|im_start|>assistant\\n{content}<|im_end|>\\n
-    ...
-    <|im_start|>assistant\\n                      (only with add_generation_prompt)
+* jinja2's ``ImmutableSandboxedEnvironment`` (templates are untrusted code) with
+  ``trim_blocks``, ``lstrip_blocks``, the ``loopcontrols`` extension and a ``{% generation %}``
+  tag (rendered as its body); a ``tojson`` filter that keeps non-ASCII text
+  (``ensure_ascii=False``, optional indent/separators/sort_keys); globals ``raise_exception``,
+  ``strftime_now``, a ``dict`` constructor and a ``namespace`` that refuses ``_`` names;
+* the inputs rebuilt from plain JSON values, message keys whose value is None dropped, and a
+  message's reasoning available as ``reasoning_content`` (and ``thinking``) whichever of
+  ``reasoning_content`` / ``thinking`` / ``reasoning`` it came under;
+* template variables: ``messages``, ``tools``, ``documents``, ``add_generation_prompt``, the
+  tokenizer's named special tokens (``eos_token``, ``pad_token``, ...), then any keyword the
+  caller passes (``enable_thinking=False``).
 
-where the system block is the first message when its role is "system", else the template's
-default system prompt ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-for Qwen2.5, "You are a helpful assistant." for Qwen2; Qwen3 templates have none, and then
-no system block is written).
+`mark_special_text` wraps special-token text found in the caller's strings in private-use
+markers before rendering (transformers' ``sanitize_control_tokens``), so the tokenizer can
+encode it as text while the template's own control tokens stay control tokens.
 
-The conversation is produced as a list of `Segment`s: control tokens (by name) and plain text
-between them. Joining them gives the template's string; encoding them one by one (control
-tokens as ids, text as ordinary text) gives the same ids as tokenising the whole string with
-special tokens allowed — tiktoken and HF both split on special tokens first — except that
-special-token text typed inside a message stays plain text and cannot inject a control token.
+A directory without any template renders with `CHATML_TEMPLATE` (plain ChatML), and the
+tokenizer says so (``Tokenizer.chat_template_source``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import re
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-ROLES = ("system", "user", "assistant")
+import numpy as np
 
 # The chat template of Qwen2.5-*-Instruct (tokenizer_config.json "chat_template"), verbatim.
 QWEN25_CHAT_TEMPLATE = (
@@ -91,102 +96,256 @@ QWEN25_CHAT_TEMPLATE = (
 )
 
 
+# Plain ChatML, for a model directory that has no chat template at all. It refuses what it
+# cannot render rather than dropping it: tools, tool calls and reasoning.
+CHATML_TEMPLATE = (
+    "{%- if tools %}{{ raise_exception('the plain ChatML template (used because the model has no chat template) "
+    "cannot render tools') }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.tool_calls is defined or message.reasoning_content is defined %}"
+    "{{ raise_exception('the plain ChatML template (used because the model has no chat template) cannot render "
+    "tool calls or reasoning') }}{%- endif %}\n"
+    "    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+CHATML_FALLBACK = "ChatML fallback"
+
+# Private-use characters wrapped around special-token text in the caller's strings (the same
+# code points transformers uses), see mark_special_text.
+MARK_START = "\U000f0000"
+MARK_END = "\U000f0001"
+
+# Names a message's reasoning comes under; templates read the first (gpt-oss ones: "thinking").
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
 class ChatTemplateError(ValueError):
-    """A conversation the ChatML renderer cannot render (names the message and key)."""
+    """A conversation or template that cannot be rendered (names the message, key or template)."""
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One piece of a rendered conversation.
-
-    special: True for a control token (`text` is its name, e.g. "<|im_start|>").
-    message: index of the message this piece belongs to (None for the generation prompt).
-    content_start: for the text piece holding a message, the character offset where the
-        message content starts (after "role\\n"); None for other pieces.
-    """
-
-    text: str
-    special: bool = False
-    message: Optional[int] = None
-    role: Optional[str] = None
-    content_start: Optional[int] = None
+class ChatTemplateFallbackWarning(UserWarning):
+    """A model directory has no chat template: chats are rendered as plain ChatML."""
 
 
-# A literal system block inside a template: '<|im_start|>system\n' + TEXT + '<|im_end|>' in one
-# quoted Jinja string, the newline written as an escape (Qwen2.5) or as a real newline (Qwen2).
-_DEFAULT_SYSTEM_RE = re.compile(r"""(['"])<\|im_start\|>system(?:\\n|\n)((?:(?!\1).)*?)<\|im_end\|>""", re.S)
+# ---------------------------------------------------------------------- the Jinja environment
+def _environment():
+    """A jinja2 sandbox configured as transformers configures it for chat templates."""
+    import jinja2
+    import jinja2.exceptions
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    version = tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3])
+    if version < (3, 1, 6):  # older releases have known sandbox escapes; templates are untrusted
+        raise ChatTemplateError(f"chat templates need jinja2>=3.1.6 (found {jinja2.__version__}): pip install -U jinja2")
+
+    class GenerationTag(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}``: renders its body (assistant masks come from
+        the rendered ChatML structure, see models/qwen/tokenizer/chat.py)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        """``dict(...)`` for templates, without exposing the dict type itself."""
+
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """``namespace(...)`` that refuses underscore names (no reaching CPython internals)."""
+
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env
 
 
-def default_system_prompt(template: Optional[str]) -> Optional[str]:
-    """The default system prompt a chat template writes when the conversation has none.
-
-    None template (no tokenizer_config.json): Qwen2.5's default. A template whose system
-    block is always taken from the messages (Qwen3): None, i.e. no system block.
-    """
-    if template is None:
-        return QWEN25_DEFAULT_SYSTEM
-    m = _DEFAULT_SYSTEM_RE.search(template)
-    if m is None:
-        return None
-    text = m.group(2)
-    # Undo the Jinja string escapes the literal may use.
-    return text.replace("\\n", "\n").replace("\\'", "'").replace('\\"', '"')
+@functools.lru_cache(maxsize=1)
+def _shared_environment():
+    return _environment()
 
 
-def check_messages(messages: Any, where: str = "messages") -> List[dict]:
-    """Validate a conversation: a non-empty list of {"role", "content": str} dicts.
+@functools.lru_cache(maxsize=16)
+def compile_template(template: str):
+    """The compiled Jinja template (cached: SFT renders the same template for every sample)."""
+    import jinja2.exceptions
 
-    Roles are system/user/assistant. Raises ChatTemplateError naming the message index and key.
+    try:
+        return _shared_environment().from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template line {e.lineno}: {e.message}") from None
+
+
+def select_template(template: Union[str, Mapping[str, str]], tools: Optional[Sequence[Any]], source: str) -> str:
+    """The template to use: a single one, or from named ones 'tool_use' (with tools) / 'default'."""
+    if isinstance(template, str):
+        return template
+    if tools is not None and "tool_use" in template:
+        return template["tool_use"]
+    if "default" in template:
+        return template["default"]
+    raise ChatTemplateError(f"{source}: several chat templates {sorted(template)} and none named 'default'")
+
+
+# ---------------------------------------------------------------------- inputs as templates see them
+def _plain(value: Any) -> Any:
+    """`value` rebuilt from plain JSON types (what the sandbox may see); anything else -> '<TypeName>'."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # subclasses (enums, numpy strings) may carry methods: strip them
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):  # np.bool_(False) must not become a truthy placeholder
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+def prepare_messages(messages: Any) -> List[dict]:
+    """The conversation as the template sees it (see the module docstring).
+
+    Raises ChatTemplateError for anything that is not a non-empty list of dicts with a string role.
     """
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
-        raise ChatTemplateError(f"{where}: expected a non-empty list of messages, got {messages!r:.80}")
+        raise ChatTemplateError(f"messages: expected a non-empty list of messages, got {messages!r:.80}")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ChatTemplateError(f"{where}[{i}]: expected a dict with 'role' and 'content', got {type(m).__name__}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise ChatTemplateError(f"{where}[{i}]: missing key {key!r}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise ChatTemplateError(f"{where}[{i}]['role']: {role!r} is not one of {ROLES}")
-        if not isinstance(content, str):
-            raise ChatTemplateError(f"{where}[{i}]['content']: expected a string, got {type(content).__name__}")
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(f"messages[{i}]: expected a dict with 'role' and 'content', got {type(m).__name__}")
+        if not isinstance(m.get("role"), str):
+            raise ChatTemplateError(f"messages[{i}]['role']: expected a string, got {m.get('role')!r:.40}")
+        m = {k: v for k, v in _plain(dict(m)).items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         out.append(m)
     return out
 
 
-def chatml_segments(
-    messages: Sequence[dict],
-    default_system: Optional[str] = QWEN25_DEFAULT_SYSTEM,
+def prepare_tools(tools: Any) -> Optional[List[dict]]:
+    """Tools as JSON-schema dicts (OpenAI style ``{"type": "function", "function": {...}}``)."""
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise ChatTemplateError(f"tools: expected a list of JSON-schema dicts, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ChatTemplateError(f"tools[{i}]: expected a JSON-schema dict, got {type(tool).__name__}")
+    return _plain(list(tools))
+
+
+def render(
+    template: str,
+    messages: List[dict],
+    tools: Optional[List[dict]] = None,
+    documents: Optional[List[dict]] = None,
     add_generation_prompt: bool = False,
-) -> List[Segment]:
-    """The conversation as control tokens and text pieces, in Qwen2.5 template order."""
-    messages = check_messages(messages)
-    segs: List[Segment] = []
-
-    def block(role: str, content: str, index: Optional[int]) -> None:
-        head = role + "\n"
-        segs.append(Segment(IM_START, special=True, message=index, role=role))
-        segs.append(Segment(head + content, message=index, role=role, content_start=len(head)))
-        segs.append(Segment(IM_END, special=True, message=index, role=role))
-        segs.append(Segment("\n", message=index, role=role))
-
-    first_is_system = messages[0]["role"] == "system"
-    if not first_is_system and default_system is not None:
-        block("system", default_system, None)
-    for i, m in enumerate(messages):
-        block(m["role"], m["content"], i)
-    if add_generation_prompt:
-        segs.append(Segment(IM_START, special=True))
-        segs.append(Segment("assistant\n", role="assistant"))
-    return segs
-
-
-def render_chatml(
-    messages: Sequence[dict],
-    default_system: Optional[str] = QWEN25_DEFAULT_SYSTEM,
-    add_generation_prompt: bool = False,
+    variables: Optional[Dict[str, Any]] = None,
+    source: str = "chat template",
 ) -> str:
-    """The string Qwen2.5's chat template renders for `messages`."""
-    return "".join(s.text for s in chatml_segments(messages, default_system, add_generation_prompt))
+    """Run `template` on already prepared inputs (`prepare_messages`, `prepare_tools`).
+
+    variables: the other template variables (special tokens, enable_thinking, ...).
+    Errors raised by the template (raise_exception, undefined values) become ChatTemplateError
+    naming `source`.
+    """
+    import jinja2.exceptions
+
+    try:
+        return compile_template(template).render(
+            messages=messages, tools=tools, documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt, **_plain(dict(variables or {})))
+    except jinja2.exceptions.TemplateError as e:
+        raise ChatTemplateError(f"{source}: {type(e).__name__}: {e}") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as e:  # e.g. a template adding a string to a list
+        raise ChatTemplateError(f"{source}: {type(e).__name__} while rendering: {e}") from None
+
+
+# ---------------------------------------------------------------------- special-token text in inputs
+def mark_special_text(obj: Any, tokens: Iterable[str]) -> Any:
+    """Wrap every occurrence of `tokens` in the strings of `obj` (values of dicts/lists, not keys)
+    in MARK_START/MARK_END; markers already present are dropped first, so none can be forged."""
+    regex = _token_regex(tuple(sorted(set(tokens))))
+    return _mark(obj, regex)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_regex(tokens: Sequence[str]) -> "re.Pattern[str]":
+    ordered = sorted(tokens, key=len, reverse=True)  # a token before the tokens it contains
+    return re.compile("|".join(map(re.escape, ordered)) or "(?!)")
+
+
+def _mark(obj: Any, regex: "re.Pattern[str]") -> Any:
+    if isinstance(obj, str):
+        obj = obj.replace(MARK_START, "").replace(MARK_END, "")
+        return regex.sub(f"{MARK_START}\\g<0>{MARK_END}", obj)
+    if isinstance(obj, Mapping):
+        return {k: _mark(v, regex) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mark(v, regex) for v in obj]
+    return obj
+
+
+@functools.lru_cache(maxsize=8)
+def marker_regex(added_tokens: Sequence[str]) -> "re.Pattern[str]":
+    """Splits a marked rendering: group 1 = a marked added token; a lone marker matches without it."""
+    ordered = sorted(added_tokens, key=len, reverse=True)
+    inner = "|".join(map(re.escape, ordered)) or "(?!)"
+    return re.compile(f"{MARK_START}({inner}){MARK_END}|[{MARK_START}{MARK_END}]")

@@ -1,9 +1,11 @@
-"""SFT encoding: label masks against transformers' own tokenisation of Qwen2.5's template,
-the three SFT formats, truncation, and every kind of bad input (error or skip-and-count)."""
+"""SFT encoding: label masks against transformers' own rendering and tokenisation of the real
+Qwen2.5 and Qwen3 templates (tool calling, reasoning), the SFT formats, truncation, and every
+kind of bad input (error or skip-and-count)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +236,167 @@ def test_dataset_split_and_formats(tok, tmp_path):
     assert set(train.indices) | set(val.indices) == set(range(13))
     train2, val2 = ds.split(0.2, seed=3)
     assert list(val.indices) == list(val2.indices)
+
+
+# ---------------------------------------------------------------------- tool calling and reasoning
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+TOOL_SAMPLE = {
+    "tools": WEATHER_TOOLS,
+    "messages": [
+        {"role": "user", "content": "Weather in Paris and 北京?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 C, cloudy"},
+        {"role": "tool", "tool_call_id": "c2", "content": "31 C, sunny"},
+        {"role": "assistant", "content": "Paris 18 °C, cloudy; 北京 31 °C, sunny."},
+    ],
+}
+# The same sample as LLaMA-Factory writes it (ShareGPT with function_call / observation, tools as JSON text).
+TOOL_SAMPLE_SHAREGPT = {
+    "tools": json.dumps([WEATHER_TOOLS[0]["function"]]),
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris and 北京?"},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                        {"name": "get_weather", "arguments": {"city": "北京"}}])},
+        {"from": "observation", "value": "18 C, cloudy"},
+        {"from": "observation", "value": "31 C, sunny"},
+        {"from": "gpt", "value": "Paris 18 °C, cloudy; 北京 31 °C, sunny."},
+    ],
+}
+CALLS_TURN = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>')
+ANSWER_TURN = "Paris 18 °C, cloudy; 北京 31 °C, sunny.<|im_end|>"
+
+
+def labels_from_transformers(hf, messages, turns, **kw):
+    """Reference labels: transformers renders the template and tokenises the string; the
+    supervised tokens are those overlapping the expected assistant turns (written out by hand,
+    found in order in transformers' text), the rule transformers uses for assistant masks."""
+    text = hf.apply_chat_template(messages, tokenize=False, **kw)
+    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, at = [], 0
+    for turn in turns:
+        at = text.index(turn, at)
+        spans.append((at, at + len(turn)))
+        at += len(turn)
+    labels = [t if any(s < b and e > a for a, b in spans) else -100
+              for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return enc["input_ids"], labels
+
+
+@pytest.fixture(scope="module")
+def qwen3(tok, tmp_path_factory):
+    """Qwen3's tokenizer (Qwen2.5's + <tool_response>, </tool_response>, <think>, </think>) with
+    the real Qwen3 template, and transformers' tokenizer of the saved directory."""
+    from transformers import AutoTokenizer
+
+    from models.qwen import Tokenizer
+    from models.qwen.tokenizer import QWEN3_EXTRA_TOKENS, AddedToken
+
+    template = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
+    extra = [AddedToken(151665 + i, text, special) for i, (text, special) in enumerate(QWEN3_EXTRA_TOKENS)]
+    ours = Tokenizer(tok.ranks, tok.added_tokens + extra, chat_template=template, eos_token="<|im_end|>",
+                     _shared=tok._shared)
+    out = tmp_path_factory.mktemp("qwen3")
+    ours.save_pretrained(out)
+    return Tokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+
+
+def test_tool_calling_labels_match_transformers_qwen25(tok, hf_tok):
+    messages = [dict(m) for m in TOOL_SAMPLE["messages"]]
+    messages[1] = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": c}}} for c in ("Paris", "北京")]}
+    ids, labels = encode_chat(TOOL_SAMPLE, tok)
+    assert (ids, labels) == labels_from_transformers(hf_tok, messages, [CALLS_TURN, ANSWER_TURN], tools=WEATHER_TOOLS)
+    assert tok.decode(supervised(labels)) == CALLS_TURN + ANSWER_TURN
+    assert 151657 in supervised(labels)  # <tool_call> is one supervised token, as the model emits it
+    assert "18 C" not in tok.decode(supervised(labels))  # tool results are never supervised
+
+
+def test_tool_calling_and_reasoning_labels_match_transformers_qwen3(qwen3):
+    ours, hf = qwen3
+    sample = json.loads(json.dumps(TOOL_SAMPLE))
+    sample["messages"][1]["reasoning_content"] = "Two cities: two calls."
+    sample["messages"][-1]["reasoning_content"] = "Both results are in."
+    messages = [{"role": "user", "content": "Weather in Paris and 北京?"},
+                {"role": "assistant", "content": "", "reasoning_content": "Two cities: two calls.", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": c}}} for c in ("Paris", "北京")]},
+                *TOOL_SAMPLE["messages"][2:4],
+                {"role": "assistant", "content": TOOL_SAMPLE["messages"][-1]["content"], "reasoning_content": "Both results are in."}]
+    turns = ["<think>\nTwo cities: two calls.\n</think>\n\n" + CALLS_TURN, "<think>\nBoth results are in.\n</think>\n\n" + ANSWER_TURN]
+    ids, labels = encode_chat(sample, ours)
+    assert (ids, labels) == labels_from_transformers(hf, messages, turns, tools=WEATHER_TOOLS)
+    text = hf.apply_chat_template(messages, tools=WEATHER_TOOLS, tokenize=False)
+    assert "<|im_start|>user\n<tool_response>\n18 C, cloudy\n</tool_response>\n<tool_response>\n31 C" in text  # merged results
+    # without reasoning, Qwen3's final turn still carries an (empty, supervised) think block
+    ids, labels = encode_chat(THREE_TURNS, ours)
+    assert ours.decode(supervised(labels)).endswith("<think>\n\n</think>\n\n" + THREE_TURNS["messages"][-1]["content"] + "<|im_end|>")
+    assert ours.decode(ids) == hf.apply_chat_template(THREE_TURNS["messages"], tokenize=False)
+
+
+def test_sharegpt_function_call_and_observation_equal_messages(tok, qwen3):
+    for t in (tok, qwen3[0]):
+        assert encode_chat(TOOL_SAMPLE_SHAREGPT, t) == encode_chat(TOOL_SAMPLE, t)
+    conv = data.to_conversation(TOOL_SAMPLE_SHAREGPT)
+    assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert conv.tools == WEATHER_TOOLS
+
+
+def test_tool_turns_last_turn_only_and_truncation(tok):
+    ids, labels = encode_chat(TOOL_SAMPLE, tok, last_turn_only=True)
+    assert tok.decode(supervised(labels)) == ANSWER_TURN
+    history = {"tools": WEATHER_TOOLS, "messages": [
+        {"role": "user", "content": "first question " + "word " * 80}, {"role": "assistant", "content": "first answer"},
+    ] + TOOL_SAMPLE["messages"]}
+    full, _ = encode_chat(history, tok)
+    enc = data.encode_chat_detailed(history, tok, max_len=len(full) - 5)
+    assert enc.history_turns_dropped == 1 and "first question" not in tok.decode(enc.input_ids)
+    assert tok.decode(supervised(enc.labels)) == CALLS_TURN + ANSWER_TURN
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": "{not json"}}]}]}, r"messages\[1\]: tool_calls\[0\]: arguments of 'f': not valid JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "[1, 2]"}}]}]}, "arguments of 'f' must be a JSON object"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"arguments": {}}}]}]}, r"tool_calls\[0\]: the tool call needs a string 'name'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
+                   {"role": "assistant", "content": "a"}]}, r"message 1 has role 'tool', expected 'assistant'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "r"},
+                   {"role": "assistant", "content": "b"}]}, r"message 2 has role 'tool', expected 'user'"),
+    ({"messages": [{"role": "user", "content": "q", "tool_calls": []}, {"role": "assistant", "content": "a"}]},
+     "only assistant messages carry 'tool_calls'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "{broken"},
+     "field 'tools': not valid JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": [{"description": "x"}]},
+     r"tools\[0\]: expected"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f"}'}]},
+     "the tool call 'f' has no 'arguments'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 7}]},
+     "field 'reasoning_content' must be a str"),
+])
+def test_malformed_tool_records_name_file_and_line(tok, tmp_path, record, message):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    if "conversations" in record:  # a file's format is detected from its first record
+        good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = write_jsonl(tmp_path / "tools.jsonl", [good, record])
+    with pytest.raises(DataError, match=r"tools\.jsonl:2: (.*: )?" + message):
+        SFTDataset(path, tok)
+    ds = SFTDataset(path, tok, on_error="skip")
+    assert len(ds) == 1 and ds.report.n_skipped == 1
+
+
+def test_template_errors_name_the_record(tok, tmp_path):
+    from models.qwen import Tokenizer
+
+    no_turns = Tokenizer(tok.ranks, tok.added_tokens, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
+                         _shared=tok._shared)
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(DataError, match=r"sft\.jsonl:1: .*cannot find the assistant turns") as e:
+        SFTDataset(path, no_turns)
+    assert e.value.reason == "template"

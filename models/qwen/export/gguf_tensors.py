@@ -23,7 +23,8 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, checkpoint_files, read_safetensors_header
+from ..checkpoint import CheckpointError, checkpoint_files
+from ..safetensors_file import read_header as read_safetensors_header
 from ..config import QwenConfig
 from ..model import Qwen
 from .errors import ExportError

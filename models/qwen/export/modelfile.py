@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Union
 
-from ..chat_template import IM_END
+from ..special_tokens import IM_END
 from ..tokenizer import ENDOFTEXT
 
 MODELFILE = "Modelfile"
