@@ -18,7 +18,7 @@ from models.qwen import CheckpointError, ConfigError
 
 from . import outdir
 from .errors import EXIT_USAGE, UsageError, one_line
-from .flags import Parser, positive_int as _positive_int
+from .flags import Parser, finite_float as _finite, positive_int as _positive_int
 
 
 class OneLineParser(Parser):
@@ -37,16 +37,6 @@ def _model_dir(flag: str, value: Optional[str]) -> Path:
     if not (path / "config.json").exists():
         raise UsageError(f"{flag} {value}: no config.json (not an HF-format Qwen checkpoint)")
     return path
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def add_residual_args(p: argparse.ArgumentParser) -> None:

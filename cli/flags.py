@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -57,41 +58,35 @@ def new_parser(prog: str, description: Optional[str], epilog: Optional[str] = No
 
 
 # ---------------------------------------------------------------------- value types
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, ok, expected: str):
+    """`text` as int/float when ok(value), else an argparse error saying what was expected."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, math.isfinite, "a finite number")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0.0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v < math.inf, "a finite number > 0")
 
 
 def ratio(text: str) -> float:

@@ -91,3 +91,20 @@ def check_block_size(model_dir: Path, block: int, flag: str = "--block-size") ->
         return (f"{flag} {block} is above the model's max_position_embeddings {limit}: positions past "
                 f"{limit} were never trained (use a smaller {flag} or a model with a longer context)")
     return None
+
+
+def model_dir_or_default(given: Optional[str], default: Path, made_by: str) -> Path:
+    """--model DIR, or the previous stage's output `default` when not given (`made_by` names the
+    script(s) that write it, for the error when it is missing)."""
+    if given is not None:
+        return check_model_dir(given)
+    if not default.is_dir():
+        raise UsageError(f"--model: not given and {default} does not exist; run {made_by} first, or pass --model DIR")
+    return check_model_dir(str(default), flag=f"--model (default {default})")
+
+
+def jsonl_data(args) -> tuple[list[Path], Optional[Path]]:
+    """(--data files, --eval-data file or None) of a stage that reads .jsonl records."""
+    data = check_data_paths(args.data, files_only=True)
+    held_out = check_data_paths([args.eval_data], flag="--eval-data")[0] if args.eval_data else None
+    return data, held_out

@@ -17,7 +17,6 @@ Next: python examples/merge.py; python examples/sft.py; python examples/generate
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from cli import flags, inputs, outdir, runtime
 from cli.console import Timer, generate_text, list_outputs, log, note, print_training_curve
@@ -64,16 +63,7 @@ def main(argv=None) -> int:
 
         corpus = demo_corpus.build()
         data_paths = [corpus.domain]
-    if args.finetuning != "full" and (Path(model_dir) / "config.json").is_file():
-        inputs.check_lora_targets(model_dir, flags.lora_targets(args.lora_targets))
-    if args.epochs is None and args.max_steps is None:
-        args.epochs = flags.STAGE_DEFAULTS["cpt"]["epochs"]
-    args.dtype = runtime.compute_dtype(args.dtype)
-    out = Path(args.out)
-    identity = outdir.run_identity(args, {"stage": "cpt", "model": str(Path(model_dir).resolve()),
-                                          "data": [str(Path(p).resolve()) for p in data_paths]})
-    outdir.claim(out, command="cpt", identity=identity, inputs=[model_dir, *data_paths],
-                 resume=args.resume, overwrite=args.overwrite)
+    out = outdir.claim_training_run(args, "cpt", model_dir, data_paths)
 
     # ---- what will happen
     log(f"== qwen-tune stage 1: continued pretraining ({'QLoRA' if args.qlora else args.finetuning}) ==")

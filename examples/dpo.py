@@ -23,7 +23,6 @@ the answer to a different question), so held-out reward accuracy and margin rise
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
@@ -70,17 +69,9 @@ def main(argv=None) -> int:
     timer = Timer()
 
     # ---- inputs, all checked before anything loads or is written
-    default_model = paths.SFT_OUT / "merged"
-    if args.model is None:
-        if not default_model.is_dir():
-            raise UsageError(f"--model: not given and {default_model} does not exist; run examples/sft.py first "
-                             f"(it writes the merged SFT model there), or pass --model DIR")
-        model_dir = inputs.check_model_dir(str(default_model), flag=f"--model (default {default_model})")
-    else:
-        model_dir = inputs.check_model_dir(args.model)
+    model_dir = inputs.model_dir_or_default(args.model, paths.SFT_OUT / "merged", "examples/sft.py")
     if args.data:
-        data_paths = inputs.check_data_paths(args.data, files_only=True)
-        eval_path = inputs.check_data_paths([args.eval_data], flag="--eval-data")[0] if args.eval_data else None
+        data_paths, eval_path = inputs.jsonl_data(args)
         questions_from = eval_path
     else:
         from demo import corpus as demo_corpus
@@ -91,18 +82,7 @@ def main(argv=None) -> int:
     from demo.base_model import is_demo_shape
 
     changed = demo_settings.apply(args, demo_settings.DPO) if is_demo_shape(model_dir) else []
-    if args.finetuning != "full" and (Path(model_dir) / "config.json").is_file():
-        inputs.check_lora_targets(model_dir, flags.lora_targets(args.lora_targets))
-    if args.epochs is None and args.max_steps is None:
-        args.epochs = flags.STAGE_DEFAULTS["dpo"]["epochs"]
-    args.dtype = runtime.compute_dtype(args.dtype)
-    out = Path(args.out)
-    identity = outdir.run_identity(args, {
-        "stage": "dpo", "model": str(model_dir.resolve()), "data": [str(Path(p).resolve()) for p in data_paths],
-        "eval_data": str(Path(eval_path).resolve()) if eval_path else None,
-    })
-    outdir.claim(out, command="dpo", identity=identity, inputs=[model_dir, *data_paths, eval_path],
-                 resume=args.resume, overwrite=args.overwrite)
+    out = outdir.claim_training_run(args, "dpo", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 3: preference alignment ({args.loss}, {'QLoRA' if args.qlora else 'LoRA'}) ==")
     if changed:

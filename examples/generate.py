@@ -51,16 +51,9 @@ def build_parser() -> flags.Parser:
 
 
 def resolve(args):
-    if args.model is None:
-        default = paths.MERGED_OUT
-        if not default.is_dir():
-            raise UsageError(f"--model: not given and {default} does not exist; run examples/cpt.py and "
-                             f"examples/merge.py first, or pass --model DIR")
-        model = inputs.check_model_dir(str(default), flag=f"--model (default {default})")
-        if args.adapter is None and (paths.SFT_OUT / "adapter").is_dir():
-            args.adapter = str(paths.SFT_OUT / "adapter")
-    else:
-        model = inputs.check_model_dir(args.model)
+    model = inputs.model_dir_or_default(args.model, paths.MERGED_OUT, "examples/cpt.py and examples/merge.py")
+    if args.model is None and args.adapter is None and (paths.SFT_OUT / "adapter").is_dir():
+        args.adapter = str(paths.SFT_OUT / "adapter")
     adapter = inputs.check_adapter_dir(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
         raise UsageError("--compare needs an --adapter (base = --model alone, tuned = --model + --adapter)")

@@ -19,12 +19,11 @@ With no --data, the SFT set is built from Python's own documentation: questions 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
 from cli.datasets import held_out_questions, sft_datasets
-from cli.errors import UsageError, run_main
+from cli.errors import run_main
 from demo import settings as demo_settings
 from models.qwen.tokenizer import load_tokenizer
 
@@ -47,17 +46,10 @@ def main(argv=None) -> int:
     timer = Timer()
 
     # ---- inputs, all checked before anything loads or is written
-    if args.model is None:
-        if not paths.MERGED_OUT.is_dir():
-            raise UsageError(f"--model: not given and {paths.MERGED_OUT} does not exist; run examples/cpt.py and "
-                             f"examples/merge.py first, or pass --model DIR")
-        model_dir = inputs.check_model_dir(str(paths.MERGED_OUT), flag=f"--model (default {paths.MERGED_OUT})")
-    else:
-        model_dir = inputs.check_model_dir(args.model)
+    model_dir = inputs.model_dir_or_default(args.model, paths.MERGED_OUT, "examples/cpt.py and examples/merge.py")
     corpus = None
     if args.data:
-        data_paths = inputs.check_data_paths(args.data, files_only=True)
-        eval_path = inputs.check_data_paths([args.eval_data], flag="--eval-data")[0] if args.eval_data else None
+        data_paths, eval_path = inputs.jsonl_data(args)
     else:
         from demo import corpus as demo_corpus
 
@@ -66,18 +58,7 @@ def main(argv=None) -> int:
     from demo.base_model import is_demo_shape
 
     changed = demo_settings.apply(args, demo_settings.SFT) if is_demo_shape(model_dir) else []
-    if args.finetuning != "full" and (Path(model_dir) / "config.json").is_file():
-        inputs.check_lora_targets(model_dir, flags.lora_targets(args.lora_targets))
-    if args.epochs is None and args.max_steps is None:
-        args.epochs = flags.STAGE_DEFAULTS["sft"]["epochs"]
-    args.dtype = runtime.compute_dtype(args.dtype)
-    out = Path(args.out)
-    identity = outdir.run_identity(args, {
-        "stage": "sft", "model": str(model_dir.resolve()), "data": [str(Path(p).resolve()) for p in data_paths],
-        "eval_data": str(Path(eval_path).resolve()) if eval_path else None,
-    })
-    outdir.claim(out, command="sft", identity=identity, inputs=[model_dir, *data_paths, eval_path],
-                 resume=args.resume, overwrite=args.overwrite)
+    out = outdir.claim_training_run(args, "sft", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 2: instruction SFT ({'QLoRA' if args.qlora else args.finetuning}) ==")
     if changed:

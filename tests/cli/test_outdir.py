@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -98,7 +97,6 @@ def test_out_may_not_touch_an_input(tmp_path, where):
 
 
 def test_files_get_the_umask_permissions(tmp_path):
-    import torch
     from torch import nn
 
     import lora

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,6 @@ def test_parts_are_disjoint_and_split_by_package(built):
 
 def test_documents_carry_the_real_docstrings(built):
     import json as json_mod
-    import textwrap
 
     domain = {r["name"]: r["text"] for r in _rows(built.domain)}
     # The reference: the docstring as Python itself reports it (inspect.getdoc, imported module).

@@ -4,24 +4,17 @@ against references in tests/models/test_gguf.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.examples.conftest import EXAMPLES, assert_usage_error, run_script, tree_digest
+from tests.examples.conftest import assert_usage_error, run_script, tree_digest
 
 gguf = pytest.importorskip("gguf")
 
 from tests.models.test_gguf import SMALL, write_model  # noqa: E402
 
-sys.path.insert(0, str(EXAMPLES))
-import _cli  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("export_script", EXAMPLES / "export.py")
-export_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_script)
+from cli.errors import UsageError  # noqa: E402
+from examples import export as export_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def test_writes_gguf_and_modelfile_then_refuses_to_overwrite(tmp_path, model_dir
 
 
 def _usage_error(argv) -> str:
-    with pytest.raises(_cli.UsageError) as e:
+    with pytest.raises(UsageError) as e:
         export_script.main(argv)
     return str(e.value)
 

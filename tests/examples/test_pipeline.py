@@ -10,7 +10,6 @@ logits of the model merge.py wrote.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
