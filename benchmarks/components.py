@@ -112,10 +112,10 @@ def lora_siblings(variant: str):
     from torch import nn
 
     import lora
-    import lora.layer
+    import lora.fused_update
 
     if variant.startswith("before"):
-        lora.layer._LoRAUpdate = _FreshTemporariesUpdate
+        lora.fused_update._LoRAUpdate = _FreshTemporariesUpdate
     torch.manual_seed(0)
 
     def adapter(inp, out):
@@ -212,7 +212,7 @@ def adamw(variant: str):
 
 # ------------------------------------------------------------------ bf16 matmul on CPU
 def bf16_linear(variant: str):
-    from models.qwen.linear import _UpcastLinear
+    from models.qwen.cpu_fast_paths import _UpcastLinear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B * T, HIDDEN, generator=g).to(BF16).requires_grad_()

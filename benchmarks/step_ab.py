@@ -30,13 +30,13 @@ import vs_hf  # noqa: E402  (this folder)
 
 def lora_temporaries(before: bool) -> None:
     """LoRA update with fresh fp32 temporaries and a cast per adapter (before) or CPU scratch and
-    one shared cast per input (after, lora/layer.py)."""
+    one shared cast per input (after, lora/fused_update.py)."""
     import components
-    import lora.layer
+    import lora.fused_update
 
     if not hasattr(lora_temporaries, "after"):
-        lora_temporaries.after = lora.layer._LoRAUpdate
-    lora.layer._LoRAUpdate = components._FreshTemporariesUpdate if before else lora_temporaries.after
+        lora_temporaries.after = lora.fused_update._LoRAUpdate
+    lora.fused_update._LoRAUpdate = components._FreshTemporariesUpdate if before else lora_temporaries.after
 
 
 def nf4_kernel(before: bool) -> None:

@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.qwen.scratch import cast_shared, scratch
 from quant import NF4Linear
+
+from .fused_update import lora_update
 
 
 def is_nf4_linear(module: nn.Module) -> bool:
@@ -175,24 +176,15 @@ class LoRALinear(FlattenedBase):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + scale · B(A(dropout(x)))   (DoRA: `_dora_forward`)."""
         out = self.base_layer(x)
         if not self.adapters_enabled:
             return out
-        A = self.lora_A.weight
-        if not self.use_dora and not torch.is_autocast_enabled(x.device.type):
-            # Dropout after the cast to the adapter dtype, as PEFT does (a bf16 dropout would
-            # round x / (1 - p) to bf16).
-            dropped = not isinstance(self.lora_dropout, nn.Identity)
-            x_d = self.lora_dropout(x.to(A.dtype)) if dropped else x
-            return _LoRAUpdate.apply(out, x_d, A, self.lora_B.weight, self.scale)
-        x_d = self.lora_dropout(x)
-        # Under autocast F.linear picks the autocast dtype itself; outside it the input is cast
-        # to the adapter dtype (e.g. bf16 activations with fp32 adapters).
-        x_a = x_d if torch.is_autocast_enabled(x.device.type) else x_d.to(A.dtype)
-        lora = self.lora_B(self.lora_A(x_a))  # (x·Aᵀ)·Bᵀ: never B·A
-        if not self.use_dora:
-            return out + (lora * self.scale).to(out.dtype)
-        return self._dora_forward(x, x_d, out, lora)
+        if self.use_dora:
+            x_d = self.lora_dropout(x)
+            x_a = x_d if torch.is_autocast_enabled(x.device.type) else x_d.to(self.lora_A.weight.dtype)
+            return self._dora_forward(x, x_d, out, self.lora_B(self.lora_A(x_a)))
+        return lora_update(out, x, self.lora_A.weight, self.lora_B.weight, self.scale, self.lora_dropout)
 
     def _dora_forward(self, x, x_d, out, lora):
         """out + (g - 1)·W·x_d + g·scale·B·A·x_d with g = m / ‖W + scale·B·A‖ (PEFT's form).
@@ -214,52 +206,3 @@ class LoRALinear(FlattenedBase):
         kind = "DoRA" if self.use_dora else "LoRA"
         rs = ", rslora" if self.rslora else ""
         return f"{kind} r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}{rs}"
-
-
-class _LoRAUpdate(torch.autograd.Function):
-    """y = round(base_out + scale · (x·Aᵀ)·Bᵀ), the adapter math in A's dtype (fp32).
-
-    base_out [..., out] (the frozen layer's output, e.g. bf16), x [..., in] (its input after
-    dropout), A [r, in], B [out, r] -> y [..., out] in base_out's dtype. This is PEFT's
-    function (it adds the fp32 update to the upcast base output, then rounds once), computed
-    with one addmm and without the intermediates autograd would keep: backward saves only x
-    (in its own dtype) and x·Aᵀ [N, r], where the autograd version keeps an fp32 copy of x
-    and allocates three [N, out] temporaries per call.
-
-    The fp32 temporaries are CPU scratch (`models.qwen.scratch`), and the fp32 cast of x is
-    shared by the adapters that read the same input (q/k/v, gate/up), in forward and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, base_out, x, A, B, scale: float):
-        n_out = B.shape[0]
-        xa = cast_shared(x, A.dtype, "lora.x") @ A.t()  # [N, r]
-        base = base_out.reshape(-1, n_out)
-        ctx.save_for_backward(x, xa, A, B)
-        ctx.scale = scale
-        if base_out.dtype == A.dtype:
-            return torch.addmm(base, xa, B.t(), alpha=scale).view(base_out.shape)
-        y = scratch(tuple(base.shape), A.dtype, base.device, "lora.y").copy_(base)
-        return y.addmm_(xa, B.t(), alpha=scale).to(base_out.dtype).view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, xa, A, B = ctx.saved_tensors
-        need_base, need_x, need_A, need_B = ctx.needs_input_grad[:4]
-        g = grad_y.reshape(-1, B.shape[0])  # [N, out]
-        if g.dtype != A.dtype:
-            g = scratch(tuple(g.shape), A.dtype, g.device, "lora.grad_y").copy_(g)
-        grad_x = grad_A = grad_B = None
-        if need_B:
-            grad_B = (g.t() @ xa).mul_(ctx.scale)  # [out, r]
-        if need_x or need_A:
-            g_xa = (g @ B).mul_(ctx.scale)  # [N, r]
-            if need_A:
-                grad_A = g_xa.t() @ cast_shared(x, A.dtype, "lora.x")  # [r, in]
-            if need_x:
-                if x.dtype == A.dtype:
-                    grad_x = (g_xa @ A).view(x.shape)
-                else:
-                    out = scratch((g_xa.shape[0], A.shape[1]), A.dtype, g.device, "lora.grad_x")
-                    grad_x = torch.mm(g_xa, A, out=out).to(x.dtype).view(x.shape)
-        return (grad_y if need_base else None), grad_x, grad_A, grad_B, None

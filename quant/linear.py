@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.qwen.linear import upcast_matmul_dtype
-from models.qwen.scratch import scratch
+from models.qwen.cpu_fast_paths import NF4_WEIGHT, scratch, upcast_matmul_dtype
 
 from . import backend
 from .nf4 import NF4Tensor, quantize
@@ -121,7 +120,7 @@ class NF4Linear(nn.Module):
 
     def dequantize_transient(self) -> torch.Tensor:
         """Like `dequantize()`, but on the CPU codec path the result lives in a scratch tensor
-        (`models.qwen.scratch`, one slot per weight shape) that every NF4Linear of the same
+        (`models.qwen.cpu_fast_paths.scratch`, one slot per weight shape) that every NF4Linear of the same
         shape shares: valid only until the next call. For the matmuls of `_NF4MatMul`, which
         use it at once and keep nothing (on CPU a fresh tensor per call costs page faults:
         47 -> 33 ms for the 56 weights of the 100M shape)."""
@@ -129,7 +128,7 @@ class NF4Linear(nn.Module):
         if backend.serves(self.quant):
             return self._dequantize_into(None)  # bnb's kernel allocates; copying into a scratch would add a pass
         shape = tuple(self.quant.shape)
-        return self._dequantize_into(scratch(shape, self.compute_dtype, self.weight.device, f"nf4 {shape}"))
+        return self._dequantize_into(scratch(shape, self.compute_dtype, self.weight.device, NF4_WEIGHT.format(shape=shape)))
 
     def _dequantize_into(self, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Dequantise into `out` (or a fresh tensor): bitsandbytes' kernel where it serves, else our codec."""

@@ -18,18 +18,12 @@ from typing import Optional
 
 import torch
 
-from .linear import upcast_matmul_dtype
+from .cpu_fast_paths import CPU_SOFTMAX_ROWS, upcast_matmul_dtype
 
 IGNORE_INDEX = -100
 
 # Logit elements per chunk (fp32): 32M elements = 128 MB, about 220 tokens of Qwen's vocab.
 CHUNK_ELEMENTS = 32 * 1024 * 1024
-
-
-# Rows of fp32 softmax done at a time on CPU: 8 x 151936 x 4 B = 4.9 MB stays in cache, so
-# the upcast, softmax and downcast passes run at cache speed instead of DRAM speed (28 -> 16 ms
-# per 220 rows on a 2-core EPYC, bit-identical). On CUDA the whole chunk goes at once.
-CPU_SOFTMAX_ROWS = 8
 
 
 def _nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, scratch: torch.Tensor, want_grad: bool,

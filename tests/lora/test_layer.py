@@ -185,10 +185,10 @@ def test_bf16_base_fp32_adapter_is_pefts_function(device, dropout):
 
 def test_adapters_reading_one_input_share_its_cast_correctly(monkeypatch):
     # q/k/v-style siblings read the same bf16 input: the fp32 cast is computed once and shared
-    # (models.qwen.scratch.cast_shared), in forward and in backward. Each sibling's output and
+    # (models.qwen.cpu_fast_paths.cast_shared), in forward and in backward. Each sibling's output and
     # every gradient must equal the same graph with a fresh cast per call, also when an adapter
     # of another input runs in between and when the input changes in place.
-    import lora.layer as layer_module
+    import lora.fused_update as layer_module
     torch.manual_seed(0)
     layers = [lora.LoRALinear(nn.Linear(32, n).to(torch.bfloat16), r=4, alpha=8) for n in (32, 16, 16)]
     for layer in layers:

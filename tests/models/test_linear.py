@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from models.qwen.linear import Linear, _UpcastLinear
+from models.qwen.cpu_fast_paths import _UpcastLinear
+from models.qwen.linear import Linear
 
 
 def test_upcast_linear_equals_bf16_gemm_within_one_rounding():

@@ -1,10 +1,10 @@
-"""models.qwen.scratch: reused CPU temporaries and the shared cast of one input."""
+"""models.qwen.cpu_fast_paths: reused CPU temporaries and the shared cast of one input."""
 
 from __future__ import annotations
 
 import torch
 
-from models.qwen.scratch import cast_shared, scratch
+from models.qwen.cpu_fast_paths import cast_shared, scratch
 
 
 def test_scratch_reuses_one_buffer_per_slot_and_grows():
