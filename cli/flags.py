@@ -23,7 +23,7 @@ FINETUNING = ("lora", "full", "full-then-lora")
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT}
-# Recommended settings per stage (DESIGN.md section 1): CPT lr 1e-4 and alpha = r, SFT lr 5e-5
+# Recommended settings per stage (practitioners' ranges): CPT lr 1e-4 and alpha = r, SFT lr 5e-5
 # and alpha = 2r, DPO a low lr; 2 CPT epochs, 1 SFT / DPO epoch.
 STAGE_DEFAULTS = {
     "cpt": dict(lr=1e-4, lora_alpha=16.0, epochs=2.0),
@@ -105,7 +105,7 @@ def open_ratio(text: str) -> float:
 
 # ---------------------------------------------------------------------- shared flag groups
 def add_training_flags(p: Parser, stage: str) -> None:
-    """The flags every training stage shares (DESIGN.md section 3), with its own defaults."""
+    """The flags every training stage shares, with the stage's own defaults."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     d = STAGE_DEFAULTS[stage]

@@ -1,5 +1,10 @@
 """LoRA / rsLoRA / DoRA adapters for our Qwen (and any nn.Module with nn.Linear layers).
 
+    layer.py (LoRALinear: y = base(x) + scale·B(A(x))), fused_update.py (its fast path),
+    inject.py, merge.py, peft_io.py (PEFT files), config.py (settings), targets.py, state.py,
+    toggle.py, summary.py, trainable_copy.py (modules_to_save), new_rows.py (new vocabulary
+    rows), v1_adapter.py (Qwen-7B v1 names), delta/ (weight deltas)
+
     import lora
     lora.inject(model, r=16, alpha=16, dropout=0.05, targets="all-linear")  # freezes the base
     print(lora.summary(model))             # trainable vs total parameters
@@ -10,26 +15,14 @@
 """
 
 from .config import AdapterError, LoRAConfig, read_peft_config
-from .inject import (
-    AdapterSummary,
-    adapter_modules,
-    adapter_state_dict,
-    base_state_dict,
-    check_gradients,
-    config_of,
-    disable_adapters,
-    has_adapters,
-    inject,
-    load_trainable_state_dict,
-    set_adapters_enabled,
-    summary,
-    trainable_copies,
-    trainable_state_dict,
-)
+from .inject import adapter_modules, config_of, has_adapters, inject, trainable_copies
 from .layer import LoRALinear, is_linear, is_nf4_linear
 from .merge import merge, merged_linear
 from .peft_io import load, read_adapter_tensors, save
+from .state import adapter_state_dict, base_state_dict, load_trainable_state_dict, trainable_state_dict
+from .summary import AdapterSummary, check_gradients, summary
 from .targets import ALL_LINEAR, V1_ALIASES, linear_names, resolve_targets
+from .toggle import disable_adapters, set_adapters_enabled
 from .trainable_copy import TrainableCopy
 
 __all__ = [

@@ -1,13 +1,11 @@
-"""`inject`: put LoRA adapters into a model in place; plus what the training loop needs around it
-(summary, adapter toggling, trainable state dicts, a gradient check)."""
+"""`inject`: put LoRA adapters into a model in place (and find them again: adapter_modules,
+config_of). Around it: state.py (state dicts), toggle.py (adapters on/off), summary.py
+(parameter counts, the gradient check), merge.py (folding them back in)."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -19,7 +17,6 @@ from .layer import LoRALinear, is_nf4_linear
 from .targets import ALL_LINEAR, peft_target_modules, resolve_targets
 from .trainable_copy import TrainableCopy
 
-PEFT_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------------- queries
@@ -205,160 +202,3 @@ def _wrap_modules_to_save(model: nn.Module, names: Sequence[str], share_tied: bo
         if w is not None and id(w) not in copies_by_weight:
             copies_by_weight[id(w)] = wrapper.modules_to_save.weight
         replace_module(model, name, wrapper)
-
-
-# ---------------------------------------------------------------------- summary
-@dataclass
-class AdapterSummary:
-    trainable: int
-    total: int
-    adapted_modules: int
-    trainable_copies: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.percent:.4f} || LoRA modules: {self.adapted_modules}"
-            + (f" || modules_to_save: {self.trainable_copies}" if self.trainable_copies else "")
-        )
-
-
-def summary(model: nn.Module) -> AdapterSummary:
-    """Trainable vs total parameters (tied weights once; NF4 weights at their logical size)."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for module in model.modules():
-        if is_nf4_linear(module):
-            n = module.in_features * module.out_features
-            total += n
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor) and id(bias) not in seen:
-                seen.add(id(bias))
-                total += bias.numel()
-                trainable += bias.numel() if bias.requires_grad else 0
-            for p in module.parameters():
-                seen.add(id(p))
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-    return AdapterSummary(trainable, total, len(adapter_modules(model)), len(trainable_copies(model)))
-
-
-# ---------------------------------------------------------------------- toggling
-def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch every adapter (and modules_to_save copy) on or off; off = the base model."""
-    for m in model.modules():
-        if isinstance(m, (LoRALinear, TrainableCopy)):
-            m.adapters_enabled = bool(enabled)
-
-
-@contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """`with lora.disable_adapters(model): base_logits = model(ids)` — evaluate the base."""
-    mods = [m for m in model.modules() if isinstance(m, (LoRALinear, TrainableCopy))]
-    before = [m.adapters_enabled for m in mods]
-    for m in mods:
-        m.adapters_enabled = False
-    try:
-        yield model
-    finally:
-        for m, state in zip(mods, before):
-            m.adapters_enabled = state
-
-
-# ---------------------------------------------------------------------- state dicts
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter by its model name (a shared Parameter once), detached.
-
-    This is what a training checkpoint needs besides the frozen base; see
-    `load_trainable_state_dict` for the strict inverse.
-    """
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into the trainable parameters: every key present, none extra, same shapes."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for n in params if n not in state]
-    extra = [k for k in state if k not in params]
-    if missing or extra:
-        raise KeyError(
-            "trainable state dict does not match the model: "
-            + (f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "")
-            + ("; " if missing and extra else "")
-            + (f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}" if extra else "")
-        )
-    for n, p in params.items():
-        if tuple(state[n].shape) != tuple(p.shape):
-            raise ValueError(f"trainable state {n!r}: shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
-        p.copy_(state[n])
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter in PEFT's keys: `base_model.model.<path>.lora_A.weight` [r, in],
-    `.lora_B.weight` [out, r], `.lora_magnitude_vector` [out] (DoRA), and for
-    modules_to_save `base_model.model.<path>.weight` (the trained copy)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
-            if m.use_dora:
-                out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
-        elif isinstance(m, TrainableCopy):
-            for key, value in m.modules_to_save.state_dict().items():
-                out[f"{PEFT_PREFIX}{name}.{key}"] = value.detach()
-    if not out:
-        raise ValueError(f"{type(model).__name__} holds no LoRA adapter: call lora.inject(model) or lora.load first")
-    return out
-
-
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's tensors under their checkpoint names, without the adapters (what
-    `models.qwen.save(model, dir, state_dict=...)` writes for the base of a LoRA model)."""
-    adapter = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
-    return {k: v for k, v in model.state_dict().items() if not any(a in f"{k}." for a in adapter)}
-
-
-def check_gradients(model: nn.Module) -> None:
-    """After backward: every trainable parameter has a finite gradient, else a clear error.
-
-    Catches the classic frozen-base + checkpointing failure where adapters silently get none.
-    """
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            raise RuntimeError(
-                f"trainable parameter {name!r} received no gradient: is it used in the forward pass "
-                "(adapters enabled, gradient checkpointing non-reentrant)?"
-            )
-        if not torch.isfinite(p.grad).all():
-            raise RuntimeError(f"trainable parameter {name!r} has a non-finite gradient")
-
-
-def sync_tied_config(model: nn.Module) -> None:
-    """If the model's config says tied but the head no longer shares the embedding, say so."""
-    config = getattr(model, "config", None)
-    if config is None or not getattr(config, "tie_word_embeddings", False):
-        return
-    try:
-        head = model.get_submodule("lm_head")
-        embed = model.get_submodule("model.embed_tokens")
-    except AttributeError:
-        return
-    if getattr(head, "weight", None) is not getattr(embed, "weight", None):
-        warnings.warn(
-            "lm_head no longer shares embed_tokens' weight (the adapter trained them separately): "
-            "the model is untied now and config.tie_word_embeddings is set to False"
-        )
-        config.tie_word_embeddings = False

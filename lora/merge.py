@@ -3,12 +3,14 @@ modules, so the model saves as an ordinary checkpoint."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from models.qwen.module_tree import replace_module
 
-from .inject import adapter_modules, restore_flags, sync_tied_config, trainable_copies
+from .inject import adapter_modules, restore_flags, trainable_copies
 from .layer import LoRALinear
 
 
@@ -54,3 +56,21 @@ def merge(model: nn.Module) -> nn.Module:
     restore_flags(model)
     sync_tied_config(model)
     return model
+
+
+def sync_tied_config(model: nn.Module) -> None:
+    """If the model's config says tied but the head no longer shares the embedding, say so."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        head = model.get_submodule("lm_head")
+        embed = model.get_submodule("model.embed_tokens")
+    except AttributeError:
+        return
+    if getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        warnings.warn(
+            "lm_head no longer shares embed_tokens' weight (the adapter trained them separately): "
+            "the model is untied now and config.tie_word_embeddings is set to False"
+        )
+        config.tie_word_embeddings = False

@@ -28,18 +28,17 @@ from models.qwen.safetensors_file import write_tensors
 
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError, LoRAConfig, read_peft_config
 from .inject import (
-    PEFT_PREFIX,
     _freeze_base,
     _resolve_modules_to_save,
     _wrap_modules_to_save,
     adapter_modules,
-    adapter_state_dict,
     config_of,
     has_adapters,
     inject_modules,
     trainable_copies,
 )
 from .layer import LoRALinear
+from .state import PEFT_PREFIX, adapter_state_dict
 from .targets import peft_target_modules
 from .v1_adapter import V1_MODULES_TO_SAVE, is_v1_adapter, map_v1_adapter
 

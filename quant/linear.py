@@ -75,7 +75,7 @@ class NF4Linear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(self.compute_dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        # Optional reused dequantisation buffer (saves an allocation per call; see issue 9).
+        # Optional reused dequantisation buffer (saves an allocation per call).
         self.reuse_buffer = reuse_buffer
         self._buffer: Optional[torch.Tensor] = None
 

@@ -1,8 +1,9 @@
 """The loop's tripwires: non-finite losses/gradients, and the silent "nothing trains" failure.
 
     raise NonFiniteError(step=12, micro_batch=3, micro_batches=16, what="loss", parameter=first_nonfinite(model))
-    snapshot = lora_b_snapshot(model)   # before the first optimizer step
-    check_first_step(model, snapshot)   # after it: every trainable param had a finite grad, B moved
+    check_gradients_present(model, step)          # before the first optimizer step: every trainable
+    snapshot = lora_b_snapshot(model)             # parameter received a finite gradient
+    check_lora_b_moved(model, snapshot, step)     # after it: every LoRA B moved
 
 Gradient checkpointing with a frozen base can leave adapters without gradients (reentrant
 checkpoints whose inputs do not require grad); that shows up only as a flat loss hours later.

@@ -30,10 +30,6 @@ from .io import MANIFEST, TOKENIZER_FILES, Checkpoint, DeltaError, PathLike, che
 IM_END = "<|im_end|>"
 
 
-def _as_checkpoint(x: Union[PathLike, Checkpoint], role: str) -> Checkpoint:
-    return x if isinstance(x, Checkpoint) else Checkpoint(x, role)
-
-
 def _dtype(dtype) -> Optional[torch.dtype]:
     try:
         d = dtype_from_name(dtype)

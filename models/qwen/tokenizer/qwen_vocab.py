@@ -1,5 +1,5 @@
 """Facts of Qwen's vocabulary: the pre-tokeniser, the control tokens, the added tokens of each
-generation, and where the packaged ``qwen.tiktoken`` lives (DESIGN.md section 4).
+generation, and where the packaged ``qwen.tiktoken`` lives.
 
 Added tokens come in two kinds (HF's ``special`` flag): *control* tokens (special=True,
 ``<|im_end|>``) and *text* tokens (special=False: Qwen2.5's ``<tool_call>``, ``<|fim_prefix|>``,
