@@ -127,3 +127,32 @@ def test_model_vocabulary_smaller_than_the_tokenizer(tmp_path, ckpt, corpus):
                       cache=tmp_path / "cache")
     assert_usage_error(proc, "--model", "320 vocabulary rows", "151665")
     assert not out.exists()
+
+
+def test_finetuning_full_then_lora_from_the_command_line(tmp_path):
+    """--finetuning full-then-lora --full-fraction 0.5: out/model (complete, with the tokenizer) and
+    out/adapter on it, as PEFT loads them; the same keys in --config."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, _ = tiny_checkpoint(tmp_path / "base", vocab_size=151936, tie_word_embeddings=True)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"d{i}.txt").write_text(f"Sockets carry bytes {i}; json encodes objects. " * 6, encoding="utf-8")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("finetuning: full-then-lora\nfull-fraction: 0.5\n", encoding="utf-8")
+    out = tmp_path / "run"
+    proc = run_script("cpt.py", "--model", base, "--data", corpus, "--out", out, "--config", cfg, "--block-size", "32",
+                      "--batch-size", "2", "--grad-accum", "1", "--max-steps", "4", "--lr", "1e-2", "--lora-r", "4",
+                      "--dtype", "fp32", "--eval-fraction", "0", "--sample-tokens", "1", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all parameters for 2 steps, then LoRA" in proc.stdout
+    assert AutoTokenizer.from_pretrained(out / "model").encode("Hello world") == [9707, 1879]
+    full_phase = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(full_phase, out / "adapter").eval()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((out / "model").resolve())
+    with torch.no_grad():
+        assert torch.isfinite(adapted(torch.tensor([[9707, 1879]])).logits).all()
