@@ -156,3 +156,25 @@ def test_finetuning_full_then_lora_from_the_command_line(tmp_path):
         str((out / "model").resolve())
     with torch.no_grad():
         assert torch.isfinite(adapted(torch.tensor([[9707, 1879]])).logits).all()
+
+
+def test_qwen_tune_entry_point_runs_each_stage():
+    """`qwen-tune <stage>` (the console script; here `python -m examples`, the same main) runs the
+    stage script: its --help, its one-line errors, its exit codes."""
+    import subprocess
+    import sys
+
+    from tests.examples.conftest import ROOT
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "examples", *args], cwd=ROOT, capture_output=True, text=True)
+
+    listing = run("--help")
+    assert listing.returncode == 0
+    for stage in ("cpt", "merge", "sft", "dpo", "generate", "export", "evaluate", "residual", "extend_vocab", "delta"):
+        assert f"  {stage}" in listing.stdout
+    assert "--finetuning" in run("sft", "--help").stdout
+    proc = run("dpo", "--model", "/nonexistent")
+    assert proc.returncode == 2 and proc.stderr.strip() == "qwen-tune dpo: error: --model /nonexistent: directory not found"
+    bad = run("frobnicate")
+    assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
