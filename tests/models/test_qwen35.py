@@ -22,14 +22,15 @@ from tests.helpers import max_rel_err, random_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
 
-# All linears hold a multiple of 64 weights (bitsandbytes' NF4 block), the value heads are
-# twice the q/k heads (grouped), head_dim 16 with partial_rotary_factor 0.25 rotates 4 dims,
+# Every linear's input width is a multiple of 64 (bitsandbytes' NF4 block; its CPU kernel is
+# only right for whole-block rows, see tests/quant/conftest.py), the value heads are twice the
+# q/k heads (grouped) and wider, head_dim 16 with partial_rotary_factor 0.25 rotates 4 dims,
 # and both token mixers appear, full attention between two linear layers.
 TINY_QWEN35 = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     layer_types=["linear_attention", "full_attention", "linear_attention"],
-    linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+    linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=16,
     linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512,
 )
 
@@ -102,7 +103,7 @@ def test_config_reads_what_transformers_wrote(tmp_path):
     assert cfg.is_qwen35 and cfg.model_type == "qwen3_5_text"
     assert cfg.layer_types == TINY_QWEN35["layer_types"]
     assert (cfg.head_dim, cfg.rotary_dim, cfg.qk_norm, cfg.attention_bias) == (16, 4, True, False)
-    assert (cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_conv_dim) == (16, 48, 80)
+    assert (cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_conv_dim) == (16, 64, 96)
     assert cfg.tie_word_embeddings is True
     # and what we write back is what transformers reads
     out = tmp_path / "ours"
