@@ -9,6 +9,7 @@ same steps, the ratios, and the achieved FLOP/s against this machine's measured 
     python benchmarks/vs_hf.py                              # CPU, LoRA, the 100M shape
     python benchmarks/vs_hf.py --mode qlora                 # NF4 base on both sides
     python benchmarks/vs_hf.py --device cuda --shape 7b --seq 2048 --batch 1 --mode qlora
+    python benchmarks/vs_hf.py --shape qwen3.5-bench        # Qwen3.5 text: Gated DeltaNet + gated attention
 
 Peak memory: peak RSS of the worker process on CPU (includes loading), and
 torch.cuda.max_memory_allocated on CUDA. Speed: tokens per median timed step of a worker
@@ -47,19 +48,12 @@ def checkpoint_dir(shape: str, cache: Path) -> Path:
         model = Qwen(cfg).to(torch.bfloat16)
     else:
         # A 7B model built the usual way is 30 GB of fp32 and minutes of init on the lent GPU
-        # machine's clock: build it on the meta device in bf16, allocate, fill N(0, 0.02)
-        # (norms 1, biases 0), the way HF initialises Qwen2.
+        # machine's clock: build it on the meta device in bf16, allocate, and initialise there
+        # (N(0, 0.02), norms 1 or 0 when zero-centred, biases 0: the way HF initialises Qwen).
         with torch.device("meta"):
             model = Qwen(cfg).to(torch.bfloat16)
         model = model.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                elif name.endswith(".bias"):
-                    param.zero_()
-                else:
-                    param.normal_(0.0, 0.02)
+        model.init_weights()
     save(model, path)
     return path
 
@@ -93,10 +87,22 @@ def matmul_peak(device: str) -> float:
 
 
 def train_flops_per_token(cfg, seq: int) -> float:
-    """The usual 6N + attention estimate of training FLOPs per token (MFU convention)."""
+    """The usual 6N + attention estimate of training FLOPs per token (MFU convention).
+
+    Qwen3.5: softmax attention on its full-attention layers only; a Gated DeltaNet layer adds
+    the chunked delta rule's matmuls, per token and value head about 2 * 3 * (2 C Dk + C Dv +
+    C (Dk + Dv) / 2 + 3 Dk Dv) with C = 64 (q k^T and k k^T, the intra-chunk product, the
+    triangular solve, the state read / write), forward + backward.
+    """
     n = cfg.num_parameters()
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
-    return 6 * n + attn
+    n_full = sum(cfg.layer_type(i) == "full_attention" for i in range(cfg.num_hidden_layers))
+    attn = 12 * n_full * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
+    linear = 0.0
+    if cfg.is_qwen35:
+        c, dk, dv = 64, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        per_head = 6 * (2 * c * dk + c * dv + c * (dk + dv) / 2 + 3 * dk * dv)
+        linear = (cfg.num_hidden_layers - n_full) * cfg.linear_num_value_heads * per_head
+    return 6 * n + attn + linear
 
 
 # ---------------------------------------------------------------------------- workers
@@ -198,7 +204,8 @@ def run_worker(cmd: list[str], label: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="bench-100m", help="QwenConfig preset name (bench-100m, 0.5b, 1.5b, 7b, ...)")
+    p.add_argument("--shape", default="bench-100m",
+                   help="QwenConfig preset name (bench-100m, 0.5b, 1.5b, 7b, qwen3.5-bench, ...)")
     p.add_argument("--mode", choices=["lora", "qlora"], default="lora")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, default=2)

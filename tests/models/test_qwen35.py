@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models.qwen import KVCache, QwenConfig, generate, load, save
-from models.qwen.linear_attention import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from models.qwen.linear_attention import _UnitLowerInverse, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from tests.helpers import max_rel_err, random_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
@@ -247,6 +247,17 @@ def test_chunked_rule_equals_recurrence_with_state_and_document_resets():
     alone = torch.cat([recurrent_gated_delta_rule(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], g[:, :, s:e],
                                                   beta[:, :, s:e])[0] for s, e in zip(starts, ends)], dim=2)
     assert max_rel_err(out_docs, alone) <= 1e-5
+
+
+def test_unit_lower_inverse_and_its_hand_written_backward():
+    """The chunked rule's (I + strict_lower(A))^-1 against torch.linalg.inv, and its backward
+    against finite differences (float64)."""
+    torch.manual_seed(0)
+    a = (torch.randn(3, 2, 9, 9, dtype=torch.float64) * 0.3).requires_grad_()
+    inverse = _UnitLowerInverse.apply(a)
+    eye = torch.eye(9, dtype=torch.float64)
+    assert torch.allclose(inverse, torch.linalg.inv(eye + a.detach().tril(-1)), atol=1e-12)
+    assert torch.autograd.gradcheck(_UnitLowerInverse.apply, (a,))
 
 
 # ---------------------------------------------------------------------- generation and cache
