@@ -14,7 +14,9 @@ same steps, the ratios, and the achieved FLOP/s against this machine's measured 
 Peak memory: peak RSS of the worker process on CPU (includes loading), and
 torch.cuda.max_memory_allocated on CUDA. Speed: tokens per median timed step of a worker
 run; each side runs --repeats times, interleaved with the other, and its best run counts
-(the same rule on both sides, so host noise on a shared VM cannot favour either).
+(the same rule on both sides, so host noise on a shared VM cannot favour either). On the CPU
+also tokens per CPU-second (the process's CPU time over the same steps): time spent waiting
+for a core that other jobs hold does not count, so on a busy shared VM it varies far less.
 """
 
 from __future__ import annotations
@@ -169,16 +171,17 @@ def worker(args) -> None:
     path = Path(args.path)
     cfg, step = (run_ours if args.worker == "ours" else run_hf)(args, path)
     data = batches(args, cfg.vocab_size)
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for ids in data:
         ids = ids.to(args.device)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         loss = step(ids)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - cpu)
         losses.append(float(loss))
     # The median step, not the mean: on a shared VM a single step can take 1.5x longer than its
     # neighbours (host noise), and the median keeps one such hiccup from deciding a ratio.
@@ -188,8 +191,9 @@ def worker(args) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
-    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, peak_mib=peak, losses=losses,
-                          step_s=times, flops=flops)))
+    tokens_per_cpu_s = args.batch * args.seq / statistics.median(cpu_times[args.warmup :])
+    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, tokens_per_cpu_s=tokens_per_cpu_s,
+                          peak_mib=peak, losses=losses, step_s=times, flops=flops)))
 
 
 def run_worker(cmd: list[str], label: str) -> dict:
@@ -240,6 +244,9 @@ def main() -> None:
           f"({args.warmup} warm-up) | threads {args.threads} | best of {args.repeats} runs per side")
     print(f"{'':14}{'ours':>14}{'hf+peft':>14}{'ratio':>10}")
     print(f"{'tokens/s':14}{ours['tokens_per_s']:14.1f}{hf['tokens_per_s']:14.1f}{ours['tokens_per_s'] / hf['tokens_per_s']:10.2f}")
+    if args.device == "cpu":
+        cpu = {side: max(d["tokens_per_cpu_s"] for d in r) for side, r in runs.items()}
+        print(f"{'tokens/CPU-s':14}{cpu['ours']:14.1f}{cpu['hf']:14.1f}{cpu['ours'] / cpu['hf']:10.2f}")
     print(f"{unit[:14]:14}{ours['peak_mib']:14.0f}{hf['peak_mib']:14.0f}{ours['peak_mib'] / hf['peak_mib']:10.2f}")
     print(f"{'final loss':14}{ours['losses'][-1]:14.4f}{hf['losses'][-1]:14.4f}{ours['losses'][-1] - hf['losses'][-1]:10.4f}")
     print(f"{'MFU':14}{ours['flops'] / peak:14.1%}{hf['flops'] / peak:14.1%}")
@@ -248,6 +255,8 @@ def main() -> None:
     print("losses hf:  ", " ".join(f"{x:.4f}" for x in hf["losses"]))
     for side in ("ours", "hf"):
         print(f"tokens/s of every {side} run:", " ".join(f"{d['tokens_per_s']:.1f}" for d in runs[side]))
+        if args.device == "cpu":
+            print(f"tokens/CPU-s of every {side} run:", " ".join(f"{d['tokens_per_cpu_s']:.1f}" for d in runs[side]))
     typical = {side: statistics.median(d["tokens_per_s"] for d in r) for side, r in runs.items()}
     print(f"median run: ours {typical['ours']:.1f}, hf {typical['hf']:.1f} tokens/s, "
           f"ratio {typical['ours'] / typical['hf']:.2f}")
