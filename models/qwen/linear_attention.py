@@ -224,16 +224,15 @@ def chunk_gated_delta_rule(
     w = inverse @ (k_beta * decay_from_start[..., None])
     k_to_state = (k * decay_to_end[..., None]).transpose(-1, -2)  # [B, H, N, Dk, C]
 
-    # The scan: chunk-major copies so that each step reads contiguous blocks.
-    u_n, w_n, k_n = (x.movedim(2, 0).contiguous() for x in (u, w, k_to_state))
-    decay_n = decay_chunk.movedim(2, 0)[..., None, None]
+    # The scan over chunks. unbind, not indexing: its backward stacks the N gradients once,
+    # where N index backwards would each fill a zero tensor of the whole size.
     state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q)
     states, v_news = [], []
-    for n in range(N):
-        v_new = u_n[n] - w_n[n] @ state
+    for u_n, w_n, k_n, decay_n in zip(u.unbind(2), w.unbind(2), k_to_state.unbind(2), decay_chunk.unbind(2)):
+        v_new = u_n - w_n @ state
         states.append(state)
         v_news.append(v_new)
-        state = state * decay_n[n] + k_n[n] @ v_new
+        state = state * decay_n[..., None, None] + k_n @ v_new
     states_all = torch.stack(states, dim=2)  # [B, H, N, Dk, Dv]: the state each chunk reads
     v_new_all = torch.stack(v_news, dim=2)  # [B, H, N, C, Dv]
     out = (q * decay_from_start[..., None]) @ states_all + ((q @ k.transpose(-1, -2)) * L) @ v_new_all
