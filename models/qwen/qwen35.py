@@ -54,6 +54,8 @@ class GatedAttention(Attention):
     """
 
     def __init__(self, config: QwenConfig, layer_idx: int):
+        # Attention's own __init__ would build (and initialise) the Qwen2/3 projections and
+        # norms only for them to be replaced: set up the shared attributes here instead.
         nn.Module.__init__(self)
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads

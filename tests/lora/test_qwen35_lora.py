@@ -89,7 +89,15 @@ def test_merge_then_save_is_a_plain_checkpoint(ckpt, tmp_path):
         assert max_rel_err(back(ids).logits, model(ids)) < 1e-5
 
 
-def test_qlora_matches_peft_over_bitsandbytes(ckpt, tmp_path):
+@pytest.fixture
+def eager_bitsandbytes():
+    """bitsandbytes wraps its generic CPU kernels in torch.compile: keep them eager (same values,
+    no compile time), as tests/quant does."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def test_qlora_matches_peft_over_bitsandbytes(ckpt, tmp_path, eager_bitsandbytes):
     """NF4 projections from a streamed load give transformers + bitsandbytes' logits; the adapter
     on top gives PEFT's on that model; training reaches only adapter weights."""
     quant = pytest.importorskip("quant")
