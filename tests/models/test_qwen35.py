@@ -222,6 +222,27 @@ def test_left_padding_with_attention_mask(pair):
         assert max_rel_err(got[0], ours(ids[:1])[0]) <= 1e-5
 
 
+def test_bf16_weights_and_autocast_track_transformers(tmp_path):
+    """16-bit paths (the conv in bf16, the recurrence kept in fp32, fp32 decay from a bf16 A_log):
+    bf16 weights agree with transformers' bf16 model to a couple of bf16 roundings (measured
+    5e-3 of the largest logit, as far from fp32 as transformers is), autocast likewise."""
+    from transformers import AutoModelForCausalLM
+
+    ref = hf_qwen35(seed=1)
+    ref.save_pretrained(tmp_path)
+    ids = random_ids(2, 100, seed=3)
+    with torch.no_grad():
+        full = ref(ids).logits
+        hf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        ours16 = load(tmp_path, dtype=torch.bfloat16)
+        assert max_rel_err(ours16(ids).float(), hf16(ids).logits.float()) <= 2e-2
+        loss16, loss_hf16 = ours16(ids, labels=ids), hf16(ids, labels=ids).loss
+        assert abs(loss16.item() - loss_hf16.item()) <= 1e-3 * loss_hf16.item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = load(tmp_path, dtype=torch.float32)(ids)
+        assert max_rel_err(mixed.float(), full) <= 2e-2
+
+
 # ---------------------------------------------------------------------- the delta rule
 def test_chunked_rule_equals_recurrence_with_state_and_document_resets():
     """Both evaluations of the gated delta rule (ours), on random inputs with strong decay,
