@@ -9,11 +9,14 @@ same steps, the ratios, and the achieved FLOP/s against this machine's measured 
     python benchmarks/vs_hf.py                              # CPU, LoRA, the 100M shape
     python benchmarks/vs_hf.py --mode qlora                 # NF4 base on both sides
     python benchmarks/vs_hf.py --device cuda --shape 7b --seq 2048 --batch 1 --mode qlora
+    python benchmarks/vs_hf.py --shape qwen3.5-bench        # Qwen3.5 text: Gated DeltaNet + gated attention
 
 Peak memory: peak RSS of the worker process on CPU (includes loading), and
 torch.cuda.max_memory_allocated on CUDA. Speed: tokens per median timed step of a worker
 run; each side runs --repeats times, interleaved with the other, and its best run counts
-(the same rule on both sides, so host noise on a shared VM cannot favour either).
+(the same rule on both sides, so host noise on a shared VM cannot favour either). On the CPU
+also tokens per CPU-second (the process's CPU time over the same steps): time spent waiting
+for a core that other jobs hold does not count, so on a busy shared VM it varies far less.
 """
 
 from __future__ import annotations
@@ -47,19 +50,12 @@ def checkpoint_dir(shape: str, cache: Path) -> Path:
         model = Qwen(cfg).to(torch.bfloat16)
     else:
         # A 7B model built the usual way is 30 GB of fp32 and minutes of init on the lent GPU
-        # machine's clock: build it on the meta device in bf16, allocate, fill N(0, 0.02)
-        # (norms 1, biases 0), the way HF initialises Qwen2.
+        # machine's clock: build it on the meta device in bf16, allocate, and initialise there
+        # (N(0, 0.02), norms 1 or 0 when zero-centred, biases 0: the way HF initialises Qwen).
         with torch.device("meta"):
             model = Qwen(cfg).to(torch.bfloat16)
         model = model.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                elif name.endswith(".bias"):
-                    param.zero_()
-                else:
-                    param.normal_(0.0, 0.02)
+        model.init_weights()
     save(model, path)
     return path
 
@@ -93,10 +89,22 @@ def matmul_peak(device: str) -> float:
 
 
 def train_flops_per_token(cfg, seq: int) -> float:
-    """The usual 6N + attention estimate of training FLOPs per token (MFU convention)."""
+    """The usual 6N + attention estimate of training FLOPs per token (MFU convention).
+
+    Qwen3.5: softmax attention on its full-attention layers only; a Gated DeltaNet layer adds
+    the chunked delta rule's matmuls, per token and value head about 2 * 3 * (2 C Dk + C Dv +
+    C (Dk + Dv) / 2 + 3 Dk Dv) with C = 64 (q k^T and k k^T, the intra-chunk product, the
+    triangular solve, the state read / write), forward + backward.
+    """
     n = cfg.num_parameters()
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
-    return 6 * n + attn
+    n_full = sum(cfg.layer_type(i) == "full_attention" for i in range(cfg.num_hidden_layers))
+    attn = 12 * n_full * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
+    linear = 0.0
+    if cfg.is_qwen35:
+        c, dk, dv = 64, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        per_head = 6 * (2 * c * dk + c * dv + c * (dk + dv) / 2 + 3 * dk * dv)
+        linear = (cfg.num_hidden_layers - n_full) * cfg.linear_num_value_heads * per_head
+    return 6 * n + attn + linear
 
 
 # ---------------------------------------------------------------------------- workers
@@ -163,16 +171,17 @@ def worker(args) -> None:
     path = Path(args.path)
     cfg, step = (run_ours if args.worker == "ours" else run_hf)(args, path)
     data = batches(args, cfg.vocab_size)
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for ids in data:
         ids = ids.to(args.device)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         loss = step(ids)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - cpu)
         losses.append(float(loss))
     # The median step, not the mean: on a shared VM a single step can take 1.5x longer than its
     # neighbours (host noise), and the median keeps one such hiccup from deciding a ratio.
@@ -182,8 +191,9 @@ def worker(args) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
-    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, peak_mib=peak, losses=losses,
-                          step_s=times, flops=flops)))
+    tokens_per_cpu_s = args.batch * args.seq / statistics.median(cpu_times[args.warmup :])
+    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, tokens_per_cpu_s=tokens_per_cpu_s,
+                          peak_mib=peak, losses=losses, step_s=times, flops=flops)))
 
 
 def run_worker(cmd: list[str], label: str) -> dict:
@@ -198,7 +208,8 @@ def run_worker(cmd: list[str], label: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="bench-100m", help="QwenConfig preset name (bench-100m, 0.5b, 1.5b, 7b, ...)")
+    p.add_argument("--shape", default="bench-100m",
+                   help="QwenConfig preset name (bench-100m, 0.5b, 1.5b, 7b, qwen3.5-bench, ...)")
     p.add_argument("--mode", choices=["lora", "qlora"], default="lora")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, default=2)
@@ -233,6 +244,9 @@ def main() -> None:
           f"({args.warmup} warm-up) | threads {args.threads} | best of {args.repeats} runs per side")
     print(f"{'':14}{'ours':>14}{'hf+peft':>14}{'ratio':>10}")
     print(f"{'tokens/s':14}{ours['tokens_per_s']:14.1f}{hf['tokens_per_s']:14.1f}{ours['tokens_per_s'] / hf['tokens_per_s']:10.2f}")
+    if args.device == "cpu":
+        cpu = {side: max(d["tokens_per_cpu_s"] for d in r) for side, r in runs.items()}
+        print(f"{'tokens/CPU-s':14}{cpu['ours']:14.1f}{cpu['hf']:14.1f}{cpu['ours'] / cpu['hf']:10.2f}")
     print(f"{unit[:14]:14}{ours['peak_mib']:14.0f}{hf['peak_mib']:14.0f}{ours['peak_mib'] / hf['peak_mib']:10.2f}")
     print(f"{'final loss':14}{ours['losses'][-1]:14.4f}{hf['losses'][-1]:14.4f}{ours['losses'][-1] - hf['losses'][-1]:10.4f}")
     print(f"{'MFU':14}{ours['flops'] / peak:14.1%}{hf['flops'] / peak:14.1%}")
@@ -241,6 +255,8 @@ def main() -> None:
     print("losses hf:  ", " ".join(f"{x:.4f}" for x in hf["losses"]))
     for side in ("ours", "hf"):
         print(f"tokens/s of every {side} run:", " ".join(f"{d['tokens_per_s']:.1f}" for d in runs[side]))
+        if args.device == "cpu":
+            print(f"tokens/CPU-s of every {side} run:", " ".join(f"{d['tokens_per_cpu_s']:.1f}" for d in runs[side]))
     typical = {side: statistics.median(d["tokens_per_s"] for d in r) for side, r in runs.items()}
     print(f"median run: ours {typical['ours']:.1f}, hf {typical['hf']:.1f} tokens/s, "
           f"ratio {typical['ours'] / typical['hf']:.2f}")

@@ -1,5 +1,5 @@
-"""From-scratch Qwen decoder (Qwen2, Qwen2.5, Qwen3, Qwen-7B v1 weights), HF checkpoint I/O,
-tokenizer and generation.
+"""From-scratch Qwen decoder (Qwen2, Qwen2.5, Qwen3, Qwen3.5 text, Qwen-7B v1 weights), HF
+checkpoint I/O, tokenizer and generation.
 
     from models.qwen import QwenConfig, Qwen, Tokenizer, load, save, generate
 """

@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with rotate-half RoPE, a KV cache, and document masking.
+"""Grouped-query self-attention with rotate-half RoPE, a per-layer decoding cache, and
+document masking.
 
 Attention runs through `torch.nn.functional.scaled_dot_product_attention`, so the backend
 (flash / memory-efficient / math) is chosen by PyTorch; `sdpa_broadcasts_kv_heads` keeps that
@@ -14,22 +15,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QwenConfig
+from .config import FULL_ATTENTION, QwenConfig
 from .layers import RMSNorm, apply_rope
 from .linear import Linear
 
 
 class KVCache:
-    """Pre-allocated keys/values for incremental decoding.
+    """Pre-allocated per-layer decoding state for incremental decoding.
 
-    Per layer: k, v [B, kv_heads, max_len, head_dim]. `length` is the number of filled
-    positions, shared by all layers (it advances once per forward, after the last layer).
+    Full-attention layers: k, v [B, kv_heads, max_len, head_dim]. Qwen3.5's linear-attention
+    layers instead carry a fixed-size state whatever the length (and None in k/v):
+    conv [B, conv_dim, kernel - 1], the last inputs of the causal conv, and recurrent
+    [B, v_heads, key_head_dim, value_head_dim] in float32, the delta-rule state. `length` is
+    the number of positions seen, shared by all layers (it advances once per forward, after
+    the last layer).
     """
 
     def __init__(self, config: QwenConfig, batch: int, max_len: int, *, device, dtype):
+        n = config.num_hidden_layers
+        full = [config.layer_type(i) == FULL_ATTENTION for i in range(n)]
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) if full[i] else None for i in range(n)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) if full[i] else None for i in range(n)]
+        conv_shape = (batch, config.linear_conv_dim, config.linear_conv_kernel_dim - 1)
+        state_shape = (batch, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim)
+        self.conv = [None if full[i] else torch.zeros(conv_shape, device=device, dtype=dtype) for i in range(n)]
+        self.recurrent = [None if full[i] else torch.zeros(state_shape, device=device, dtype=torch.float32)
+                          for i in range(n)]
         self.max_len = max_len
         self.length = 0
 
@@ -42,13 +54,22 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def linear_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv, recurrent) state of linear-attention layer `layer` (see the class docstring)."""
+        return self.conv[layer], self.recurrent[layer]
+
+    def set_linear_state(self, layer: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        self.conv[layer].copy_(conv)
+        self.recurrent[layer].copy_(recurrent)
+
     def advance(self, n: int) -> None:
         self.length += n
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only batch rows `index` (e.g. drop finished sequences)."""
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
+        pick = lambda states: [s.index_select(0, index) if s is not None else None for s in states]  # noqa: E731
+        self.k, self.v = pick(self.k), pick(self.v)
+        self.conv, self.recurrent = pick(self.conv), pick(self.recurrent)
 
 
 def build_attention_mask(
@@ -142,6 +163,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(self.attend(q, k, v, mask, cache))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """Causal SDPA of q [B, H, T, D] over k, v [B, kvH, T, D] (appended to the cache, if
+        any) -> [B, T, H * D], the input of o_proj."""
+        B, _, T, _ = q.shape
         past = 0
         if cache is not None:
             past = cache.length
@@ -150,11 +184,11 @@ class Attention(nn.Module):
         # token (it may see every cached key). A chunk appended to a cache needs the mask.
         is_causal = mask is None and past == 0 and T > 1
         if mask is None and past > 0 and T > 1:
-            mask = build_attention_mask(T, past, attention_mask=torch.ones(B, past + T, device=x.device))
+            mask = build_attention_mask(T, past, attention_mask=torch.ones(B, past + T, device=q.device))
         gqa = self.num_kv_heads != self.num_heads
         if gqa and not sdpa_broadcasts_kv_heads(q, mask):
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)

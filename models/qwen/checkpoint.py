@@ -140,6 +140,24 @@ def map_v1_tensor(key: str, tensor: torch.Tensor, cfg: QwenConfig) -> list[tuple
     return [(key, tensor)]
 
 
+# ---------------------------------------------------------------------- Qwen3.5 names
+QWEN35_TEXT_PREFIX = "model.language_model."
+# Beside the text model, Qwen3.5 checkpoints hold a vision tower and a multi-token-prediction
+# head; this library trains the text model only, so they are skipped (as transformers'
+# Qwen3_5ForCausalLM does) and `save` writes a text-only Qwen3_5ForCausalLM checkpoint.
+QWEN35_SKIPPED = {"model.visual.": "vision-tower", "mtp.": "multi-token-prediction"}
+
+
+def map_qwen35_key(key: str, nested: bool) -> Optional[str]:
+    """A Qwen3.5 checkpoint key -> our key, or None for a tensor outside the text model.
+    nested: a `qwen3_5` checkpoint, whose text model sits under model.language_model."""
+    if any(key.startswith(prefix) for prefix in QWEN35_SKIPPED):
+        return None
+    if nested and key.startswith(QWEN35_TEXT_PREFIX):
+        return "model." + key[len(QWEN35_TEXT_PREFIX) :]
+    return key  # lm_head.weight; anything else is reported as unexpected by the caller
+
+
 # ---------------------------------------------------------------------- load
 def _is_ignored(key: str) -> bool:
     # Old exports carry the RoPE table as a buffer; it is recomputed, never read.
@@ -220,8 +238,15 @@ def load(
         need = {"weight"} | ({"bias"} if linears[name].bias is not None else set()) | set(suffixes)
         return need <= set(got)
 
+    skipped: dict[str, int] = defaultdict(int)  # Qwen3.5: tensors outside the text model, by kind
     for key, tensor, file in iter_tensors(files):
         pairs = map_v1_tensor(key, tensor, cfg) if cfg.source_format == "qwen-v1" else [(key, tensor)]
+        if cfg.is_qwen35:
+            name = map_qwen35_key(key, nested=cfg.source_format == "qwen3_5")
+            if name is None:
+                skipped[next(v for k, v in QWEN35_SKIPPED.items() if key.startswith(k))] += 1
+                continue
+            pairs = [(name, tensor)]
         for name, value in pairs:
             if _is_ignored(name):
                 continue
@@ -275,6 +300,13 @@ def load(
     if missing:
         raise CheckpointError(
             f"{root}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    if skipped:
+        warnings.warn(
+            f"{root}: loaded the text model only; skipped "
+            + ", ".join(f"{n} {kind} tensors" for kind, n in skipped.items())
+            + " (save() writes a text-only Qwen3_5ForCausalLM checkpoint)",
+            stacklevel=2,
         )
     if tied:
         model.tie_weights()

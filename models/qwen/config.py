@@ -1,9 +1,13 @@
 """QwenConfig: the shape of a Qwen decoder, read from (and written to) an HF `config.json`.
 
-Three checkpoint families map onto one config:
+Four checkpoint families map onto one config:
 
 * ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5): q/k/v projections with bias, o_proj without.
 * ``Qwen3ForCausalLM``: no qkv bias, RMSNorm on q and k per head, explicit ``head_dim``.
+* ``Qwen3_5ForCausalLM`` (model_type ``qwen3_5_text``), also read from the text part of a
+  ``qwen3_5`` (``Qwen3_5ForConditionalGeneration``) checkpoint: a hybrid stack of Gated DeltaNet
+  linear-attention layers and gated full-attention layers (``layer_types``), zero-centred
+  RMSNorms and partial rotary embeddings. See models/qwen/qwen35.py and linear_attention.py.
 * ``QWenLMHeadModel`` (Qwen-7B v1, remote code): fused ``c_attn`` with bias,
   ``intermediate_size`` is twice the MLP width, ``kv_channels``, ``rotary_emb_base``,
   ``layer_norm_epsilon``. Its weights are mapped onto the Qwen2 module names on load.
@@ -20,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import ConfigError  # noqa: F401  (re-exported)
-from .special_tokens import ENDOFTEXT_ID, IM_END_ID, IM_START_ID  # noqa: F401  (re-exported)
+from .special_tokens import ENDOFTEXT_ID
 
 _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
@@ -30,6 +34,25 @@ _DTYPE_NAMES = {
     "fp16": torch.float16,
     "fp32": torch.float32,
 }
+
+
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"
+MODEL_TYPES = ("qwen2", "qwen3", "qwen3_5_text")
+LINEAR_ATTENTION_KEYS = (
+    "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_num_key_heads", "linear_num_value_heads",
+)
+# Qwen3_5TextConfig's defaults for keys a config.json may leave out.
+QWEN35_TEXT_DEFAULTS = dict(
+    head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=32,
+)
+
+
+def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> list[str]:
+    """HF's Qwen3.5 default: every `full_attention_interval`-th layer is full attention."""
+    return [FULL_ATTENTION if (i + 1) % full_attention_interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]
 
 
 
@@ -68,15 +91,25 @@ class QwenConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
-    attention_bias: bool = True  # bias on q/k/v (Qwen2: True; Qwen3: False, and then on o_proj too)
+    # bias on q/k/v (Qwen2: True; Qwen3: False, and then on o_proj too). None: the family's
+    # default (True, except False for Qwen3.5).
+    attention_bias: Optional[bool] = None
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    model_type: str = "qwen2"  # "qwen2" | "qwen3" (v1 checkpoints load as qwen2)
+    model_type: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_5_text" (v1 checkpoints load as qwen2)
     bos_token_id: Optional[int] = ENDOFTEXT_ID
     eos_token_id: Any = ENDOFTEXT_ID  # int or list of ints
     pad_token_id: Optional[int] = None
     torch_dtype: str = "bfloat16"
-    source_format: str = "hf"  # "hf" or "qwen-v1": how the checkpoint names its tensors
+    source_format: str = "hf"  # "hf", "qwen-v1" or "qwen3_5" (text under model.language_model.)
     extra: dict = field(default_factory=dict)  # unknown keys of config.json, written back on save
+    # ---- Qwen3.5 text models only (model_type "qwen3_5_text"); defaults are HF's Qwen3_5TextConfig.
+    layer_types: Optional[list] = None  # per layer "linear_attention" | "full_attention"; None: all full
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Qwen3.5: 0.25)
+    linear_conv_kernel_dim: int = 4  # Gated DeltaNet: width of the depthwise causal conv
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32  # a multiple of linear_num_key_heads (q/k heads are shared)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -88,6 +121,8 @@ class QwenConfig:
             raise ConfigError(f"head_dim = {self.head_dim!r}: expected a positive even integer (rotary halves)")
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise ConfigError(f"rms_norm_eps = {self.rms_norm_eps!r}, rope_theta = {self.rope_theta!r}: expected numbers > 0")
+        if self.attention_bias is None:
+            self.attention_bias = self.model_type != "qwen3_5_text"
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -100,8 +135,36 @@ class QwenConfig:
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
-        if self.model_type not in ("qwen2", "qwen3"):
-            raise ConfigError(f"model_type {self.model_type!r}: expected 'qwen2' or 'qwen3'")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r}: expected one of {MODEL_TYPES}")
+        if self.is_qwen35:
+            self._check_qwen35()
+        elif self.layer_types is not None and set(self.layer_types) != {FULL_ATTENTION}:
+            raise ConfigError(f"layer_types {self.layer_types}: linear attention needs model_type 'qwen3_5_text'")
+
+    def _check_qwen35(self) -> None:
+        """Qwen3.5: layer_types default to HF's pattern (every 4th layer full attention)."""
+        if self.layer_types is None:
+            self.layer_types = default_layer_types(self.num_hidden_layers)
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries, expected num_hidden_layers={self.num_hidden_layers}"
+            )
+        unknown = sorted(set(self.layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION})
+        if unknown:
+            raise ConfigError(f"layer_types: unknown layer type {unknown[0]!r}: expected {FULL_ATTENTION!r} or {LINEAR_ATTENTION!r}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(
+                f"linear_num_value_heads {self.linear_num_value_heads} must be a multiple of "
+                f"linear_num_key_heads {self.linear_num_key_heads}"
+            )
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ConfigError(
+                f"partial_rotary_factor {self.partial_rotary_factor}: expected (0, 1] giving an even number of "
+                f"rotated dims of head_dim {self.head_dim} (got {self.rotary_dim})"
+            )
+        self.qk_norm = True  # Qwen3.5's full attention always normalises q and k per head
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -147,10 +210,18 @@ class QwenConfig:
         model_type = raw.get("model_type")
         if model_type == "qwen" or "QWenLMHeadModel" in archs:
             return cls._from_v1(raw, source)
+        if model_type in ("qwen3_5", "qwen3_5_text"):
+            return cls._from_qwen35(raw, source)
+        if model_type in ("qwen3_5_moe", "qwen3_5_moe_text"):
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported yet: its decoder layers are Qwen3.5's, "
+                f"but the sparse MoE block (routed experts + gated shared expert) is not wired in"
+            )
         if model_type not in ("qwen2", "qwen3"):
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported: expected 'qwen2' "
-                f"(Qwen2ForCausalLM), 'qwen3' (Qwen3ForCausalLM) or 'qwen' (QWenLMHeadModel)"
+                f"(Qwen2ForCausalLM), 'qwen3' (Qwen3ForCausalLM), 'qwen3_5' / 'qwen3_5_text' "
+                f"(Qwen3.5 text) or 'qwen' (QWenLMHeadModel)"
             )
         for arch in archs:
             if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
@@ -206,6 +277,78 @@ class QwenConfig:
         )
 
     @classmethod
+    def _from_qwen35(cls, raw: dict, source: str) -> "QwenConfig":
+        """Qwen3.5 text: `qwen3_5_text` (Qwen3_5ForCausalLM) or the `text_config` of a `qwen3_5`
+        (Qwen3_5ForConditionalGeneration) checkpoint, whose weights sit under model.language_model."""
+        nested = raw.get("model_type") == "qwen3_5"
+        archs = raw.get("architectures") or []
+        allowed = "Qwen3_5ForConditionalGeneration" if nested else "Qwen3_5ForCausalLM"
+        for arch in archs:
+            if arch != allowed:
+                raise ConfigError(f"{source}: architecture {arch!r} is not supported (expected {allowed!r})")
+        text = raw
+        if nested:
+            text = raw.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{source}: model_type 'qwen3_5' needs a 'text_config' object")
+            source = f"{source} (text_config)"
+
+        def need(key: str) -> Any:
+            if key not in text:
+                raise ConfigError(f"{source}: missing required key {key!r}")
+            return text[key]
+
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only default RoPE)")
+        # mrope_section / mrope_interleaved place the 3 position axes of images and video; text
+        # tokens have equal positions on all axes, which makes them plain RoPE.
+        known = {
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_parameters",
+            "rope_scaling", "partial_rotary_factor", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
+            "model_type", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
+            "dtype", "transformers_version", "layer_types", "full_attention_interval", "hidden_act",
+            "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+            "linear_num_value_heads",
+        }
+        if text.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act {text['hidden_act']!r} is not supported (expected 'silu')")
+        layers = int(need("num_hidden_layers"))
+        layer_types = text.get("layer_types") or default_layer_types(layers, int(text.get("full_attention_interval", 4)))
+        n_heads = int(need("num_attention_heads"))
+        top = raw if nested else {}
+        tie = top.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        dtype = text.get("torch_dtype") or text.get("dtype") or top.get("torch_dtype") or top.get("dtype") or "bfloat16"
+        defaults = QWEN35_TEXT_DEFAULTS
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(text.get("num_key_value_heads") or n_heads),
+            head_dim=int(text.get("head_dim") or defaults["head_dim"]),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(tie),
+            attention_bias=bool(text.get("attention_bias", False)),
+            qk_norm=True,
+            model_type="qwen3_5_text",
+            bos_token_id=text.get("bos_token_id", top.get("bos_token_id")),
+            eos_token_id=text.get("eos_token_id", top.get("eos_token_id")),
+            pad_token_id=text.get("pad_token_id", top.get("pad_token_id")),
+            torch_dtype=dtype_name(dtype_from_name(dtype)),
+            source_format="qwen3_5" if nested else "hf",
+            extra={k: v for k, v in text.items() if k not in known},
+            layer_types=list(layer_types),
+            **{k: int(text.get(k, defaults[k])) for k in LINEAR_ATTENTION_KEYS},
+        )
+
+    @classmethod
     def _from_v1(cls, raw: dict, source: str) -> "QwenConfig":
         """Qwen-7B v1 (`QWenLMHeadModel`): MHA, fused c_attn with bias, MLP width = intermediate/2."""
 
@@ -247,7 +390,9 @@ class QwenConfig:
         )
 
     def to_hf(self) -> dict:
-        """The config.json dict that transformers' Qwen2/Qwen3 classes load."""
+        """The config.json dict that transformers' Qwen2/Qwen3/Qwen3_5ForCausalLM classes load."""
+        if self.is_qwen35:
+            return self._to_hf_qwen35()
         arch = "Qwen3ForCausalLM" if self.model_type == "qwen3" else "Qwen2ForCausalLM"
         out = dict(self.extra)
         out.update(
@@ -281,6 +426,38 @@ class QwenConfig:
         )
         return out
 
+    def _to_hf_qwen35(self) -> dict:
+        """A text-only `qwen3_5_text` config (Qwen3_5ForCausalLM), also for a model read from a
+        `qwen3_5` checkpoint: its vision tower and MTP head were not loaded, so not written."""
+        out = dict(self.extra)
+        out.update(
+            architectures=["Qwen3_5ForCausalLM"],
+            model_type="qwen3_5_text",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
+                             "partial_rotary_factor": self.partial_rotary_factor},
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
+            attention_dropout=0.0,
+            layer_types=list(self.layer_types),
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            dtype=self.torch_dtype,
+            use_cache=True,
+            **{k: getattr(self, k) for k in LINEAR_ATTENTION_KEYS},
+        )
+        return out
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -293,6 +470,34 @@ class QwenConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    # ---- the hybrid layer stack (Qwen3.5); every other family is all full attention
+    @property
+    def is_qwen35(self) -> bool:
+        """Qwen3.5 text: zero-centred norms, gated full attention, Gated DeltaNet layers."""
+        return self.model_type == "qwen3_5_text"
+
+    def layer_type(self, layer_idx: int) -> str:
+        """'full_attention' or 'linear_attention' for decoder layer `layer_idx`."""
+        return self.layer_types[layer_idx] if self.layer_types is not None else FULL_ATTENTION
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (head_dim unless partial rotary)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of the causal conv: the fused [q | k | v] projection of a linear layer."""
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
     def eos_ids(self) -> list[int]:
         """Every id that ends generation according to the config (always a list)."""
         eos = self.eos_token_id
@@ -303,14 +508,25 @@ class QwenConfig:
     def num_parameters(self) -> int:
         """Parameter count of the model this config describes (tied head counted once)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        gate = 2 if self.is_qwen35 else 1  # Qwen3.5's q_proj also yields the output gate
+        attn = gate * h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         if self.attention_bias:
-            attn += self.q_size + 2 * self.kv_size + (h if self.model_type == "qwen3" else 0)
+            o_bias = self.model_type in ("qwen3", "qwen3_5_text")
+            attn += gate * self.q_size + 2 * self.kv_size + (h if o_bias else 0)
         if self.qk_norm:
             attn += 2 * d
-        block = attn + 3 * h * i + 2 * h
+        mlp_norms = 3 * h * i + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return emb + self.num_hidden_layers * block + h
+        if not self.is_qwen35:
+            return emb + self.num_hidden_layers * (attn + mlp_norms) + h
+        hv = self.linear_num_value_heads
+        linear = (h * (self.linear_conv_dim + self.linear_value_dim + 2 * hv)  # in_proj_qkv, _z, _b, _a
+                  + self.linear_conv_dim * self.linear_conv_kernel_dim  # depthwise conv
+                  + 2 * hv + self.linear_value_head_dim  # dt_bias, A_log, gated norm
+                  + self.linear_value_dim * h)  # out_proj
+        n_linear = self.layer_types.count(LINEAR_ATTENTION)
+        n_full = self.num_hidden_layers - n_linear
+        return emb + n_full * attn + n_linear * linear + self.num_hidden_layers * mlp_norms + h
 
 
 # Shapes of the published checkpoints (vocab rows, not tokenizer length) and a tiny test shape.
@@ -340,6 +556,15 @@ PRESETS: dict[str, dict] = {
     "bench-100m": dict(
         vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    # A Qwen3.5 text shape for the CPU benchmark: Qwen3.5's vocabulary, head sizes and layer
+    # pattern (3 Gated DeltaNet layers, then 1 gated full attention) at ~150M parameters.
+    "qwen3.5-bench": dict(
+        model_type="qwen3_5_text", vocab_size=248320, hidden_size=512, intermediate_size=1536,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        partial_rotary_factor=0.25, attention_bias=False, tie_word_embeddings=True,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+        rope_theta=10_000_000.0,
     ),
     "qwen3-0.6b": dict(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

@@ -1,4 +1,6 @@
-"""Autoregressive decoding with a KV cache: greedy at temperature 0, else top-k / top-p sampling."""
+"""Autoregressive decoding with a per-layer cache (keys/values for softmax attention; conv and
+recurrent state for Qwen3.5's linear attention): greedy at temperature 0, else top-k / top-p
+sampling."""
 
 from __future__ import annotations
 
@@ -53,9 +55,11 @@ def generate(
 ) -> torch.Tensor:
     """Continue `input_ids` [B, T] by up to `max_new_tokens`; returns [B, T + n].
 
-    Batches of different prompt lengths are left-padded with `attention_mask` [B, T]
-    (1 = real token). A row stops at its first eos id (default: the config's eos); after that
-    it is filled with `pad_id` (default: the first eos id). `stream(ids [B])` is called with
+    The prompt is one forward pass (Qwen3.5's linear attention: the chunked delta rule), then
+    one token per step (its recurrence). Batches of different prompt lengths are left-padded
+    with `attention_mask` [B, T] (1 = real token; padding never enters a recurrent state). A
+    row stops at its first eos id (default: the config's eos); after that it is filled with
+    `pad_id` (default: the first eos id). `stream(ids [B])` is called with
     every new column, for printing tokens as they come.
     """
     if input_ids.dim() == 1:

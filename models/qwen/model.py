@@ -1,4 +1,4 @@
-"""The Qwen decoder, written from scratch; module names are the HF Qwen2 checkpoint names.
+"""The Qwen decoder, written from scratch; module names are the HF checkpoint names.
 
     Qwen
     ├── model: QwenBackbone
@@ -6,9 +6,11 @@
     │   ├── layers.{i}: DecoderLayer
     │   │   ├── input_layernorm: RMSNorm
     │   │   ├── self_attn: Attention (q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm])
+    │   │   │   or, on Qwen3.5's "full_attention" layers, GatedAttention (same names)
+    │   │   ├── linear_attn: GatedDeltaNet, instead of self_attn on Qwen3.5's "linear_attention" layers
     │   │   ├── post_attention_layernorm: RMSNorm
     │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj)
-    │   └── norm: RMSNorm
+    │   └── norm: RMSNorm (Qwen3.5: ZeroCentredRMSNorm, everywhere)
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
 So `model.state_dict()` keys are checkpoint keys: no conversion tables.
@@ -24,25 +26,48 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, build_attention_mask
-from .config import QwenConfig
+from .config import LINEAR_ATTENTION, QwenConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 from .linear import Linear
+from .linear_attention import GatedDeltaNet, GatedRMSNorm
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
 from .special_tokens import ENDOFTEXT_ID, IM_END_ID
+from .qwen35 import GatedAttention, ZeroCentredRMSNorm
+
+
+def norm_class(config: QwenConfig) -> type[nn.Module]:
+    """The block and final norms: Qwen3.5 stores them zero-centred (norm(x) * (1 + w))."""
+    return ZeroCentredRMSNorm if config.is_qwen35 else RMSNorm
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). [B, T, hidden] -> same."""
+    """Pre-norm block: x + mixer(norm(x)), then h + mlp(norm(h)). [B, T, hidden] -> same.
+
+    The token mixer is `self_attn` (softmax attention; Qwen3.5: gated) or, on Qwen3.5's
+    linear-attention layers, `linear_attn` (Gated DeltaNet); `layer_type` says which.
+    """
 
     def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = norm_class(config)
+        self.layer_type = config.layer_type(layer_idx)
+        self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
+        if self.layer_type == LINEAR_ATTENTION:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = (GatedAttention if config.is_qwen35 else Attention)(config, layer_idx)
+        self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, document_ids=None, padding_mask=None):
+        """mask: the attention mask (full attention); document_ids / padding_mask [B, T]: what
+        linear attention needs instead (document starts, padding tokens to ignore)."""
+        h = self.input_layernorm(x)
+        if self.layer_type == LINEAR_ATTENTION:
+            h = self.linear_attn(h, cache, document_ids=document_ids, padding_mask=padding_mask)
+        else:
+            h = self.self_attn(h, cos, sin, mask, cache)
+        h = x + h
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -53,8 +78,9 @@ class QwenBackbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.norm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
+        # Partial rotary (Qwen3.5): the tables cover the rotated leading dims of a head only.
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
@@ -68,7 +94,7 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen(nn.Module):
-    """Qwen2 / Qwen2.5 / Qwen3 causal LM.
+    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3.5 (text) causal LM.
 
     forward(input_ids [B, T]) -> logits [B, T, vocab]
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
@@ -108,16 +134,21 @@ class Qwen(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """HF's initialisation: normal(0, std) for linears and embeddings, ones for norms."""
+        """HF's initialisation: normal(0, std) for linears, convs and embeddings, ones for norms
+        (zeros for zero-centred ones); Qwen3.5's decay parameters as Qwen3_5GatedDeltaNet's."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, std)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.weight.fill_(1.0)
+            elif isinstance(module, ZeroCentredRMSNorm):
+                module.weight.zero_()
+            elif isinstance(module, GatedDeltaNet):
+                module.init_decay()
 
     def use_chat_eos(self) -> "Qwen":
         """Make <|im_end|> the eos in config.json and generation_config.json (pad stays
@@ -196,15 +227,18 @@ class Qwen(nn.Module):
         mask = build_attention_mask(
             T, past, document_ids=document_ids, attention_mask=attention_mask, device=input_ids.device
         )
+        # Linear attention takes the padding of the new tokens instead of a mask (one new
+        # token is never padding).
+        padding_mask = attention_mask[:, -T:] if attention_mask is not None and T > 1 else None
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, h.dtype if not torch.is_autocast_enabled(h.device.type)
                                          else torch.get_autocast_dtype(h.device.type))
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
             if use_ckpt:
-                h = checkpoint(layer, h, cos, sin, mask, None, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, None, document_ids, padding_mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache)
+                h = layer(h, cos, sin, mask, cache, document_ids, padding_mask)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(h)
