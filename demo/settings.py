@@ -10,7 +10,7 @@ CPT = dict(block_size=256, batch_size=4, grad_accum=2, max_steps=40, lr=2e-3, wa
            lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20)
 SFT = dict(max_len=256, batch_size=8, grad_accum=1, max_steps=40, lr=2e-3, warmup_steps=4,
            lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20)
-DPO = dict(max_len=256, batch_size=4, grad_accum=2, max_steps=40, lr=2e-4, warmup_steps=4,
+DPO = dict(max_len=256, batch_size=4, grad_accum=2, max_steps=40, lr=5e-3, warmup_steps=4,
            lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20, beta=0.1)
 # evaluate.py: a slice of the held-out data (2 CPU cores, five models); windows match the demo's
 # 256-token training blocks, with at least 64 tokens of context.
