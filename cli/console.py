@@ -11,9 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from models.qwen import ENDOFTEXT_ID, IM_END_ID
-
-CHAT_STOP = (IM_END_ID, ENDOFTEXT_ID)
+from models.qwen import CHAT_STOP_IDS
 
 
 def log(msg: str = "") -> None:
@@ -69,7 +67,7 @@ class TextStream:
 
 
 def generate_text(model, tok, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = CHAT_STOP, seed: int = 0,
+                  top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = CHAT_STOP_IDS, seed: int = 0,
                   stream: bool = True, write=None) -> str:
     """Generate after `prompt_ids`, streaming text as it comes; returns the new text."""
     from models.qwen import generate

@@ -122,10 +122,9 @@ def main(argv=None) -> int:
     objective = PreferenceObjective(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing,
                                     gamma=args.simpo_gamma, reference=reference)
     if reference == "precomputed":
-        autocast = None if args.dtype == "fp32" else {"bf16": "bfloat16", "fp16": "float16"}[args.dtype]
-        import torch
+        from models.qwen.config import dtype_from_name
 
-        dtype = getattr(torch, autocast) if autocast else None
+        dtype = None if args.dtype == "fp32" else dtype_from_name(args.dtype)
         train_ds = precompute_reference_logps(model, train_ds, autocast_dtype=dtype)
         eval_ds = precompute_reference_logps(model, eval_ds, autocast_dtype=dtype) if eval_ds is not None else None
         log("reference log-probs computed once (the model with its adapters disabled)")

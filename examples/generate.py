@@ -17,9 +17,9 @@ import sys
 import textwrap
 
 from cli import flags, inputs, paths, runtime
-from cli.console import CHAT_STOP, chat_ids, generate_text, log
+from cli.console import chat_ids, generate_text, log
 from cli.errors import UsageError, run_main
-from models.qwen import ENDOFTEXT_ID
+from models.qwen import CHAT_STOP_IDS, ENDOFTEXT_ID
 from models.qwen.tokenizer import load_tokenizer
 
 DEMO_QUESTIONS = (
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     if adapter is not None:
         lora.load(model, adapter)
     model.eval()
-    stop = CHAT_STOP if args.mode == "chat" else (ENDOFTEXT_ID,)
+    stop = CHAT_STOP_IDS if args.mode == "chat" else (ENDOFTEXT_ID,)
 
     def encode(text: str) -> list[int]:
         return chat_ids(tok, text, args.system) if args.mode == "chat" else tok.encode(text)

@@ -21,7 +21,8 @@ Modules, one job each:
     export.py       the final outputs: adapter/ and/or model/, with the tokenizer
     metrics_log.py  metrics.jsonl, TensorBoard events, progress bar or progress lines
     signals.py      SIGINT/SIGTERM: finish the step, checkpoint, raise Interrupted
-    perplexity.py   held-out loss and perplexity (token-weighted; sliding windows for documents)
+    perplexity.py   perplexity: exp of the token-weighted loss (Trainer.evaluate), sliding windows over
+                    whole documents (evaluate.py)
     optim.py, schedule.py, scaler.py, rng.py, guards.py, batches.py, distributed.py, memory.py
 
 Datasets are indexable sequences of examples (dicts of 1-D LongTensors or lists: input_ids,
@@ -55,7 +56,7 @@ from .guards import NonFiniteError, NothingTrainsError, first_nonfinite
 from .loop import Trainer
 from .objective import LanguageModelLoss, Objective, supervised_tokens
 from .optim import AdamW, no_decay, param_groups
-from .perplexity import heldout_loss, perplexity_of
+from .perplexity import perplexity_of
 from .rng import capture_rng_state, restore_rng_state
 from .scaler import DynamicLossScaler
 from .schedule import cosine_warmup, learning_rate, resolve_warmup
@@ -66,7 +67,7 @@ __all__ = [
     "MicroBatchSampler", "CheckpointError", "ConfigError", "NonFiniteError", "NothingTrainsError", "Interrupted",
     "atomic_directory", "complete_checkpoints", "newest_checkpoint", "prune_checkpoints", "best_checkpoint",
     "capture_rng_state", "restore_rng_state", "DynamicLossScaler", "first_nonfinite", "supervised_tokens",
-    "LanguageModelLoss", "Objective", "heldout_loss", "perplexity_of", "activation_bytes", "DataParallel",
+    "LanguageModelLoss", "Objective", "perplexity_of", "activation_bytes", "DataParallel",
     "init_from_env",
 ]
 

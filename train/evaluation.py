@@ -32,13 +32,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from data.metrics import generation_scores
-from models.qwen import ENDOFTEXT_ID, IM_END_ID, generate
+from models.qwen import CHAT_STOP_IDS, ENDOFTEXT_ID, IM_END_ID, generate
+from models.qwen.config import dtype_from_name
 from train.perplexity import perplexity
 
 from .report import ReportError, write_report
 
 PathLike = Union[str, os.PathLike]
-STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
+STOP_IDS = CHAT_STOP_IDS
 
 
 # ---------------------------------------------------------------------- inputs
@@ -241,10 +242,9 @@ def load_candidate(candidate: Candidate, dtype: str = "fp32", device: str = "cpu
     """
     from models.qwen import load
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise ReportError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    model = load(candidate.model_dir, dtype=dtypes[dtype], device=device, quantize=candidate.quantize)
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ReportError(f"dtype must be one of fp32, bf16, fp16, got {dtype!r}")
+    model = load(candidate.model_dir, dtype=dtype_from_name(dtype), device=device, quantize=candidate.quantize)
     if candidate.adapter_dir is not None:
         import lora
 

@@ -47,6 +47,7 @@ import lora
 from data import pad_collate
 from models.qwen import CheckpointError, ENDOFTEXT_ID
 from models.qwen.atomic import recover_all
+from models.qwen.config import dtype_from_name
 from quant import NF4Linear
 
 from . import checkpoint as ckpt
@@ -64,7 +65,6 @@ from .scaler import DynamicLossScaler
 from .schedule import learning_rate, resolve_warmup
 from .signals import Interrupted, StopSignals
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -198,7 +198,7 @@ class Trainer:
 
     def _precision(self) -> Optional[torch.dtype]:
         """The autocast dtype, or None to run the model in its own dtype."""
-        want, have = TORCH_DTYPES[self.cfg.dtype], model_dtype(self.model)
+        want, have = dtype_from_name(self.cfg.dtype), model_dtype(self.model)
         if self.cfg.dtype == "fp16":
             warnings.warn("dtype='fp16': Qwen was trained in bf16 and its activations can overflow fp16; "
                           "using dynamic loss scaling. Prefer bf16 where the hardware has it.", stacklevel=3)

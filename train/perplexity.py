@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -33,30 +32,6 @@ from models.qwen import ENDOFTEXT_ID, IGNORE_INDEX
 def perplexity_of(loss: float) -> float:
     """exp(mean negative log-likelihood); inf where that overflows a float."""
     return math.exp(loss) if loss < 709.0 else float("inf")
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, batches: Iterable[dict], autocast=None) -> dict:
-    """Token-weighted mean loss over collated held-out batches (input_ids, labels [, position_ids,
-    document_ids, attention_mask]): {"loss", "ppl", "tokens"}. The model runs in eval mode."""
-    from .objective import LanguageModelLoss
-
-    objective = LanguageModelLoss()
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast or nullcontext():
-                loss_sum, _ = objective(model, batch)
-            total += float(loss_sum)
-            n += objective.count(batch)
-    finally:
-        model.train(was_training)
-    loss = total / max(n, 1)
-    return {"loss": loss, "ppl": perplexity_of(loss), "tokens": n}
 
 
 @dataclass(frozen=True)
