@@ -188,6 +188,36 @@ def map_v1_tensor(key: str, tensor: torch.Tensor, cfg: QwenConfig) -> list[tuple
     return [(key, tensor)]
 
 
+# ---------------------------------------------------------------------- fused Qwen3-MoE experts
+# transformers (v5) holds a sparse layer's experts as two 3-D tensors; a checkpoint written from
+# that state dict as it is (rather than by save_pretrained, which splits them again) stores
+#   mlp.experts.gate_up_proj [E, 2 * moe_intermediate, hidden]  (gate rows, then up rows)
+#   mlp.experts.down_proj    [E, hidden, moe_intermediate]
+# The published checkpoints (and our save) store one tensor per expert and projection.
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def map_fused_experts(key: str, tensor: torch.Tensor, cfg: QwenConfig, file: Path) -> list[tuple[str, torch.Tensor]]:
+    """A fused expert tensor -> [(per-expert key, tensor)]; any other tensor passes unchanged."""
+    m = _FUSED_EXPERTS.match(key)
+    if not m:
+        return [(key, tensor)]
+    prefix, kind = m.groups()
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    want = (E, 2 * I, H) if kind == "gate_up_proj" else (E, H, I)
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")
+    out = []
+    for e in range(E):
+        # clone: each expert its own storage (safetensors refuses to save tensors sharing one)
+        if kind == "gate_up_proj":
+            out.append((f"{prefix}.{e}.gate_proj.weight", tensor[e, :I].clone()))
+            out.append((f"{prefix}.{e}.up_proj.weight", tensor[e, I:].clone()))
+        else:
+            out.append((f"{prefix}.{e}.down_proj.weight", tensor[e].clone()))
+    return out
+
+
 # ---------------------------------------------------------------------- load
 def _is_ignored(key: str) -> bool:
     # Old exports carry the RoPE table as a buffer; it is recomputed, never read.
@@ -274,7 +304,12 @@ def load(
         return need <= set(got)
 
     for key, tensor, file in iter_tensors(files):
-        pairs = map_v1_tensor(key, tensor, cfg) if cfg.source_format == "qwen-v1" else [(key, tensor)]
+        if cfg.source_format == "qwen-v1":
+            pairs = map_v1_tensor(key, tensor, cfg)
+        elif cfg.num_experts:
+            pairs = map_fused_experts(key, tensor, cfg, file)
+        else:
+            pairs = [(key, tensor)]
         for name, value in pairs:
             if _is_ignored(name):
                 continue

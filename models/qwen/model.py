@@ -7,7 +7,8 @@
     │   │   ├── input_layernorm: RMSNorm
     │   │   ├── self_attn: Attention (q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm])
     │   │   ├── post_attention_layernorm: RMSNorm
-    │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj)
+    │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj), or in a Qwen3-MoE sparse layer
+    │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU)
     │   └── norm: RMSNorm
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
@@ -16,6 +17,7 @@ So `model.state_dict()` keys are checkpoint keys: no conversion tables.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -25,9 +27,22 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, build_attention_mask
 from .config import QwenConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .loss import IGNORE_INDEX, linear_cross_entropy
+from .moe import SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
+from .rope import RotaryEmbedding
+
+
+def make_mlp(config: QwenConfig, layer_idx: int) -> nn.Module:
+    """The MLP of decoder layer `layer_idx`: x [B, T, hidden] -> [B, T, hidden].
+
+    A Qwen3-MoE sparse layer gets the router + experts block, every other layer the dense
+    SwiGLU of `intermediate_size`. Other block types plug in here.
+    """
+    if config.is_sparse_layer(layer_idx):
+        return SparseMoeBlock(config)
+    return SwiGLU(config.hidden_size, config.intermediate_size)
 
 
 class DecoderLayer(nn.Module):
@@ -38,7 +53,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = make_mlp(config, layer_idx)
 
     def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -53,7 +68,7 @@ class QwenBackbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
@@ -67,11 +82,20 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen(nn.Module):
-    """Qwen2 / Qwen2.5 / Qwen3 causal LM.
+    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE causal LM.
 
     forward(input_ids [B, T]) -> logits [B, T, vocab]
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
     forward(..., reduction="sum") -> (loss_sum, n_supervised_tokens), for accumulation
+
+    Qwen3-MoE with `config.output_router_logits`: the loss also holds router_aux_loss_coef x the
+    load-balancing loss of the batch, as transformers' loss does. With reduction="sum" that term
+    is weighted by the batch's supervised tokens (loss_sum + coef * aux * n), so the trainer's
+    sum over micro-batches / N (supervised tokens of the optimizer step) is the token-mean
+    cross-entropy plus coef x the token-weighted mean of the micro-batches' aux losses: one
+    micro-batch gives exactly transformers' loss, and no split of the step changes the weight a
+    token's micro-batch gets. (The aux loss itself is a per-batch statistic: it depends on how
+    the step is cut into micro-batches, as it does in transformers.)
     """
 
     def __init__(self, config: QwenConfig):
@@ -111,6 +135,8 @@ class Qwen(nn.Module):
                 module.weight.normal_(0.0, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, TopKRouter):
+                module.weight.normal_(0.0, std)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "Qwen":
         """Recompute each decoder block in backward (non-reentrant; LoRA/NF4-safe)."""
@@ -137,19 +163,25 @@ class Qwen(nn.Module):
         cache: Optional[KVCache] = None,
         reduction: str = "mean",
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        hidden = self.hidden_states(
-            input_ids,
-            position_ids=position_ids,
-            document_ids=document_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-        )
+        aux = labels is not None and self.config.output_router_logits and self.config.num_experts > 0
+        with collect_router_logits() if aux else contextlib.nullcontext() as router_logits:
+            hidden = self.hidden_states(
+                input_ids,
+                position_ids=position_ids,
+                document_ids=document_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+            )
         if labels is None:
             logits = self.lm_head(hidden)
             return logits if self.logit_offset is None else logits + self.logit_offset.to(logits.dtype)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         loss_sum, n_tokens = self.loss_from_hidden(hidden, labels)
+        if aux:
+            mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+            balance = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
+            loss_sum = loss_sum + self.config.router_aux_loss_coef * balance * n_tokens
         if reduction == "sum":
             return loss_sum, n_tokens
         if reduction != "mean":
