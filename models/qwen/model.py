@@ -88,8 +88,9 @@ class Qwen(nn.Module):
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
     forward(..., reduction="sum") -> (loss_sum, n_supervised_tokens), for accumulation
 
-    Qwen3-MoE with `config.output_router_logits`: the loss also holds router_aux_loss_coef x the
-    load-balancing loss of the batch, as transformers' loss does. With reduction="sum" that term
+    Qwen3-MoE with `config.output_router_logits`, in training mode: the loss also holds
+    router_aux_loss_coef x the load-balancing loss of the batch, as transformers' loss does (in
+    eval mode the loss is the cross-entropy alone: perplexity). With reduction="sum" that term
     is weighted by the batch's supervised tokens (loss_sum + coef * aux * n), so the trainer's
     sum over micro-batches / N (supervised tokens of the optimizer step) is the token-mean
     cross-entropy plus coef x the token-weighted mean of the micro-batches' aux losses: one
@@ -163,7 +164,7 @@ class Qwen(nn.Module):
         cache: Optional[KVCache] = None,
         reduction: str = "mean",
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        aux = labels is not None and self.config.output_router_logits and self.config.num_experts > 0
+        aux = labels is not None and self.training and self.config.output_router_logits and self.config.num_experts > 0
         with collect_router_logits() if aux else contextlib.nullcontext() as router_logits:
             hidden = self.hidden_states(
                 input_ids,

@@ -104,8 +104,10 @@ class SparseMoeBlock(nn.Module):
         N, k = experts.shape
         slot_expert = experts.reshape(-1)  # [N*k]: the expert of each (token, slot) pair
         order = torch.argsort(slot_expert, stable=True)  # the pairs grouped by expert
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()  # the layer's one host sync
-        grouped = h.index_select(0, order // k)  # [N*k, hidden], expert 0's rows first
+        grouped = _GroupRows.apply(h, order, inverse, k)  # [N*k, hidden], expert 0's rows first
         # An expert no token reached still runs, on zero rows, when it holds trainable weights: its
         # gradient is then an honest zero instead of None (the trainer checks that every trainable
         # parameter got one; DDP needs every one used). Inference skips it.
@@ -115,12 +117,46 @@ class SparseMoeBlock(nn.Module):
             for expert, rows, n in zip(self.experts, grouped.split(counts), counts)
             if n or run_empty
         ]
-        y = torch.cat(outputs) * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        # Back to (token, slot) order and a sum over the k slots, as transformers does: no
-        # atomics (deterministic on CUDA) and the k products are added in slot order.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return y.index_select(0, inverse).view(N, k, -1).sum(dim=1)
+        if not outputs:  # no token at all
+            return torch.zeros_like(h)
+        y = _UngroupRows.apply(torch.cat(outputs), inverse, order).view(N, k, -1)  # (token, slot) order
+        # Weighted sum over the k slots, as transformers does: no atomics (deterministic on
+        # CUDA) and the k products added in slot order.
+        return (y * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class _GroupRows(torch.autograd.Function):
+    """rows = h[order // k] [N*k, hidden]: each token's row once per slot, grouped by expert.
+
+    Backward gathers the slot gradients back into (token, slot) order and sums each token's k:
+    a gather and a reshape-sum, where index_select's own backward scatters with index_add.
+    """
+
+    @staticmethod
+    def forward(ctx, h, order, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return h.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class _UngroupRows(torch.autograd.Function):
+    """y[inverse]: rows grouped by expert back to (token, slot) order (inverse = the permutation
+    undoing `order`); backward is the gather by `order`, not a scatter."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, order):
+        ctx.save_for_backward(order)
+        return y.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:

@@ -218,3 +218,123 @@ def test_peft_fused_expert_adapters_are_refused(pair, tmp_path):
     get_peft_model(ref, config).save_pretrained(tmp_path / "fused")
     with pytest.raises(AdapterError, match=r"adapter_config.json: target_parameters .* is not supported"):
         lora.load(ours, tmp_path / "fused")
+
+
+# ---------------------------------------------------------------------- the example scripts
+def test_qlora_cpt_and_merge_scripts_on_a_moe_checkpoint(tmp_path):
+    """cpt.py --qlora (NF4 experts, streamed) -> merge.py (into the 16-bit experts); the merged
+    folder loads in transformers with PEFT's base + adapter logits. (generate.py runs the same
+    `generate` as test_moe.py's greedy test.)"""
+    from transformers import AutoModelForCausalLM
+
+    from tests.examples.conftest import run_script
+
+    base = tmp_path / "base"
+    # Qwen's vocabulary (the scripts tokenise real text); everything else as small as it gets
+    save_hf_model(hf_model("qwen3_moe", vocab_size=151936, tie_word_embeddings=True, hidden_size=16, head_dim=8,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                           moe_intermediate_size=8, num_experts=4), base)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}: sockets, queues and json. " * 6, encoding="utf-8")
+    out = tmp_path / "cpt"
+    proc = run_script("cpt.py", "--model", base, "--data", corpus, "--out", out, "--qlora", "--block-size", "32",
+                      "--batch-size", "2", "--grad-accum", "1", "--max-steps", "2", "--lr", "1e-2", "--lora-r", "4", "--dtype", "fp32",
+                      "--eval-fraction", "0.25", "--sample-tokens", "2", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("merge.py", "--adapter", out / "adapter", "--out", tmp_path / "merged", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ids = random_ids(1, 12, vocab=151936)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ref = peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out / "adapter").eval()
+    with torch.no_grad():
+        assert max_rel_err(merged(ids).logits, ref(ids).logits) <= 1e-5
+        with ref.disable_adapter():
+            assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
+
+# ---------------------------------------------------------------------- DDP / FSDP2
+# The test module doubles as the worker: `torchrun --nproc-per-node 2 tests/lora/test_moe_lora.py JSON`.
+# A tiny MoE with the load-balancing loss on, trained by train.Trainer; batch_size 1 on both
+# sides so each micro-batch holds the same single sequence (the aux loss is a per-micro-batch
+# statistic), the global batch 4 = 1 x 4 on one process = 1 x 2 on each of two. With 16
+# tokens a sequence and 6 experts, some expert is idle in most micro-batches: DDP must still see
+# every trainable parameter used, FSDP2 must still reduce every gradient.
+def _tiny_moe():
+    from models.qwen import Qwen, QwenConfig
+
+    torch.manual_seed(4321)
+    return Qwen(QwenConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, attention_bias=False, qk_norm=True, model_type="qwen3_moe",
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+        output_router_logits=True, router_aux_loss_coef=0.05, max_position_embeddings=64))
+
+
+def _moe_trainer(out_dir, kind: str, grad_accum: int, parallel: str = "ddp"):
+    import train
+
+    g = torch.Generator().manual_seed(9)
+    data = []
+    for _ in range(8):
+        ids = torch.randint(0, 320, (16,), generator=g)
+        labels = ids.clone()
+        labels[:4] = -100
+        data.append({"input_ids": ids, "labels": labels})
+    cfg = train.TrainConfig(
+        out_dir=str(out_dir), lr=5e-3, warmup_steps=1, max_steps=2, batch_size=1, grad_accum=grad_accum,
+        dtype="fp32", seed=3, progress=False, mode=kind, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        weight_decay=0.0, eps=1e-4, parallel=parallel,
+    )
+    return train.Trainer(_tiny_moe(), cfg, data)
+
+
+def _losses(out_dir) -> list:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_ddp_and_fsdp2_train_moe_like_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", QWEN_TUNE_DIST_TIMEOUT="60",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        __file__, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for name, kind in (("lora", "lora"), ("full", "full")):
+        one = tmp_path / f"one-{name}"
+        _moe_trainer(one, kind, grad_accum=4, parallel="none").fit()
+        two = tmp_path / f"two-{name}"
+        want, got = _losses(one), _losses(two)
+        assert len(got) == len(want) == 2
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (got, want)
+    adapter = {k: v for k, v in load_file(str(tmp_path / "two-lora" / "adapter" / "adapter_model.safetensors")).items()}
+    want = load_file(str(tmp_path / "one-lora" / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == want.keys() and any(".experts.5." in k for k in want)
+    assert all(max_rel_err(adapter[k], want[k]) <= 1e-4 for k in want)
+
+
+def _distributed_worker(root: str) -> None:
+    from pathlib import Path
+
+    from train import distributed
+
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    _moe_trainer(Path(root) / "two-lora", "lora", grad_accum=2, parallel="ddp").fit()
+    _moe_trainer(Path(root) / "two-full", "full", grad_accum=2, parallel="fsdp").fit()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _distributed_worker(sys.argv[1])

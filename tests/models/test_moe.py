@@ -20,11 +20,22 @@ VARIANTS = {
 }
 
 
+def make_pair(path, variant):
+    ref = hf_model("qwen3_moe", **VARIANTS[variant])
+    save_hf_model(ref, path)
+    return ref, load(path, dtype=torch.float32)
+
+
 @pytest.fixture(params=sorted(VARIANTS))
 def pair(request, tmp_path):
-    ref = hf_model("qwen3_moe", **VARIANTS[request.param])
-    save_hf_model(ref, tmp_path / "ckpt")
-    return ref, load(tmp_path / "ckpt", dtype=torch.float32)
+    """(transformers, ours) of every variant: for the numerics."""
+    return make_pair(tmp_path / "ckpt", request.param)
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """(transformers, ours) with dense and sparse layers: for the rest."""
+    return make_pair(tmp_path / "ckpt", "dense-layers")
 
 
 # ---------------------------------------------------------------------- config
@@ -131,6 +142,11 @@ def test_router_aux_loss_matches_transformers(tmp_path, padded):
     # reduction="sum": the aux term weighted by the supervised tokens (sum / n = the mean loss)
     loss_sum, n = ours(ids, labels=labels, attention_mask=mask, reduction="sum")
     assert torch.allclose(loss_sum / n, loss_ours, rtol=1e-6)
+    # eval mode (perplexity): the cross-entropy alone
+    ours.eval()
+    with torch.no_grad():
+        want = out.loss - 0.3 * out.aux_loss
+        assert abs(ours(ids, labels=labels, attention_mask=mask).item() - want.item()) <= 1e-5 * want.item()
     # the same function on logits collected by hand, and transformers' own function
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
@@ -141,9 +157,9 @@ def test_router_aux_loss_matches_transformers(tmp_path, padded):
     assert torch.allclose(load_balancing_loss(logits, 6, 2, mask), want, rtol=1e-6)
 
 
-def test_grouped_dispatch_runs_each_expert_once(pair):
+def test_grouped_dispatch_runs_each_expert_once(mixed):
     """One call per expert that tokens reached (its rows batched), none for the others."""
-    _, ours = pair
+    _, ours = mixed
     calls = {}
     hooks = [expert.register_forward_hook(lambda m, args, out, key=(i, e): calls.setdefault(key, []).append(
         args[0].shape[0])) for i, layer in enumerate(ours.model.layers) if isinstance(layer.mlp, SparseMoeBlock)
@@ -158,16 +174,16 @@ def test_grouped_dispatch_runs_each_expert_once(pair):
     assert sum(rows[0] for rows in calls.values()) == sparse * 80 * 2  # every (token, slot) once
 
 
-def test_router_stays_out_of_the_linears(pair):
-    _, ours = pair
+def test_router_stays_out_of_the_linears(mixed):
+    _, ours = mixed
     routers = [m for m in ours.modules() if isinstance(m, TopKRouter)]
     assert routers and not any(isinstance(m, torch.nn.Linear) for m in routers)
 
 
 # ---------------------------------------------------------------------- checkpoints
-def test_fused_layout_loads_like_the_per_expert_one(pair, tmp_path):
+def test_fused_layout_loads_like_the_per_expert_one(mixed, tmp_path):
     """transformers' in-memory state dict (fused gate_up_proj / down_proj), saved as it is."""
-    ref, ours = pair
+    ref, ours = mixed
     state = {k: v.contiguous() for k, v in ref.state_dict().items()
              if not (k == "lm_head.weight" and ref.config.tie_word_embeddings)}
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
@@ -184,10 +200,10 @@ def test_fused_layout_loads_like_the_per_expert_one(pair, tmp_path):
         load(tmp_path)
 
 
-def test_save_writes_the_published_layout(pair, tmp_path):
+def test_save_writes_the_published_layout(mixed, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    ref, ours = pair
+    ref, ours = mixed
     save(ours, tmp_path / "out")
     keys = set(load_file(str(tmp_path / "out" / "model.safetensors")))
     sparse = next(i for i in range(ours.config.num_hidden_layers) if ours.config.is_sparse_layer(i))
@@ -203,8 +219,8 @@ def test_save_writes_the_published_layout(pair, tmp_path):
 
 
 # ---------------------------------------------------------------------- generation
-def test_greedy_generation_equals_transformers(pair):
-    ref, ours = pair
+def test_greedy_generation_equals_transformers(mixed):
+    ref, ours = mixed
     prompt = random_ids(1, 11, seed=6)
     want = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(generate(ours, prompt, max_new_tokens=16, temperature=0.0, eos_ids=[]), want)
