@@ -21,7 +21,10 @@ agree exactly at the first step and closely after.
 Peak memory: peak RSS of the worker process on CPU (includes loading), and
 torch.cuda.max_memory_allocated on CUDA. Speed: tokens per median timed step of a worker
 run; each side runs --repeats times, interleaved with the other, and its best run counts
-(the same rule on both sides, so host noise on a shared VM cannot favour either).
+(the same rule on both sides, so host noise on a shared VM cannot favour either). On CPU the
+table also gives tokens per CPU-second of the worker (process time, all its threads): with
+--threads 1 that is the wall speed of an idle machine, whatever else shares the VM (with more
+threads it counts their spin-waits too).
 """
 
 from __future__ import annotations
@@ -174,16 +177,17 @@ def worker(args) -> None:
     path = Path(args.path)
     cfg, step = (run_ours if args.worker == "ours" else run_hf)(args, path)
     data = batches(args, cfg.vocab_size)
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for ids in data:
         ids = ids.to(args.device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = step(ids)
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
         losses.append(float(loss))
     # The median step, not the mean: on a shared VM a single step can take 1.5x longer than its
     # neighbours (host noise), and the median keeps one such hiccup from deciding a ratio.
@@ -192,9 +196,10 @@ def worker(args) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    tokens_per_cpu_s = args.batch * args.seq / statistics.median(cpu_times[args.warmup :])
     flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
-    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, peak_mib=peak, losses=losses,
-                          step_s=times, flops=flops)))
+    print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, tokens_per_cpu_s=tokens_per_cpu_s,
+                          peak_mib=peak, losses=losses, step_s=times, flops=flops)))
 
 
 def run_worker(cmd: list[str], label: str) -> dict:
@@ -245,6 +250,9 @@ def main() -> None:
           f"({args.warmup} warm-up) | threads {args.threads} | best of {args.repeats} runs per side")
     print(f"{'':14}{'ours':>14}{'hf+peft':>14}{'ratio':>10}")
     print(f"{'tokens/s':14}{ours['tokens_per_s']:14.1f}{hf['tokens_per_s']:14.1f}{ours['tokens_per_s'] / hf['tokens_per_s']:10.2f}")
+    if args.device == "cpu":
+        cpu = {side: max(d["tokens_per_cpu_s"] for d in r) for side, r in runs.items()}
+        print(f"{'tokens/CPU-s':14}{cpu['ours']:14.1f}{cpu['hf']:14.1f}{cpu['ours'] / cpu['hf']:10.2f}")
     print(f"{unit[:14]:14}{ours['peak_mib']:14.0f}{hf['peak_mib']:14.0f}{ours['peak_mib'] / hf['peak_mib']:10.2f}")
     print(f"{'final loss':14}{ours['losses'][-1]:14.4f}{hf['losses'][-1]:14.4f}{ours['losses'][-1] - hf['losses'][-1]:10.4f}")
     print(f"{'MFU':14}{ours['flops'] / peak:14.1%}{hf['flops'] / peak:14.1%}")

@@ -120,9 +120,19 @@ class SparseMoeBlock(nn.Module):
         if not outputs:  # no token at all
             return torch.zeros_like(h)
         y = _UngroupRows.apply(torch.cat(outputs), inverse, order).view(N, k, -1)  # (token, slot) order
-        # Weighted sum over the k slots, as transformers does: no atomics (deterministic on
-        # CUDA) and the k products added in slot order.
-        return (y * weights.unsqueeze(-1)).sum(dim=1)
+        return _sum_slots(y * weights.unsqueeze(-1))
+
+
+def _sum_slots(y: torch.Tensor) -> torch.Tensor:
+    """y [N, k, hidden] -> [N, hidden]: y.sum(dim=1) to the bit (fp32 accumulation in slot order,
+    one rounding), as transformers combines the experts: no atomics, deterministic on CUDA.
+
+    Written as k - 1 additions: on CPU a bf16 reduction over the middle dim is ~2.5x slower.
+    """
+    acc = y[:, 0].float()
+    for j in range(1, y.shape[1]):
+        acc = acc + y[:, j]
+    return acc.to(y.dtype)
 
 
 class _GroupRows(torch.autograd.Function):
