@@ -258,8 +258,11 @@ def load(
     """Load an HF-format Qwen checkpoint directory into `Qwen`, tensor by tensor.
 
     dtype: parameter dtype (default: the config's torch_dtype). quantize: None, or "nf4" to
-    quantise every decoder linear as it is read (peak memory ~ the 4-bit model + one tensor).
-    Checkpoints already saved in bitsandbytes 4-bit format are recognised from config.json.
+    quantise every decoder linear as it is read (peak memory ~ the 4-bit model + one tensor;
+    Qwen3-MoE: every expert projection, never the router). Checkpoints already saved in
+    bitsandbytes 4-bit format are recognised from config.json. Qwen3-MoE experts load from
+    per-expert tensors (the published layout, what `save` writes) or from transformers' fused
+    `mlp.experts.gate_up_proj` / `down_proj`.
     """
     root = Path(path)
     if not root.is_dir():
