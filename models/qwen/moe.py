@@ -120,19 +120,40 @@ class SparseMoeBlock(nn.Module):
         if not outputs:  # no token at all
             return torch.zeros_like(h)
         y = _UngroupRows.apply(torch.cat(outputs), inverse, order).view(N, k, -1)  # (token, slot) order
-        return _sum_slots(y * weights.unsqueeze(-1))
+        return _WeightedSlotSum.apply(y, weights)
 
 
 def _sum_slots(y: torch.Tensor) -> torch.Tensor:
     """y [N, k, hidden] -> [N, hidden]: y.sum(dim=1) to the bit (fp32 accumulation in slot order,
-    one rounding), as transformers combines the experts: no atomics, deterministic on CUDA.
-
-    Written as k - 1 additions: on CPU a bf16 reduction over the middle dim is ~2.5x slower.
-    """
+    one rounding), written as k - 1 additions: on CPU a bf16 reduction over the middle dim is
+    ~2.5x slower."""
     acc = y[:, 0].float()
     for j in range(1, y.shape[1]):
-        acc = acc + y[:, j]
+        acc += y[:, j]
     return acc.to(y.dtype)
+
+
+class _WeightedSlotSum(torch.autograd.Function):
+    """out = (y * w[..., None]).sum(dim=1): y [N, k, hidden], w [N, k] -> [N, hidden].
+
+    Each product rounded to y's dtype, then summed in fp32 in slot order, as transformers
+    combines the experts (no atomics: deterministic on CUDA). One function so that neither pass
+    materialises autograd's zero-filled [N, k, hidden] slice gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, y, w):
+        ctx.save_for_backward(y, w)
+        acc = (y[:, 0] * w[:, 0:1]).float()
+        for j in range(1, y.shape[1]):
+            acc += y[:, j] * w[:, j : j + 1]
+        return acc.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w = ctx.saved_tensors
+        g = grad.unsqueeze(1)
+        return g * w.unsqueeze(-1), (g * y).sum(dim=-1)
 
 
 class _GroupRows(torch.autograd.Function):
@@ -151,7 +172,7 @@ class _GroupRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+        return _sum_slots(grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1])), None, None, None
 
 
 class _UngroupRows(torch.autograd.Function):
