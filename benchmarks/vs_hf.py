@@ -10,13 +10,22 @@ same steps, the ratios, and the achieved FLOP/s against this machine's measured 
     python benchmarks/vs_hf.py --mode qlora                 # NF4 base on both sides
     python benchmarks/vs_hf.py --device cuda --shape 7b --seq 2048 --batch 1 --mode qlora
     python benchmarks/vs_hf.py --shape qwen3.5-bench        # Qwen3.5 text: Gated DeltaNet + gated attention
+    python benchmarks/vs_hf.py --shape bench-moe            # Qwen3-MoE: 32 experts, top 4
+
+Qwen3-MoE shapes: PEFT's "all-linear" on transformers 5 also adapts the router (it maps the
+router of the v4 model, an nn.Linear there, onto `gate.weight`), which this library never does,
+so the transformers side names the seven projections instead; PEFT turns gate/up/down_proj into
+LoRA on the fused expert tensors (gate_up_proj at rank 2r). Both start from the same function;
+PEFT's fused gate_up adapter is one rank-2r matrix where ours are two rank-r ones, so the losses
+agree exactly at the first step and closely after.
 
 Peak memory: peak RSS of the worker process on CPU (includes loading), and
 torch.cuda.max_memory_allocated on CUDA. Speed: tokens per median timed step of a worker
 run; each side runs --repeats times, interleaved with the other, and its best run counts
-(the same rule on both sides, so host noise on a shared VM cannot favour either). On the CPU
-also tokens per CPU-second (the process's CPU time over the same steps): time spent waiting
-for a core that other jobs hold does not count, so on a busy shared VM it varies far less.
+(the same rule on both sides, so host noise on a shared VM cannot favour either). On CPU the
+table also gives tokens per CPU-second of the worker (process time, all its threads): with
+--threads 1 that is the wall speed of an idle machine, whatever else shares the VM (with more
+threads it counts their spin-waits too).
 """
 
 from __future__ import annotations
@@ -39,13 +48,14 @@ sys.path.insert(0, str(ROOT))
 
 def checkpoint_dir(shape: str, cache: Path) -> Path:
     """Write random bf16 weights of `shape` once (our save: HF format), return the dir."""
-    from models.qwen import Qwen, QwenConfig, save
+    from models.qwen import Qwen, save
+    from shapes import bench_config
 
     path = cache / f"bench-{shape}-bf16"
     if (path / "config.json").exists():
         return path
     torch.manual_seed(0)
-    cfg = QwenConfig.preset(shape, torch_dtype="bfloat16")
+    cfg = bench_config(shape, torch_dtype="bfloat16")
     if cfg.num_parameters() <= 1e9:
         model = Qwen(cfg).to(torch.bfloat16)
     else:
@@ -96,7 +106,7 @@ def train_flops_per_token(cfg, seq: int) -> float:
     C (Dk + Dv) / 2 + 3 Dk Dv) with C = 64 (q k^T and k k^T, the intra-chunk product, the
     triangular solve, the state read / write), forward + backward.
     """
-    n = cfg.num_parameters()
+    n = cfg.num_active_parameters()  # an MoE token passes through its top-k experts only
     n_full = sum(cfg.layer_type(i) == "full_attention" for i in range(cfg.num_hidden_layers))
     attn = 12 * n_full * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
     linear = 0.0
@@ -145,7 +155,10 @@ def run_hf(args, path: Path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=args.device, **kwargs)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+    targets = "all-linear"
+    if getattr(model.config, "num_experts", 0):  # see the module docstring
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                                              task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -190,8 +203,8 @@ def worker(args) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
     tokens_per_cpu_s = args.batch * args.seq / statistics.median(cpu_times[args.warmup :])
+    flops = train_flops_per_token(cfg, args.seq) * tokens_per_s
     print(json.dumps(dict(side=args.worker, tokens_per_s=tokens_per_s, tokens_per_cpu_s=tokens_per_cpu_s,
                           peak_mib=peak, losses=losses, step_s=times, flops=flops)))
 
@@ -209,7 +222,8 @@ def run_worker(cmd: list[str], label: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="bench-100m",
-                   help="QwenConfig preset name (bench-100m, 0.5b, 1.5b, 7b, qwen3.5-bench, ...)")
+                   help="a shape of benchmarks/shapes.py (bench-100m, bench-moe, qwen3.5-bench) or a QwenConfig "
+                        "preset (0.5b, 1.5b, 7b, qwen3-30b-a3b, ...)")
     p.add_argument("--mode", choices=["lora", "qlora"], default="lora")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, default=2)

@@ -114,6 +114,12 @@ def read_peft_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
     for key in ("layers_to_transform", "trainable_token_indices", "layer_replication"):
         if raw.get(key):
             raise AdapterError(f"{path}: {key} is not supported (expected null)")
+    if raw.get("target_parameters"):
+        raise AdapterError(
+            f"{path}: target_parameters {raw['target_parameters']!r} (LoRA on fused 3-D expert tensors, as PEFT "
+            "trains on transformers 5 MoE models) is not supported: this library adapts each expert's "
+            "gate_proj/up_proj/down_proj (the published checkpoints' layout, which PEFT converts on load)"
+        )
     r = need("r", int, required=True)
     if r <= 0:
         raise AdapterError(f"{path}: r must be positive, got {r}")

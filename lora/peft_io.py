@@ -9,6 +9,15 @@
 `load` takes adapters written by us or by PEFT itself and injects as needed. Every key must
 land on a module of the right shape, and every adapter in the model must get its tensors:
 anything else is an error naming the key (or file).
+
+Qwen3-MoE adapters are written per expert (`...mlp.experts.{e}.gate_proj.lora_A.weight`), the
+layout of the published checkpoints, which vLLM reads and which PEFT converts itself when it
+loads onto transformers 5's fused experts (`target_parameters`, rank doubled for the fused
+gate_up_proj, same function). Two consequences of that conversion: PEFT refuses a non-zero
+lora_dropout on fused experts, so the file says 0 (dropout is a training setting: the adapter's
+function is the same); and PEFT maps *every* gate_proj / up_proj / down_proj target onto the
+experts, so LoRA on the dense MLP of a layer in `mlp_only_layers` does not survive a PEFT load
+(save warns; this library loads it).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from .inject import (
 )
 from .layer import LoRALinear
 from .state import PEFT_PREFIX, adapter_state_dict
-from .targets import peft_target_modules
+from .targets import EXPERT_PROJECTION, MLP_PROJECTION, peft_target_modules
 from .v1_adapter import V1_MODULES_TO_SAVE, is_v1_adapter, map_v1_adapter
 
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m"}
@@ -68,10 +77,21 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None)
         base_model_name_or_path = str(base_model_name_or_path) if base_model_name_or_path else None
+    peft_config = config.to_peft(base_model_name_or_path)
+    adapted = list(adapter_modules(model))
+    if any(EXPERT_PROJECTION.search(n) for n in adapted):
+        peft_config["lora_dropout"] = 0.0  # see the module docstring
+        dense = [n for n in adapted if MLP_PROJECTION.search(n)]
+        if dense:
+            warnings.warn(
+                f"the adapter holds LoRA on dense MLP layers of a mixture-of-experts model (e.g. {dense[0]!r}): "
+                "PEFT on transformers 5 maps every gate_proj/up_proj/down_proj target onto the fused experts and "
+                "drops these; this library loads the adapter as it is", stacklevel=2,
+            )
     root = Path(path)
     with atomic_directory(root, fsync=False) as tmp:
         write_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        text = json.dumps(config.to_peft(base_model_name_or_path), indent=2, sort_keys=True) + "\n"
+        text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -5,6 +5,11 @@ module whose name equals an entry or ends with "." + entry; a regex must match t
 module name. Qwen-7B v1 names are aliases, because our loader maps v1 checkpoints onto the
 Qwen2 names: c_attn -> q/k/v_proj, w1 -> up_proj, w2 -> gate_proj, mlp.c_proj -> down_proj,
 attn.c_proj -> o_proj (bare c_proj -> both).
+
+Qwen3-MoE: each expert's projections are linears of their own (`mlp.experts.{e}.gate_proj`,
+as the published checkpoints name them), so "all-linear" and the suffixes gate_proj / up_proj /
+down_proj adapt every expert. The router (`mlp.gate`) is not a linear layer and never a target,
+as in transformers, where it is not an nn.Linear either.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import re
 from typing import Union
 
 from torch import nn
+
+from models.qwen.moe import TopKRouter
 
 from .layer import LoRALinear, is_linear
 
@@ -32,6 +39,10 @@ V1_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 _REGEX_CHARS = set("^$*+?{}[]\\|()")
+
+# A projection of one Qwen3-MoE expert, and a dense MLP projection (a layer without experts).
+EXPERT_PROJECTION = re.compile(r"(?:^|\.)mlp\.experts\.\d+\.(?:gate|up|down)_proj$")
+MLP_PROJECTION = re.compile(r"(?:^|\.)mlp\.(?:gate|up|down)_proj$")
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -94,8 +105,12 @@ def resolve_targets(model: nn.Module, targets: Union[str, list[str], tuple[str, 
                 unmatched.append(s)
             chosen_set |= hits
         if unmatched:
+            routers = [n for n, m in model.named_modules() if isinstance(m, TopKRouter)]
+            hint = ""
+            if any(_suffix_match(r, s) for r in routers for s in unmatched):
+                hint = " (the MoE router mlp.gate is not a linear layer: it is never a LoRA target)"
             raise ValueError(
-                f"LoRA targets {unmatched} match no linear layer of {type(model).__name__}; "
+                f"LoRA targets {unmatched} match no linear layer of {type(model).__name__}{hint}; "
                 f"available linear names: {_summarise(available)}"
             )
         chosen = [n for n in available if n in chosen_set]

@@ -39,10 +39,14 @@ TINY_QWEN2 = dict(
 
 TINY_QWEN3 = dict(TINY_QWEN2, head_dim=20)  # head_dim != hidden/heads, as in real Qwen3
 
+# Qwen3-MoE: 6 experts of width 24, top 2 (Qwen3-30B-A3B: 128 of 768, top 8), renormalised.
+TINY_QWEN3_MOE = dict(TINY_QWEN3, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                      norm_topk_prob=True)
+
 
 def hf_config(kind: str = "qwen2", **overrides: Any):
-    """A transformers Qwen2Config / Qwen3Config of the tiny test shape."""
-    from transformers import Qwen2Config, Qwen3Config
+    """A transformers Qwen2Config / Qwen3Config / Qwen3MoeConfig of the tiny test shape."""
+    from transformers import Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if kind == "qwen2":
         values = dict(TINY_QWEN2)
@@ -52,11 +56,16 @@ def hf_config(kind: str = "qwen2", **overrides: Any):
         values = dict(TINY_QWEN3)
         values.update(overrides)
         return Qwen3Config(**values)
+    if kind == "qwen3_moe":
+        values = dict(TINY_QWEN3_MOE)
+        values.update(overrides)
+        return Qwen3MoeConfig(**values)
     raise ValueError(kind)
 
 
 def hf_model(kind: str = "qwen2", seed: int = 0, **overrides: Any):
-    """A tiny transformers Qwen2ForCausalLM / Qwen3ForCausalLM with random fp32 weights.
+    """A tiny transformers Qwen2ForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM with random
+    fp32 weights.
 
     Biases and norm weights are randomised too (HF initialises them to 0 / 1, which would
     hide a loader that forgets them).

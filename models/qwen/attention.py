@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FULL_ATTENTION, QwenConfig
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm
+from .rope import apply_rope
 from .linear import Linear
 
 
@@ -126,7 +127,7 @@ def sdpa_broadcasts_kv_heads(q: torch.Tensor, mask: Optional[torch.Tensor]) -> b
 
 
 class Attention(nn.Module):
-    """Qwen2/Qwen3 self-attention. x [B, T, hidden] -> [B, T, hidden]."""
+    """Qwen2/Qwen3/Qwen3-MoE self-attention. x [B, T, hidden] -> [B, T, hidden]."""
 
     def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
@@ -138,8 +139,8 @@ class Attention(nn.Module):
         self.q_proj = Linear(config.hidden_size, config.q_size, bias=bias)
         self.k_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
         self.v_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
-        # Qwen2 never has an o_proj bias; Qwen3's attention_bias covers o_proj too.
-        o_bias = bias and config.model_type == "qwen3"
+        # Qwen2 never has an o_proj bias; Qwen3's (and Qwen3-MoE's) attention_bias covers o_proj too.
+        o_bias = bias and config.model_type != "qwen2"
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

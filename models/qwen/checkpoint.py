@@ -158,6 +158,36 @@ def map_qwen35_key(key: str, nested: bool) -> Optional[str]:
     return key  # lm_head.weight; anything else is reported as unexpected by the caller
 
 
+# ---------------------------------------------------------------------- fused Qwen3-MoE experts
+# transformers (v5) holds a sparse layer's experts as two 3-D tensors; a checkpoint written from
+# that state dict as it is (rather than by save_pretrained, which splits them again) stores
+#   mlp.experts.gate_up_proj [E, 2 * moe_intermediate, hidden]  (gate rows, then up rows)
+#   mlp.experts.down_proj    [E, hidden, moe_intermediate]
+# The published checkpoints (and our save) store one tensor per expert and projection.
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def map_fused_experts(key: str, tensor: torch.Tensor, cfg: QwenConfig, file: Path) -> list[tuple[str, torch.Tensor]]:
+    """A fused expert tensor -> [(per-expert key, tensor)]; any other tensor passes unchanged."""
+    m = _FUSED_EXPERTS.match(key)
+    if not m:
+        return [(key, tensor)]
+    prefix, kind = m.groups()
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    want = (E, 2 * I, H) if kind == "gate_up_proj" else (E, H, I)
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")
+    out = []
+    for e in range(E):
+        # clone: each expert its own storage (safetensors refuses to save tensors sharing one)
+        if kind == "gate_up_proj":
+            out.append((f"{prefix}.{e}.gate_proj.weight", tensor[e, :I].clone()))
+            out.append((f"{prefix}.{e}.up_proj.weight", tensor[e, I:].clone()))
+        else:
+            out.append((f"{prefix}.{e}.down_proj.weight", tensor[e].clone()))
+    return out
+
+
 # ---------------------------------------------------------------------- load
 def _is_ignored(key: str) -> bool:
     # Old exports carry the RoPE table as a buffer; it is recomputed, never read.
@@ -193,8 +223,11 @@ def load(
     """Load an HF-format Qwen checkpoint directory into `Qwen`, tensor by tensor.
 
     dtype: parameter dtype (default: the config's torch_dtype). quantize: None, or "nf4" to
-    quantise every decoder linear as it is read (peak memory ~ the 4-bit model + one tensor).
-    Checkpoints already saved in bitsandbytes 4-bit format are recognised from config.json.
+    quantise every decoder linear as it is read (peak memory ~ the 4-bit model + one tensor;
+    Qwen3-MoE: every expert projection, never the router). Checkpoints already saved in
+    bitsandbytes 4-bit format are recognised from config.json. Qwen3-MoE experts load from
+    per-expert tensors (the published layout, what `save` writes) or from transformers' fused
+    `mlp.experts.gate_up_proj` / `down_proj`.
     """
     root = Path(path)
     if not root.is_dir():
@@ -240,13 +273,18 @@ def load(
 
     skipped: dict[str, int] = defaultdict(int)  # Qwen3.5: tensors outside the text model, by kind
     for key, tensor, file in iter_tensors(files):
-        pairs = map_v1_tensor(key, tensor, cfg) if cfg.source_format == "qwen-v1" else [(key, tensor)]
-        if cfg.is_qwen35:
+        if cfg.source_format == "qwen-v1":
+            pairs = map_v1_tensor(key, tensor, cfg)
+        elif cfg.is_qwen35:
             name = map_qwen35_key(key, nested=cfg.source_format == "qwen3_5")
             if name is None:
                 skipped[next(v for k, v in QWEN35_SKIPPED.items() if key.startswith(k))] += 1
                 continue
             pairs = [(name, tensor)]
+        elif cfg.num_experts:
+            pairs = map_fused_experts(key, tensor, cfg, file)
+        else:
+            pairs = [(key, tensor)]
         for name, value in pairs:
             if _is_ignored(name):
                 continue

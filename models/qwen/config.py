@@ -8,6 +8,10 @@ Four checkpoint families map onto one config:
   ``qwen3_5`` (``Qwen3_5ForConditionalGeneration``) checkpoint: a hybrid stack of Gated DeltaNet
   linear-attention layers and gated full-attention layers (``layer_types``), zero-centred
   RMSNorms and partial rotary embeddings. See models/qwen/qwen35.py and linear_attention.py.
+* ``Qwen3MoeForCausalLM`` (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3 attention; the MLP of a
+  sparse layer is a router over ``num_experts`` SwiGLU experts of width ``moe_intermediate_size``
+  (top ``num_experts_per_tok``), see moe.py; layers in ``mlp_only_layers`` or off the
+  ``decoder_sparse_step`` grid keep a dense MLP of ``intermediate_size``.
 * ``QWenLMHeadModel`` (Qwen-7B v1, remote code): fused ``c_attn`` with bias,
   ``intermediate_size`` is twice the MLP width, ``kv_channels``, ``rotary_emb_base``,
   ``layer_norm_epsilon``. Its weights are mapped onto the Qwen2 module names on load.
@@ -24,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import ConfigError  # noqa: F401  (re-exported)
+from .rope import check_rope_scaling
 from .special_tokens import ENDOFTEXT_ID
 
 _DTYPE_NAMES = {
@@ -38,7 +43,17 @@ _DTYPE_NAMES = {
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
-MODEL_TYPES = ("qwen2", "qwen3", "qwen3_5_text")
+# model_type -> the transformers class that config.json names.
+ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_5_text": "Qwen3_5ForCausalLM",
+}
+MODEL_TYPES = tuple(ARCHITECTURES)
+# Qwen3MoeConfig's defaults in transformers (used for keys a qwen3_moe config.json leaves out).
+MOE_DEFAULTS = dict(num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
+                    decoder_sparse_step=1, output_router_logits=False, router_aux_loss_coef=0.001)
 LINEAR_ATTENTION_KEYS = (
     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
     "linear_num_key_heads", "linear_num_value_heads",
@@ -95,12 +110,24 @@ class QwenConfig:
     # default (True, except False for Qwen3.5).
     attention_bias: Optional[bool] = None
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    model_type: str = "qwen2"  # "qwen2" | "qwen3" | "qwen3_5_text" (v1 checkpoints load as qwen2)
+    model_type: str = "qwen2"  # one of MODEL_TYPES (v1 checkpoints load as qwen2)
     bos_token_id: Optional[int] = ENDOFTEXT_ID
     eos_token_id: Any = ENDOFTEXT_ID  # int or list of ints
     pad_token_id: Optional[int] = None
     torch_dtype: str = "bfloat16"
     source_format: str = "hf"  # "hf", "qwen-v1" or "qwen3_5" (text under model.language_model.)
+    # --- RoPE scaling (rope.py). None: plain RoPE; else e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 32768}: the rope_parameters of config.json but rope_theta.
+    rope_scaling: Optional[dict] = None
+    # --- Qwen3-MoE (moe.py); num_experts 0 = a dense model. Names follow Qwen3MoeConfig.
+    num_experts: int = 0
+    num_experts_per_tok: int = MOE_DEFAULTS["num_experts_per_tok"]
+    moe_intermediate_size: int = MOE_DEFAULTS["moe_intermediate_size"]
+    norm_topk_prob: bool = MOE_DEFAULTS["norm_topk_prob"]  # renormalise the top-k probabilities to sum 1
+    decoder_sparse_step: int = MOE_DEFAULTS["decoder_sparse_step"]  # layer i sparse iff (i + 1) % step == 0 ...
+    mlp_only_layers: list = field(default_factory=list)  # ... and i not in this list
+    output_router_logits: bool = MOE_DEFAULTS["output_router_logits"]  # add the load-balancing loss to the loss
+    router_aux_loss_coef: float = MOE_DEFAULTS["router_aux_loss_coef"]
     extra: dict = field(default_factory=dict)  # unknown keys of config.json, written back on save
     # ---- Qwen3.5 text models only (model_type "qwen3_5_text"); defaults are HF's Qwen3_5TextConfig.
     layer_types: Optional[list] = None  # per layer "linear_attention" | "full_attention"; None: all full
@@ -141,6 +168,10 @@ class QwenConfig:
             self._check_qwen35()
         elif self.layer_types is not None and set(self.layer_types) != {FULL_ATTENTION}:
             raise ConfigError(f"layer_types {self.layer_types}: linear attention needs model_type 'qwen3_5_text'")
+        problem = check_rope_scaling(self.rope_scaling)
+        if problem:
+            raise ConfigError(problem)
+        self._check_moe()
 
     def _check_qwen35(self) -> None:
         """Qwen3.5: layer_types default to HF's pattern (every 4th layer full attention)."""
@@ -165,6 +196,34 @@ class QwenConfig:
                 f"rotated dims of head_dim {self.head_dim} (got {self.rotary_dim})"
             )
         self.qk_norm = True  # Qwen3.5's full attention always normalises q and k per head
+
+    def _check_moe(self) -> None:
+        """The MoE fields are consistent (a dense config: num_experts 0, nothing else checked)."""
+        if self.model_type == "qwen3_moe" and self.num_experts <= 0:
+            raise ConfigError(f"model_type 'qwen3_moe' needs num_experts > 0, got {self.num_experts}")
+        if self.num_experts and self.model_type != "qwen3_moe":
+            raise ConfigError(f"num_experts {self.num_experts} needs model_type 'qwen3_moe', got {self.model_type!r}")
+        if not self.num_experts:
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and num_experts {self.num_experts}"
+            )
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(
+                f"mlp_only_layers holds {bad[0]!r}: expected layer indices in [0, {self.num_hidden_layers})"
+            )
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has a mixture-of-experts MLP (Qwen3MoeDecoderLayer's rule)."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -217,39 +276,38 @@ class QwenConfig:
                 f"{source}: model_type {model_type!r} is not supported yet: its decoder layers are Qwen3.5's, "
                 f"but the sparse MoE block (routed experts + gated shared expert) is not wired in"
             )
-        if model_type not in ("qwen2", "qwen3"):
+        if model_type not in ("qwen2", "qwen3", "qwen3_moe"):
+            expected = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported: expected 'qwen2' "
-                f"(Qwen2ForCausalLM), 'qwen3' (Qwen3ForCausalLM), 'qwen3_5' / 'qwen3_5_text' "
-                f"(Qwen3.5 text) or 'qwen' (QWenLMHeadModel)"
+                f"{source}: model_type {model_type!r} is not supported: expected {expected}, 'qwen3_5' "
+                f"(the text part of Qwen3_5ForConditionalGeneration) or 'qwen' (QWenLMHeadModel)"
             )
         for arch in archs:
-            if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-                raise ConfigError(f"{source}: architecture {arch!r} is not supported")
+            if arch != ARCHITECTURES[model_type]:
+                raise ConfigError(
+                    f"{source}: architecture {arch!r} is not supported for model_type {model_type!r} "
+                    f"(expected {ARCHITECTURES[model_type]!r})"
+                )
 
         def need(key: str) -> Any:
             if key not in raw:
                 raise ConfigError(f"{source}: missing required key {key!r}")
             return raw[key]
 
-        rope = raw.get("rope_parameters") or {}
-        rope_scaling = raw.get("rope_scaling")
-        rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type")) or rope.get(
-            "rope_type", "default"
-        )
-        if rope_type not in ("default", None):
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only default RoPE)")
         if raw.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
-        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
-        qwen3 = model_type == "qwen3"
+        rope_theta, rope_scaling = _rope_from_hf(raw, source)
+        qwen3 = model_type in ("qwen3", "qwen3_moe")
         known = {
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
             "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
             "attention_bias", "model_type", "architectures", "bos_token_id", "eos_token_id",
             "pad_token_id", "torch_dtype", "dtype", "transformers_version", "use_sliding_window",
+            "partial_rotary_factor", "original_max_position_embeddings",
+            *MOE_DEFAULTS, "num_experts", "num_local_experts", "mlp_only_layers",
         }
+        moe = _moe_from_hf(raw, source) if model_type == "qwen3_moe" else {}
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         n_heads = int(need("num_attention_heads"))
         return cls(
@@ -262,6 +320,7 @@ class QwenConfig:
             head_dim=raw.get("head_dim"),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             # HF's default for tie_word_embeddings is True in v4 and False in v5 for Qwen2;
             # real Qwen checkpoints always write the key. Absent: follow the common case.
@@ -274,6 +333,7 @@ class QwenConfig:
             pad_token_id=raw.get("pad_token_id"),
             torch_dtype=dtype_name(dtype_from_name(dtype)),
             extra={k: v for k, v in raw.items() if k not in known},
+            **moe,
         )
 
     @classmethod
@@ -393,10 +453,9 @@ class QwenConfig:
         """The config.json dict that transformers' Qwen2/Qwen3/Qwen3_5ForCausalLM classes load."""
         if self.is_qwen35:
             return self._to_hf_qwen35()
-        arch = "Qwen3ForCausalLM" if self.model_type == "qwen3" else "Qwen2ForCausalLM"
         out = dict(self.extra)
         out.update(
-            architectures=[arch],
+            architectures=[ARCHITECTURES[self.model_type]],
             model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -409,7 +468,7 @@ class QwenConfig:
             max_position_embeddings=self.max_position_embeddings,
             rope_theta=self.rope_theta,
             # transformers v5 reads rope_parameters; v4 reads rope_theta. Write both.
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_word_embeddings,
             attention_bias=self.attention_bias,
@@ -424,6 +483,21 @@ class QwenConfig:
             dtype=self.torch_dtype,
             use_cache=True,
         )
+        if self.rope_scaling:
+            # v4, vLLM and llama.cpp's converter read the legacy key (v5 prefers it when present).
+            out["rope_scaling"] = dict(self.rope_scaling)
+        if self.model_type == "qwen3_moe":
+            out.update(
+                # The published checkpoints' spelling (transformers also accepts num_local_experts).
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+                output_router_logits=self.output_router_logits,
+                router_aux_loss_coef=self.router_aux_loss_coef,
+            )
         return out
 
     def _to_hf_qwen35(self) -> dict:
@@ -511,14 +585,16 @@ class QwenConfig:
         gate = 2 if self.is_qwen35 else 1  # Qwen3.5's q_proj also yields the output gate
         attn = gate * h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         if self.attention_bias:
-            o_bias = self.model_type in ("qwen3", "qwen3_5_text")
+            o_bias = self.model_type != "qwen2"
             attn += gate * self.q_size + 2 * self.kv_size + (h if o_bias else 0)
         if self.qk_norm:
             attn += 2 * d
-        mlp_norms = 3 * h * i + 2 * h
+        sparse = self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts + router row
+        mlps = sum(sparse if self.is_sparse_layer(n) else 3 * h * i for n in range(self.num_hidden_layers))
+        norms = 2 * h * self.num_hidden_layers
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         if not self.is_qwen35:
-            return emb + self.num_hidden_layers * (attn + mlp_norms) + h
+            return emb + self.num_hidden_layers * attn + mlps + norms + h
         hv = self.linear_num_value_heads
         linear = (h * (self.linear_conv_dim + self.linear_value_dim + 2 * hv)  # in_proj_qkv, _z, _b, _a
                   + self.linear_conv_dim * self.linear_conv_kernel_dim  # depthwise conv
@@ -526,7 +602,15 @@ class QwenConfig:
                   + self.linear_value_dim * h)  # out_proj
         n_linear = self.layer_types.count(LINEAR_ATTENTION)
         n_full = self.num_hidden_layers - n_linear
-        return emb + n_full * attn + n_linear * linear + self.num_hidden_layers * mlp_norms + h
+        return emb + n_full * attn + n_linear * linear + mlps + norms + h
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token passes through: like num_parameters, with top-k of the experts."""
+        if not self.num_experts:
+            return self.num_parameters()
+        idle = self.num_experts - self.num_experts_per_tok
+        sparse_layers = sum(self.is_sparse_layer(n) for n in range(self.num_hidden_layers))
+        return self.num_parameters() - sparse_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
 
 # Shapes of the published checkpoints (vocab rows, not tokenizer length) and a tiny test shape.
@@ -576,4 +660,64 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
         attention_bias=False, qk_norm=True, model_type="qwen3", eos_token_id=151645,
     ),
+    # Qwen3-30B-A3B (config.json of the published checkpoint): 30.5B parameters, 3.3B active.
+    "qwen3-30b-a3b": dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False,
+        attention_bias=False, qk_norm=True, model_type="qwen3_moe", eos_token_id=151645,
+        max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True,
+    ),
+    # The CPU benchmark's MoE shape: Qwen3-30B-A3B's proportions (128 -> 32 experts, top 8 -> 4).
+    "bench-moe": dict(
+        vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+        attention_bias=False, qk_norm=True, model_type="qwen3_moe", num_experts=32, num_experts_per_tok=4,
+        moe_intermediate_size=192, norm_topk_prob=True,
+    ),
 }
+
+
+# ---------------------------------------------------------------------- config.json helpers
+def _rope_from_hf(raw: dict, source: str) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling) as transformers v5 reads them (RotaryEmbeddingConfigMixin).
+
+    A legacy `rope_scaling` dict (with `type` or `rope_type`) replaces `rope_parameters`; a
+    rope_theta inside the dict wins over the top-level one (default 10000); yarn and llama3
+    default `original_max_position_embeddings` to max_position_embeddings.
+    """
+    legacy = raw.get("rope_scaling")
+    if not all(isinstance(v, (dict, type(None))) for v in (legacy, raw.get("rope_parameters"))):
+        raise ConfigError(f"{source}: rope_scaling / rope_parameters must be JSON objects or null")
+    params = dict(legacy or raw.get("rope_parameters") or {})  # `or`: an empty rope_scaling counts as absent
+    theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", None) or params.get("type") or "default"
+    params.pop("type", None)
+    partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor {partial!r} is not supported (Qwen2/Qwen3 rotate the whole head)")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type in ("yarn", "llama3"):
+        if "original_max_position_embeddings" in raw:  # Phi-3 style top-level key: transformers prefers it
+            params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 32768))
+    scaling = {"rope_type": rope_type, **params}
+    problem = check_rope_scaling(scaling)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return float(theta), scaling
+
+
+def _moe_from_hf(raw: dict, source: str) -> dict:
+    """The Qwen3-MoE fields of a config.json (num_experts or its alias num_local_experts)."""
+    num_experts = raw.get("num_experts", raw.get("num_local_experts"))
+    if num_experts is None:
+        raise ConfigError(f"{source}: model_type 'qwen3_moe' needs 'num_experts' (or 'num_local_experts')")
+    out = {k: raw.get(k, default) for k, default in MOE_DEFAULTS.items()}
+    out["num_experts"] = num_experts
+    out["mlp_only_layers"] = list(raw.get("mlp_only_layers") or [])
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {out[key]!r}")
+    return out

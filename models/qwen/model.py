@@ -9,7 +9,8 @@
     │   │   │   or, on Qwen3.5's "full_attention" layers, GatedAttention (same names)
     │   │   ├── linear_attn: GatedDeltaNet, instead of self_attn on Qwen3.5's "linear_attention" layers
     │   │   ├── post_attention_layernorm: RMSNorm
-    │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj)
+    │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj), or in a Qwen3-MoE sparse layer
+    │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU)
     │   └── norm: RMSNorm (Qwen3.5: ZeroCentredRMSNorm, everywhere)
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
@@ -18,6 +19,7 @@ So `model.state_dict()` keys are checkpoint keys: no conversion tables.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -27,17 +29,30 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, build_attention_mask
 from .config import LINEAR_ATTENTION, QwenConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
-from .special_tokens import ENDOFTEXT_ID, IM_END_ID
+from .moe import SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
 from .qwen35 import GatedAttention, ZeroCentredRMSNorm
+from .rope import RotaryEmbedding
+from .special_tokens import ENDOFTEXT_ID, IM_END_ID
 
 
 def norm_class(config: QwenConfig) -> type[nn.Module]:
     """The block and final norms: Qwen3.5 stores them zero-centred (norm(x) * (1 + w))."""
     return ZeroCentredRMSNorm if config.is_qwen35 else RMSNorm
+
+
+def make_mlp(config: QwenConfig, layer_idx: int) -> nn.Module:
+    """The MLP of decoder layer `layer_idx`: x [B, T, hidden] -> [B, T, hidden].
+
+    A Qwen3-MoE sparse layer gets the router + experts block, every other layer the dense
+    SwiGLU of `intermediate_size`. Other block types plug in here.
+    """
+    if config.is_sparse_layer(layer_idx):
+        return SparseMoeBlock(config)
+    return SwiGLU(config.hidden_size, config.intermediate_size)
 
 
 class DecoderLayer(nn.Module):
@@ -57,7 +72,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = (GatedAttention if config.is_qwen35 else Attention)(config, layer_idx)
         self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = make_mlp(config, layer_idx)
 
     def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, document_ids=None, padding_mask=None):
         """mask: the attention mask (full attention); document_ids / padding_mask [B, T]: what
@@ -80,7 +95,7 @@ class QwenBackbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         # Partial rotary (Qwen3.5): the tables cover the rotated leading dims of a head only.
-        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
@@ -94,13 +109,24 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen(nn.Module):
-    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3.5 (text) causal LM.
+    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE / Qwen3.5 (text) causal LM.
 
     forward(input_ids [B, T]) -> logits [B, T, vocab]
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
     forward(..., reduction="sum") -> (loss_sum, n_supervised_tokens), for accumulation
     forward(..., reduction="none") -> (loss per row [B], supervised tokens per row [B]): a
         row's loss is -sum of log p(label) over its supervised positions (preference objectives)
+
+    Qwen3-MoE with `config.output_router_logits`, in training mode: the loss also holds
+    router_aux_loss_coef x the load-balancing loss of the batch, as transformers' loss does (in
+    eval mode the loss is the cross-entropy alone: perplexity). With reduction="sum" that term
+    is weighted by the batch's supervised tokens (loss_sum + coef * aux * n), so the trainer's
+    sum over micro-batches / N (supervised tokens of the optimizer step) is the token-mean
+    cross-entropy plus coef x the token-weighted mean of the micro-batches' aux losses: one
+    micro-batch gives exactly transformers' loss, and no split of the step changes the weight a
+    token's micro-batch gets. (The aux loss itself is a per-batch statistic: it depends on how
+    the step is cut into micro-batches, as it does in transformers.) With reduction="none" each
+    row gets coef * aux * its own supervised tokens.
     """
 
     def __init__(self, config: QwenConfig):
@@ -149,6 +175,8 @@ class Qwen(nn.Module):
                 module.weight.zero_()
             elif isinstance(module, GatedDeltaNet):
                 module.init_decay()
+            elif isinstance(module, TopKRouter):
+                module.weight.normal_(0.0, std)
 
     def use_chat_eos(self) -> "Qwen":
         """Make <|im_end|> the eos in config.json and generation_config.json (pad stays
@@ -183,13 +211,15 @@ class Qwen(nn.Module):
         cache: Optional[KVCache] = None,
         reduction: str = "mean",
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        hidden = self.hidden_states(
-            input_ids,
-            position_ids=position_ids,
-            document_ids=document_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-        )
+        aux = labels is not None and self.training and self.config.output_router_logits and self.config.num_experts > 0
+        with collect_router_logits() if aux else contextlib.nullcontext() as router_logits:
+            hidden = self.hidden_states(
+                input_ids,
+                position_ids=position_ids,
+                document_ids=document_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+            )
         if labels is None:
             logits = self.lm_head(hidden)
             return logits if self.logit_offset is None else logits + self.logit_offset.to(logits.dtype)
@@ -198,6 +228,10 @@ class Qwen(nn.Module):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         loss, n_tokens = self.loss_from_hidden(hidden, labels, per_row=reduction == "none")
+        if aux:
+            mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+            balance = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok, mask)
+            loss = loss + self.config.router_aux_loss_coef * balance * n_tokens
         if reduction == "mean":
             return loss / n_tokens.clamp_min(1)
         return loss, n_tokens

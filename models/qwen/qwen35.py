@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import Attention, KVCache
 from .config import QwenConfig
-from .layers import apply_rope
+from .rope import apply_rope
 from .linear import Linear
 
 

@@ -1,0 +1,228 @@
+"""Qwen3-MoE's sparse MLP: a softmax router over E SwiGLU experts, top-k experts per token.
+
+    block = SparseMoeBlock(config)     # .gate: TopKRouter, weight [E, hidden]; .experts.{e}: SwiGLU
+    y = block(x)                       # x [B, T, hidden] -> [B, T, hidden]
+
+    with collect_router_logits() as logits:      # each block's router logits [B*T, E], layer order
+        loss = model(ids, labels=labels)
+    aux = load_balancing_loss(logits, num_experts, top_k, attention_mask)
+
+Module names are the published checkpoints' (`mlp.gate.weight`, `mlp.experts.{e}.gate_proj.weight`,
+...), so every expert projection is an ordinary linear: LoRA wraps it, NF4 quantises it, the
+checkpoint loader streams it, exactly as for a dense MLP. The router is not a linear layer (as in
+transformers): it is never quantised and never an "all-linear" LoRA target.
+
+The experts run grouped: the (token, slot) pairs are sorted by expert and each expert runs once,
+on the contiguous rows routed to it (one GEMM per projection per expert; never a loop over
+tokens). Reusable by any block type with the same routing (Qwen3.5-MoE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import SwiGLU
+from .linear import bf16_linear
+
+# The list the running forward appends router logits to (None: nobody asked for them). A context
+# variable, not a module attribute, so that the recomputation of a gradient-checkpointed block
+# during backward (outside the `with`) does not append a second copy.
+_ROUTER_LOGITS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("router_logits", default=None)
+
+
+@contextlib.contextmanager
+def collect_router_logits() -> Iterator[list]:
+    """Within the block, every SparseMoeBlock forward appends its router logits [N, E] to the list."""
+    sink: list[torch.Tensor] = []
+    token = _ROUTER_LOGITS.set(sink)
+    try:
+        yield sink
+    finally:
+        _ROUTER_LOGITS.reset(token)
+
+
+class TopKRouter(nn.Module):
+    """Softmax router (Qwen3MoeTopKRouter). h [N, hidden] -> (logits [N, E] in h's dtype,
+    weights [N, k] in h's dtype, experts [N, k] int64).
+
+    The softmax runs in float32 over all E experts; the top-k probabilities are renormalised to
+    sum to 1 only when `norm_topk_prob` (Qwen3-30B-A3B: yes; transformers' default: no).
+    """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+
+    def forward(self, h: torch.Tensor):
+        logits = bf16_linear(h, self.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(logits.dtype), experts
+
+    def extra_repr(self) -> str:
+        E, H = self.weight.shape
+        return f"experts={E}, hidden={H}, top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (Qwen3MoeSparseMoeBlock; no shared expert). x [..., hidden] -> same shape.
+
+    Each token's output is sum over its k experts of weight_j * expert_j(x).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.gate = TopKRouter(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                               config.norm_topk_prob)
+        self.experts = nn.ModuleList(
+            SwiGLU(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        logits, weights, experts = self.gate(h)
+        sink = _ROUTER_LOGITS.get()
+        if sink is not None:
+            sink.append(logits)
+        return self.run_experts(h, weights, experts).view(shape)
+
+    def run_experts(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """h [N, hidden], weights [N, k], experts [N, k] -> sum_j weights[:, j] * expert_j(h), [N, hidden]."""
+        N, k = experts.shape
+        slot_expert = experts.reshape(-1)  # [N*k]: the expert of each (token, slot) pair
+        order = torch.argsort(slot_expert, stable=True)  # the pairs grouped by expert
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()  # the layer's one host sync
+        grouped = _GroupRows.apply(h, order, inverse, k)  # [N*k, hidden], expert 0's rows first
+        # An expert no token reached still runs, on zero rows, when it holds trainable weights: its
+        # gradient is then an honest zero instead of None (the trainer checks that every trainable
+        # parameter got one; DDP needs every one used). Inference skips it.
+        run_empty = torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters())
+        outputs = [
+            expert(rows)
+            for expert, rows, n in zip(self.experts, grouped.split(counts), counts)
+            if n or run_empty
+        ]
+        if not outputs:  # no token at all
+            return torch.zeros_like(h)
+        y = _UngroupRows.apply(torch.cat(outputs), inverse, order).view(N, k, -1)  # (token, slot) order
+        return _WeightedSlotSum.apply(y, weights)
+
+
+def _sum_slots(y: torch.Tensor) -> torch.Tensor:
+    """y [N, k, hidden] -> [N, hidden]: y.sum(dim=1) to the bit (fp32 accumulation in slot order,
+    one rounding), written as k - 1 additions: on CPU a bf16 reduction over the middle dim is
+    ~2.5x slower."""
+    acc = y[:, 0].float()
+    for j in range(1, y.shape[1]):
+        acc += y[:, j]
+    return acc.to(y.dtype)
+
+
+class _WeightedSlotSum(torch.autograd.Function):
+    """out = (y * w[..., None]).sum(dim=1): y [N, k, hidden], w [N, k] -> [N, hidden].
+
+    Each product rounded to y's dtype, then summed in fp32 in slot order, as transformers
+    combines the experts (no atomics: deterministic on CUDA). One function so that neither pass
+    materialises autograd's zero-filled [N, k, hidden] slice gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, y, w):
+        ctx.save_for_backward(y, w)
+        acc = (y[:, 0] * w[:, 0:1]).float()
+        for j in range(1, y.shape[1]):
+            acc += y[:, j] * w[:, j : j + 1]
+        return acc.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w = ctx.saved_tensors
+        g = grad.unsqueeze(1)
+        return g * w.unsqueeze(-1), (g * y).sum(dim=-1)
+
+
+class _GroupRows(torch.autograd.Function):
+    """rows = h[order // k] [N*k, hidden]: each token's row once per slot, grouped by expert.
+
+    Backward gathers the slot gradients back into (token, slot) order and sums each token's k:
+    a gather and a reshape-sum, where index_select's own backward scatters with index_add.
+    """
+
+    @staticmethod
+    def forward(ctx, h, order, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return h.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _sum_slots(grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1])), None, None, None
+
+
+class _UngroupRows(torch.autograd.Function):
+    """y[inverse]: rows grouped by expert back to (token, slot) order (inverse = the permutation
+    undoing `order`); backward is the gather by `order`, not a scatter."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, order):
+        ctx.save_for_backward(order)
+        return y.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
+
+
+def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
+    """Every SparseMoeBlock of `model`, in model order."""
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The Switch-Transformer auxiliary loss, exactly transformers' `load_balancing_loss_func`.
+
+    router_logits: per sparse layer [N, E] (N = B*T); attention_mask [B, T] (1 = real token) or
+    None. With f_e the fraction of top-k slots and P_e the mean router probability of expert e,
+    both pooled over the layers and the real tokens: E * sum_e f_e * P_e (1 when balanced).
+    Returns a float32 scalar.
+    """
+    if not router_logits:
+        raise ValueError("load_balancing_loss: no router logits (the model has no sparse layer)")
+    device = router_logits[0].device
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for logits in router_logits:
+        # transformers takes this softmax in the logits' dtype (bf16 in a bf16 model), then sums in fp32
+        probs = F.softmax(logits, dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        row_weight = mask if mask is not None else torch.ones(probs.shape[0], device=device)
+        tokens_per_expert = tokens_per_expert.index_add(0, chosen.reshape(-1), row_weight.repeat_interleave(top_k))
+        prob_per_expert = prob_per_expert + (probs.float() * row_weight.unsqueeze(-1)).sum(dim=0)
+        rows = rows + row_weight.sum()
+    return (tokens_per_expert / rows * prob_per_expert / rows).sum() * num_experts
