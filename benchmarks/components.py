@@ -232,10 +232,11 @@ def compiled_block(variant: str):
     from torch.utils.checkpoint import checkpoint
 
     import lora
-    from models.qwen import Qwen, QwenConfig
+    from models.qwen import Qwen
+    from shapes import bench_config
 
     torch.manual_seed(0)
-    cfg = QwenConfig.preset("bench-100m")
+    cfg = bench_config("bench-100m")
     cfg.num_hidden_layers = 1
     model = Qwen(cfg).to(BF16)
     lora.inject(model, r=R, alpha=R, dropout=0.0, targets="all-linear")

@@ -636,20 +636,6 @@ PRESETS: dict[str, dict] = {
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
     ),
-    # The 100M-parameter shape of the CPU benchmark (issue: performance).
-    "bench-100m": dict(
-        vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-    ),
-    # A Qwen3.5 text shape for the CPU benchmark: Qwen3.5's vocabulary, head sizes and layer
-    # pattern (3 Gated DeltaNet layers, then 1 gated full attention) at ~150M parameters.
-    "qwen3.5-bench": dict(
-        model_type="qwen3_5_text", vocab_size=248320, hidden_size=512, intermediate_size=1536,
-        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-        partial_rotary_factor=0.25, attention_bias=False, tie_word_embeddings=True,
-        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
-        rope_theta=10_000_000.0,
-    ),
     "qwen3-0.6b": dict(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
@@ -667,13 +653,6 @@ PRESETS: dict[str, dict] = {
         attention_bias=False, qk_norm=True, model_type="qwen3_moe", eos_token_id=151645,
         max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
         norm_topk_prob=True,
-    ),
-    # The CPU benchmark's MoE shape: Qwen3-30B-A3B's proportions (128 -> 32 experts, top 8 -> 4).
-    "bench-moe": dict(
-        vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
-        attention_bias=False, qk_norm=True, model_type="qwen3_moe", num_experts=32, num_experts_per_tok=4,
-        moe_intermediate_size=192, norm_topk_prob=True,
     ),
 }
 
