@@ -4,7 +4,7 @@
 
 Writes random bf16 weights of the Qwen2.5-1.5B shape (28 layers, hidden 1536, MLP 8960,
 12/2 heads, vocab 151936, tied embeddings: 1.54e9 parameters, 3.09 GB) once into --dir (reused
-when it already holds them), then runs `models.qwen.load(dir, dtype=bf16, quantize="nf4")` in
+when it already holds them), then runs `models.qwen.load(dir, dtype=bf16, quantize=quant.NF4Quantizer())` in
 a fresh subprocess and reports that process's peak RSS against the bf16 checkpoint size
 (target: below 60%), next to quant.memory_report's predicted bytes per component. The
 subprocess also reports its RSS right after `import torch, models.qwen, quant` (the baseline
@@ -146,7 +146,7 @@ if sys.argv[2] == "pread":  # the loader change proposed in benchmarks/RESULTS-n
     models.qwen.checkpoint.iter_tensors = pread_iter_tensors
 base = hwm()
 t0 = time.perf_counter()
-model = models.qwen.load(sys.argv[1], dtype=torch.bfloat16, quantize="nf4")
+model = models.qwen.load(sys.argv[1], dtype=torch.bfloat16, quantize=quant.NF4Quantizer())
 seconds = time.perf_counter() - t0
 peak = hwm()
 for p in model.parameters():  # as in QLoRA before adapters: the base is frozen

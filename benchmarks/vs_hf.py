@@ -118,12 +118,24 @@ def train_flops_per_token(cfg, seq: int) -> float:
 
 
 # ---------------------------------------------------------------------------- workers
+def nf4_quantizer():
+    """load()'s NF4 argument: the quantizer object; revisions before it was a parameter (run by
+    ablation.py --revs) took the name "nf4"."""
+    from models.qwen import checkpoint
+
+    if hasattr(checkpoint, "register_quantizer"):
+        return "nf4"
+    import quant
+
+    return quant.NF4Quantizer()
+
+
 def run_ours(args, path: Path):
     import lora
     import train
     from models.qwen import load
 
-    model = load(path, dtype=torch.bfloat16, device=args.device, quantize="nf4" if args.mode == "qlora" else None)
+    model = load(path, dtype=torch.bfloat16, device=args.device, quantize=nf4_quantizer() if args.mode == "qlora" else None)
     lora.inject(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
     model.gradient_checkpointing = True
     model.train()

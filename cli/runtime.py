@@ -35,11 +35,12 @@ def compute_dtype(name: Optional[str]) -> str:
 
 def load_model(path: Path, dtype: str, qlora: bool = False):
     """The model at `path` on this process's device, in `dtype` ("bf16"...), its decoder linears
-    in NF4 with `qlora`."""
+    in NF4 with `qlora` (or when the checkpoint is saved in 4-bit)."""
     from models.qwen import load
     from models.qwen.config import dtype_from_name
+    from quant import quantizer_for
 
-    return load(path, dtype=dtype_from_name(dtype), device=device(), quantize="nf4" if qlora else None)
+    return load(path, dtype=dtype_from_name(dtype), device=device(), quantize=quantizer_for(path, qlora))
 
 
 def seed_everything(seed: int) -> None:

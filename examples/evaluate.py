@@ -126,7 +126,7 @@ def candidates_from_flags(entries, metrics_flags, qlora: bool = False) -> list:
         model = inputs.check_model_dir(base, flag=f"{flag} {value} (base model)")
         default_name = adapter.parent.name if adapter.name == "adapter" else adapter.name
         out.append(Candidate(_unique(name or default_name, taken), model, adapter, metrics=_found_metrics(adapter),
-                             quantize="nf4" if qlora else None))
+                             qlora=qlora))
     by_name = {c.name: c for c in out}
     for item in metrics_flags:
         name, sep, file = item.partition("=")
@@ -198,8 +198,8 @@ def default_stages() -> tuple[list, list]:
         if ok:
             run_dir = where.parent if where.name in ("adapter", "merged") else where
             metrics = [run_dir / "metrics.jsonl"] if (run_dir / "metrics.jsonl").is_file() else []
-            quantize = "nf4" if adapter is not None and _run_setting(run_dir, "qlora") else None
-            found.append(Candidate(name, model, adapter, metrics=metrics, quantize=quantize))
+            qlora = adapter is not None and bool(_run_setting(run_dir, "qlora"))
+            found.append(Candidate(name, model, adapter, metrics=metrics, qlora=qlora))
         else:
             missing.append({"name": name, "reason": f"{where} not found (made by `{command}`)"})
     return found, missing

@@ -93,8 +93,8 @@ class FlattenedBase(nn.Module):
 class LoRALinear(FlattenedBase):
     """Frozen base linear + trainable low-rank update. x [..., in] -> [..., out].
 
-    base: `nn.Linear` or `quant.NF4Linear` (duck-typed: in_features, out_features, bias,
-    compute_dtype, dequantize(), forward). Adapter parameters are created on the base's device
+    base: `nn.Linear` or `quant.NF4Linear` (both have in_features, out_features, bias and
+    forward; base_weight() gives either one's dense weight). Adapter parameters are created on the base's device
     in `dtype` (default float32: the trainable weights stay fp32 under bf16 autocast).
     """
 

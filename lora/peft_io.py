@@ -46,7 +46,7 @@ from .inject import (
     inject_modules,
     trainable_copies,
 )
-from .layer import LoRALinear
+from .layer import LoRALinear, is_linear
 from .state import PEFT_PREFIX, adapter_state_dict
 from .targets import EXPERT_PROJECTION, MLP_PROJECTION, peft_target_modules
 from .v1_adapter import V1_MODULES_TO_SAVE, is_v1_adapter, map_v1_adapter
@@ -266,7 +266,7 @@ def _check_shapes(model, lora_keys, copy_keys, tensors, r, file) -> None:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             in_f, out_f = module.in_features, module.out_features
-        elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+        elif is_linear(module):
             in_f, out_f = module.in_features, module.out_features
         else:
             raise AdapterError(f"{file}: key {parts['A']!r}: module {name!r} is a {type(module).__name__}, not a linear")

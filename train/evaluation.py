@@ -34,6 +34,7 @@ import torch
 from data.metrics import generation_scores
 from models.qwen import CHAT_STOP_IDS, ENDOFTEXT_ID, IM_END_ID, generate
 from models.qwen.config import dtype_from_name
+from quant import quantizer_for
 from train.perplexity import perplexity
 
 from .report import ReportError, write_report
@@ -48,15 +49,15 @@ class Candidate:
     """One row of the report: `model_dir` (HF-format Qwen), optionally + a LoRA adapter.
 
     metrics: metrics.jsonl files of the training run(s) that made it, for the loss plot.
-    quantize: "nf4" loads the model in 4-bit first (an adapter trained with QLoRA, evaluated
-    on the base it was trained against).
+    qlora: load the model in NF4 first (an adapter trained with QLoRA, evaluated on the base
+    it was trained against).
     """
 
     name: str
     model_dir: Path
     adapter_dir: Optional[Path] = None
     metrics: list = field(default_factory=list)
-    quantize: Optional[str] = None
+    qlora: bool = False
 
     def __post_init__(self):
         self.model_dir = Path(self.model_dir)
@@ -244,7 +245,8 @@ def load_candidate(candidate: Candidate, dtype: str = "fp32", device: str = "cpu
 
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ReportError(f"dtype must be one of fp32, bf16, fp16, got {dtype!r}")
-    model = load(candidate.model_dir, dtype=dtype_from_name(dtype), device=device, quantize=candidate.quantize)
+    model = load(candidate.model_dir, dtype=dtype_from_name(dtype), device=device,
+                 quantize=quantizer_for(candidate.model_dir, candidate.qlora))
     if candidate.adapter_dir is not None:
         import lora
 
@@ -364,7 +366,7 @@ def compare_models(
         t0 = time.perf_counter()
         model, tok = load_candidate(c, settings.dtype, settings.device, tokenizers)
         row = {"name": c.name, "model_dir": str(c.model_dir),
-               "adapter_dir": str(c.adapter_dir) if c.adapter_dir else None, "quantize": c.quantize}
+               "adapter_dir": str(c.adapter_dir) if c.adapter_dir else None, "quantize": "nf4" if c.qlora else None}
         row.update(evaluate_candidate(model, tok, domain=domain, general=general, instructions=instructions,
                                       settings=settings, log=log))
         row["seconds"] = time.perf_counter() - t0

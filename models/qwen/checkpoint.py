@@ -5,16 +5,15 @@ A loader must consume every tensor and initialise none silently: any missing, un
 mis-shaped tensor is an error naming the tensor and the file. Pickle checkpoints
 (pytorch_model.bin) are refused: we never unpickle files from disk.
 
-Quantisation hooks in here by name (see `register_quantizer`): `models.qwen` imports no other
-package of the project; `load(..., quantize="nf4")` asks the registry, which the `quant`
-package fills when it is imported.
+Quantisation is a parameter, not a lookup: `load(dir, quantize=quant.NF4Quantizer())` hands
+each decoder linear to the quantizer object as it is read (`Quantizer` below says what that
+object does). `models.qwen` imports no package of the project above it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import importlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import shutil
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,24 +37,25 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 
 
-# ---------------------------------------------------------------------- quantizer registry
-_QUANTIZERS: dict[str, Any] = {}
-# Which package provides a quantizer name when it is not registered yet.
-_QUANTIZER_PACKAGES = {"nf4": "quant"}
+# ---------------------------------------------------------------------- quantizers
+class Quantizer(Protocol):
+    """What `load(..., quantize=...)` needs (quant.NF4Quantizer is one).
 
+    quantize_linear: a decoder linear's weight [out, in] (and bias [out] or None) as read from
+        disk -> the module that replaces the nn.Linear, on `device`, computing in `compute_dtype`.
+    serialized_suffixes / load_serialized: for checkpoints saved already quantised (config.json
+        `quantization_config`): the extra tensors of a module (`weight.absmax`, ...) and how to
+        build the module from them; required_suffixes: those of them every module must have.
+    """
 
-def register_quantizer(name: str, quantizer: Any) -> None:
-    """Register an object with `quantize_linear(name, weight, bias, *, device, compute_dtype)`,
-    `serialized_suffixes` and `load_serialized(name, tensors, bias, *, device, compute_dtype)`."""
-    _QUANTIZERS[name] = quantizer
+    serialized_suffixes: Sequence[str]
+    required_suffixes: Sequence[str]
 
+    def quantize_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                        device: torch.device, compute_dtype: torch.dtype) -> nn.Module: ...
 
-def get_quantizer(name: str) -> Any:
-    if name not in _QUANTIZERS and name in _QUANTIZER_PACKAGES:
-        importlib.import_module(_QUANTIZER_PACKAGES[name])  # its __init__ registers itself
-    if name not in _QUANTIZERS:
-        raise ValueError(f"quantize={name!r} is not available: expected one of {sorted(_QUANTIZER_PACKAGES)}")
-    return _QUANTIZERS[name]
+    def load_serialized(self, name: str, tensors: dict, bias: Optional[torch.Tensor], *,
+                        device: torch.device, compute_dtype: torch.dtype) -> nn.Module: ...
 
 
 # ---------------------------------------------------------------------- file discovery
@@ -218,17 +218,21 @@ def load(
     path: Union[str, os.PathLike],
     dtype: Optional[Union[torch.dtype, str]] = None,
     device: Union[str, torch.device] = "cpu",
-    quantize: Optional[str] = None,
+    quantize: Optional[Quantizer] = None,
 ) -> Qwen:
     """Load an HF-format Qwen checkpoint directory into `Qwen`, tensor by tensor.
 
-    dtype: parameter dtype (default: the config's torch_dtype). quantize: None, or "nf4" to
-    quantise every decoder linear as it is read (peak memory ~ the 4-bit model + one tensor;
-    Qwen3-MoE: every expert projection, never the router). Checkpoints already saved in
-    bitsandbytes 4-bit format are recognised from config.json. Qwen3-MoE experts load from
+    dtype: parameter dtype (default: the config's torch_dtype). quantize: None, or a `Quantizer`
+    such as quant.NF4Quantizer() that quantises every decoder linear as it is read (peak memory
+    ~ the 4-bit model + one tensor; Qwen3-MoE: every expert projection, never the router).
+    Checkpoints already saved in bitsandbytes 4-bit format (config.json `quantization_config`)
+    need the quantizer that reads them: quantize=quant.NF4Quantizer(). Qwen3-MoE experts load from
     per-expert tensors (the published layout, what `save` writes) or from transformers' fused
     `mlp.experts.gate_up_proj` / `down_proj`.
     """
+    if isinstance(quantize, str):
+        raise TypeError(f"quantize={quantize!r}: pass the quantizer itself, e.g. quantize=quant.NF4Quantizer() "
+                        "(models.qwen imports no quantization package by name)")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory (expected an HF-format Qwen checkpoint)")
@@ -248,11 +252,13 @@ def load(
                 f"{root / 'config.json'}: quantization_config {qconf.get('quant_method')!r} is not supported "
                 f"(only bitsandbytes 4-bit nf4)"
             )
-        serialized = get_quantizer("nf4")
-        if quantize not in (None, "nf4"):
-            raise ValueError(f"{root} is saved in 4-bit nf4; quantize={quantize!r} cannot apply")
-        quantize = "nf4"
-    quantizer = get_quantizer(quantize) if quantize else None
+        if quantize is None:
+            raise CheckpointError(
+                f"{root / 'config.json'}: the weights are saved in bitsandbytes 4-bit (quantization_config): "
+                "load them with quantize=quant.NF4Quantizer()"
+            )
+        serialized = quantize
+    quantizer = quantize
 
     cfg.extra.pop("quantization_config", None)
     with torch.device("meta"):
@@ -323,7 +329,7 @@ def load(
             _set_param(model, name, value.to(device=device, dtype=dtype))
             filled.add(name)
 
-    required = tuple(getattr(serialized, "required_suffixes", suffixes)) if serialized else ()
+    required = tuple(serialized.required_suffixes) if serialized else ()
     for name in [n for n, got in pending.items() if serialized and {"weight", *required} <= set(got)]:
         # e.g. a 4-bit checkpoint without double quantisation has no nested_* statistics
         if linears[name].bias is not None and "bias" not in pending[name]:
@@ -402,7 +408,7 @@ def release_freed_host_memory() -> None:
     Why: glibc raises its mmap threshold after large blocks are freed, so the 16-bit weights
     and fp32 temporaries of one quantised tensor after another land on the heap, which then
     keeps them resident. Measured on a Qwen2.5-1.5B-shaped checkpoint loaded with
-    quantize="nf4": peak RSS 85% of the bf16 size without trimming, <60% with it
+    NF4 (quant.NF4Quantizer): peak RSS 85% of the bf16 size without trimming, <60% with it
     (benchmarks/RESULTS-nf4.md).
     """
     trim = _malloc_trim()

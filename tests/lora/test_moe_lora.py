@@ -13,6 +13,7 @@ import lora
 from lora.config import AdapterError
 from models.qwen import load
 from models.qwen.moe import SparseMoeBlock, TopKRouter
+from quant import NF4Quantizer
 from tests.helpers import hf_model, max_rel_err, random_ids, save_hf_model
 
 R, ALPHA = 4, 8
@@ -175,7 +176,7 @@ def test_qlora_experts_merge_into_the_16_bit_weights(pair, tmp_path):
     from quant import NF4Linear
 
     ref, _ = pair
-    q = load(tmp_path / "ckpt", dtype=torch.float32, quantize="nf4")
+    q = load(tmp_path / "ckpt", dtype=torch.float32, quantize=NF4Quantizer())
     lora.inject(q, r=R, alpha=ALPHA)
     expert = q.model.layers[0].mlp.experts[3].down_proj
     assert isinstance(expert, lora.LoRALinear) and isinstance(expert.base_layer, NF4Linear)

@@ -1,4 +1,4 @@
-"""QLoRA: LoRA over a Qwen loaded with quantize="nf4" (quant.NF4Linear bases)."""
+"""QLoRA: LoRA over a Qwen loaded with quantize=quant.NF4Quantizer() (quant.NF4Linear bases)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lora
+from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
 from tests.lora.conftest import load_ours, randomise_adapters
 
@@ -17,7 +18,7 @@ if not hasattr(quant, "NF4Linear"):  # pragma: no cover - only while quant is be
 def load_nf4(path):
     from models.qwen import load
 
-    return load(path, dtype=torch.float32, quantize="nf4")
+    return load(path, dtype=torch.float32, quantize=NF4Quantizer())
 
 
 @pytest.mark.parametrize("order", ["checkpointing_first", "inject_first"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lora
+from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
 from tests.lora.conftest import load_hf, load_ours, randomise_adapters
 from tests.models.test_qwen35 import hf_qwen35
@@ -105,7 +106,7 @@ def test_qlora_matches_peft_over_bitsandbytes(ckpt, tmp_path, eager_bitsandbytes
 
     from models.qwen import load
 
-    model = load(ckpt, dtype=torch.float32, quantize="nf4")
+    model = load(ckpt, dtype=torch.float32, quantize=NF4Quantizer())
     layer0 = model.model.layers[0].linear_attn
     assert all(isinstance(getattr(layer0, n), quant.NF4Linear) for n in ("in_proj_qkv", "in_proj_a", "out_proj"))
     assert not isinstance(layer0.conv1d, quant.NF4Linear) and not isinstance(model.lm_head, quant.NF4Linear)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from models.qwen import ConfigError, QwenConfig, generate, load, save
 from models.qwen.moe import SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
+from quant import NF4Quantizer
 from tests.helpers import hf_config, hf_model, max_rel_err, random_ids, save_hf_model
 
 VARIANTS = {
@@ -245,7 +246,7 @@ def test_nf4_load_quantises_experts_and_keeps_the_router(tmp_path):
     ref = hf_model("qwen3_moe", hidden_size=64, head_dim=16, intermediate_size=128, moe_intermediate_size=64,
                    mlp_only_layers=[0])
     save_hf_model(ref, tmp_path / "ckpt")
-    q = load(tmp_path / "ckpt", dtype=torch.float32, quantize="nf4")
+    q = load(tmp_path / "ckpt", dtype=torch.float32, quantize=NF4Quantizer())
     mlp = q.model.layers[1].mlp
     assert all(isinstance(getattr(e, p), NF4Linear) for e in mlp.experts for p in ("gate_proj", "up_proj", "down_proj"))
     assert isinstance(q.model.layers[0].mlp.gate_proj, NF4Linear)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import quant
 from models.qwen import load, save
-from quant import NF4Linear
+from quant import NF4Linear, NF4Quantizer
 from tests.helpers import DEVICES, max_rel_err, random_ids
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -57,7 +57,7 @@ def test_streaming_load_equals_transformers_bnb_logits(ckpts, request, device):
     # On CUDA both sides quantise there (bitsandbytes with its CUDA kernels) and run there.
     hf4 = request.getfixturevalue("hf4") if device == "cpu" else _hf_4bit(path, device)
     hf16 = hf16 if device == "cpu" else copy.deepcopy(hf16).to(device)  # the fixture stays on the CPU
-    ours = load(path, dtype=torch.float32, device=device, quantize="nf4")
+    ours = load(path, dtype=torch.float32, device=device, quantize=NF4Quantizer())
     n_nf4 = sum(isinstance(m, NF4Linear) for m in ours.modules())
     assert n_nf4 == 7 * hf16.config.num_hidden_layers  # every decoder linear, not lm_head/embeddings
     assert not isinstance(ours.lm_head, NF4Linear)
@@ -87,7 +87,7 @@ def test_odd_shapes_equal_dequantised_weight_reference(ckpts):
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
     path, _ = ckpts["odd"]
-    ours = load(path, dtype=torch.float32, quantize="nf4")
+    ours = load(path, dtype=torch.float32, quantize=NF4Quantizer())
     ref = load(path, dtype=torch.float32)
     with torch.no_grad():
         for name, module in ref.named_modules():
@@ -102,7 +102,7 @@ def test_odd_shapes_equal_dequantised_weight_reference(ckpts):
 
 
 def test_bf16_load_is_bf16(ckpts):
-    ours = load(ckpts["aligned"][0], dtype=torch.bfloat16, quantize="nf4")
+    ours = load(ckpts["aligned"][0], dtype=torch.bfloat16, quantize=NF4Quantizer())
     layer = ours.model.layers[0].mlp.up_proj
     assert layer.compute_dtype == torch.bfloat16 and layer.quant.dtype == torch.bfloat16
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_bf16_load_is_bf16(ckpts):
 
 def test_quantize_model_equals_streaming(ckpts):
     path, _ = ckpts["aligned"]
-    streamed = load(path, dtype=torch.float32, quantize="nf4")
+    streamed = load(path, dtype=torch.float32, quantize=NF4Quantizer())
     whole = quant.quantize_model(load(path, dtype=torch.float32))
     sa, sb = streamed.state_dict(), whole.state_dict()
     assert set(sa) == set(sb)
@@ -120,7 +120,7 @@ def test_quantize_model_equals_streaming(ckpts):
 
 def test_our_4bit_checkpoint_loads_in_transformers_and_back(ckpts, hf4, tmp_path):
     path, _ = ckpts["aligned"]
-    ours = load(path, dtype=torch.float32, quantize="nf4")
+    ours = load(path, dtype=torch.float32, quantize=NF4Quantizer())
     save(ours, tmp_path / "ours4")
     cfg = json.loads((tmp_path / "ours4" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitsandbytes" and cfg["quantization_config"]["load_in_4bit"]
@@ -131,14 +131,29 @@ def test_our_4bit_checkpoint_loads_in_transformers_and_back(ckpts, hf4, tmp_path
     with torch.no_grad():
         ref = hf4(ids).logits
         assert torch.equal(theirs(ids).logits, ref)
-        again = load(tmp_path / "ours4", dtype=torch.float32)  # pre-quantised: recognised from config.json
+        again = load(tmp_path / "ours4", dtype=torch.float32, quantize=quant.quantizer_for(tmp_path / "ours4", False))
         assert isinstance(again.model.layers[1].mlp.down_proj, NF4Linear)
         assert torch.allclose(again(ids), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
+def test_the_quantizer_is_passed_not_named(ckpts, tmp_path):
+    """load() takes the quantizer object (models.qwen imports no quantization package); a
+    checkpoint saved in 4-bit without one, or a quantizer's name, is a one-line error."""
+    from models.qwen import CheckpointError
+
+    path, _ = ckpts["aligned"]
+    with pytest.raises(TypeError, match=r"quantize='nf4': pass the quantizer itself, e\.g\. quantize=quant\.NF4Quantizer\(\)"):
+        load(path, dtype=torch.float32, quantize="nf4")
+    save(load(path, dtype=torch.float32, quantize=NF4Quantizer()), tmp_path / "q")
+    assert quant.saved_in_4bit(tmp_path / "q") and not quant.saved_in_4bit(path)
+    assert quant.quantizer_for(path, qlora=False) is None
+    with pytest.raises(CheckpointError, match=r"config\.json: the weights are saved in bitsandbytes 4-bit .*quantize=quant\.NF4Quantizer\(\)"):
+        load(tmp_path / "q", dtype=torch.float32)
+
+
 def test_transformers_4bit_checkpoint_loads_in_ours(ckpts, hf4, tmp_path):
     hf4.save_pretrained(tmp_path / "hf4")
-    ours = load(tmp_path / "hf4", dtype=torch.float32)
+    ours = load(tmp_path / "hf4", dtype=torch.float32, quantize=NF4Quantizer())
     assert isinstance(ours.model.layers[0].self_attn.k_proj, NF4Linear)
     ids = random_ids(1, 11)
     with torch.no_grad():
@@ -148,7 +163,7 @@ def test_transformers_4bit_checkpoint_loads_in_ours(ckpts, hf4, tmp_path):
 
 def test_corrupt_quant_state_is_an_error_naming_the_tensor(ckpts, tmp_path):
     path, _ = ckpts["aligned"]
-    save(load(path, dtype=torch.float32, quantize="nf4"), tmp_path / "q")
+    save(load(path, dtype=torch.float32, quantize=NF4Quantizer()), tmp_path / "q")
     f = tmp_path / "q" / "model.safetensors"
     tensors = load_file(f)
     key = "model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"
@@ -157,16 +172,16 @@ def test_corrupt_quant_state_is_an_error_naming_the_tensor(ckpts, tmp_path):
     tensors[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: corrupt 4-bit quant_state: blocksize"):
-        load(tmp_path / "q", dtype=torch.float32)
+        load(tmp_path / "q", dtype=torch.float32, quantize=NF4Quantizer())
     del tensors["model.layers.0.self_attn.q_proj.weight.absmax"]
     tensors[key] = quant.serialization.pack_json(dict(meta, blocksize=64))
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        load(tmp_path / "q", dtype=torch.float32)
+        load(tmp_path / "q", dtype=torch.float32, quantize=NF4Quantizer())
 
 
 def test_memory_report(ckpts):
-    ours = load(ckpts["aligned"][0], dtype=torch.float32, quantize="nf4")
+    ours = load(ckpts["aligned"][0], dtype=torch.float32, quantize=NF4Quantizer())
     rep = quant.memory_report(ours)
     expected = 0
     for m in ours.modules():

@@ -15,6 +15,7 @@ import torch
 import lora
 from data.preference import preference_collate
 from models.qwen import load
+from quant import NF4Quantizer
 from tests.helpers import max_rel_err, tiny_checkpoint
 from train.optim import AdamW, param_groups
 from train.preference import LOSSES, PreferenceObjective, precompute_reference_logps
@@ -220,8 +221,8 @@ def test_reference_is_the_base_model_and_gradients_reach_only_the_adapters(ckpt)
 
 def test_reference_over_an_nf4_base(ckpt):
     pytest.importorskip("bitsandbytes")
-    model = with_adapters(ckpt, quantize="nf4")
-    base = load(ckpt, dtype=torch.float32, quantize="nf4")  # the same 4-bit base without adapters
+    model = with_adapters(ckpt, quantize=NF4Quantizer())
+    base = load(ckpt, dtype=torch.float32, quantize=NF4Quantizer())  # the same 4-bit base without adapters
     batch = collate(synthetic_items(3, seed=3))
     objective = PreferenceObjective("ipo")
     rho_c, rho_r = objective.reference_logps(model, batch)
