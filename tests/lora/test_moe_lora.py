@@ -156,8 +156,9 @@ def test_unrouted_experts_get_zero_gradients(tmp_path):
     ours.train()
     ids = random_ids(1, 3, seed=5)  # 3 tokens, one expert each: at least 3 of 6 experts idle per layer
     calls = []
-    hooks = [e.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-             for b in ours.modules() if isinstance(b, SparseMoeBlock) for e in b.experts]
+    for block in [b for b in ours.modules() if isinstance(b, SparseMoeBlock)]:
+        for expert in block.experts:
+            expert.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     ours(ids, labels=ids).backward()
     assert calls.count(0) >= 3 * ours.config.num_hidden_layers
     idle = [n for n, p in ours.named_parameters() if p.requires_grad and not p.grad.any() and "lora_A" in n]

@@ -5,7 +5,6 @@ TensorBoard's own reader reads."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
