@@ -137,7 +137,7 @@ def run_ours(args, path: Path):
 
     model = load(path, dtype=torch.bfloat16, device=args.device, quantize=nf4_quantizer() if args.mode == "qlora" else None)
     lora.inject(model, r=16, alpha=16, dropout=0.0, targets="all-linear")
-    model.gradient_checkpointing = True
+    model.enable_gradient_checkpointing(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.AdamW(params, lr=1e-4, weight_decay=0.0)

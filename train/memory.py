@@ -70,7 +70,7 @@ def _main(argv=None) -> None:
     dtype = torch.bfloat16 if args.bf16 else None
     out = {}
     for on in (False, True):
-        model.gradient_checkpointing = on
+        model.enable_gradient_checkpointing(on)
         t0 = time.perf_counter()
         out[on] = (activation_bytes(model, batch, dtype), time.perf_counter() - t0)
     (off_b, off_t), (on_b, on_t) = out[False], out[True]

@@ -66,12 +66,6 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only batch rows `index` (e.g. drop finished sequences)."""
-        pick = lambda states: [s.index_select(0, index) if s is not None else None for s in states]  # noqa: E731
-        self.k, self.v = pick(self.k), pick(self.v)
-        self.conv, self.recurrent = pick(self.conv), pick(self.recurrent)
-
 
 def build_attention_mask(
     q_len: int,

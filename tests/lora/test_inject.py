@@ -151,12 +151,12 @@ def test_gradient_checkpointing_any_order(ckpt_dirs, order):
     def grads(checkpointing: bool):
         model = load_ours(ckpt_dirs[False])
         if checkpointing and order == "checkpointing_first":
-            model.gradient_checkpointing = True
+            model.enable_gradient_checkpointing(True)
         torch.manual_seed(1)  # A's Kaiming init draws from the global RNG
         lora.inject(model, r=4, alpha=8, dropout=0.1, dora=True)
         randomise_adapters(model)
         if checkpointing and order == "inject_first":
-            model.gradient_checkpointing = True
+            model.enable_gradient_checkpointing(True)
         model.train()
         torch.manual_seed(0)  # same dropout masks; checkpointing replays the RNG state
         _loss(model, ids).backward()

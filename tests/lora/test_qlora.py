@@ -27,10 +27,10 @@ def test_qlora_trains_only_adapters(ckpt_dirs, order):
     assert isinstance(model.model.layers[0].self_attn.q_proj, quant.NF4Linear)
     keys_before = set(model.state_dict())
     if order == "checkpointing_first":
-        model.gradient_checkpointing = True
+        model.enable_gradient_checkpointing(True)
     lora.inject(model, r=4, alpha=8, dora=True, dropout=0.1)
     if order == "inject_first":
-        model.gradient_checkpointing = True
+        model.enable_gradient_checkpointing(True)
     sd = model.state_dict()
     assert keys_before <= set(sd)  # bnb keys (weight, weight.absmax, ...) unchanged
     assert "model.layers.0.self_attn.q_proj.weight.absmax" in sd

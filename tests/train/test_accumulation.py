@@ -130,14 +130,14 @@ def lora_grads(path, checkpointing, order, nf4=False):
         quant.quantize_model(model, skip=("lm_head",))
     torch.manual_seed(0)
     if order == "checkpoint-first":
-        model.gradient_checkpointing = checkpointing
+        model.enable_gradient_checkpointing(checkpointing)
     lora.inject(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():   # B starts at zero: give it values so A's gradient is not trivially 0
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
     if order == "inject-first":
-        model.gradient_checkpointing = checkpointing
+        model.enable_gradient_checkpointing(checkpointing)
     batch = pad_collate(examples(4), pad_id=0)
     model.train()
     loss, n = model(batch["input_ids"], labels=batch["labels"], reduction="sum")
@@ -166,7 +166,7 @@ def test_checkpointing_changes_no_full_gradient_and_cuts_activation_memory(pair,
     saved = {}
     for on in (False, True):
         model = load(path, dtype=torch.float32)
-        model.gradient_checkpointing = on
+        model.enable_gradient_checkpointing(on)
         model.train()
         loss, n = model(batch["input_ids"], labels=batch["labels"], reduction="sum")
         (loss / n).backward()
