@@ -122,6 +122,17 @@ def test_same_command_same_seed_is_bit_identical_with_or_without_a_terminal(inpu
         assert ours.keys() == theirs.keys() and all(same_tensors(ours[k], theirs[k]) for k in ours)
 
 
+def test_same_command_same_seed_is_bit_identical_in_bf16(inputs, tmp_path):
+    """bf16 autocast (fp32 adapters and optimizer, bf16 matmuls): the same command twice."""
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for out in runs:
+        proc = run_script("cpt.py", *cpt_args(inputs, out, "--dtype", "bf16", "--max-steps", "3"), cache=inputs["cache"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "dtype bf16" in proc.stdout
+    assert same_tensors(adapter(runs[0]), adapter(runs[1]))
+    assert metrics(runs[0]) == metrics(runs[1])
+
+
 def test_another_seed_gives_another_adapter(inputs, reference, tmp_path):
     """The test above can fail: the seed reaches the adapter's initialisation."""
     ref, _ = reference

@@ -250,10 +250,28 @@ def test_cpt_example_runs_under_torchrun(tmp_path):
     out = tmp_path / "cpt"
     r = torchrun(ROOT / "examples" / "cpt.py", "--model", str(base), "--data", str(corpus), "--out", str(out),
                  "--block-size", "32", "--batch-size", "1", "--grad-accum", "2", "--max-steps", "2", "--dtype", "fp32",
-                 "--lora-r", "4", "--eval-fraction", "0.25", "--sample-tokens", "2", "--save-every", "1",
-                 QWEN_TUNE_CACHE=str(tmp_path / "cache"))
+                 "--lora-r", "4", "--lora-dropout", "0", "--eval-fraction", "0.25", "--sample-tokens", "2",
+                 "--save-every", "1", QWEN_TUNE_CACHE=str(tmp_path / "cache"))
     assert r.stdout.count("== qwen-tune stage 1") == 1          # only rank 0 prints
     assert "1 x 2 sequences on each of 2 processes" in r.stdout
     assert [s for s, _ in losses(out)] == [1, 2]
     assert train.newest_checkpoint(out / "checkpoints").name == "step-2"
     assert len(adapter(out)) > 0 and (out / "run.json").is_file()
+
+    # The same command on one process with the same global batch (1 x 4): the same run, to float
+    # rounding (the seed gives every rank the same adapter initialisation).
+    one = tmp_path / "one"
+    env = dict(os.environ, QWEN_TUNE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r1 = subprocess.run([sys.executable, str(ROOT / "examples" / "cpt.py"), "--model", str(base), "--data", str(corpus),
+                         "--out", str(one), "--block-size", "32", "--batch-size", "1", "--grad-accum", "4",
+                         "--max-steps", "2", "--dtype", "fp32", "--lora-r", "4", "--lora-dropout", "0",
+                         "--eval-fraction", "0.25", "--sample-tokens", "2", "--save-every", "1"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    for (s1, l1), (s2, l2) in zip(losses(one), losses(out)):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    a1, a2 = adapter(one), adapter(out)
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        assert torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6), k
