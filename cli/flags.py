@@ -178,6 +178,15 @@ def add_training_flags(p: Parser, stage: str) -> None:
     add_config_flag(p)
 
 
+def add_chat_output_flags(p: Parser, sample_questions: int) -> None:
+    """What a chat stage (sft.py, dpo.py) writes besides the adapter, and the held-out answers
+    it shows before and after training."""
+    p.add_argument("--no-merge", action="store_true", help="write only adapter/, not merged/")
+    p.add_argument("--sample-questions", type=non_negative_int, default=sample_questions,
+                   help="held-out questions answered before/after")
+    p.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per sample answer")
+
+
 def add_config_flag(p: Parser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or "

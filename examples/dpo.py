@@ -49,10 +49,7 @@ def build_parser() -> flags.Parser:
                         "computed once before training")
     g.add_argument("--max-prompt-len", type=flags.positive_int, default=None,
                    help="tokens the prompt keeps when a pair is too long (default: half of --max-len)")
-    p.add_argument("--no-merge", action="store_true", help="write only adapter/, not merged/")
-    p.add_argument("--sample-questions", type=flags.non_negative_int, default=2,
-                   help="held-out questions answered before/after")
-    p.add_argument("--sample-tokens", type=flags.positive_int, default=48, help="tokens per sample answer")
+    flags.add_chat_output_flags(p, sample_questions=2)
     return p
 
 

@@ -33,10 +33,7 @@ def build_parser() -> flags.Parser:
     flags.add_training_flags(p, stage="sft")
     p.add_argument("--format", choices=("auto", "messages", "alpaca", "sharegpt"), default="auto",
                    help="format of --data lines")
-    p.add_argument("--no-merge", action="store_true", help="write only adapter/, not merged/")
-    p.add_argument("--sample-questions", type=flags.non_negative_int, default=3,
-                   help="held-out questions answered before/after")
-    p.add_argument("--sample-tokens", type=flags.positive_int, default=48, help="tokens per sample answer")
+    flags.add_chat_output_flags(p, sample_questions=3)
     return p
 
 

@@ -71,40 +71,22 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, matmul_dtype, offset=None):
-        # matmul_dtype=float32: bf16 operands multiplied by fp32 kernels, products rounded to
-        # bf16 (same function as a bf16 GEMM; see linear.py). None: operands' own dtype.
-        w_mm = weight.to(matmul_dtype) if matmul_dtype is not None else weight
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
-        N, V = hidden.shape[0], weight.shape[0]
-        chunk = min(chunk, max(N, 1))
-        device = hidden.device
-        logits_buf = torch.empty(chunk, V, dtype=hidden.dtype, device=device)
-        block = chunk if device.type != "cpu" or matmul_dtype is not None else min(chunk, CPU_SOFTMAX_ROWS)
-        scratch = torch.empty(block, V, dtype=torch.float32, device=device)
-        loss = torch.zeros((), dtype=torch.float64, device=device)
+        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, N, chunk):
-            h = hidden[start : start + chunk]
-            t = targets[start : start + chunk]
-            n = h.shape[0]
-            logits = logits_buf[:n]
-            if matmul_dtype is not None:
-                torch.mm(h.to(matmul_dtype), w_mm.t(), out=scratch[:n])
-                logits.copy_(scratch[:n])  # round to the head's dtype, as a bf16 GEMM does
-            else:
-                torch.mm(h, weight.t(), out=logits)
-            loss += _nll_and_logit_grad_(logits, t, scratch, need_h or need_w, offset).sum()
-            if need_h or need_w:
-                g = logits  # softmax - onehot now, in the logits dtype
-                if need_h:
-                    if matmul_dtype is not None:
-                        grad_h[start : start + n] = g.to(matmul_dtype) @ w_mm
-                    else:
-                        torch.mm(g, weight, out=grad_h[start : start + n])
-                if need_w:
-                    grad_w.addmm_(g.t().float(), h.float())  # in place: no [V, H] temporary
+        for start, g, nll, w_mm in _head_chunks(hidden, weight, targets, chunk, matmul_dtype, offset,
+                                                want_grad=need_h or need_w):
+            loss += nll.sum()
+            n = g.shape[0]  # g: softmax - onehot now, in the logits dtype
+            if need_h:
+                if matmul_dtype is not None:
+                    grad_h[start : start + n] = g.to(matmul_dtype) @ w_mm
+                else:
+                    torch.mm(g, weight, out=grad_h[start : start + n])
+            if need_w:
+                grad_w.addmm_(g.t().float(), hidden[start : start + n].float())  # in place: no [V, H] temporary
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (need_h, need_w)
         ctx.w_dtype = weight.dtype
@@ -157,11 +139,14 @@ def linear_cross_entropy(
 
 
 def _head_chunks(hidden, weight, targets, chunk: int, matmul_dtype, offset, want_grad: bool, logp_out=None):
-    """Run the head over hidden [N, H] `chunk` rows at a time; yields (start, g, w_mm) per chunk.
+    """Run the head over hidden [N, H] `chunk` rows at a time; yields (start, g, nll, w_mm) per chunk.
 
     g [n, V] (one reused buffer, in the head's dtype) holds softmax - onehot(target) when
-    want_grad; logp_out [N] (float64, optional) receives each row's log p(target); w_mm is the
-    weight as the matmuls use it. Arithmetic as _LinearCrossEntropySum.forward.
+    want_grad; nll [n] (float64) is each row's -log p(target), also written negated into
+    logp_out [N] (float64, optional); w_mm is the weight as the matmuls use it.
+
+    matmul_dtype=float32: bf16 operands multiplied by fp32 kernels, products rounded to bf16
+    (same function as a bf16 GEMM; see linear.py). None: the operands' own dtype.
     """
     w_mm = weight.to(matmul_dtype) if matmul_dtype is not None else weight
     N, V = hidden.shape[0], weight.shape[0]
@@ -181,7 +166,7 @@ def _head_chunks(hidden, weight, targets, chunk: int, matmul_dtype, offset, want
         nll = _nll_and_logit_grad_(logits, targets[start : start + n], scratch, want_grad, offset)
         if logp_out is not None:
             torch.neg(nll, out=logp_out[start : start + n])
-        yield start, logits, w_mm
+        yield start, logits, nll, w_mm
 
 
 class _LinearLogProbsPerRow(torch.autograd.Function):
@@ -202,8 +187,8 @@ class _LinearLogProbsPerRow(torch.autograd.Function):
         keep_grad_h = need_h and not need_w
         token_logp = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if keep_grad_h else None
-        for start, g, w_mm in _head_chunks(hidden, weight, targets, chunk, matmul_dtype, offset,
-                                           want_grad=keep_grad_h, logp_out=token_logp):
+        for start, g, _, w_mm in _head_chunks(hidden, weight, targets, chunk, matmul_dtype, offset,
+                                              want_grad=keep_grad_h, logp_out=token_logp):
             if keep_grad_h:
                 out = grad_h[start : start + g.shape[0]]
                 if matmul_dtype is not None:
@@ -232,7 +217,7 @@ class _LinearLogProbsPerRow(torch.autograd.Function):
         scale = (-grad_out.float())[rows]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start, g, w_mm in _head_chunks(hidden, weight, targets, chunk, matmul_dtype, offset, want_grad=True):
+        for start, g, _, w_mm in _head_chunks(hidden, weight, targets, chunk, matmul_dtype, offset, want_grad=True):
             n = g.shape[0]
             g.copy_(g.float() * scale[start : start + n, None])
             if need_h:
