@@ -106,11 +106,13 @@ def train_flops_per_token(cfg, seq: int) -> float:
     C (Dk + Dv) / 2 + 3 Dk Dv) with C = 64 (q k^T and k k^T, the intra-chunk product, the
     triangular solve, the state read / write), forward + backward.
     """
-    n = cfg.num_active_parameters()  # an MoE token passes through its top-k experts only
-    n_full = sum(cfg.layer_type(i) == "full_attention" for i in range(cfg.num_hidden_layers))
+    # (getattr: ablation.py runs this worker against revisions whose config predates MoE / Qwen3.5)
+    n = getattr(cfg, "num_active_parameters", cfg.num_parameters)()  # an MoE token passes through its top-k experts only
+    layer_type = getattr(cfg, "layer_type", lambda i: "full_attention")
+    n_full = sum(layer_type(i) == "full_attention" for i in range(cfg.num_hidden_layers))
     attn = 12 * n_full * cfg.num_attention_heads * cfg.head_dim * seq / 2  # causal
     linear = 0.0
-    if cfg.is_qwen35:
+    if getattr(cfg, "is_qwen35", False):
         c, dk, dv = 64, cfg.linear_key_head_dim, cfg.linear_value_head_dim
         per_head = 6 * (2 * c * dk + c * dv + c * (dk + dv) / 2 + 3 * dk * dv)
         linear = (cfg.num_hidden_layers - n_full) * cfg.linear_num_value_heads * per_head
