@@ -1,35 +1,43 @@
 """Optional bitsandbytes dequantisation kernels; the pure-PyTorch codec is the reference.
 
-`import quant` must work when bitsandbytes is missing or fails to load (a broken CUDA setup
-raises all sorts of exceptions at import), so any exception disables the fast path.
+bitsandbytes is imported on the first NF4 dequantisation, not with `quant`: importing it pulls
+in torch._dynamo / inductor (sympy, networkx: ~120 MiB and seconds), which a LoRA run that never
+touches an NF4 weight (and `import lora`, which imports quant.NF4Linear) should not pay. Any
+exception while importing it (a broken CUDA setup raises all sorts) disables the fast path.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .nf4 import NF4Tensor
 
-# bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels`
-# package is missing ("Failed to load CPU gemm_4bit_forward ... pip install kernels"); we never
-# call that kernel, so the line would only be noise a user cannot act on.
-_cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-_level = _cpu_ops_log.level
-_cpu_ops_log.setLevel(logging.ERROR)
-try:  # noqa: SIM105 - any failure (ImportError, OSError, RuntimeError...) means "not available"
-    import bitsandbytes.functional as _bnbf
-except Exception:  # pragma: no cover - depends on the machine
-    _bnbf = None
-finally:
-    _cpu_ops_log.setLevel(_level)
+
+@functools.lru_cache(maxsize=None)
+def _bitsandbytes() -> Optional[Any]:
+    """bitsandbytes.functional, or None when it is missing or cannot load."""
+    # bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels`
+    # package is missing ("Failed to load CPU gemm_4bit_forward ... pip install kernels"); we
+    # never call that kernel, so the line would only be noise a user cannot act on.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception:  # pragma: no cover - depends on the machine
+        return None
+    finally:
+        cpu_ops_log.setLevel(level)
+    return bnbf
 
 
 def available() -> bool:
-    """True when bitsandbytes imported (its kernels may serve `dequantize`)."""
-    return _bnbf is not None
+    """True when bitsandbytes imports (its kernels may serve `dequantize`)."""
+    return _bitsandbytes() is not None
 
 
 def serves(q: NF4Tensor) -> bool:
@@ -40,12 +48,12 @@ def serves(q: NF4Tensor) -> bool:
     row and is wrong otherwise (tests/quant/test_codec.py keeps that case documented). Where
     it is right it gives our codec's exact values, 3-9x faster on this project's CPU.
     """
-    if _bnbf is None:
-        return False
     device = q.packed.device.type
     if device == "cuda":
-        return True
-    return device == "cpu" and len(q.shape) >= 1 and int(q.shape[-1]) % q.blocksize == 0
+        shape_ok = True
+    else:
+        shape_ok = device == "cpu" and len(q.shape) >= 1 and int(q.shape[-1]) % q.blocksize == 0
+    return shape_ok and available()
 
 
 def dequantize(q: NF4Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -56,6 +64,7 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = N
     """
     if not serves(q):
         return None
+    _bnbf = _bitsandbytes()
     state2 = None
     offset = None
     if q.double_quant:
