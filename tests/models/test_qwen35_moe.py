@@ -291,6 +291,7 @@ def test_save_writes_what_transformers_loads(pair, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3_5MoeForCausalLM"] and config["model_type"] == "qwen3_5_moe_text"
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(back).__name__ == "Qwen3_5MoeForCausalLM"
     want = ref.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())  # every tensor, to the bit
     ids = random_ids(2, 29, seed=9)
