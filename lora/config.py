@@ -72,11 +72,13 @@ class LoRAConfig:
         }
 
 
-def read_peft_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_peft_config(path: Union[str, os.PathLike], fused_experts: bool = False) -> dict[str, Any]:
     """Read and check an adapter_config.json; returns the fields `load` uses.
 
     Errors name the file and the field: only what we can reproduce exactly is accepted
     (LORA, bias "none", no per-module rank/alpha patterns, no fan_in_fan_out).
+    fused_experts: a model whose routed experts PEFT adapts fused (lora/fused_experts.py):
+    target_parameters, rank_pattern and alpha_pattern are returned for fused_experts.split to check.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,15 +108,17 @@ def read_peft_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
         raise AdapterError(f"{path}: bias {bias!r} is not supported (expected 'none')")
     if need("fan_in_fan_out", bool, False):
         raise AdapterError(f"{path}: fan_in_fan_out=true is not supported (Qwen uses nn.Linear)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if need(key, dict, {}):
+    patterns = {key: need(key, dict, {}) for key in ("rank_pattern", "alpha_pattern")}
+    for key, value in patterns.items():
+        if value and not (fused_experts and raw.get("target_parameters")):
             raise AdapterError(f"{path}: {key} (per-module rank/alpha) is not supported; expected {{}}")
     if need("lora_bias", bool, False):
         raise AdapterError(f"{path}: lora_bias=true is not supported")
     for key in ("layers_to_transform", "trainable_token_indices", "layer_replication"):
         if raw.get(key):
             raise AdapterError(f"{path}: {key} is not supported (expected null)")
-    if raw.get("target_parameters"):
+    target_parameters = need("target_parameters", (list, tuple), [])
+    if target_parameters and not fused_experts:
         raise AdapterError(
             f"{path}: target_parameters {raw['target_parameters']!r} (LoRA on fused 3-D expert tensors, as PEFT "
             "trains on transformers 5 MoE models) is not supported: this library adapts each expert's "
@@ -133,6 +137,8 @@ def read_peft_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
         "target_modules": need("target_modules", (str, list, tuple), None),
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "target_parameters": list(target_parameters),
+        **patterns,
     }
 
 

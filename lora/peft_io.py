@@ -17,7 +17,8 @@ gate_up_proj, same function). Two consequences of that conversion: PEFT refuses 
 lora_dropout on fused experts, so the file says 0 (dropout is a training setting: the adapter's
 function is the same); and PEFT maps *every* gate_proj / up_proj / down_proj target onto the
 experts, so LoRA on the dense MLP of a layer in `mlp_only_layers` does not survive a PEFT load
-(save warns; this library loads it).
+(save warns; this library loads it). Qwen3.5-MoE's routed experts, which PEFT does not convert,
+go to disk in PEFT's own fused layout instead (lora/fused_experts.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from models.qwen.atomic import atomic_directory
 from models.qwen.safetensors_file import write_tensors
 
+from . import fused_experts
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError, LoRAConfig, read_peft_config
 from .inject import (
     _freeze_base,
@@ -88,6 +90,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
                 "PEFT on transformers 5 maps every gate_proj/up_proj/down_proj target onto the fused experts and "
                 "drops these; this library loads the adapter as it is", stacklevel=2,
             )
+    if fused_experts.uses_fused_layout(model):
+        tensors, peft_config = fused_experts.fuse(model, tensors, peft_config, adapted)
     root = Path(path)
     with atomic_directory(root, fsync=False) as tmp:
         write_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -132,10 +136,12 @@ def load(
     root = Path(path)
     if not root.is_dir():
         raise AdapterError(f"{root}: adapter directory not found")
-    cfg = read_peft_config(root / CONFIG_NAME)
+    cfg = read_peft_config(root / CONFIG_NAME, fused_experts=fused_experts.uses_fused_layout(model))
     tensors = read_adapter_tensors(root)
     file = root / WEIGHTS_NAME
     _check_values(tensors, file)
+    if cfg["target_parameters"]:  # routed experts in PEFT's fused layout -> per expert
+        tensors = fused_experts.split(model, tensors, cfg, file)
     v1 = is_v1_adapter(tensors, model)
     if not v1:   # (a Qwen-7B v1 adapter names v1 modules, mapped below)
         _check_target_modules(model, cfg["target_modules"], root / CONFIG_NAME)

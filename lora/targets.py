@@ -10,6 +10,12 @@ Qwen3-MoE: each expert's projections are linears of their own (`mlp.experts.{e}.
 as the published checkpoints name them), so "all-linear" and the suffixes gate_proj / up_proj /
 down_proj adapt every expert. The router (`mlp.gate`) is not a linear layer and never a target,
 as in transformers, where it is not an nn.Linear either.
+
+Qwen3.5-MoE: "all-linear" also adapts the shared expert (`mlp.shared_expert.{gate,up,down}_proj`)
+but not `mlp.shared_expert_gate`, the one-row linear whose sigmoid scales it (a rank-r adapter on a
+[1, hidden] weight is no low-rank update: it has more parameters than the weight). PEFT's
+"all-linear" does adapt it: name it (targets=[..., "shared_expert_gate"]) to do the same, and an
+adapter that holds it loads.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Union
 
 from torch import nn
 
-from models.qwen.moe import TopKRouter
+from models.qwen.moe import SharedExpertGate, TopKRouter
 
 from .layer import LoRALinear, is_linear
 
@@ -68,6 +74,11 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
     return False
 
 
+def _is_shared_expert_gate(model: nn.Module, name: str) -> bool:
+    module = model.get_submodule(name)
+    return isinstance(getattr(module, "base_layer", module), SharedExpertGate)
+
+
 def is_output_head(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in OUTPUT_HEADS
@@ -82,7 +93,7 @@ def resolve_targets(model: nn.Module, targets: Union[str, list[str], tuple[str, 
     that lists the available linear names."""
     available = linear_names(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
-        chosen = [n for n in available if not is_output_head(n)]
+        chosen = [n for n in available if not is_output_head(n) and not _is_shared_expert_gate(model, n)]
         what = "'all-linear'"
     elif isinstance(targets, str) and (set(targets) & _REGEX_CHARS):
         try:

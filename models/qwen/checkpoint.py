@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from .atomic import OWNER_FILES, atomic_directory
-from .config import QwenConfig, dtype_from_name, dtype_name
+from .config import ARCHITECTURES, QwenConfig, dtype_from_name, dtype_name
 from .errors import CheckpointError, ConfigError
 from .safetensors_file import read_tensors, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
+from .moe import SharedExpertGate
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -158,12 +159,13 @@ def map_qwen35_key(key: str, nested: bool) -> Optional[str]:
     return key  # lm_head.weight; anything else is reported as unexpected by the caller
 
 
-# ---------------------------------------------------------------------- fused Qwen3-MoE experts
+# ---------------------------------------------------------------------- fused MoE experts
 # transformers (v5) holds a sparse layer's experts as two 3-D tensors; a checkpoint written from
 # that state dict as it is (rather than by save_pretrained, which splits them again) stores
 #   mlp.experts.gate_up_proj [E, 2 * moe_intermediate, hidden]  (gate rows, then up rows)
 #   mlp.experts.down_proj    [E, hidden, moe_intermediate]
-# The published checkpoints (and our save) store one tensor per expert and projection.
+# The published Qwen3-MoE checkpoints (and our save, and save_pretrained for both families) store
+# one tensor per expert and projection; the published Qwen3.5-MoE ones store the fused pair.
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -210,8 +212,10 @@ def _set_param(model: nn.Module, key: str, value: torch.Tensor, requires_grad: b
 
 
 def quantizable_linears(model: Qwen) -> dict[str, nn.Linear]:
-    """The decoder-block linears that a 4-bit load quantises (never embeddings or the head)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+    """The decoder-block linears that a 4-bit load quantises (never embeddings, the head or, like
+    the router, Qwen3.5-MoE's one-row shared_expert_gate)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
+            and not isinstance(m, SharedExpertGate)}
 
 
 def load(
@@ -286,7 +290,7 @@ def load(
             if name is None:
                 skipped[next(v for k, v in QWEN35_SKIPPED.items() if key.startswith(k))] += 1
                 continue
-            pairs = [(name, tensor)]
+            pairs = map_fused_experts(name, tensor, cfg, file) if cfg.num_experts else [(name, tensor)]
         elif cfg.num_experts:
             pairs = map_fused_experts(key, tensor, cfg, file)
         else:
@@ -349,7 +353,7 @@ def load(
         warnings.warn(
             f"{root}: loaded the text model only; skipped "
             + ", ".join(f"{n} {kind} tensors" for kind, n in skipped.items())
-            + " (save() writes a text-only Qwen3_5ForCausalLM checkpoint)",
+            + f" (save() writes a text-only {ARCHITECTURES[cfg.model_type]} checkpoint)",
             stacklevel=2,
         )
     if tied:

@@ -1,6 +1,6 @@
 """QwenConfig: the shape of a Qwen decoder, read from (and written to) an HF `config.json`.
 
-Four checkpoint families map onto one config:
+Five checkpoint families map onto one config:
 
 * ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5): q/k/v projections with bias, o_proj without.
 * ``Qwen3ForCausalLM``: no qkv bias, RMSNorm on q and k per head, explicit ``head_dim``.
@@ -12,6 +12,12 @@ Four checkpoint families map onto one config:
   sparse layer is a router over ``num_experts`` SwiGLU experts of width ``moe_intermediate_size``
   (top ``num_experts_per_tok``), see moe.py; layers in ``mlp_only_layers`` or off the
   ``decoder_sparse_step`` grid keep a dense MLP of ``intermediate_size``.
+* ``Qwen3_5MoeForCausalLM`` (model_type ``qwen3_5_moe_text``, Qwen3.5-35B-A3B and larger), also read
+  from the text part of a ``qwen3_5_moe`` checkpoint: Qwen3.5's hybrid layers, and in *every* layer
+  the MLP is routed experts (softmax, top-k, always renormalised) plus a shared SwiGLU expert of
+  ``shared_expert_intermediate_size`` scaled by sigmoid(``shared_expert_gate``); no dense MLP, so
+  ``intermediate_size`` is 0. Its config has no norm_topk_prob / decoder_sparse_step /
+  mlp_only_layers (such keys are kept in `extra`, unused, as transformers ignores them).
 * ``QWenLMHeadModel`` (Qwen-7B v1, remote code): fused ``c_attn`` with bias,
   ``intermediate_size`` is twice the MLP width, ``kv_channels``, ``rotary_emb_base``,
   ``layer_norm_epsilon``. Its weights are mapped onto the Qwen2 module names on load.
@@ -49,8 +55,13 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen3_5_text": "Qwen3_5ForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
+QWEN35_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")  # the hybrid Gated DeltaNet stack
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen3_5_moe_text")
+# The multimodal checkpoint types whose text model (under model.language_model.) we read.
+QWEN35_NESTED = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 # Qwen3MoeConfig's defaults in transformers (used for keys a qwen3_moe config.json leaves out).
 MOE_DEFAULTS = dict(num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
                     decoder_sparse_step=1, output_router_logits=False, router_aux_loss_coef=0.001)
@@ -58,6 +69,10 @@ LINEAR_ATTENTION_KEYS = (
     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
     "linear_num_key_heads", "linear_num_value_heads",
 )
+# Qwen3_5MoeTextConfig's defaults for its MoE keys (its router always renormalises the top-k).
+QWEN35_MOE_DEFAULTS = dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                           shared_expert_intermediate_size=512, output_router_logits=False,
+                           router_aux_loss_coef=0.001)
 # Qwen3_5TextConfig's defaults for keys a config.json may leave out.
 QWEN35_TEXT_DEFAULTS = dict(
     head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
@@ -128,8 +143,10 @@ class QwenConfig:
     mlp_only_layers: list = field(default_factory=list)  # ... and i not in this list
     output_router_logits: bool = MOE_DEFAULTS["output_router_logits"]  # add the load-balancing loss to the loss
     router_aux_loss_coef: float = MOE_DEFAULTS["router_aux_loss_coef"]
+    # Qwen3.5-MoE: width of the shared expert every token passes through (0: none, as in Qwen3-MoE)
+    shared_expert_intermediate_size: int = 0
     extra: dict = field(default_factory=dict)  # unknown keys of config.json, written back on save
-    # ---- Qwen3.5 text models only (model_type "qwen3_5_text"); defaults are HF's Qwen3_5TextConfig.
+    # ---- Qwen3.5 text models only (model_type "qwen3_5_text" or "qwen3_5_moe_text"); defaults are HF's Qwen3_5TextConfig.
     layer_types: Optional[list] = None  # per layer "linear_attention" | "full_attention"; None: all full
     partial_rotary_factor: float = 1.0  # fraction of head_dim that RoPE rotates (Qwen3.5: 0.25)
     linear_conv_kernel_dim: int = 4  # Gated DeltaNet: width of the depthwise causal conv
@@ -142,6 +159,8 @@ class QwenConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, key)
+            if key == "intermediate_size" and value == 0 and self.model_type == "qwen3_5_moe_text":
+                continue  # every Qwen3.5-MoE layer is sparse: there is no dense MLP
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} = {value!r}: expected a positive integer")
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2):
@@ -149,7 +168,7 @@ class QwenConfig:
         if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
             raise ConfigError(f"rms_norm_eps = {self.rms_norm_eps!r}, rope_theta = {self.rope_theta!r}: expected numbers > 0")
         if self.attention_bias is None:
-            self.attention_bias = self.model_type != "qwen3_5_text"
+            self.attention_bias = self.model_type not in QWEN35_MODEL_TYPES
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -167,7 +186,8 @@ class QwenConfig:
         if self.is_qwen35:
             self._check_qwen35()
         elif self.layer_types is not None and set(self.layer_types) != {FULL_ATTENTION}:
-            raise ConfigError(f"layer_types {self.layer_types}: linear attention needs model_type 'qwen3_5_text'")
+            raise ConfigError(f"layer_types {self.layer_types}: linear attention needs model_type 'qwen3_5_text' "
+                              "or 'qwen3_5_moe_text'")
         problem = check_rope_scaling(self.rope_scaling)
         if problem:
             raise ConfigError(problem)
@@ -199,10 +219,25 @@ class QwenConfig:
 
     def _check_moe(self) -> None:
         """The MoE fields are consistent (a dense config: num_experts 0, nothing else checked)."""
-        if self.model_type == "qwen3_moe" and self.num_experts <= 0:
-            raise ConfigError(f"model_type 'qwen3_moe' needs num_experts > 0, got {self.num_experts}")
-        if self.num_experts and self.model_type != "qwen3_moe":
-            raise ConfigError(f"num_experts {self.num_experts} needs model_type 'qwen3_moe', got {self.model_type!r}")
+        if self.model_type in MOE_MODEL_TYPES and self.num_experts <= 0:
+            raise ConfigError(f"model_type {self.model_type!r} needs num_experts > 0, got {self.num_experts}")
+        if self.num_experts and self.model_type not in MOE_MODEL_TYPES:
+            raise ConfigError(f"num_experts {self.num_experts} needs model_type 'qwen3_moe' or 'qwen3_5_moe_text', "
+                              f"got {self.model_type!r}")
+        shared = self.shared_expert_intermediate_size
+        if self.model_type == "qwen3_5_moe_text":
+            if isinstance(shared, bool) or not isinstance(shared, int) or shared <= 0:
+                raise ConfigError(f"shared_expert_intermediate_size = {shared!r}: model_type 'qwen3_5_moe_text' "
+                                  "needs a positive integer (its MoE block always has a shared expert)")
+            if self.decoder_sparse_step != 1 or self.mlp_only_layers:
+                raise ConfigError(
+                    f"decoder_sparse_step {self.decoder_sparse_step} / mlp_only_layers {self.mlp_only_layers}: every "
+                    "Qwen3.5-MoE layer is sparse (expected 1 / [])"
+                )
+            self.norm_topk_prob = True  # Qwen3_5MoeTopKRouter always renormalises the top-k weights
+        elif shared:
+            raise ConfigError(f"shared_expert_intermediate_size {shared} needs model_type 'qwen3_5_moe_text', "
+                              f"got {self.model_type!r}")
         if not self.num_experts:
             return
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -269,18 +304,13 @@ class QwenConfig:
         model_type = raw.get("model_type")
         if model_type == "qwen" or "QWenLMHeadModel" in archs:
             return cls._from_v1(raw, source)
-        if model_type in ("qwen3_5", "qwen3_5_text"):
+        if model_type in QWEN35_MODEL_TYPES or model_type in QWEN35_NESTED:
             return cls._from_qwen35(raw, source)
-        if model_type in ("qwen3_5_moe", "qwen3_5_moe_text"):
-            raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported yet: its decoder layers are Qwen3.5's, "
-                f"but the sparse MoE block (routed experts + gated shared expert) is not wired in"
-            )
         if model_type not in ("qwen2", "qwen3", "qwen3_moe"):
             expected = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported: expected {expected}, 'qwen3_5' "
-                f"(the text part of Qwen3_5ForConditionalGeneration) or 'qwen' (QWenLMHeadModel)"
+                f"{source}: model_type {model_type!r} is not supported: expected {expected}, 'qwen3_5' / "
+                f"'qwen3_5_moe' (the text part of Qwen3_5[Moe]ForConditionalGeneration) or 'qwen' (QWenLMHeadModel)"
             )
         for arch in archs:
             if arch != ARCHITECTURES[model_type]:
@@ -338,11 +368,17 @@ class QwenConfig:
 
     @classmethod
     def _from_qwen35(cls, raw: dict, source: str) -> "QwenConfig":
-        """Qwen3.5 text: `qwen3_5_text` (Qwen3_5ForCausalLM) or the `text_config` of a `qwen3_5`
-        (Qwen3_5ForConditionalGeneration) checkpoint, whose weights sit under model.language_model."""
-        nested = raw.get("model_type") == "qwen3_5"
+        """Qwen3.5 text: `qwen3_5_text` (Qwen3_5ForCausalLM), `qwen3_5_moe_text` (Qwen3_5MoeForCausalLM),
+        or the `text_config` of a `qwen3_5` / `qwen3_5_moe` (Qwen3_5[Moe]ForConditionalGeneration)
+        checkpoint, whose weights sit under model.language_model."""
+        outer = raw.get("model_type")
+        nested = outer in QWEN35_NESTED
+        model_type = QWEN35_NESTED.get(outer, outer)
+        moe = model_type == "qwen3_5_moe_text"
         archs = raw.get("architectures") or []
-        allowed = "Qwen3_5ForConditionalGeneration" if nested else "Qwen3_5ForCausalLM"
+        allowed = ARCHITECTURES[model_type]
+        if nested:
+            allowed = allowed.replace("ForCausalLM", "ForConditionalGeneration")
         for arch in archs:
             if arch != allowed:
                 raise ConfigError(f"{source}: architecture {arch!r} is not supported (expected {allowed!r})")
@@ -350,7 +386,7 @@ class QwenConfig:
         if nested:
             text = raw.get("text_config")
             if not isinstance(text, dict):
-                raise ConfigError(f"{source}: model_type 'qwen3_5' needs a 'text_config' object")
+                raise ConfigError(f"{source}: model_type {outer!r} needs a 'text_config' object")
             source = f"{source} (text_config)"
 
         def need(key: str) -> Any:
@@ -373,6 +409,8 @@ class QwenConfig:
             "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
             "linear_num_value_heads",
         }
+        if moe:  # (intermediate_size is no key of Qwen3_5MoeTextConfig: a dense width no layer has)
+            known = (known - {"intermediate_size"}) | set(QWEN35_MOE_DEFAULTS)
         if text.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {text['hidden_act']!r} is not supported (expected 'silu')")
         layers = int(need("num_hidden_layers"))
@@ -385,7 +423,7 @@ class QwenConfig:
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=int(need("hidden_size")),
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=0 if moe else int(need("intermediate_size")),
             num_hidden_layers=layers,
             num_attention_heads=n_heads,
             num_key_value_heads=int(text.get("num_key_value_heads") or n_heads),
@@ -397,7 +435,7 @@ class QwenConfig:
             tie_word_embeddings=bool(tie),
             attention_bias=bool(text.get("attention_bias", False)),
             qk_norm=True,
-            model_type="qwen3_5_text",
+            model_type=model_type,
             bos_token_id=text.get("bos_token_id", top.get("bos_token_id")),
             eos_token_id=text.get("eos_token_id", top.get("eos_token_id")),
             pad_token_id=text.get("pad_token_id", top.get("pad_token_id")),
@@ -406,6 +444,7 @@ class QwenConfig:
             extra={k: v for k, v in text.items() if k not in known},
             layer_types=list(layer_types),
             **{k: int(text.get(k, defaults[k])) for k in LINEAR_ATTENTION_KEYS},
+            **(_qwen35_moe_from_hf(text, source) if moe else {}),
         )
 
     @classmethod
@@ -501,15 +540,15 @@ class QwenConfig:
         return out
 
     def _to_hf_qwen35(self) -> dict:
-        """A text-only `qwen3_5_text` config (Qwen3_5ForCausalLM), also for a model read from a
-        `qwen3_5` checkpoint: its vision tower and MTP head were not loaded, so not written."""
+        """A text-only `qwen3_5_text` / `qwen3_5_moe_text` config (Qwen3_5[Moe]ForCausalLM), also for
+        a model read from a `qwen3_5[_moe]` checkpoint: its vision tower and MTP head were not
+        loaded, so not written."""
         out = dict(self.extra)
         out.update(
-            architectures=["Qwen3_5ForCausalLM"],
-            model_type="qwen3_5_text",
+            architectures=[ARCHITECTURES[self.model_type]],
+            model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
@@ -530,6 +569,10 @@ class QwenConfig:
             use_cache=True,
             **{k: getattr(self, k) for k in LINEAR_ATTENTION_KEYS},
         )
+        if self.num_experts:  # Qwen3_5MoeTextConfig's keys (no norm_topk_prob: it always renormalises)
+            out.update({k: getattr(self, k) for k in QWEN35_MOE_DEFAULTS})
+        else:
+            out["intermediate_size"] = self.intermediate_size
         return out
 
     def to_dict(self) -> dict:
@@ -547,8 +590,8 @@ class QwenConfig:
     # ---- the hybrid layer stack (Qwen3.5); every other family is all full attention
     @property
     def is_qwen35(self) -> bool:
-        """Qwen3.5 text: zero-centred norms, gated full attention, Gated DeltaNet layers."""
-        return self.model_type == "qwen3_5_text"
+        """Qwen3.5 text (dense or MoE): zero-centred norms, gated full attention, Gated DeltaNet layers."""
+        return self.model_type in QWEN35_MODEL_TYPES
 
     def layer_type(self, layer_idx: int) -> str:
         """'full_attention' or 'linear_attention' for decoder layer `layer_idx`."""
@@ -590,6 +633,8 @@ class QwenConfig:
         if self.qk_norm:
             attn += 2 * d
         sparse = self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts + router row
+        if self.shared_expert_intermediate_size:  # Qwen3.5-MoE: shared expert + its gate row
+            sparse += 3 * h * self.shared_expert_intermediate_size + h
         mlps = sum(sparse if self.is_sparse_layer(n) else 3 * h * i for n in range(self.num_hidden_layers))
         norms = 2 * h * self.num_hidden_layers
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -686,6 +731,17 @@ def _rope_from_hf(raw: dict, source: str) -> tuple[float, Optional[dict]]:
     if problem:
         raise ConfigError(f"{source}: {problem}")
     return float(theta), scaling
+
+
+def _qwen35_moe_from_hf(text: dict, source: str) -> dict:
+    """The MoE fields of a Qwen3.5-MoE text config (Qwen3_5MoeTextConfig's defaults for absent keys)."""
+    out = {k: text.get(k, default) for k, default in QWEN35_MOE_DEFAULTS.items()}
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {out[key]!r}")
+    out["output_router_logits"] = bool(out["output_router_logits"])
+    out["router_aux_loss_coef"] = float(out["router_aux_loss_coef"])
+    return out
 
 
 def _moe_from_hf(raw: dict, source: str) -> dict:

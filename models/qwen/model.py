@@ -33,7 +33,7 @@ from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
-from .moe import SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
+from .moe import SharedExpertMoeBlock, SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
 from .qwen35 import GatedAttention, ZeroCentredRMSNorm
 from .rope import RotaryEmbedding
 from .special_tokens import ENDOFTEXT_ID, IM_END_ID
@@ -47,11 +47,12 @@ def norm_class(config: QwenConfig) -> type[nn.Module]:
 def make_mlp(config: QwenConfig, layer_idx: int) -> nn.Module:
     """The MLP of decoder layer `layer_idx`: x [B, T, hidden] -> [B, T, hidden].
 
-    A Qwen3-MoE sparse layer gets the router + experts block, every other layer the dense
-    SwiGLU of `intermediate_size`. Other block types plug in here.
+    A Qwen3-MoE sparse layer gets the router + experts block, a Qwen3.5-MoE layer (every one is
+    sparse) the same plus its gated shared expert, every other layer the dense SwiGLU of
+    `intermediate_size`. Other block types plug in here.
     """
     if config.is_sparse_layer(layer_idx):
-        return SparseMoeBlock(config)
+        return SharedExpertMoeBlock(config) if config.shared_expert_intermediate_size else SparseMoeBlock(config)
     return SwiGLU(config.hidden_size, config.intermediate_size)
 
 

@@ -1,7 +1,9 @@
-"""Qwen3-MoE's sparse MLP: a softmax router over E SwiGLU experts, top-k experts per token.
+"""Qwen3-MoE's sparse MLP: a softmax router over E SwiGLU experts, top-k experts per token; and
+Qwen3.5-MoE's, the same plus a shared expert scaled by a sigmoid gate.
 
     block = SparseMoeBlock(config)     # .gate: TopKRouter, weight [E, hidden]; .experts.{e}: SwiGLU
     y = block(x)                       # x [B, T, hidden] -> [B, T, hidden]
+    block = SharedExpertMoeBlock(config)   # + .shared_expert: SwiGLU, .shared_expert_gate [1, hidden]
 
     with collect_router_logits() as logits:      # each block's router logits [B*T, E], layer order
         loss = model(ids, labels=labels)
@@ -14,7 +16,7 @@ transformers): it is never quantised and never an "all-linear" LoRA target.
 
 The experts run grouped: the (token, slot) pairs are sorted by expert and each expert runs once,
 on the contiguous rows routed to it (one GEMM per projection per expert; never a loop over
-tokens). Reusable by any block type with the same routing (Qwen3.5-MoE).
+tokens). SharedExpertMoeBlock (Qwen3.5-MoE) reuses the routing and dispatch as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import SwiGLU
-from .linear import bf16_linear
+from .linear import Linear, bf16_linear
 
 # The list the running forward appends router logits to (None: nobody asked for them). A context
 # variable, not a module attribute, so that the recomputation of a gradient-checkpointed block
@@ -92,12 +94,15 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        h = x.reshape(-1, shape[-1])
+        return self.routed(x.reshape(-1, shape[-1])).view(shape)
+
+    def routed(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, hidden] -> the routed experts' weighted sum [N, hidden] (router logits to the sink)."""
         logits, weights, experts = self.gate(h)
         sink = _ROUTER_LOGITS.get()
         if sink is not None:
             sink.append(logits)
-        return self.run_experts(h, weights, experts).view(shape)
+        return self.run_experts(h, weights, experts)
 
     def run_experts(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """h [N, hidden], weights [N, k], experts [N, k] -> sum_j weights[:, j] * expert_j(h), [N, hidden]."""
@@ -121,6 +126,39 @@ class SparseMoeBlock(nn.Module):
             return torch.zeros_like(h)
         y = _UngroupRows.apply(torch.cat(outputs), inverse, order).view(N, k, -1)  # (token, slot) order
         return _WeightedSlotSum.apply(y, weights)
+
+
+class SharedExpertGate(Linear):
+    """`shared_expert_gate`: Linear hidden -> 1, no bias; sigmoid of it scales the shared expert per token.
+
+    A linear layer like any other for the checkpoint and for an adapter that names it (PEFT's
+    "all-linear" does), but like the router a routing decision of one row: a 4-bit load keeps it
+    16-bit and this library's "all-linear" leaves it out (a rank-r adapter on a [1, hidden] weight
+    has more parameters than the weight).
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__(hidden, 1, bias=False)
+
+
+class SharedExpertMoeBlock(SparseMoeBlock):
+    """Router + experts + gated shared expert (Qwen3_5MoeSparseMoeBlock). x [..., hidden] -> same shape.
+
+        y = sum over the token's k experts of weight_j * expert_j(x) + sigmoid(gate(x)) * shared_expert(x)
+
+    The router always renormalises its top-k weights (config.norm_topk_prob is True for this family).
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = SharedExpertGate(config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        shared = torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        return (self.routed(h) + shared).view(shape)
 
 
 def _sum_slots(y: torch.Tensor) -> torch.Tensor:
@@ -191,7 +229,7 @@ class _UngroupRows(torch.autograd.Function):
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
-    """Every SparseMoeBlock of `model`, in model order."""
+    """Every SparseMoeBlock (SharedExpertMoeBlock included) of `model`, in model order."""
     return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
 
 
