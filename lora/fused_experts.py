@@ -39,7 +39,6 @@ from torch import nn
 
 from .config import AdapterError
 from .state import PEFT_PREFIX
-from .targets import EXPERT_PROJECTION
 
 # model_type (config.json) of the families whose adapters PEFT does not convert per expert.
 FUSED_EXPERT_MODEL_TYPES = ("qwen3_5_moe_text",)

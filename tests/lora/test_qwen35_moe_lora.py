@@ -17,6 +17,7 @@ import lora
 from lora.config import AdapterError
 from models.qwen import load
 from models.qwen.moe import SharedExpertGate, TopKRouter
+from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
 from tests.lora.conftest import randomise_adapters
 from tests.lora.test_moe_lora import R, peft_lora_grads, peft_model
@@ -84,7 +85,7 @@ def test_adapter_loads_in_peft_with_the_same_logits(ckpt, tmp_path, rslora):
     assert config["rank_pattern"] == {r".*\.gate_up_proj": 2 * R}
     assert config["alpha_pattern"][r".*\.gate_up_proj"] == pytest.approx(gate_up_alpha)
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    E, H, I = model.config.num_experts, model.config.hidden_size, model.config.moe_intermediate_size
+    E, H = model.config.num_experts, model.config.hidden_size
     assert keys["base_model.model.model.layers.2.mlp.experts.lora_B.weight"].shape == (H, R * E)  # down_proj
     assert keys["base_model.model.model.layers.2.mlp.experts.base_layer.lora_A.weight"].shape == (2 * R * E, H)
     assert not any(".experts.0." in k for k in keys)
@@ -182,7 +183,7 @@ def test_qlora_experts_merge_into_the_16_bit_weights(ckpt, tmp_path):
     unmerged and merged, on transformers' model."""
     from quant import NF4Linear
 
-    q = load(ckpt, dtype=torch.float32, quantize="nf4")
+    q = load(ckpt, dtype=torch.float32, quantize=NF4Quantizer())
     lora.inject(q, r=R, alpha=ALPHA)
     mlp = q.model.layers[2].mlp
     assert isinstance(mlp.experts[3].down_proj.base_layer, NF4Linear)

@@ -19,6 +19,7 @@ import torch
 
 from models.qwen import ConfigError, QwenConfig, generate, load, save
 from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter, collect_router_logits
+from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
 from tests.models.test_moe import assert_grads_match
 from tests.models.test_qwen35 import TINY_QWEN35, _randomise_small_parameters
@@ -344,7 +345,7 @@ def test_nf4_load_quantises_every_expert_and_keeps_the_gates(tmp_path):
 
     ref = hf_qwen35_moe(seed=3)
     ref.save_pretrained(tmp_path)
-    q = load(tmp_path, dtype=torch.float32, quantize="nf4")
+    q = load(tmp_path, dtype=torch.float32, quantize=NF4Quantizer())
     mlp = q.model.layers[0].mlp
     assert all(isinstance(getattr(e, p), NF4Linear) for e in [*mlp.experts, mlp.shared_expert]
                for p in ("gate_proj", "up_proj", "down_proj"))
