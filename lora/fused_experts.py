@@ -47,9 +47,15 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"  # the rank_pattern / alpha_pattern key PE
 _EXPERT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
-def uses_fused_layout(model: nn.Module) -> bool:
-    """Whether `model`'s routed-expert adapters go to disk in PEFT's fused layout."""
+def writes_fused_layout(model: nn.Module) -> bool:
+    """Whether `model`'s routed-expert adapters go to disk in PEFT's fused layout (the model types
+    PEFT does not convert per-expert adapters for)."""
     return getattr(getattr(model, "config", None), "model_type", None) in FUSED_EXPERT_MODEL_TYPES
+
+
+def reads_fused_layout(model: nn.Module) -> bool:
+    """Whether `load` takes adapters in PEFT's fused layout (target_parameters): any MoE model."""
+    return getattr(getattr(model, "config", None), "num_experts", 0) > 0
 
 
 def _experts_shape(model: nn.Module) -> tuple[int, int, int]:

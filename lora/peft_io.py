@@ -90,7 +90,15 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
                 "PEFT on transformers 5 maps every gate_proj/up_proj/down_proj target onto the fused experts and "
                 "drops these; this library loads the adapter as it is", stacklevel=2,
             )
-    if fused_experts.uses_fused_layout(model):
+    if config.use_rslora and getattr(model.config, "model_type", None) == "qwen3_moe" and any(
+            EXPERT_PROJECTION.search(n) for n in adapted):
+        warnings.warn(
+            "PEFT (0.21) loads Qwen3-MoE expert adapters trained with rsLoRA at the wrong scale: converting them "
+            "onto transformers' fused experts it sets gate_up_proj's alpha to 2*alpha (rsLoRA needs sqrt(2)*alpha), "
+            "also when the file is written fused; this library reads the per-expert adapter as trained",
+            stacklevel=2,
+        )
+    if fused_experts.writes_fused_layout(model):
         tensors, peft_config = fused_experts.fuse(model, tensors, peft_config, adapted)
     root = Path(path)
     with atomic_directory(root, fsync=False) as tmp:
@@ -136,7 +144,7 @@ def load(
     root = Path(path)
     if not root.is_dir():
         raise AdapterError(f"{root}: adapter directory not found")
-    cfg = read_peft_config(root / CONFIG_NAME, fused_experts=fused_experts.uses_fused_layout(model))
+    cfg = read_peft_config(root / CONFIG_NAME, fused_experts=fused_experts.reads_fused_layout(model))
     tensors = read_adapter_tensors(root)
     file = root / WEIGHTS_NAME
     _check_values(tensors, file)
