@@ -342,6 +342,14 @@ def test_refuses_what_it_cannot_export(tmp_path):
         export_gguf(model_dir, tmp_path / "x.gguf")
     (model_dir / "config.json").write_text(json.dumps(cfg))
 
+    # A family outside the dense ones (a config is enough: refused before any tensor is read).
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                                                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)))
+    with pytest.raises(ExportError, match=r"config\.json: GGUF export covers the dense families .* not model_type 'qwen3_moe'"):
+        export_gguf(moe, tmp_path / "x.gguf")
+
     # A tokenizer with more tokens than the model has rows; then no tokenizer at all.
     byte_tokenizer(AddedToken(400, "<|extra|>")).save_pretrained(model_dir)
     with pytest.raises(ExportError, match="401 tokens but config.json vocab_size is 320"):

@@ -101,6 +101,10 @@ def read_config(model_dir: Path) -> QwenConfig:
     if config.source_format != "hf":
         raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
                           f"with models.qwen.save to get a Qwen2-format directory first")
+    if config.model_type not in ARCHITECTURES:
+        raise ExportError(f"{model_dir / 'config.json'}: GGUF export covers the dense families "
+                          f"{sorted(ARCHITECTURES)}, not model_type {config.model_type!r} (its expert / linear-attention "
+                          f"tensors have other GGUF names; llama.cpp's convert_hf_to_gguf.py converts it)")
     return config
 
 
