@@ -7,6 +7,7 @@ from typing import Iterable
 from torch import nn
 
 from models.qwen.module_tree import replace_module
+from models.qwen.moe import SharedExpertGate
 
 from .linear import NF4Linear
 
@@ -22,13 +23,15 @@ def quantize_model(
     blocksize: int = 64,
     double_quant: bool = True,
 ) -> nn.Module:
-    """Replace every nn.Linear of `model` (except names matched by `skip`) by a frozen NF4Linear.
+    """Replace every nn.Linear of `model` (except names matched by `skip`, and Qwen3.5-MoE's
+    one-row shared_expert_gate, kept 16-bit as the streaming 4-bit load keeps it) by a frozen NF4Linear.
 
     Policy, not targeting: all base linears become 4-bit whatever LoRA later wraps. Each
     layer's compute dtype is its current weight dtype (the model dtype). Returns `model`.
     """
     skip = tuple(skip)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, SharedExpertGate) and not _skipped(n, skip)]
     if not targets:
         raise ValueError(f"quantize_model: no nn.Linear to quantise (skip={skip!r})")
     for name, linear in targets:
