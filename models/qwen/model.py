@@ -10,7 +10,8 @@
     │   │   ├── linear_attn: GatedDeltaNet, instead of self_attn on Qwen3.5's "linear_attention" layers
     │   │   ├── post_attention_layernorm: RMSNorm
     │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj), or in a Qwen3-MoE sparse layer
-    │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU)
+    │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU), or in
+    │   │            Qwen3.5-MoE SharedExpertMoeBlock (+ shared_expert: SwiGLU, shared_expert_gate)
     │   └── norm: RMSNorm (Qwen3.5: ZeroCentredRMSNorm, everywhere)
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
