@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from models.qwen import IGNORE_INDEX
+
 from .cache import CacheWriter, TokenFile, cache_key, cache_root, open_cache
 from .errors import DataError, InputReport, check_on_error
 from .sources import PathLike, file_kind, find_files, iter_documents
@@ -283,7 +285,7 @@ class PackedDataset(torch.utils.data.Dataset):
         if self.document_mask:
             starts = np.ones(len(frag), dtype=bool)
             starts[1:] = frag[1:] != frag[:-1]
-            labels[starts] = -100
+            labels[starts] = IGNORE_INDEX
             idx = np.arange(len(frag))
             first = np.maximum.accumulate(np.where(starts, idx, 0))
             item["position_ids"] = torch.from_numpy(idx - first)

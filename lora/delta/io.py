@@ -29,16 +29,12 @@ from models.qwen import CheckpointError, ConfigError, QwenConfig
 from models.qwen.checkpoint import SAFE_INDEX, checkpoint_files
 from models.qwen.atomic import OWNER_FILES
 from models.qwen.hashing import sha256_file
+from models.qwen.safetensors_file import DTYPES as ST_DTYPES
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 MANIFEST = "manifest.json"
 
-ST_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 PathLike = Union[str, os.PathLike]
