@@ -488,39 +488,46 @@ class QwenConfig:
             source_format="qwen-v1",
         )
 
-    def to_hf(self) -> dict:
-        """The config.json dict that transformers' Qwen2/Qwen3/Qwen3_5ForCausalLM classes load."""
-        if self.is_qwen35:
-            return self._to_hf_qwen35()
+    def _hf_common(self) -> dict:
+        """The config.json keys every family writes (unknown keys read from disk kept under them)."""
         out = dict(self.extra)
         out.update(
             architectures=[ARCHITECTURES[self.model_type]],
             model_type=self.model_type,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             hidden_act="silu",
             max_position_embeddings=self.max_position_embeddings,
-            rope_theta=self.rope_theta,
-            # transformers v5 reads rope_parameters; v4 reads rope_theta. Write both.
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_word_embeddings,
             attention_bias=self.attention_bias,
             attention_dropout=0.0,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=self.num_hidden_layers,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
-            torch_dtype=self.torch_dtype,
             dtype=self.torch_dtype,
             use_cache=True,
+        )
+        return out
+
+    def to_hf(self) -> dict:
+        """The config.json dict that transformers' class for this model_type (ARCHITECTURES) loads."""
+        if self.is_qwen35:
+            return self._to_hf_qwen35()
+        out = self._hf_common()
+        out.update(
+            intermediate_size=self.intermediate_size,
+            rope_theta=self.rope_theta,
+            # transformers v5 reads rope_parameters; v4 reads rope_theta. Write both.
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=self.num_hidden_layers,
+            torch_dtype=self.torch_dtype,
         )
         if self.rope_scaling:
             # v4, vLLM and llama.cpp's converter read the legacy key (v5 prefers it when present).
@@ -543,30 +550,11 @@ class QwenConfig:
         """A text-only `qwen3_5_text` / `qwen3_5_moe_text` config (Qwen3_5[Moe]ForCausalLM), also for
         a model read from a `qwen3_5[_moe]` checkpoint: its vision tower and MTP head were not
         loaded, so not written."""
-        out = dict(self.extra)
+        out = self._hf_common()
         out.update(
-            architectures=[ARCHITECTURES[self.model_type]],
-            model_type=self.model_type,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            hidden_act="silu",
-            max_position_embeddings=self.max_position_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
                              "partial_rotary_factor": self.partial_rotary_factor},
-            rms_norm_eps=self.rms_norm_eps,
-            tie_word_embeddings=self.tie_word_embeddings,
-            attention_bias=self.attention_bias,
-            attention_dropout=0.0,
             layer_types=list(self.layer_types),
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            dtype=self.torch_dtype,
-            use_cache=True,
             **{k: getattr(self, k) for k in LINEAR_ATTENTION_KEYS},
         )
         if self.num_experts:  # Qwen3_5MoeTextConfig's keys (no norm_topk_prob: it always renormalises)
