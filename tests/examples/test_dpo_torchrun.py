@@ -102,7 +102,7 @@ def test_dpo_under_torchrun_is_the_one_process_run(sft_model, one_process, tmp_p
     proc = dpo(model, pairs, two, cache, processes=2, batch_size=1)
     assert proc.stdout.count("== qwen-tune stage 3") == 1               # only rank 0 prints
     assert proc.stdout.count("held-out before:") == 1 and proc.stdout.count("held-out after:") == 1
-    assert "1 x 2 sequences on each of 2 processes" in proc.stdout
+    assert "1 x 2 pairs on each of 2 processes" in proc.stdout
     assert (two / "merged" / "config.json").is_file() and (two / "run.json").is_file()
     assert_same_run(two, one_process)
 
