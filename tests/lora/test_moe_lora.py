@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import lora
-from lora.config import AdapterError
 from models.qwen import load
 from models.qwen.moe import SparseMoeBlock, TopKRouter
 from quant import NF4Quantizer
@@ -88,6 +87,20 @@ def test_adapter_loads_in_peft_with_the_same_logits(pair, tmp_path):
         assert torch.equal(again(ids), got)
 
 
+def assert_lora_grads_match_peft(peft, ours) -> None:
+    """Every adapter's A and B gradient equals PEFT's (after backward on both), to 1e-4."""
+    want = peft_lora_grads(peft)
+    layers = lora.adapter_modules(ours)
+    assert set(want) == set(layers)
+    for name, layer in layers.items():
+        gA, gB = want[name]
+        if not gB.any():  # an expert no token reached: zero on both sides
+            assert not layer.lora_B.weight.grad.any(), name
+            continue
+        assert max_rel_err(layer.lora_A.weight.grad, gA) <= 1e-4, name
+        assert max_rel_err(layer.lora_B.weight.grad, gB) <= 1e-4, name
+
+
 def peft_lora_grads(peft) -> dict:
     """PEFT's LoRA gradients by our module names: per-expert slices of its fused A/B (see the
     layout in peft.utils.transformers_weight_conversion: A [E*r', in] expert-major, B [out, r'*E]
@@ -132,16 +145,7 @@ def test_loss_and_gradients_match_peft(pair, tmp_path):
     assert abs(loss_ours.item() - loss_peft.item()) <= 1e-5 * loss_peft.item()
     loss_peft.backward()
     loss_ours.backward()
-    want = peft_lora_grads(peft)
-    layers = lora.adapter_modules(ours)
-    assert set(want) == set(layers)
-    for name, layer in layers.items():
-        gA, gB = want[name]
-        if not gB.any():  # an expert no token reached: zero on both sides
-            assert not layer.lora_B.weight.grad.any(), name
-            continue
-        assert max_rel_err(layer.lora_A.weight.grad, gA) <= 1e-4, name
-        assert max_rel_err(layer.lora_B.weight.grad, gB) <= 1e-4, name
+    assert_lora_grads_match_peft(peft, ours)
 
 
 def test_unrouted_experts_get_zero_gradients(tmp_path):

@@ -119,19 +119,15 @@ def assert_grads_match(ref, ours, tol=1e-4):
         assert max_rel_err(p.grad, want) <= tol, name
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_router_aux_loss_matches_transformers(tmp_path, padded):
-    """output_router_logits: loss = CE + router_aux_loss_coef x load-balancing loss, with its
-    gradient into the routers; padding (attention_mask 0) is left out of the balance."""
-    ref = hf_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.3, num_hidden_layers=3)
-    save_hf_model(ref, tmp_path / "ckpt")
-    ours = load(tmp_path / "ckpt", dtype=torch.float32)
-    assert ours.config.output_router_logits and ours.config.router_aux_loss_coef == 0.3
+def train_step_with_aux_loss(ref, ours, length: int, pad_from=None):
+    """One training-mode forward + backward of both models on the same batch (row 1 right-padded
+    from `pad_from`); checks the balance term is there, the losses and every gradient agree.
+    Returns (ids, mask, labels, transformers' output, our loss)."""
     ref.train(), ours.train()
-    ids = random_ids(2, 17, seed=4)
+    ids = random_ids(2, length, seed=4)
     mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 12:] = 0  # right padding
+    if pad_from is not None:
+        mask[1, pad_from:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     out = ref(ids, labels=labels, attention_mask=mask)
     loss_ours = ours(ids, labels=labels, attention_mask=mask)
@@ -140,6 +136,18 @@ def test_router_aux_loss_matches_transformers(tmp_path, padded):
     out.loss.backward()
     loss_ours.backward()
     assert_grads_match(ref, ours)
+    return ids, mask, labels, out, loss_ours
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_router_aux_loss_matches_transformers(tmp_path, padded):
+    """output_router_logits: loss = CE + router_aux_loss_coef x load-balancing loss, with its
+    gradient into the routers; padding (attention_mask 0) is left out of the balance."""
+    ref = hf_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.3, num_hidden_layers=3)
+    save_hf_model(ref, tmp_path / "ckpt")
+    ours = load(tmp_path / "ckpt", dtype=torch.float32)
+    assert ours.config.output_router_logits and ours.config.router_aux_loss_coef == 0.3
+    ids, mask, labels, out, loss_ours = train_step_with_aux_loss(ref, ours, length=17, pad_from=12 if padded else None)
     # reduction="sum": the aux term weighted by the supervised tokens (sum / n = the mean loss)
     loss_sum, n = ours(ids, labels=labels, attention_mask=mask, reduction="sum")
     assert torch.allclose(loss_sum / n, loss_ours, rtol=1e-6)

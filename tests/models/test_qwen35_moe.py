@@ -21,7 +21,7 @@ from models.qwen import ConfigError, QwenConfig, generate, load, save
 from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter, collect_router_logits
 from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
-from tests.models.test_moe import assert_grads_match
+from tests.models.test_moe import assert_grads_match, train_step_with_aux_loss
 from tests.models.test_qwen35 import TINY_QWEN35, _randomise_small_parameters
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation"),
@@ -239,19 +239,7 @@ def test_router_aux_loss_matches_transformers(tmp_path, padded):
     ref = hf_qwen35_moe(seed=2, output_router_logits=True, router_aux_loss_coef=0.3)
     ref.save_pretrained(tmp_path)
     ours = load(tmp_path, dtype=torch.float32)
-    ref.train(), ours.train()
-    ids = random_ids(2, 23, seed=4)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 15:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    out = ref(ids, labels=labels, attention_mask=mask)
-    loss_ours = ours(ids, labels=labels, attention_mask=mask)
-    assert out.aux_loss > 1.0  # the balance term is really there (1 = perfectly balanced)
-    assert abs(loss_ours.item() - out.loss.item()) <= 1e-5 * out.loss.item()
-    out.loss.backward()
-    loss_ours.backward()
-    assert_grads_match(ref, ours)
+    ids, mask, labels, out, _ = train_step_with_aux_loss(ref, ours, length=23, pad_from=15 if padded else None)
     ours.eval()
     with torch.no_grad(), collect_router_logits() as logits:
         want = out.loss - 0.3 * out.aux_loss
