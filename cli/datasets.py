@@ -19,8 +19,12 @@ def cpt_datasets(paths: Sequence[Path], tok, *, block_size: int, eval_fraction: 
     by whole document into train/held-out, and packed into blocks with document masking.
     """
     from data import DataError, load_corpus, pack_documents
+    from train import distributed
 
-    corpus = load_corpus([str(p) for p in paths], tok, text_field=text_field, progress=sys.stderr.isatty())
+    # Under torchrun rank 0 tokenises into the cache first and the other ranks read it: ranks
+    # writing one cache at once raced (a rank that found it half-there rebuilt it under the other).
+    with distributed.main_process_first():
+        corpus = load_corpus([str(p) for p in paths], tok, text_field=text_field, progress=sys.stderr.isatty())
     train_docs, val_docs = corpus.split(eval_fraction, seed=seed)
     train = pack_documents(train_docs, block_size, document_mask=document_mask)
     held_out = None

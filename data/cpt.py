@@ -84,7 +84,12 @@ def tokenize_file(
     cached = open_cache(final)
     if cached is not None:
         return cached
-    if final.exists():  # damaged (files deleted or truncated): rebuild it
+    if final.exists():
+        # Damaged (files deleted or truncated): rebuild it. Look once more first: another process
+        # may have moved a complete cache into place since the first look.
+        cached = open_cache(final)
+        if cached is not None:
+            return cached
         shutil.rmtree(final, ignore_errors=True)
 
     report = InputReport()

@@ -70,7 +70,8 @@ def torchrun(script: Path, *args: str, **env) -> subprocess.CompletedProcess:
     # --standalone: the agent picks a free port for the rendezvous itself
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(**env), timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-4000:]
+    # The first failing rank's one-line error comes first; the other rank's traceback after it.
+    assert r.returncode == 0, f"stdout: {r.stdout[-1500:]}\nstderr (start): {r.stderr[:3000]}\n...\n{r.stderr[-2000:]}"
     return r
 
 
