@@ -134,8 +134,8 @@ def build_trainer(model, args: argparse.Namespace, out: Path, train_ds, eval_ds,
             raise UsageError(f"--warmup-steps {cfg.warmup_steps}: more than the run's steps ({e})") from None
         raise
     world = trainer.dist.world_size   # torchrun: batch size and accumulation are per process
-    rows = "pairs" if getattr(objective, "unit", None) == "pair" else "sequences"   # what a batch row is
-    split = f"{cfg.batch_size} x {cfg.grad_accum} {rows}" + (f" on each of {world} processes" if world > 1 else "")
+    split = (f"{cfg.batch_size} x {cfg.grad_accum} {trainer.objective.example_name}"
+             + (f" on each of {world} processes" if world > 1 else ""))
     mode = {"lora": "LoRA", "full": "all parameters", "full-then-lora": f"all parameters for "
             f"{trainer.switch_step} steps, then LoRA"}[cfg.mode]
     say(f"training ({mode}): {trainer.total_steps} optimizer steps of {split}, warm-up {trainer.warmup} steps, "

@@ -27,6 +27,7 @@ class Objective(Protocol):
 
     unit: str          # what count() counts, for messages ("supervised token", "pair")
     count_name: str    # its key in metrics.jsonl ("supervised_tokens", "pairs")
+    example_name: str  # what one dataset item (a row of --batch-size) is, plural ("sequences", "pairs")
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
@@ -45,6 +46,7 @@ class LanguageModelLoss:
 
     unit = "supervised token"
     count_name = "supervised_tokens"
+    example_name = "sequences"
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return supervised_tokens(batch["labels"])

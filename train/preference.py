@@ -91,6 +91,7 @@ class PreferenceObjective:
 
     unit = "pair"
     count_name = "pairs"
+    example_name = "pairs"
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
                  reference: Optional[str] = "auto"):
