@@ -87,6 +87,23 @@ def test_adapter_loads_in_peft_with_the_same_logits(pair, tmp_path):
         assert torch.equal(again(ids), got)
 
 
+def train_save_and_merge(q, adapter_dir):
+    """One backward through a QLoRA model (every adapter gets a gradient), its adapter saved to
+    `adapter_dir`, then merged: the merged model computes what the adapted one did (to 1e-5).
+    Returns (merged model, the ids it was checked on)."""
+    ids = random_ids(2, 17, seed=8)
+    q.train()
+    q(ids, labels=ids).backward()
+    lora.check_gradients(q)
+    q.eval()
+    with torch.no_grad():
+        adapted = q(ids)
+        lora.save(q, adapter_dir)
+        merged = lora.merge(q)
+        assert max_rel_err(merged(ids), adapted) <= 1e-5
+    return merged, ids
+
+
 def assert_lora_grads_match_peft(peft, ours) -> None:
     """Every adapter's A and B gradient equals PEFT's (after backward on both), to 1e-4."""
     want = peft_lora_grads(peft)
@@ -186,16 +203,7 @@ def test_qlora_experts_merge_into_the_16_bit_weights(pair, tmp_path):
     expert = q.model.layers[0].mlp.experts[3].down_proj
     assert isinstance(expert, lora.LoRALinear) and isinstance(expert.base_layer, NF4Linear)
     randomise_b(q, seed=2)
-    ids = random_ids(2, 17, seed=8)
-    q.train()
-    q(ids, labels=ids).backward()
-    lora.check_gradients(q)
-    q.eval()
-    with torch.no_grad():
-        adapted = q(ids)
-        lora.save(q, tmp_path / "adapter")
-        merged = lora.merge(q)
-        assert max_rel_err(merged(ids), adapted) <= 1e-5
+    merged, ids = train_save_and_merge(q, tmp_path / "adapter")
     assert isinstance(merged.model.layers[0].mlp.experts[3].down_proj, torch.nn.Linear)
 
     full = load(tmp_path / "ckpt", dtype=torch.float32)

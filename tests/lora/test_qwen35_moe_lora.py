@@ -20,7 +20,7 @@ from models.qwen.moe import SharedExpertGate, TopKRouter
 from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
 from tests.lora.conftest import randomise_adapters
-from tests.lora.test_moe_lora import R, assert_lora_grads_match_peft, peft_model
+from tests.lora.test_moe_lora import R, assert_lora_grads_match_peft, peft_model, train_save_and_merge
 from tests.models.test_qwen35_moe import hf_qwen35_moe
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
@@ -181,16 +181,7 @@ def test_qlora_experts_merge_into_the_16_bit_weights(ckpt, tmp_path):
     assert isinstance(mlp.shared_expert.up_proj.base_layer, NF4Linear)
     assert type(mlp.shared_expert_gate) is SharedExpertGate  # 16-bit, no adapter
     randomise_adapters(q, seed=6, std=STD)
-    ids = random_ids(2, 17, seed=8)
-    q.train()
-    q(ids, labels=ids).backward()
-    lora.check_gradients(q)
-    q.eval()
-    with torch.no_grad():
-        adapted = q(ids)
-        lora.save(q, tmp_path / "adapter")
-        merged = lora.merge(q)
-        assert max_rel_err(merged(ids), adapted) <= 1e-5
+    merged, ids = train_save_and_merge(q, tmp_path / "adapter")
     assert isinstance(merged.model.layers[2].mlp.experts[3].down_proj, torch.nn.Linear)
 
     full = lora.merge(lora.load(load_ours(ckpt), tmp_path / "adapter"))
