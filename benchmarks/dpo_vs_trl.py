@@ -57,7 +57,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vs_hf import checkpoint_dir, run_worker  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from vs_hf import checkpoint_dir, print_every_run, run_worker  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 LORA = dict(r=16, alpha=16)
 BETA = 0.1
@@ -290,10 +290,7 @@ def main() -> None:
     print(f"max |loss ours - loss trl| over the steps: {max(abs(a - b) for a, b in zip(ours['losses'], trl['losses'])):.2e}")
     print("margin/step    ours:", " ".join(f"{x:.5f}" for x in ours["margins"]))
     print("               trl: ", " ".join(f"{x:.5f}" for x in trl["margins"]))
-    for side in ("ours", "trl"):
-        print(f"tokens/s of every {side} run:", " ".join(f"{d['tokens_per_s']:.1f}" for d in runs[side]))
-        if args.device == "cpu":
-            print(f"tokens/CPU-s of every {side} run:", " ".join(f"{d['tokens_per_cpu_s']:.1f}" for d in runs[side]))
+    print_every_run(runs, args.device)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,14 @@ def run_worker(cmd: list[str], label: str) -> dict:
     return {k: v for line in lines for k, v in json.loads(line).items()}
 
 
+def print_every_run(runs: dict[str, list[dict]], device: str) -> None:
+    """tokens/s (and on the CPU tokens per CPU-second) of each run of each side, in run order."""
+    for side, side_runs in runs.items():
+        print(f"tokens/s of every {side} run:", " ".join(f"{d['tokens_per_s']:.1f}" for d in side_runs))
+        if device == "cpu":
+            print(f"tokens/CPU-s of every {side} run:", " ".join(f"{d['tokens_per_cpu_s']:.1f}" for d in side_runs))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="bench-100m",
@@ -281,10 +289,7 @@ def main() -> None:
     print(f"matmul peak measured: {peak / 1e9:.0f} GFLOP/s; {unit}")
     print("losses ours:", " ".join(f"{x:.4f}" for x in ours["losses"]))
     print("losses hf:  ", " ".join(f"{x:.4f}" for x in hf["losses"]))
-    for side in ("ours", "hf"):
-        print(f"tokens/s of every {side} run:", " ".join(f"{d['tokens_per_s']:.1f}" for d in runs[side]))
-        if args.device == "cpu":
-            print(f"tokens/CPU-s of every {side} run:", " ".join(f"{d['tokens_per_cpu_s']:.1f}" for d in runs[side]))
+    print_every_run(runs, args.device)
     typical = {side: statistics.median(d["tokens_per_s"] for d in r) for side, r in runs.items()}
     print(f"median run: ours {typical['ours']:.1f}, hf {typical['hf']:.1f} tokens/s, "
           f"ratio {typical['ours'] / typical['hf']:.2f}")
