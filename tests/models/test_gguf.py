@@ -370,9 +370,13 @@ def test_file_is_replaced_whole_and_modelfile(tmp_path):
     second = export_gguf(model_dir, out, "q8_0")  # same path: replaced, no temp file left
     assert second.n_bytes == out.stat().st_size < size_f16
     assert [p.name for p in out.parent.iterdir()] == [out.name]
-    modelfile = write_modelfile(out)
+    modelfile = write_modelfile(out)   # no model folder: no owner, no TEMPLATE
     assert modelfile == out.parent / "Modelfile"
     text = modelfile.read_text(encoding="utf-8")
     assert text == modelfile_text(out)
     assert text.splitlines() == ["FROM ./chat-q8_0.gguf", 'PARAMETER stop "<|im_end|>"',
                                  'PARAMETER stop "<|endoftext|>"']
+    write_modelfile(out, model_dir)
+    lines = modelfile.read_text(encoding="utf-8").splitlines()
+    assert lines[:3] == [f"# qwen-tune export of {model_dir.resolve()}", "FROM ./chat-q8_0.gguf", 'TEMPLATE """{{- if .Messages }}']
+    assert lines[-2:] == ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"']
