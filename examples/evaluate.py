@@ -18,8 +18,8 @@ report.json and loss_curves.png (from the runs' metrics.jsonl, when matplotlib i
 into --out.
 
 With no --model/--adapter it evaluates the embedded-default pipeline (cpt.py, merge.py,
-sft.py, residual.py with no flags): the cached demo base, base + runs/cpt/adapter,
-runs/cpt-merged, runs/sft/merged, runs/residual; held-out Python documentation for the
+sft.py, dpo.py, residual.py with no flags): the cached demo base, base + runs/cpt/adapter,
+runs/cpt-merged, runs/sft/merged, runs/dpo/merged, runs/residual; held-out Python documentation for the
 domain and general text and the held-out Q/A set for the instructions. Stages not run yet
 are listed as missing, with the command that makes them.
 """
@@ -160,14 +160,9 @@ def default_stages() -> tuple[list, list]:
     """(candidates, missing) of the embedded-default run: what exists under runs/ now."""
     from train.evaluation import Candidate
 
-    cpt, merged, sft, residual = paths.CPT_OUT, paths.MERGED_OUT, paths.SFT_OUT, DEFAULT_RESIDUAL_OUT
+    cpt, merged, residual = paths.CPT_OUT, paths.MERGED_OUT, DEFAULT_RESIDUAL_OUT
+    is_model, is_adapter = paths.is_model, paths.is_adapter
     found, missing = [], []
-
-    def is_model(d: Path) -> bool:
-        return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
-
-    def is_adapter(d: Path) -> bool:
-        return (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
 
     # The base is the one the stage-1 adapter records (cpt.py --model DIR with the default
     # --out), else the cached demo base of the embedded default.
@@ -187,12 +182,14 @@ def default_stages() -> tuple[list, list]:
         ("base", base, None, "python examples/cpt.py (pretrains and caches the demo base)"),
         ("cpt", base, cpt / "adapter", "python examples/cpt.py"),
         ("cpt-merged", merged, None, "python examples/merge.py"),
-        ("sft", sft / "merged", None, "python examples/sft.py"),
+        *((stage, out / "merged", None, f"python examples/{stage}.py")
+          for stage, out, _ in reversed(paths.TUNED_STAGES)),
         ("residual", residual, None, "python examples/residual.py"),
     ]
+    on_base = {stage: (out / "adapter", under) for stage, out, under in paths.TUNED_STAGES}
     for name, model, adapter, command in stages:
-        if name == "sft" and not is_model(model) and is_adapter(sft / "adapter") and is_model(merged):
-            model, adapter = merged, sft / "adapter"  # sft.py --no-merge: the adapter on its base
+        if name in on_base and not is_model(model) and is_adapter(on_base[name][0]) and is_model(on_base[name][1]):
+            adapter, model = on_base[name]  # sft.py / dpo.py --no-merge: the adapter on its base
         ok = is_model(model) and (adapter is None or is_adapter(adapter))
         where = adapter if adapter is not None else model
         if ok:

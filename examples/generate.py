@@ -1,6 +1,6 @@
 """Chat with, or complete text from, a model directory with an optional LoRA adapter.
 
-    python examples/generate.py                     # runs/cpt-merged + runs/sft/adapter, demo questions
+    python examples/generate.py                     # the latest stage's model (runs/dpo, else runs/sft), demo questions
     python examples/generate.py --model runs/sft/merged --prompt "What does json.dumps do?"
     python examples/generate.py --model /models/Qwen2.5-7B --adapter runs/cpt/adapter \\
         --mode completion --prompt "The TCP handshake"
@@ -31,9 +31,11 @@ DEMO_QUESTIONS = (
 
 def build_parser() -> flags.Parser:
     p = flags.new_parser("generate.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help=f"model directory (default: {paths.MERGED_OUT})")
+    p.add_argument("--model", metavar="DIR", help=f"model directory (default: the latest stage's: {paths.DPO_OUT}/merged, "
+                                                  f"else {paths.SFT_OUT}/merged, else {paths.MERGED_OUT})")
     p.add_argument("--adapter", metavar="DIR",
-                   help=f"LoRA adapter directory (default with the default model: {paths.SFT_OUT / 'adapter'})")
+                   help="LoRA adapter directory (default with the default model: the latest stage's adapter/ when "
+                        "it has no merged/ or with --compare)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt or user message; repeat for several (default: demo questions)")
     p.add_argument("--mode", choices=("chat", "completion"), default="chat", help="chat template or raw completion")
@@ -51,9 +53,13 @@ def build_parser() -> flags.Parser:
 
 
 def resolve(args):
+    """(model dir, adapter dir or None); with no --model/--adapter, the latest stage's output."""
+    latest = paths.latest_tuned(prefer_adapter=args.compare) if args.model is None and args.adapter is None else None
+    if latest is not None:
+        stage, model, adapter = latest
+        log(f"no --model: the latest stage's output, {stage} ({adapter or model})")
+        args.model, args.adapter = str(model), (str(adapter) if adapter else None)
     model = inputs.model_dir_or_default(args.model, paths.MERGED_OUT, "examples/cpt.py and examples/merge.py")
-    if args.model is None and args.adapter is None and (paths.SFT_OUT / "adapter").is_dir():
-        args.adapter = str(paths.SFT_OUT / "adapter")
     adapter = inputs.check_adapter_dir(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
         raise UsageError("--compare needs an --adapter (base = --model alone, tuned = --model + --adapter)")
@@ -80,14 +86,20 @@ def main(argv=None) -> int:
     stop = CHAT_STOP_IDS if args.mode == "chat" else (ENDOFTEXT_ID,)
 
     def encode(text: str) -> list[int]:
-        return chat_ids(tok, text, args.system) if args.mode == "chat" else tok.encode(text)
+        if args.mode == "chat":
+            return chat_ids(tok, text, args.system)   # an empty user message is a valid conversation
+        # Qwen has no BOS: an empty completion prompt starts a new document, which is what
+        # follows <|endoftext|> in pretraining.
+        return tok.encode(text) or [ENDOFTEXT_ID]
 
-    def answer(text: str, label: str) -> str:
-        sys.stdout.write(f"[{label}] ")
-        sys.stdout.flush()
+    def answer(text: str, label: str, stream: bool = True) -> str:
+        if stream:
+            sys.stdout.write(f"[{label}] ")
+            sys.stdout.flush()
         out = generate_text(model, tok, encode(text), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, stop_ids=stop, seed=args.seed)
-        log()
+                            top_k=args.top_k, top_p=args.top_p, stop_ids=stop, seed=args.seed, stream=stream)
+        if stream:
+            log()
         return out
 
     for text in prompts:
@@ -95,9 +107,9 @@ def main(argv=None) -> int:
         if not args.compare:
             answer(text, "tuned" if adapter else "model")
             continue
-        with lora.disable_adapters(model):
-            base = answer(text, "base")
-        tuned = answer(text, "tuned")
+        with lora.disable_adapters(model):  # both answers are printed once, side by side
+            base = answer(text, "base", stream=False)
+        tuned = answer(text, "tuned", stream=False)
         log(side_by_side(base, tuned))
     return 0
 
