@@ -86,6 +86,18 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> li
 
 
 
+def merge_eos(*values: Any) -> Any:
+    """One eos_token_id value from several (each an id, a list of ids or None), in order and
+    without repeats: an int when one id remains, a list when several (generation_config.json's
+    `[151645, 151643]` makes HF's generate stop at either), None when none."""
+    ids: list = []
+    for value in values:
+        for i in ([] if value is None else value if isinstance(value, (list, tuple)) else [value]):
+            if i not in ids:
+                ids.append(i)
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
 def dtype_from_name(name: Any) -> Optional[torch.dtype]:
     """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
     if name is None or isinstance(name, torch.dtype):

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, build_attention_mask
-from .config import LINEAR_ATTENTION, QwenConfig
+from .config import LINEAR_ATTENTION, QwenConfig, merge_eos
 from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
@@ -181,11 +181,13 @@ class Qwen(nn.Module):
                 module.weight.normal_(0.0, std)
 
     def use_chat_eos(self) -> "Qwen":
-        """Make <|im_end|> the eos in config.json and generation_config.json (pad stays
-        <|endoftext|>), so generation from a chat-tuned model stops where the turn ends."""
+        """Make <|im_end|> the eos in config.json and the first eos of generation_config.json
+        (pad stays <|endoftext|>), so generation from a chat-tuned model stops where the turn
+        ends; the ids generation_config.json listed stay after it (HF's generate stops at each)."""
         self.config.eos_token_id = IM_END_ID
         self.config.pad_token_id = ENDOFTEXT_ID
-        self.generation_config.update(eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID)
+        eos = merge_eos(IM_END_ID, self.generation_config.get("eos_token_id"))
+        self.generation_config.update(eos_token_id=eos, pad_token_id=ENDOFTEXT_ID)
         return self
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "Qwen":
