@@ -99,3 +99,16 @@ def test_no_model_takes_the_latest_stage(tmp_path, model_dir):
     assert "the latest stage's merged model, dpo (runs/dpo/merged)" in proc.stdout
     first = (tmp_path / "runs" / "gguf" / "Modelfile").read_text(encoding="utf-8").splitlines()[0]
     assert first == f"# qwen-tune export of {(tmp_path / 'runs/dpo/merged').resolve()}"
+
+
+def test_a_qwen3_moe_folder_is_exported(tmp_path):
+    """Issue 30, item 9: export.py turned a qwen3_moe folder down; it is llama.cpp's qwen3moe now
+    (the tensors themselves: tests/models/test_gguf.py::test_qwen3_moe_as_llama_cpp_converts_it)."""
+    from tests.models.test_gguf import SMALL_MOE
+
+    model, _ = write_model(tmp_path / "moe", "qwen3_moe", tie_word_embeddings=False, **SMALL_MOE)
+    proc = run_script("export.py", "--model", model, "--gguf", tmp_path / "moe.gguf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "moe.gguf").fields.items()}
+    assert fields["general.architecture"] == "qwen3moe" and fields["qwen3moe.expert_count"] == SMALL_MOE["num_experts"]
+    assert "qwen3moe" in proc.stdout

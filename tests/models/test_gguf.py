@@ -170,6 +170,69 @@ def test_tensors_and_metadata_read_back(tmp_path, kind, dtype, tied, file_type):
     assert ids == (258, 256, 256)
 
 
+# ---------------------------------------------------------------------- Qwen3-MoE
+SMALL_MOE = dict(SMALL_QWEN3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+EXPERT_KINDS = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
+                "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+
+
+@pytest.mark.parametrize("file_type", ["f16", "q8_0"])
+def test_qwen3_moe_as_llama_cpp_converts_it(tmp_path, file_type):
+    """convert_hf_to_gguf.py's Qwen3MoeModel (Qwen2MoeModel.modify_tensors): each layer's experts
+    stacked in expert order into blk.N.ffn_{gate,up,down}_exps [n_expert, rows, cols], the
+    router as blk.N.ffn_gate_inp in F32, expert_count / expert_used_count /
+    expert_feed_forward_length; names and keys from the gguf package's tables, values from
+    the safetensors transformers wrote."""
+    model_dir, config = write_model(tmp_path / "model", "qwen3_moe", tie_word_embeddings=False, **SMALL_MOE)
+    summary = export_gguf(model_dir, tmp_path / "m.gguf", file_type)
+    fields, tensors = read(summary.path)
+    source = load_file(str(model_dir / "model.safetensors"))
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3MOE]
+    n_exp = config.num_local_experts
+
+    expected = {}   # GGUF name -> the checkpoint tensor(s) it holds
+    for name, x in source.items():
+        if ".mlp.experts." in name:
+            continue
+        if name.endswith("mlp.gate.weight"):
+            expected[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP].format(bid=name.split(".")[2]) + ".weight"] = x
+        else:
+            expected[llama_cpp_name(name)] = x
+    for i in range(config.num_hidden_layers):
+        for w, kind in EXPERT_KINDS.items():
+            stacked = torch.stack([source[f"model.layers.{i}.mlp.experts.{e}.{w}_proj.weight"] for e in range(n_exp)])
+            expected[gguf.TENSOR_NAMES[kind].format(bid=i) + ".weight"] = stacked
+    assert set(tensors) == set(expected)
+    for name, x in expected.items():
+        t = tensors[name]
+        assert [int(n) for n in reversed(t.shape)] == list(x.shape), name
+        if x.dim() == 1 or "ffn_gate_inp" in name:   # norms and the router stay F32
+            assert t.tensor_type == Q.F32, name
+            assert np.array_equal(np.asarray(t.data).reshape(x.shape), x.numpy()), name
+            continue
+        wanted = Q.Q8_0 if file_type == "q8_0" and x.shape[-1] % 32 == 0 else Q.F16
+        assert t.tensor_type == wanted, (name, t.tensor_type)
+        data = np.asarray(t.data)
+        if wanted == Q.F16:
+            assert np.array_equal(data.reshape(x.shape), x.to(torch.float16).numpy()), name
+        else:
+            deq = torch.from_numpy(gguf.quants.dequantize(data, Q.Q8_0).copy()).reshape(x.shape)
+            assert bool(((deq.double() - x.double()).abs() <= q8_0_bound(x)).all()), name
+
+    assert fields[Keys.General.ARCHITECTURE] == arch
+    moe_keys = {Keys.LLM.EXPERT_COUNT: n_exp, Keys.LLM.EXPERT_USED_COUNT: config.num_experts_per_tok,
+                Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: config.moe_intermediate_size,
+                Keys.LLM.FEED_FORWARD_LENGTH: config.intermediate_size, Keys.LLM.BLOCK_COUNT: config.num_hidden_layers,
+                Keys.Attention.KEY_LENGTH: SMALL_MOE["head_dim"]}
+    for key, value in moe_keys.items():
+        assert fields[key.format(arch=arch)] == value, key
+    # general.size_label as gguf.size_label gives it for (total, shared, per-expert, experts) counts.
+    assert fields[Keys.General.SIZE_LABEL] == gguf.size_label(
+        sum(int(np.prod(x.shape)) for x in expected.values()),
+        sum(int(np.prod(x.shape)) for n, x in expected.items() if "_exps." not in n),
+        sum(int(np.prod(x.shape)) // n_exp for n, x in expected.items() if "_exps." in n), n_exp)
+
+
 # ---------------------------------------------------------------------- Qwen's real vocabulary
 REAL = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
@@ -342,13 +405,19 @@ def test_refuses_what_it_cannot_export(tmp_path):
         export_gguf(model_dir, tmp_path / "x.gguf")
     (model_dir / "config.json").write_text(json.dumps(cfg))
 
-    # A family outside the dense ones (a config is enough: refused before any tensor is read).
-    moe = tmp_path / "moe"
-    moe.mkdir()
-    (moe / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
-                                                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)))
-    with pytest.raises(ExportError, match=r"config\.json: GGUF export covers the dense families .* not model_type 'qwen3_moe'"):
-        export_gguf(moe, tmp_path / "x.gguf")
+    # Qwen3.5 (llama.cpp converts it itself), and a Qwen3-MoE with a dense layer, which llama.cpp's
+    # qwen3moe has no place for: refused from config.json before any tensor is read.
+    other = tmp_path / "other"
+    other.mkdir()
+    moe = dict(cfg, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=16)
+    (other / "config.json").write_text(json.dumps(dict(moe, mlp_only_layers=[1])))
+    with pytest.raises(ExportError, match=r"config\.json: layer 1 is dense .* qwen3moe"):
+        export_gguf(other, tmp_path / "x.gguf")
+    (other / "config.json").write_text(json.dumps(dict(moe, model_type="qwen3_5_moe_text",
+                                                       architectures=["Qwen3_5MoeForCausalLM"])))
+    with pytest.raises(ExportError, match=r"not model_type 'qwen3_5_moe_text' .*convert_hf_to_gguf\.py"):
+        export_gguf(other, tmp_path / "x.gguf")
 
     # A tokenizer with more tokens than the model has rows; then no tokenizer at all.
     byte_tokenizer(AddedToken(400, "<|extra|>")).save_pretrained(model_dir)

@@ -1,10 +1,10 @@
-"""Write a GGUF file (llama.cpp, Ollama) from an HF-format Qwen2/Qwen3 model directory.
+"""Write a GGUF file (llama.cpp, Ollama) from an HF-format Qwen2/Qwen3/Qwen3-MoE model directory.
 
     from models.qwen.export import export_gguf
     summary = export_gguf("runs/sft/merged", "runs/gguf/model-q8_0.gguf", file_type="q8_0")
 
 The file holds what llama.cpp's convert_hf_to_gguf.py writes for these models: the
-architecture (`qwen2` / `qwen3`), its hyper-parameters under the gguf package's key names,
+architecture (`qwen2` / `qwen3` / `qwen3moe`), its hyper-parameters under the gguf package's key names,
 the tokenizer with its chat template (see gguf_vocab.py) and the tensors (see gguf_tensors.py).
 Tensors are streamed: the header is written from the safetensors headers, then each tensor
 is read, converted and appended in turn, so memory holds one tensor at a time. The file is
@@ -25,7 +25,8 @@ import numpy as np
 from ..checkpoint import checkpoint_files, iter_tensors
 from ..config import ConfigError, QwenConfig
 from .errors import ExportError
-from .gguf_tensors import ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, encode, plan_tensors, skipped
+from .gguf_tensors import (ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, encode, plan_tensors, skipped,
+                           stack_experts)
 from .gguf_vocab import read_vocab
 
 PathLike = Union[str, os.PathLike]
@@ -62,11 +63,13 @@ def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
     arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type]]
     writer = gguf.GGUFWriter(path=None, arch=arch)
     n_params = sum(p.numel for p in plans)
-    add_metadata(writer, config, file_type, name or model_dir.resolve().name, n_params)
+    add_metadata(writer, config, file_type, name or model_dir.resolve().name)
     vocab.add_to(writer)
     for p in plans:
         # With raw_dtype given, a non-uint8 dtype tells the writer `p.shape` is the logical shape.
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
+    # The converter's label ("8B", "30B-A3B" for experts) from the writer's own count of the tensors.
+    writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -91,7 +94,7 @@ def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
 
 
 def read_config(model_dir: Path) -> QwenConfig:
-    """config.json of a Qwen2/Qwen3 model (Qwen-7B v1 checkpoints are refused: other names)."""
+    """config.json of a Qwen2/Qwen3/Qwen3-MoE model (Qwen-7B v1 checkpoints are refused: other names)."""
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: not a directory (expected an HF-format Qwen model directory)")
     try:
@@ -102,17 +105,20 @@ def read_config(model_dir: Path) -> QwenConfig:
         raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
                           f"with models.qwen.save to get a Qwen2-format directory first")
     if config.model_type not in ARCHITECTURES:
-        raise ExportError(f"{model_dir / 'config.json'}: GGUF export covers the dense families "
-                          f"{sorted(ARCHITECTURES)}, not model_type {config.model_type!r} (its expert / linear-attention "
-                          f"tensors have other GGUF names; llama.cpp's convert_hf_to_gguf.py converts it)")
+        raise ExportError(f"{model_dir / 'config.json'}: GGUF export covers {sorted(ARCHITECTURES)}, not model_type "
+                          f"{config.model_type!r} (Qwen3.5's linear-attention layers are written by llama.cpp's "
+                          f"convert_hf_to_gguf.py: run it on this folder)")
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_sparse_layer(i)]
+    if config.model_type == "qwen3_moe" and dense:
+        raise ExportError(f"{model_dir / 'config.json'}: layer {dense[0]} is dense (mlp_only_layers / "
+                          f"decoder_sparse_step), which llama.cpp's qwen3moe architecture has no place for")
     return config
 
 
-def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str, n_params: int) -> None:
+def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str) -> None:
     """general.* and the architecture's hyper-parameters, as llama.cpp's TextModel writes them."""
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -124,6 +130,10 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
     # Qwen3's head_dim is not hidden/heads; llama.cpp reads it from key/value length.
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
+    if config.model_type == "qwen3_moe":   # Qwen2MoeModel.set_gguf_parameters
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_file_type(FILE_TYPES[file_type][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -131,14 +141,14 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
 def _write_tensor_data(writer: "gguf.GGUFWriter", model_dir: Path, plans: list[TensorPlan], config: QwenConfig) -> None:
     """Append each planned tensor's bytes, reading the checkpoint one tensor at a time."""
     pending = iter(plans)
-    for hf_name, tensor, file in iter_tensors(checkpoint_files(model_dir)):
-        if skipped(hf_name, config):
-            continue
+    tensors = ((name, tensor) for name, tensor, _ in iter_tensors(checkpoint_files(model_dir))
+               if not skipped(name, config))
+    for hf_name, parts, values in stack_experts(tensors, config):
         plan = next(pending, None)
-        if plan is None or plan.hf_name != hf_name:
-            raise ExportError(f"{file}: changed while it was being exported (read {hf_name!r}, expected "
+        if plan is None or (plan.hf_name, plan.parts) != (hf_name, parts):
+            raise ExportError(f"{model_dir}: changed while it was being exported (read {hf_name!r}, expected "
                               f"{plan.hf_name if plan else 'no more tensors'!r})")
-        writer.write_tensor_data(encode(tensor, plan))
+        writer.write_tensor_data(encode(values, plan))
     left = next(pending, None)
     if left is not None:
         raise ExportError(f"{model_dir}: changed while it was being exported (tensor {left.hf_name!r} went missing)")

@@ -1,13 +1,17 @@
 """Which checkpoint tensors go into a GGUF, under which names and in which GGML types.
 
-The decisions are those of llama.cpp's convert_hf_to_gguf.py for Qwen2/Qwen3:
+The decisions are those of llama.cpp's convert_hf_to_gguf.py for Qwen2/Qwen3/Qwen3-MoE:
 
 * names come from the gguf package's own table (`gguf.get_tensor_name_map`):
   `model.layers.3.self_attn.q_proj.bias` -> `blk.3.attn_q.bias`, `lm_head.weight` -> `output.weight`;
   Qwen's RoPE is NEOX-style rotate-half, which is what llama.cpp runs for these architectures,
   so q/k weights are written as they are (no permutation);
-* 1-D tensors (norms, biases) stay F32; every matrix takes the file type (F16, BF16 or Q8_0);
-  a matrix whose rows are not a whole number of Q8_0 blocks (32) falls back to F16;
+* Qwen3-MoE's experts (`Qwen2MoeModel.modify_tensors`): a layer's per-expert matrices
+  `mlp.experts.{e}.{gate,up,down}_proj.weight` are stacked in expert order into one 3-D tensor
+  each, [n_expert, rows, cols] -> `blk.N.ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps`;
+  the router `mlp.gate.weight` is `blk.N.ffn_gate_inp`;
+* 1-D tensors (norms, biases) and the router stay F32; every other matrix takes the file type
+  (F16, BF16 or Q8_0); one whose rows are not a whole number of Q8_0 blocks (32) falls back to F16;
 * a tied head (`tie_word_embeddings`) is not written: llama.cpp then uses `token_embd` as
   the output layer, as transformers does.
 
@@ -16,8 +20,10 @@ Shapes are numpy's ([rows, cols] = [out, in]); GGUF stores them reversed, as ggm
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -35,9 +41,12 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
-ARCHITECTURES = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+ARCHITECTURES = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
 F32 = gguf.GGMLQuantizationType.F32
 F16 = gguf.GGMLQuantizationType.F16
+# Matrices llama.cpp keeps in F32 whatever the file type (the converter's list): the MoE router.
+F32_MATRICES = (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP].rsplit(".", 1)[-1],)   # "ffn_gate_inp"
+EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down|gate|up)_proj\.weight")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class TensorPlan:
     gguf_name: str
     shape: tuple[int, ...]
     ggml_type: gguf.GGMLQuantizationType
+    parts: tuple[str, ...] = ()   # the checkpoint tensors stacked into it (experts, in order)
 
     @property
     def numel(self) -> int:
@@ -67,8 +77,8 @@ def check_file_type(file_type: str) -> None:
 def ggml_type_for(gguf_name: str, shape: tuple[int, ...], file_type: str) -> gguf.GGMLQuantizationType:
     """The GGML type llama.cpp's converter gives this tensor under `file_type`."""
     check_file_type(file_type)
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
-        return F32  # llama.cpp's kernels for norms and other 1-D tensors take F32 only
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or gguf_name.split(".")[-2] in F32_MATRICES:
+        return F32  # llama.cpp's kernels for norms and other 1-D tensors (and its router) take F32 only
     wanted = FILE_TYPES[file_type][1]
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
     if shape[-1] % block:
@@ -95,7 +105,7 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
     except CheckpointError as e:
         raise ExportError(str(e)) from None
 
-    plans: list[TensorPlan] = []
+    checked: list[tuple[str, tuple[int, ...]]] = []
     for file in files:
         with open(file, "rb", buffering=0) as fh:
             try:
@@ -112,14 +122,42 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
             want = expected.pop(hf_name)
             if shape != want:
                 raise ExportError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, config.json implies {list(want)}")
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ExportError(f"{file}: tensor {hf_name!r} has no GGUF name for {arch.name.lower()}")
-            plans.append(TensorPlan(hf_name, gguf_name, shape, ggml_type_for(gguf_name, shape, file_type)))
+            checked.append((hf_name, shape))
     if expected:
         missing = sorted(expected)
         raise ExportError(f"{model_dir}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+    plans: list[TensorPlan] = []
+    for hf_name, parts, shapes in stack_experts(checked, config):
+        shape = shapes[0] if not parts else (len(shapes), *shapes[0])
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"{model_dir}: tensor {hf_name!r} has no GGUF name for {arch.name.lower()}")
+        plans.append(TensorPlan(hf_name, gguf_name, shape, ggml_type_for(gguf_name, shape, file_type), parts))
     return plans
+
+
+def stack_experts(items: Iterable[tuple[str, Any]], config: QwenConfig) -> Iterator[tuple[str, tuple[str, ...], list]]:
+    """(name, stacked parts, values) in the order they can be written: each tensor as it comes
+    ((), [value]), and a layer's experts, once all its 3 x n_experts matrices have come, as three
+    stacked tensors `model.layers.N.mlp.experts.{down,gate,up}_proj.weight` (the converter's
+    names and order) with their parts in expert order. `items` are (checkpoint name, value)."""
+    pending: dict[int, dict[tuple[str, int], tuple[str, Any]]] = {}
+    for name, value in items:
+        match = EXPERT.fullmatch(name)
+        if match is None:
+            yield name, (), [value]
+            continue
+        layer = pending.setdefault(int(match[1]), {})
+        layer[(match[3], int(match[2]))] = (name, value)
+        if len(layer) < 3 * config.num_experts:
+            continue
+        del pending[int(match[1])]
+        for w in ("down", "gate", "up"):
+            got = [layer[(w, e)] for e in range(config.num_experts)]
+            yield (f"model.layers.{match[1]}.mlp.experts.{w}_proj.weight", tuple(n for n, _ in got),
+                   [v for _, v in got])
+    if pending:
+        raise ExportError(f"the experts of layer {min(pending)} are incomplete (changed while being exported?)")
 
 
 def expected_shapes(config: QwenConfig) -> dict[str, tuple[int, ...]]:
@@ -134,12 +172,14 @@ def skipped(hf_name: str, config: QwenConfig) -> bool:
     return hf_name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and hf_name == "lm_head.weight")
 
 
-def encode(tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
+def encode(values: list, plan: TensorPlan) -> np.ndarray:
     """The bytes of one GGUF tensor: F32/F16 as floats, BF16 and Q8_0 as uint8 blocks.
 
     Like llama.cpp's converter, a bf16 tensor goes through float32 first (exact), then gguf's
     own rounding to the target type (round to nearest even; Q8_0 as ggml-quants.c does).
+    `values` holds the tensor, or the experts stacked into it (torch.stack along a new dim 0).
     """
+    tensor = torch.stack(values) if plan.parts else values[0]
     if tuple(tensor.shape) != plan.shape:
         raise ExportError(f"tensor {plan.hf_name!r} has shape {list(tensor.shape)}, expected {list(plan.shape)}")
     if tensor.dtype not in (torch.float16, torch.float32):
