@@ -255,6 +255,55 @@ def real_vocab_model(path: Path, tokenizer_dir: Path, kind: str, seed: int, **sh
     return path
 
 
+OLLAMA_CASES = [  # (system message or None, the turns after it)
+    ("You are terse.", [("user", "What is a socket?")]),
+    (None, [("user", "Hi")]),
+    ("Be brief.", [("user", "What is TLS?"), ("assistant", "Encryption."), ("user", "And a queue?")]),
+    (None, [("user", "你好"), ("assistant", "你好！"), ("user", "再见")]),
+]
+
+
+@pytest.mark.parametrize("system,turns", OLLAMA_CASES)
+def test_modelfile_template_renders_our_chat_template(tmp_path, chat_tokenizer_dir, system, turns):
+    """Issue 30, item 9: the Modelfile's TEMPLATE (Go text/template, emulated by
+    tests/models/go_template.py) renders a conversation as Qwen2.5's chat template does with
+    add_generation_prompt: Ollama passes the system message as .System (else the Modelfile's
+    SYSTEM, the template's default) and the other turns as .Messages."""
+    from tests.models.go_template import render
+
+    text = modelfile_text(tmp_path / "m.gguf", chat_tokenizer_dir)
+    assert text.count('TEMPLATE """') == 1 and text.count('"""') == 4   # TEMPLATE and SYSTEM, each closed
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    default_system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+    assert default_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+    messages = [{"role": r, "content": c} for r, c in turns]
+    expected = Tokenizer.from_pretrained(chat_tokenizer_dir).apply_chat_template(
+        ([{"role": "system", "content": system}] if system else []) + messages,
+        add_generation_prompt=True, tokenize=False)
+    data = {"System": system or default_system, "Tools": None, "Response": "",
+            "Messages": [{"Role": m["role"], "Content": m["content"], "ToolCalls": None} for m in messages]}
+    assert render(template, data) == expected
+    if len(turns) == 1:   # /api/generate's form: .Prompt, no .Messages
+        assert render(template, {"System": system or default_system, "Prompt": turns[0][1], "Response": ""}) == expected
+
+
+def test_no_template_for_a_chat_template_that_is_not_chatml(tmp_path):
+    """A folder whose chat template does not write ChatML gets no TEMPLATE (Ollama would
+    otherwise prompt it wrongly). (One with no chat template is chatted with in plain ChatML by
+    our tools, so it gets the ChatML TEMPLATE.)"""
+    model_dir, _ = write_model(tmp_path / "m", "qwen2", tie_word_embeddings=True, **SMALL)
+    assert 'TEMPLATE """' in modelfile_text(tmp_path / "m.gguf", model_dir)   # the byte tokenizer's is ChatML
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+    cfg_path.write_text(json.dumps(cfg))
+    for f in model_dir.glob("chat_template.*"):
+        f.unlink()
+    text = modelfile_text(tmp_path / "m.gguf", model_dir)
+    assert "TEMPLATE" not in text and "SYSTEM" not in text and text.count("PARAMETER stop") == 2
+
+
 def llama_cpp_vocab(model_dir: Path, rows: int):
     """Tokens and types exactly as convert_hf_to_gguf.py's get_vocab_base builds them (transformers)."""
     from transformers import AutoTokenizer
