@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         log("  (after QLoRA the difference includes the NF4 rounding the adapter was trained against)")
     if args.gguf:
         gguf = export.export_gguf(out, out / f"model-{args.gguf}.gguf", file_type=args.gguf).path
-        export.write_modelfile(gguf)
+        export.write_modelfile(gguf, out)   # TEMPLATE for its chat template, owner: this folder
         log(f"GGUF ({args.gguf}): {gguf}, with an Ollama Modelfile beside it (ollama create NAME -f {out / 'Modelfile'})")
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
