@@ -5,8 +5,8 @@ The packages import each other by top-level name (`from models.qwen import load`
 `python -m` / `-c`, the working directory) first, so a user's own `train.py` or `data/__init__.py`
 there would be found instead of ours. Each package's __init__ therefore calls `claim(__name__)`
 first: from then on, in this process, its name and the names of the packages it depends on
-resolve to the folders beside this file (a finder placed at the front of sys.meta_path), and a module of
-the user's that is already imported under one of those names is refused in one line.
+resolve to the folders beside this file (a finder placed at the front of sys.meta_path), and a
+module of the user's already imported under one of those names is refused in one line.
 
 A user's own `import train` before any of ours is left to Python: in their project, their
 `train.py` is what they mean. Folders without __init__.py (namespace dirs such as a
@@ -35,10 +35,6 @@ class _OurPackages:
         if path is None and fullname in _claimed:
             return PathFinder.find_spec(fullname, [ROOT])
         return None
-
-    @classmethod
-    def invalidate_caches(cls) -> None:
-        pass
 
 
 def _needs(name: str) -> tuple[str, ...]:

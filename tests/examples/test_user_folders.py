@@ -34,12 +34,11 @@ SOURCES = (*OURS, "_qwen_tune.py", "setup.cfg", "pyproject.toml", "README.md")
 class Install:
     """Where our packages are installed, and how to run Python so that it sees only that install."""
 
-    def __init__(self, site: Path, env: dict, console: list[str]):
-        self.site, self.env, self.console = site, env, console
+    def __init__(self, site: Path, env: dict, console: list[str], stale: str = ""):
+        self.site, self.env, self.console, self.stale = site, env, console, stale
 
     def python(self, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return self.run([sys.executable, *args], cwd=cwd, timeout=timeout)
 
     def run(self, argv: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
         return subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -54,33 +53,35 @@ def _bare_env(pythonpath: str | None = None) -> dict:
     return env
 
 
-def _where_lora_is(env: dict, cwd: Path) -> Path | None:
-    proc = subprocess.run([sys.executable, "-c", "import lora, os; print(os.path.dirname(lora.__path__[0]))"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    return Path(proc.stdout.strip()) if proc.returncode == 0 else None
-
-
 def _editable(tmp: Path) -> Install:
     env = _bare_env()
-    site = _where_lora_is(env, tmp)
-    if site is None:
+    probe = "import json, os, sys, lora; print(json.dumps([os.path.dirname(lora.__path__[0]), sys.path]))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode:
         pytest.skip("qwen-tune is not installed in this interpreter (pip install -e .)")
-    if site.resolve() != ROOT:
+    site, path = json.loads(proc.stdout)
+    if Path(site).resolve() != ROOT:
         pytest.skip(f"qwen-tune is installed from {site}, not from this checkout (pip install -e . here)")
+    stale = "" if any(p and Path(p).resolve() == ROOT for p in path) else (  # the hint on a failure
+        "this checkout is not on sys.path: an editable install from before setup.cfg's package_dir "
+        "(setuptools' finder, behind Python's own)? run `pip install -e .` again")
     script = Path(sys.executable).parent / "qwen-tune"
     console = [str(script)] if script.exists() else [sys.executable, "-c", "from examples.__main__ import main; main()"]
-    return Install(site, env, console)
+    return Install(ROOT, env, console, stale)
 
 
 def _wheel(tmp: Path) -> Install:
     """`pip install .` into a folder, which then plays site-packages (it comes after the project's)."""
-    has_bdist_wheel = "import setuptools; from setuptools.command import bdist_wheel"  # setuptools >= 70.1
-    if subprocess.run([sys.executable, "-c", has_bdist_wheel], capture_output=True).returncode:
-        pytest.skip("building the package here needs setuptools >= 70.1 in this interpreter")
+    can_build = ("import importlib.util as u; "  # bdist_wheel: in setuptools >= 70.1, else in the wheel package
+                 "assert u.find_spec('setuptools') and (u.find_spec('setuptools.command.bdist_wheel') or u.find_spec('wheel'))")
+    if subprocess.run([sys.executable, "-c", can_build], capture_output=True).returncode:
+        pytest.skip("building the package here needs setuptools (>= 70.1, or with wheel) in this interpreter")
     src, site = tmp / "src", tmp / "site-packages"
     for name in SOURCES:  # built from a copy: a build writes build/ and *.egg-info beside its sources
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                            "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -124,8 +125,8 @@ INJECT = ("import lora, torch; m = torch.nn.Sequential(torch.nn.Linear(8, 8), to
           "lora.inject(m, r=16); print('injected', type(m[0]).__name__)")
 
 
-def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+def _ok(proc: subprocess.CompletedProcess, hint: str = "") -> str:
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:], hint)
     return proc.stdout
 
 
@@ -133,15 +134,15 @@ def test_namespace_folders_do_not_hide_ours(install, llamafactory_project):
     # `import train` first in the process: the import that failed before any of ours had run.
     code = ("import json, train, data, models, cli, examples; "
             "print(json.dumps({m.__name__: m.__file__ for m in (train, data, models, cli, examples)})); " + INJECT)
-    out = _ok(install.python("-c", code, cwd=llamafactory_project))
+    out = _ok(install.python("-c", code, cwd=llamafactory_project), install.stale)
     files = json.loads(out.splitlines()[0])
     for name, file in files.items():
-        assert file and Path(file).resolve() == (install.site / name / "__init__.py").resolve(), (name, file)
+        assert file and Path(file).resolve() == (install.site / name / "__init__.py").resolve(), (name, file, install.stale)
     assert "injected LoRALinear" in out
 
 
 def test_python_m_examples_in_llamafactory_layout(install, llamafactory_project):
-    out = _ok(install.python("-m", "examples", "sft", "--help", cwd=llamafactory_project))
+    out = _ok(install.python("-m", "examples", "sft", "--help", cwd=llamafactory_project), install.stale)
     assert "--data" in out
 
 
