@@ -35,7 +35,8 @@ LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO))
+    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO),
+                         embedded=demo_settings.DPO)
     flags.add_training_flags(p, stage="dpo")
     g = p.add_argument_group("preference objective")
     g.add_argument("--loss", choices=LOSSES, default="sigmoid",

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         log(f"GGUF ({args.gguf}): {gguf}, with an Ollama Modelfile beside it (ollama create NAME -f {out / 'Modelfile'})")
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
-    nxt = "" if "out" not in args._given else f" --model {out}"
+    nxt = "" if "out" not in flags.given(args) else f" --model {out}"
     log(f"\nnext: python examples/sft.py{nxt}   (instruction SFT on the merged model)")
     return 0
 
