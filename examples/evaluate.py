@@ -71,7 +71,7 @@ def build_parser() -> flags.Parser:
                    help="use only the first N tokens of each text set (default: all)")
     g.add_argument("--max-instructions", type=flags.positive_int, default=None, help="use only the first N instructions")
     g = p.add_argument_group("measurement")
-    g.add_argument("--max-length", type=flags.positive_int, default=None,
+    g.add_argument("--max-length", type=flags.int_at_least(2), default=None,
                    help="perplexity window in tokens (default: min(2048, the first model's max positions))")
     g.add_argument("--stride", type=flags.positive_int, default=None, help="step between windows (default: half)")
     g.add_argument("--batch-size", type=flags.positive_int, default=8, help="windows per forward pass")
