@@ -245,7 +245,9 @@ def add_chat_output_flags(p: Parser, sample_questions: int) -> None:
 def add_config_flag(p: Parser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or "
-                        "LLaMA-Factory's keys); flags on the command line win")
+                        "LLaMA-Factory's keys: what such a recipe leaves out takes LLaMA-Factory's / HF's "
+                        "defaults, e.g. lora_rank 8, lora_alpha 2 x rank, lr 5e-5 linear, seed 42); flags on "
+                        "the command line win")
 
 
 def add_overwrite_flag(p: Parser) -> None:
