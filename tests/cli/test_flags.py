@@ -106,3 +106,23 @@ def test_help_prints_each_default_once_and_true():
     for flag, shown in [("--seed", "(default: 0)"), ("--weight-decay", "(default: 0.0)"),
                         ("--model", "(default: runs/cpt-merged, merge.py's output)")]:
         assert shown in text.split(flag, 2)[2].split(" --", 1)[0], flag
+
+
+def test_flags_given_in_any_spelling_beat_the_embedded_default(tmp_path):
+    """demo.settings fills only what the user did not give: `--max-steps=5`, a --config key, and
+    a LLaMA-Factory recipe's own defaults (the recipe's convention) all stay."""
+    from demo import settings
+
+    args = _parse(["--max-steps=5", "--lr", "1e-3"], stage="sft")
+    settings.apply(args, settings.SFT)
+    assert (args.max_steps, args.lr, args.batch_size) == (5, 1e-3, settings.SFT["batch_size"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 7\n", encoding="utf-8")
+    args = _parse(["--config", str(cfg)], stage="sft")
+    settings.apply(args, settings.SFT)
+    assert args.max_steps == 7
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: sft\nmax_steps: 3\n", encoding="utf-8")
+    args = _parse(["--config", str(recipe)], stage="sft")
+    settings.apply(args, settings.SFT)
+    assert (args.max_steps, args.lora_r, args.lora_alpha, args.batch_size, args.lr) == (3, 8, 16.0, 8, 5e-5)
