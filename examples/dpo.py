@@ -35,7 +35,8 @@ LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO))
+    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO),
+                         embedded=demo_settings.DPO)
     flags.add_training_flags(p, stage="dpo")
     g = p.add_argument_group("preference objective")
     g.add_argument("--loss", choices=LOSSES, default="sigmoid",
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
     from demo.base_model import is_demo_shape
 
     changed = demo_settings.apply(args, demo_settings.DPO) if is_demo_shape(model_dir) else []
+    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
+        raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
+                         "(the answers need at least one token)")
     out = outdir.claim_training_run(args, "dpo", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 3: preference alignment ({args.loss}, {'QLoRA' if args.qlora else 'LoRA'}) ==")

@@ -52,7 +52,7 @@ class _AppendEntry(argparse.Action):
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("evaluate.py", __doc__, epilog=demo_settings.describe(DEMO_EVAL))
+    p = flags.new_parser("evaluate.py", __doc__, epilog=demo_settings.describe(DEMO_EVAL), embedded=DEMO_EVAL)
     g = p.add_argument_group("what to compare (rows, in order; the first is the reference)")
     g.add_argument("--model", metavar="[NAME=]DIR", action=_AppendEntry, dest="model",
                    help="an HF-format Qwen model directory (repeatable)")
@@ -71,7 +71,7 @@ def build_parser() -> flags.Parser:
                    help="use only the first N tokens of each text set (default: all)")
     g.add_argument("--max-instructions", type=flags.positive_int, default=None, help="use only the first N instructions")
     g = p.add_argument_group("measurement")
-    g.add_argument("--max-length", type=flags.positive_int, default=None,
+    g.add_argument("--max-length", type=flags.int_at_least(2), default=None,
                    help="perplexity window in tokens (default: min(2048, the first model's max positions))")
     g.add_argument("--stride", type=flags.positive_int, default=None, help="step between windows (default: half)")
     g.add_argument("--batch-size", type=flags.positive_int, default=8, help="windows per forward pass")
@@ -226,7 +226,7 @@ def default_data(args, tok) -> dict:
 
     corpus = demo_corpus.build()
     fraction, seed = args.eval_fraction, 0
-    if "eval_fraction" not in args._given:
+    if "eval_fraction" not in flags.given(args):
         try:
             fraction = float(_run_setting(paths.CPT_OUT, "eval_fraction", fraction))
             seed = int(_run_setting(paths.CPT_OUT, "seed", seed))
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
             raise UsageError("no stage of the embedded-default run found (looked for "
                              + "; ".join(m["reason"] for m in missing) + "); run python examples/cpt.py first")
         for key, value in DEMO_EVAL.items():
-            if key not in args._given:
+            if key not in flags.given(args):
                 setattr(args, key, value)
     else:
         candidates = candidates_from_flags(entries, args.metrics, args.qlora)

@@ -29,7 +29,8 @@ from models.qwen.tokenizer import load_tokenizer
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("sft.py", __doc__, epilog=demo_settings.describe(demo_settings.SFT))
+    p = flags.new_parser("sft.py", __doc__, epilog=demo_settings.describe(demo_settings.SFT),
+                         embedded=demo_settings.SFT)
     flags.add_training_flags(p, stage="sft")
     p.add_argument("--format", choices=("auto", "messages", "alpaca", "sharegpt"), default="auto",
                    help="format of --data lines")
