@@ -112,6 +112,8 @@ def _as_argv(action: argparse.Action, value: Any, file: str, key: str) -> list[s
         if not items:
             raise UsageError(f"--config {file}: key {key!r}: expected at least one value")
         return [flag] + [str(v) for v in items]
+    if isinstance(value, dict) and getattr(action.type, "takes_mapping", False):
+        return [flag, json.dumps(value)]
     if isinstance(value, (list, dict)):
         raise UsageError(f"--config {file}: key {key!r}: expected a single value, got {type(value).__name__}")
     return [flag, str(value)]
