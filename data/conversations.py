@@ -231,7 +231,7 @@ def parse_message(m: Any, where: str) -> Dict[str, Any]:
         if role != "assistant":
             raise DataError(f"{where}: only assistant messages carry 'tool_calls' (role {role!r})", "bad-field")
         out["tool_calls"] = _tool_calls(tool_calls, where)
-    content = _field(m, "content", where, optional=tool_calls is not None, kind=(str, list))
+    content = _field(m, "content", where, optional=tool_calls is not None, kind=object)  # checked below
     out["content"] = "" if content is None else parse_content(content, where)
     if m.get("reasoning_content") is not None:
         if role != "assistant":
