@@ -15,7 +15,16 @@ import pytest
 
 from data import DataError, PreferenceDataset, SFTDataset
 from tests.data.conftest import write_jsonl
-from tests.models.tokenizer_dirs import QWEN36_TEMPLATE, load_both, reference_assistant_mask, save_base, tokenizer_dir
+from tests.models.tokenizer_dirs import (
+    PARIS_CALL as CALL,
+    QWEN36_TEMPLATE,
+    WEATHER_TOOLS as TOOLS,
+    load_both,
+    reference_assistant_mask,
+    save_base,
+    text_part as text,
+    tokenizer_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +33,6 @@ def qwen36(tmp_path_factory):
     return load_both(tokenizer_dir(base, tmp_path_factory.mktemp("q36") / "tok", QWEN36_TEMPLATE, qwen3_tokens=True))
 
 
-def text(t):
-    return {"type": "text", "text": t}
-
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 # Reasoning on an answer before the last question: Qwen3.6 renders it only with preserve_thinking.
 CHAT = [
     {"role": "user", "content": [text("Weather in Paris?"), text(" Briefly.")]},

@@ -19,16 +19,16 @@ import torch
 
 from tests.examples.conftest import assert_usage_error, run_script
 from tests.helpers import tiny_checkpoint
-from tests.models.tokenizer_dirs import QWEN36_TEMPLATE, reference_assistant_mask, save_base, tokenizer_dir
+from tests.models.tokenizer_dirs import (
+    PARIS_CALL as CALL,
+    QWEN36_TEMPLATE,
+    WEATHER_TOOLS as TOOLS,
+    reference_assistant_mask,
+    save_base,
+    text_part as text,
+    tokenizer_dir,
+)
 
-
-def text(t):
-    return {"type": "text", "text": t}
-
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 # An answer with reasoning before the last question: Qwen3.6 renders that reasoning only with
 # preserve_thinking, so the variable changes the tokens of the sample.
 PROMPT = [

@@ -83,3 +83,15 @@ def reference_assistant_mask(hf, text: str):
     enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s < b and e > a for a, b in spans)) for s, e in enc["offset_mapping"]]
     return enc["input_ids"], mask
+
+
+def text_part(t: str) -> dict:
+    """One OpenAI-style text part of a message's content."""
+    return {"type": "text", "text": t}
+
+
+# One tool and one call of it, for the tool-calling chats of the data and script tests.
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+PARIS_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
