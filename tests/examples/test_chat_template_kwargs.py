@@ -192,3 +192,22 @@ def test_config_file_gives_the_kwargs_as_a_mapping(tmp_path):
     assert args.chat_template_kwargs == {"preserve_thinking": True, "enable_thinking": False}
     args = flags.parse_args(sft.build_parser(), ["--config", str(config), "--chat-template-kwargs", "{}"], stage="sft")
     assert args.chat_template_kwargs == {}  # the command line wins
+
+
+def test_generate_and_evaluate_render_with_the_variables(model):
+    """generate.py's prompt (cli.console.chat_ids) and evaluate.py's instructions
+    (train.evaluation) carry the run's variables, a record's own winning."""
+    from cli.console import chat_ids
+    from models.qwen import Tokenizer
+    from train.evaluation import instruction_from_example
+
+    path, _, hf_tok, _ = model
+    ours = Tokenizer.from_pretrained(path)
+    for kwargs in ({}, {"enable_thinking": False}):
+        expected = hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False, **kwargs)
+        assert chat_ids(ours, "Hi", template_kwargs=kwargs) == expected
+    record = {"messages": PROMPT + [CHOSEN], "tools": TOOLS, "chat_template_kwargs": {"preserve_thinking": False}}
+    instruction = instruction_from_example(record, "eval.jsonl:1")
+    assert instruction.reference == "I cannot tell yet." and instruction.tools == TOOLS
+    assert instruction.template_kwargs == {"preserve_thinking": False}

@@ -139,3 +139,13 @@ def test_enable_thinking_and_other_variables_reach_the_template(pairs):
         assert ours.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs) == reference
     assert ours.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False,
                                     enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("ours, trls", [("qwen3.5.jinja", "qwen3_5_think.jinja"), ("qwen3.6.jinja", "qwen3_6.jinja")])
+def test_test_data_is_trls_copy_of_the_published_template(ours, trls):
+    """TRL recognises Qwen3.5 / Qwen3.6 checkpoints by exact equality with these files."""
+    from importlib.resources import files
+
+    from tests.models.tokenizer_dirs import TEMPLATES as DIR
+
+    assert (DIR / ours).read_bytes() == files("trl").joinpath("chat_templates", trls).read_bytes()
