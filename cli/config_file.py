@@ -190,6 +190,8 @@ def _as_argv(action: argparse.Action, value: Any, file: str, key: str) -> list[s
         if not items:
             raise UsageError(f"--config {file}: key {key!r}: expected at least one value")
         return [flag] + [_checked(action, v, file, key) for v in items]
+    if isinstance(value, dict) and getattr(action.type, "takes_mapping", False):
+        return [flag, _checked(action, json.dumps(value), file, key)]
     if isinstance(value, (list, dict)):
         raise UsageError(f"--config {file}: key {key!r}: expected a single value, got {type(value).__name__}")
     return [flag, _checked(action, value, file, key)]

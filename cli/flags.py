@@ -155,6 +155,26 @@ def open_ratio(text: str) -> float:
     return value
 
 
+def template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs value: a JSON object of chat-template variables."""
+    import json
+
+    from data.conversations import template_kwargs_problem
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {text[:60]!r}; expected an "
+                                         "object such as '{\"enable_thinking\": false}'") from None
+    problem = template_kwargs_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}: {text[:60]!r}")
+    return value
+
+
+template_kwargs.takes_mapping = True  # --config gives it as a mapping (cli/config_file.py)
+
+
 # ---------------------------------------------------------------------- shared flag groups
 def add_training_flags(p: Parser, stage: str) -> None:
     """The flags every training stage shares, with the stage's own defaults."""
@@ -234,12 +254,20 @@ def add_training_flags(p: Parser, stage: str) -> None:
 
 
 def add_chat_output_flags(p: Parser, sample_questions: int) -> None:
-    """What a chat stage (sft.py, dpo.py) writes besides the adapter, and the held-out answers
-    it shows before and after training."""
+    """What a chat stage (sft.py, dpo.py) writes besides the adapter, the held-out answers it
+    shows before and after training, and the chat-template variables it renders with."""
     p.add_argument("--no-merge", action="store_true", help="write only adapter/, not merged/")
     p.add_argument("--sample-questions", type=non_negative_int, default=sample_questions,
                    help="held-out questions answered before/after")
     p.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per sample answer")
+    add_chat_template_flag(p)
+
+
+def add_chat_template_flag(p: Parser) -> None:
+    """--chat-template-kwargs: variables for the chat template, for every chat this run renders."""
+    p.add_argument("--chat-template-kwargs", metavar="JSON", type=template_kwargs, default=None,
+                   help="chat-template variables as a JSON object, e.g. '{\"enable_thinking\": false}' or "
+                        "'{\"preserve_thinking\": true}' (a record's own \"chat_template_kwargs\" win)")
 
 
 def add_config_flag(p: Parser) -> None:

@@ -70,6 +70,7 @@ def build_parser() -> flags.Parser:
     g.add_argument("--max-tokens", type=flags.positive_int, default=None,
                    help="use only the first N tokens of each text set (default: all)")
     g.add_argument("--max-instructions", type=flags.positive_int, default=None, help="use only the first N instructions")
+    flags.add_chat_template_flag(g)
     g = p.add_argument_group("measurement")
     g.add_argument("--max-length", type=flags.int_at_least(2), default=None,
                    help="perplexity window in tokens (default: min(2048, the first model's max positions))")
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
         settings = EvalSettings(max_length=max_length, stride=stride, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
                                 gen_batch_size=args.gen_batch_size, dtype=runtime.compute_dtype(args.dtype),
-                                device=runtime.device())
+                                device=runtime.device(), chat_template_kwargs=args.chat_template_kwargs or {})
         out = Path(args.out)
         used = [p for c in candidates for p in (c.model_dir, c.adapter_dir) if p is not None]
         outdir.claim(out, command="evaluate", identity={"rows": [str(p) for p in used]}, inputs=used,

@@ -40,6 +40,7 @@ def build_parser() -> flags.Parser:
                    help="prompt or user message; repeat for several (default: demo questions)")
     p.add_argument("--mode", choices=("chat", "completion"), default="chat", help="chat template or raw completion")
     p.add_argument("--system", default=None, help="system message in chat mode (default: the template's)")
+    flags.add_chat_template_flag(p)
     p.add_argument("--compare", action="store_true", help="answer with the base (no adapter) and the tuned model")
     p.add_argument("--max-new-tokens", type=flags.positive_int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=flags.non_negative_float, default=0.0, help="0 = greedy")
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
 
     def encode(text: str) -> list[int]:
         if args.mode == "chat":
-            return chat_ids(tok, text, args.system)   # an empty user message is a valid conversation
+            return chat_ids(tok, text, args.system, args.chat_template_kwargs)   # an empty user message is a valid conversation
         # Qwen has no BOS: an empty completion prompt starts a new document, which is what
         # follows <|endoftext|> in pretraining.
         return tok.encode(text) or [ENDOFTEXT_ID]
