@@ -1,6 +1,6 @@
 """QwenConfig: the shape of a Qwen decoder, read from (and written to) an HF `config.json`.
 
-Five checkpoint families map onto one config:
+Six checkpoint families map onto one config:
 
 * ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5): q/k/v projections with bias, o_proj without.
 * ``Qwen3ForCausalLM``: no qkv bias, RMSNorm on q and k per head, explicit ``head_dim``.
@@ -18,6 +18,9 @@ Five checkpoint families map onto one config:
   ``shared_expert_intermediate_size`` scaled by sigmoid(``shared_expert_gate``); no dense MLP, so
   ``intermediate_size`` is 0. Its config has no norm_topk_prob / decoder_sparse_step /
   mlp_only_layers (such keys are kept in `extra`, unused, as transformers ignores them).
+* ``Qwen3NextForCausalLM`` (model_type ``qwen3_next``, Qwen3-Next-80B-A3B, Qwen3-Coder-Next): the
+  hybrid stack of Qwen3.5 with fused linear-attention projections and Qwen3-MoE's placement of
+  routed + shared-expert layers; its config.json is read and written in models/qwen/qwen3_next.py.
 * ``QWenLMHeadModel`` (Qwen-7B v1, remote code): fused ``c_attn`` with bias,
   ``intermediate_size`` is twice the MLP width, ``kv_channels``, ``rotary_emb_base``,
   ``layer_norm_epsilon``. Its weights are mapped onto the Qwen2 module names on load.

@@ -16,7 +16,8 @@ What differs:
   renormalises its top-k only when norm_topk_prob (default True);
 * config.json is flat (no text_config), with Qwen3NextConfig's defaults for absent keys.
 
-Checkpoints: the published ones and save_pretrained store one tensor per expert
+Checkpoints: the published ones (transformers converts them with qwen2_moe's per-expert patterns)
+and save_pretrained store one tensor per expert
 (`mlp.experts.{e}.gate_proj.weight`, ...), as `save` writes; transformers' fused in-memory
 layout (mlp.experts.gate_up_proj / down_proj) loads too. Their multi-token-prediction head
 (`mtp.*`) is skipped on load, as transformers skips it.

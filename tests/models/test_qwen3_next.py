@@ -52,6 +52,21 @@ VARIANTS = {
                                     norm_topk_prob=False),
 }
 
+# config.json of Qwen/Qwen3-Next-80B-A3B-Instruct as published (transformers 4.57's spelling: rope_theta,
+# partial_rotary_factor and full_attention_interval at the top level, rope_scaling null).
+PUBLISHED = {
+    "architectures": ["Qwen3NextForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151645, "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5120, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_value_head_dim": 128,
+    "max_position_embeddings": 262144, "mlp_only_layers": [], "model_type": "qwen3_next", "moe_intermediate_size": 512,
+    "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 512, "num_experts_per_tok": 10,
+    "num_hidden_layers": 48, "num_key_value_heads": 2, "output_router_logits": False, "partial_rotary_factor": 0.25,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 512, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.57.0.dev0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
 # ---------------------------------------------------------------------- measured tolerances
 FP32_ULP = 2.0**-23  # the least a floor can be
 FLOOR_FACTOR = 8.0  # ours and theirs each carry ~1 floor of rounding, in different places
@@ -181,7 +196,7 @@ def test_config_errors_name_the_problem(tmp_path):
 
 def test_parameter_counts_match_transformers():
     """num_parameters against transformers' models: the tiny variants and, built on the meta
-    device, Qwen3NextConfig's defaults (Qwen3-Next-80B-A3B: 79.67B parameters, ~3.9B active)."""
+    device, Qwen3-Next-80B-A3B's config.json (79.67B parameters, 3.87B active)."""
     from transformers import Qwen3NextForCausalLM
 
     for kw in VARIANTS.values():
@@ -197,11 +212,12 @@ def test_parameter_counts_match_transformers():
 
     from transformers import Qwen3NextConfig
 
+    cfg = QwenConfig.from_hf(PUBLISHED)
     with torch.device("meta"):
-        ref = Qwen3NextForCausalLM(Qwen3NextConfig())
-    cfg = QwenConfig.from_hf(Qwen3NextConfig().to_dict())
-    assert cfg.num_parameters() == sum(p.numel() for p in ref.parameters())
-    assert 79e9 < cfg.num_parameters() < 80e9 and 3e9 < cfg.num_active_parameters() < 4e9  # "80B-A3B"
+        ref = Qwen3NextForCausalLM(Qwen3NextConfig.from_dict(PUBLISHED))
+    assert cfg.num_parameters() == sum(p.numel() for p in ref.parameters()) == 79_674_391_296
+    assert cfg.num_active_parameters() == 3_874_929_408  # "A3B": 10 of 512 experts + the shared one
+    assert (cfg.rope_theta, cfg.rotary_dim, cfg.layer_types[:4]) == (1e7, 64, ["linear_attention"] * 3 + ["full_attention"])
 
 
 # ---------------------------------------------------------------------- numerics
