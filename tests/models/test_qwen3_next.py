@@ -26,7 +26,7 @@ from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter
 from models.qwen.qwen3_next import FusedGatedDeltaNet
 from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
-from tests.models.test_moe import nf4_round_trip_decoder, train_step_with_aux_loss
+from tests.models.test_moe import nf4_round_trip_decoder
 from tests.models.test_qwen35 import _randomise_small_parameters
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation"),
@@ -325,12 +325,28 @@ def test_loss_and_gradients_match_transformers(pair):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_router_aux_loss_matches_transformers(tmp_path, padded):
-    """output_router_logits: loss = CE + router_aux_loss_coef x load-balancing loss over the
-    routers of the sparse layers (padding left out), gradients included."""
+    """output_router_logits, in training mode: loss = CE + router_aux_loss_coef x load-balancing loss
+    over the routers of the sparse layers (padding left out), every gradient included; in eval mode
+    the cross-entropy alone."""
     ref = hf_qwen3_next(seed=2, output_router_logits=True, router_aux_loss_coef=0.3, norm_topk_prob=False)
     ref.save_pretrained(tmp_path)
-    ours = load(tmp_path, dtype=torch.float32)
-    train_step_with_aux_loss(ref, ours, length=23, pad_from=15 if padded else None)
+    ours, twin = load(tmp_path, dtype=torch.float32), float64_twin(ref)
+    ids = random_ids(2, 23, seed=4)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 15:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    for m in (ref, twin, ours):
+        m.train()
+    out = ref(ids, labels=labels, attention_mask=mask)
+    assert out.aux_loss > 1.0  # the balance term is really there (1 = perfectly balanced)
+    _grads_against_reference(ref, twin, ours, lambda m: m(ids, labels=labels, attention_mask=mask) if m is ours
+                             else m(ids, labels=labels, attention_mask=mask).loss)
+    ours.eval()
+    with torch.no_grad():
+        ce, ce64 = out.loss - 0.3 * out.aux_loss, (lambda o: o.loss - 0.3 * o.aux_loss)(
+            twin(ids, labels=labels, attention_mask=mask))
+        assert_near_reference(ours(ids, labels=labels, attention_mask=mask), ce.detach(), ce64, what="eval loss")
 
 
 # ---------------------------------------------------------------------- generation
