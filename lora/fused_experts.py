@@ -262,8 +262,11 @@ def _kind(target: Any, config_file: Path) -> str:
     for kind in (DOWN, GATE_UP):
         if isinstance(target, str) and (kind == target or kind.endswith("." + target)):
             return kind
+    router = isinstance(target, str) and target.split(".")[-2:] == ["gate", "weight"]
+    hint = (": a LoRA on the MoE router, which this library never adapts (PEFT's 'all-linear' on transformers 5 "
+            "adds it; name the projections instead)") if router else ""
     raise AdapterError(f"{config_file}: target_parameters entry {target!r} is not supported (expected "
-                       f"{DOWN!r} or {GATE_UP!r})")
+                       f"{DOWN!r}, {GATE_UP!r} or the weight of a linear layer){hint}")
 
 
 def _scale(alpha: float, r: int, rslora: bool) -> float:

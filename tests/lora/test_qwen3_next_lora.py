@@ -165,3 +165,22 @@ def test_qlora_experts_merge_into_the_16_bit_weights(ckpt, tmp_path):
         floor_ref = peft_float64_twin(peft)(ids).logits
         assert_near_reference(got, peft(ids).logits, floor_ref, what="PEFT logits")
         assert_near_reference(got, peft.merge_and_unload()(ids).logits, floor_ref, what="PEFT merged logits")
+
+
+def test_peft_all_linear_router_adapter_is_refused_in_one_line(ckpt, tmp_path):
+    """PEFT's own "all-linear" on transformers 5.25's Qwen3-Next adapts the router (target_parameters
+    'gate.weight') and the shared_expert_gate, and leaves out the shared expert: this library never
+    adapts the router, so it says so, naming the file and the entry, and loads nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora.config import AdapterError
+
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    get_peft_model(load_hf(ckpt), config).save_pretrained(tmp_path / "peft")
+    assert "gate.weight" in json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_parameters"]
+    model = load_ours(ckpt)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: target_parameters entry 'gate\.weight' is not "
+                                           r"supported .*: a LoRA on the MoE router") as info:
+        lora.load(model, tmp_path / "peft")
+    assert "\n" not in str(info.value) and not lora.adapter_modules(model)
