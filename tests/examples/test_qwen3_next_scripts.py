@@ -1,0 +1,63 @@
+"""The stage scripts on a Qwen3-Next checkpoint (fused Gated DeltaNet projections, routed + shared
+experts, a dense mlp_only_layers MLP), as a user runs them: cpt.py --qlora then merge.py (the
+merged folder loads in transformers as Qwen3NextForCausalLM with PEFT's base + adapter logits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.examples.conftest import run_script
+from tests.helpers import max_rel_err, random_ids
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
+
+CPT = ("--block-size", "32", "--grad-accum", "2", "--max-steps", "2", "--lr", "1e-2", "--lora-r", "4",
+       "--lora-dropout", "0", "--dtype", "fp32", "--eval-fraction", "0.25", "--sample-tokens", "2")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny Qwen3NextForCausalLM with Qwen's vocabulary (the scripts tokenise real text), saved by
+    transformers, and a small corpus."""
+    from tests.models.test_qwen3_next import hf_qwen3_next
+
+    tmp = tmp_path_factory.mktemp("qwen3-next-scripts")
+    hf_qwen3_next(seed=3, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp / "base")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}: sockets, queues and json. " * 6, encoding="utf-8")
+    return tmp / "base", corpus, tmp / "cache"
+
+
+@pytest.mark.slow  # two script runs (~50 s of CPU)
+def test_qlora_cpt_and_merge(inputs, tmp_path):
+    """The adapter covers the shared expert and the dense MLP as PEFT reads them; the merged model
+    is PEFT's base + adapter (within 1e-5 of the largest logit: the QLoRA adapter merged into the
+    16-bit weights, against PEFT's unmerged forward; the fp32 floor of this model is ~3e-7)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, corpus, cache = inputs
+    out = tmp_path / "cpt"
+    proc = run_script("cpt.py", "--model", base, "--data", corpus, "--out", out, "--qlora", "--batch-size", "2", *CPT,
+                      cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "base in NF4" in proc.stdout
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert {"mlp.shared_expert.up_proj.weight", "mlp.down_proj.weight"} <= set(config["target_parameters"])
+    proc = run_script("merge.py", "--adapter", out / "adapter", "--out", tmp_path / "merged", cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ids = random_ids(1, 12, vocab=151936)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(merged).__name__ == "Qwen3NextForCausalLM"
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out / "adapter")
+    ref.eval()
+    with torch.no_grad():
+        assert max_rel_err(merged(ids).logits, ref(ids).logits) <= 1e-5
+        with ref.disable_adapter():
+            assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
