@@ -1,15 +1,20 @@
 """The stage scripts on a Qwen3-Next checkpoint (fused Gated DeltaNet projections, routed + shared
 experts, a dense mlp_only_layers MLP), as a user runs them: cpt.py --qlora then merge.py (the
-merged folder loads in transformers as Qwen3NextForCausalLM with PEFT's base + adapter logits)."""
+merged folder loads in transformers as Qwen3NextForCausalLM with PEFT's base + adapter logits), and
+cpt.py under torchrun with FSDP2 equal to one process."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.examples.conftest import run_script
+from tests.examples.conftest import EXAMPLES, ROOT, run_script
 from tests.helpers import max_rel_err, random_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
@@ -61,3 +66,34 @@ def test_qlora_cpt_and_merge(inputs, tmp_path):
         assert max_rel_err(merged(ids).logits, ref(ids).logits) <= 1e-5
         with ref.disable_adapter():
             assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
+
+
+@pytest.mark.slow  # three processes of cpt.py (~60 s of CPU)
+def test_fsdp_under_torchrun_equals_one_process(inputs, tmp_path):
+    """2 processes x 1 x 2 with --fsdp (LoRA on every expert, the shared expert and the dense MLP)
+    against 1 process x 2 x 2: the same losses and adapter (see test_qwen35_scripts.py)."""
+    base, corpus, cache = inputs
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", QWEN_TUNE_DIST_TIMEOUT="60",
+               QWEN_TUNE_CACHE=str(cache), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {"two": (2, "1", ["--fsdp"]), "one": (1, "2", [])}
+    for name, (processes, batch, extra) in runs.items():
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+                    if processes > 1 else [sys.executable])
+        cmd = [*launcher, str(EXAMPLES / "cpt.py"), "--model", str(base), "--data", str(corpus),
+               "--out", str(tmp_path / name), "--batch-size", batch, *CPT, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, f"{proc.stderr[:3000]}\n...\n{proc.stderr[-2000:]}"
+
+    def losses(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for (s1, l1), (s2, l2) in zip(one, two):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    a1 = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a1.keys() == a2.keys() and any("in_proj_qkvz" in k for k in a1) and any("shared_expert" in k for k in a1)
+    for k in a1:
+        assert torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6), k

@@ -404,3 +404,17 @@ def test_nf4_load_quantises_every_projection_and_keeps_the_gates(tmp_path):
                 module.weight.copy_(nf4_round_trip(module.weight))
         ids = random_ids(2, 19)
         assert_near_reference(q(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="nf4 logits")
+
+
+def test_gguf_export_refuses_qwen3_next_in_one_line(tmp_path):
+    """llama.cpp's gguf package knows the architecture (MODEL_ARCH.QWEN3NEXT) but this library's GGUF
+    writer covers the dense families only: a Qwen3-Next folder is refused before any tensor is read."""
+    gguf = pytest.importorskip("gguf")
+    from models.qwen.export import ExportError, export_gguf
+
+    assert gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3NEXT] == "qwen3next"
+    hf_config().save_pretrained(tmp_path)
+    with pytest.raises(ExportError, match=r"config\.json: GGUF export covers the dense families .* not model_type "
+                                          r"'qwen3_next'") as info:
+        export_gguf(tmp_path, tmp_path / "x.gguf")
+    assert "\n" not in str(info.value)
