@@ -1,26 +1,17 @@
 """The stage scripts on a Qwen3-Next checkpoint (fused Gated DeltaNet projections, routed + shared
 experts, a dense mlp_only_layers MLP), as a user runs them: cpt.py --qlora then merge.py (the
 merged folder loads in transformers as Qwen3NextForCausalLM with PEFT's base + adapter logits), and
-cpt.py under torchrun with FSDP2 equal to one process."""
+cpt.py under torchrun with FSDP2 equal to one process (the checks of test_qwen35_scripts.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.examples.conftest import EXAMPLES, ROOT, run_script
-from tests.helpers import max_rel_err, random_ids
+from tests.examples.test_qwen35_scripts import fsdp_equals_one_process, qlora_cpt_and_merge
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
-
-CPT = ("--block-size", "32", "--grad-accum", "2", "--max-steps", "2", "--lr", "1e-2", "--lora-r", "4",
-       "--lora-dropout", "0", "--dtype", "fp32", "--eval-fraction", "0.25", "--sample-tokens", "2")
 
 
 @pytest.fixture(scope="module")
@@ -40,60 +31,14 @@ def inputs(tmp_path_factory):
 
 @pytest.mark.slow  # two script runs (~50 s of CPU)
 def test_qlora_cpt_and_merge(inputs, tmp_path):
-    """The adapter covers the shared expert and the dense MLP as PEFT reads them; the merged model
-    is PEFT's base + adapter (within 1e-5 of the largest logit: the QLoRA adapter merged into the
-    16-bit weights, against PEFT's unmerged forward; the fp32 floor of this model is ~3e-7)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base, corpus, cache = inputs
-    out = tmp_path / "cpt"
-    proc = run_script("cpt.py", "--model", base, "--data", corpus, "--out", out, "--qlora", "--batch-size", "2", *CPT,
-                      cache=cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "base in NF4" in proc.stdout
+    """The adapter holds the shared expert and the dense MLP as PEFT reads them (target_parameters)."""
+    out = qlora_cpt_and_merge(*inputs, tmp_path, "Qwen3NextForCausalLM")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert {"mlp.shared_expert.up_proj.weight", "mlp.down_proj.weight"} <= set(config["target_parameters"])
-    proc = run_script("merge.py", "--adapter", out / "adapter", "--out", tmp_path / "merged", cache=cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    ids = random_ids(1, 12, vocab=151936)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert type(merged).__name__ == "Qwen3NextForCausalLM"
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out / "adapter")
-    ref.eval()
-    with torch.no_grad():
-        assert max_rel_err(merged(ids).logits, ref(ids).logits) <= 1e-5
-        with ref.disable_adapter():
-            assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
 
 
-@pytest.mark.slow  # three processes of cpt.py (~60 s of CPU)
+@pytest.mark.slow  # three processes of cpt.py (~30 s of CPU)
 def test_fsdp_under_torchrun_equals_one_process(inputs, tmp_path):
-    """2 processes x 1 x 2 with --fsdp (LoRA on every expert, the shared expert and the dense MLP)
-    against 1 process x 2 x 2: the same losses and adapter (see test_qwen35_scripts.py)."""
-    base, corpus, cache = inputs
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", QWEN_TUNE_DIST_TIMEOUT="60",
-               QWEN_TUNE_CACHE=str(cache), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    runs = {"two": (2, "1", ["--fsdp"]), "one": (1, "2", [])}
-    for name, (processes, batch, extra) in runs.items():
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-                    if processes > 1 else [sys.executable])
-        cmd = [*launcher, str(EXAMPLES / "cpt.py"), "--model", str(base), "--data", str(corpus),
-               "--out", str(tmp_path / name), "--batch-size", batch, *CPT, *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert proc.returncode == 0, f"{proc.stderr[:3000]}\n...\n{proc.stderr[-2000:]}"
-
-    def losses(out):
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 2
-    for (s1, l1), (s2, l2) in zip(one, two):
-        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
-    a1 = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    a2 = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    assert a1.keys() == a2.keys() and any("in_proj_qkvz" in k for k in a1) and any("shared_expert" in k for k in a1)
-    for k in a1:
-        assert torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6), k
+    """LoRA on every expert, the shared expert and the dense MLP, sharded over 2 processes."""
+    adapter = fsdp_equals_one_process(*inputs, tmp_path)
+    assert any("in_proj_qkvz" in k for k in adapter) and any("shared_expert" in k for k in adapter)

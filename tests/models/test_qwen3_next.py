@@ -26,7 +26,7 @@ from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter
 from models.qwen.qwen3_next import FusedGatedDeltaNet
 from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
-from tests.models.test_moe import train_step_with_aux_loss
+from tests.models.test_moe import nf4_round_trip_decoder, train_step_with_aux_loss
 from tests.models.test_qwen35 import _randomise_small_parameters
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation"),
@@ -374,7 +374,7 @@ def test_nf4_load_quantises_every_projection_and_keeps_the_gates(tmp_path):
     linear-attention projections 4-bit; the router and shared_expert_gate stay 16-bit. Logits:
     transformers' model with each of those weights replaced by its bitsandbytes NF4 round trip
     (the rest of the computation unchanged: the same floor as the 16-bit comparison)."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    pytest.importorskip("bitsandbytes.functional")
     from quant import NF4Linear
 
     ref = hf_qwen3_next(seed=3)
@@ -387,23 +387,11 @@ def test_nf4_load_quantises_every_projection_and_keeps_the_gates(tmp_path):
     assert isinstance(mlp.gate, TopKRouter) and type(mlp.shared_expert_gate) is SharedExpertGate
     assert mlp.shared_expert_gate.weight.dtype == torch.float32
 
-    def nf4_round_trip(w):
-        packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
-        return bnbf.dequantize_4bit(packed, state)
-
-    I = q.config.moe_intermediate_size
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        for name, module in ref.named_modules():
-            if name.endswith("mlp.experts"):
-                for e in range(q.config.num_experts):
-                    module.gate_up_proj[e, :I] = nf4_round_trip(module.gate_up_proj[e, :I])
-                    module.gate_up_proj[e, I:] = nf4_round_trip(module.gate_up_proj[e, I:])
-                    module.down_proj[e] = nf4_round_trip(module.down_proj[e])
-            elif (isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
-                  and not name.endswith("shared_expert_gate")):
-                module.weight.copy_(nf4_round_trip(module.weight))
+    nf4_round_trip_decoder(ref, keep=("shared_expert_gate",))
+    twin = float64_twin(ref)  # the same rounded weights in float64: the floor of the computation
+    with torch.no_grad():
         ids = random_ids(2, 19)
-        assert_near_reference(q(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="nf4 logits")
+        assert_near_reference(q(ids), ref(ids).logits, twin(ids).logits, what="nf4 logits")
 
 
 def test_gguf_export_refuses_qwen3_next_in_one_line(tmp_path):
