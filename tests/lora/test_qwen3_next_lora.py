@@ -27,7 +27,8 @@ from models.qwen.moe import SharedExpertGate, TopKRouter
 from quant import NF4Quantizer
 from tests.helpers import max_rel_err, random_ids
 from tests.lora.conftest import randomise_adapters
-from tests.lora.test_moe_lora import R, assert_lora_grads_match_peft, peft_model, train_save_and_merge
+from tests.lora.test_moe_lora import R, peft_model, train_save_and_merge
+from tests.lora.test_qwen35_moe_lora import load_hf, load_ours, training_matches_peft
 from tests.models.test_qwen3_next import assert_near_reference, hf_qwen3_next
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation"),
@@ -45,16 +46,6 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3_next_lora") / "ckpt"
     hf_qwen3_next(seed=4).save_pretrained(path)
     return path
-
-
-def load_ours(path):
-    return load(path, dtype=torch.float32)
-
-
-def load_hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def peft_float64_twin(peft):
@@ -128,21 +119,8 @@ def test_every_part_of_the_adapter_reaches_peft(ckpt, tmp_path):
 
 
 def test_loss_and_gradients_match_peft(ckpt, tmp_path):
-    """Training through PEFT's wrappers and through per-module adapters: same loss, same gradient
-    for every A and B."""
-    model = lora.inject(load_ours(ckpt), r=R, alpha=ALPHA)
-    randomise_adapters(model, seed=3, std=STD)
-    lora.save(model, tmp_path / "adapter")
-    peft = peft_model(load_hf(ckpt), tmp_path / "adapter", trainable=True).train()
-    model.train()
-    ids = random_ids(2, 40, seed=3)
-    labels = ids.clone()
-    labels[1, :9] = -100
-    loss_peft, loss_ours = peft(ids, labels=labels).loss, model(ids, labels=labels)
-    assert abs(loss_ours.item() - loss_peft.item()) <= 1e-5 * loss_peft.item()
-    loss_peft.backward()
-    loss_ours.backward()
-    assert_lora_grads_match_peft(peft, model)
+    """Through PEFT's fused-expert and weight wrappers and through per-module adapters."""
+    training_matches_peft(ckpt, tmp_path)
 
 
 def test_peft_trained_adapters_load(ckpt, tmp_path):
