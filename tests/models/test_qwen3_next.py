@@ -228,6 +228,26 @@ def test_logits_match_transformers(pair, length):
         assert_near_reference(ours(ids), ref(ids).logits, twin(ids).logits, what="logits")
 
 
+def test_yarn_with_partial_rotary_matches_transformers(tmp_path):
+    """Qwen3-Next's long-context setting: YaRN over the rotated quarter of each head (here half, of
+    head_dim 16). Logits and the config written back, which transformers reads as the same RoPE."""
+    from transformers import AutoConfig
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5}
+    ref = hf_qwen3_next(seed=6, rope_parameters=rope)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = load(tmp_path / "hf", dtype=torch.float32)
+    assert ours.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert ours.config.rotary_dim == 8
+    ids = random_ids(1, 150, seed=2)  # past original_max_position_embeddings
+    with torch.no_grad():
+        assert_near_reference(ours(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="yarn logits")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(ours.config.to_hf()))
+    assert AutoConfig.from_pretrained(tmp_path / "ours").rope_parameters == rope
+
+
 def test_block_is_routed_plus_gated_shared_expert(pair):
     ref, twin, ours = pair
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
