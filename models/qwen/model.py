@@ -8,10 +8,11 @@
     │   │   ├── self_attn: Attention (q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm])
     │   │   │   or, on Qwen3.5's "full_attention" layers, GatedAttention (same names)
     │   │   ├── linear_attn: GatedDeltaNet, instead of self_attn on Qwen3.5's "linear_attention" layers
+    │   │   │   (Qwen3-Next: FusedGatedDeltaNet, in_proj_qkvz + in_proj_ba, qwen3_next.py)
     │   │   ├── post_attention_layernorm: RMSNorm
     │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj), or in a Qwen3-MoE sparse layer
     │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU), or in
-    │   │            Qwen3.5-MoE SharedExpertMoeBlock (+ shared_expert: SwiGLU, shared_expert_gate)
+    │   │            Qwen3.5-MoE / Qwen3-Next SharedExpertMoeBlock (+ shared_expert: SwiGLU, shared_expert_gate)
     │   └── norm: RMSNorm (Qwen3.5: ZeroCentredRMSNorm, everywhere)
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
@@ -33,6 +34,7 @@ from .config import LINEAR_ATTENTION, QwenConfig, merge_eos
 from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
+from .qwen3_next import linear_attention_class
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
 from .moe import SharedExpertMoeBlock, SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
 from .qwen35 import GatedAttention, ZeroCentredRMSNorm
@@ -70,7 +72,7 @@ class DecoderLayer(nn.Module):
         self.layer_type = config.layer_type(layer_idx)
         self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         if self.layer_type == LINEAR_ATTENTION:
-            self.linear_attn = GatedDeltaNet(config, layer_idx)
+            self.linear_attn = linear_attention_class(config)(config, layer_idx)
         else:
             self.self_attn = (GatedAttention if config.is_qwen35 else Attention)(config, layer_idx)
         self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
@@ -111,7 +113,7 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen(nn.Module):
-    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE / Qwen3.5 (text) causal LM.
+    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE / Qwen3.5 (text) / Qwen3-Next causal LM.
 
     forward(input_ids [B, T]) -> logits [B, T, vocab]
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
