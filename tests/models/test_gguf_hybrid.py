@@ -239,6 +239,12 @@ def test_fused_experts_give_the_same_file(tmp_path):
     assert set(a) == set(b)
     assert all(np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in a)
 
+    fused["model.layers.1.mlp.experts.down_proj"] = fused["model.layers.1.mlp.experts.down_proj"][:, :, :-1].contiguous()
+    save_file(fused, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.down_proj' "
+                                          r"has shape \(6, 64, 63\), expected \(6, 64, 64\)"):
+        export_gguf(model_dir, tmp_path / "c.gguf", "f16")
+
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_script_on_each_family(tmp_path, family):

@@ -92,12 +92,13 @@ def add_hybrid_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, raw: dict
     writer.add_rope_dimension_count(int(config.head_dim * config.partial_rotary_factor))
 
 
-def hybrid_items(items: Iterable[tuple[str, torch.Tensor]], config: QwenConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def hybrid_items(items: Iterable[tuple[str, torch.Tensor]], config: QwenConfig,
+                 file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Checkpoint (name, tensor) minus what the converter drops (MTP head), fused experts split per expert."""
     for name, tensor in items:
         if name.startswith("mtp."):   # Qwen3NextModel.filter_tensors / --no-mtp
             continue
-        yield from (map_fused_experts(name, tensor, config, Path(name)) if config.num_experts else [(name, tensor)])
+        yield from (map_fused_experts(name, tensor, config, file) if config.num_experts else [(name, tensor)])
 
 
 def reorder_v_heads(t: torch.Tensor, dim: int, n_k: int, v_per_k: int, head_dim: int) -> torch.Tensor:

@@ -156,9 +156,9 @@ def checkpoint_items(items: Iterable[tuple[str, Any]], config: QwenConfig, file:
         yield from items
         return
     try:
-        yield from hybrid_items(items, config)
-    except CheckpointError as e:
-        raise ExportError(f"{file}: {e}") from None
+        yield from hybrid_items(items, config, file)
+    except CheckpointError as e:   # a fused expert tensor of the wrong shape (names the file)
+        raise ExportError(str(e)) from None
 
 
 def converted(items: Iterable[tuple[str, torch.Tensor]], config: QwenConfig,
