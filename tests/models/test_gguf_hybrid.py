@@ -230,16 +230,18 @@ def test_fused_experts_give_the_same_file(tmp_path):
     source = load_file(str(model_dir / "model.safetensors"))
     fused = {k: v for k, v in source.items() if ".mlp.experts." not in k}
     for i in range(c.num_hidden_layers):
-        e = lambda w: [source[f"model.layers.{i}.mlp.experts.{j}.{w}_proj.weight"] for j in range(c.num_experts)]  # noqa: E731
-        fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([torch.stack(e("gate")), torch.stack(e("up"))], 1)
-        fused[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(e("down"))
+        e = lambda w: torch.stack([source[f"model.layers.{i}.mlp.experts.{j}.{w}_proj.weight"]  # noqa: E731
+                                   for j in range(c.num_experts)])
+        fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([e("gate"), e("up")], 1)
+        fused[f"model.layers.{i}.mlp.experts.down_proj"] = e("down")
     save_file(fused, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     _, a = read(per_expert)
     _, b = read(export_gguf(model_dir, tmp_path / "b.gguf", "f16").path)
     assert set(a) == set(b)
     assert all(np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in a)
 
-    fused["model.layers.1.mlp.experts.down_proj"] = fused["model.layers.1.mlp.experts.down_proj"][:, :, :-1].contiguous()
+    down = "model.layers.1.mlp.experts.down_proj"
+    fused[down] = fused[down][:, :, :-1].contiguous()
     save_file(fused, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ExportError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.down_proj' "
                                           r"has shape \(6, 64, 63\), expected \(6, 64, 64\)"):

@@ -5,7 +5,8 @@ model directory.
     summary = export_gguf("runs/sft/merged", "runs/gguf/model-q8_0.gguf", file_type="q8_0")
 
 The file holds what llama.cpp's convert_hf_to_gguf.py writes for these models: the
-architecture (`qwen2` / `qwen3` / `qwen3moe` / `qwen35` / `qwen35moe` / `qwen3next`), its hyper-parameters under the gguf package's key names,
+architecture (`qwen2` / `qwen3` / `qwen3moe` / `qwen35` / `qwen35moe` / `qwen3next`), its
+hyper-parameters under the gguf package's key names,
 the tokenizer with its chat template (see gguf_vocab.py) and the tensors (see gguf_tensors.py,
 and gguf_hybrid.py for the families with Gated DeltaNet layers).
 Tensors are streamed: the header is written from the safetensors headers, then each tensor
@@ -29,7 +30,8 @@ from ..checkpoint import checkpoint_files, iter_tensors
 from ..config import ConfigError, QwenConfig
 from .errors import ExportError
 from .gguf_hybrid import HYBRID_ARCHITECTURES, add_hybrid_metadata, check_hybrid_config
-from .gguf_tensors import ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, checkpoint_items, converted, encode, plan_tensors
+from .gguf_tensors import (ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, checkpoint_items, converted, encode,
+                           plan_tensors)
 from .gguf_vocab import read_vocab
 
 PathLike = Union[str, os.PathLike]

@@ -178,5 +178,5 @@ def gguf_name_of(name: str, names: "gguf.TensorNameMap", config: QwenConfig) -> 
     return gguf_name
 
 
-__all__ = ["HYBRID_ARCHITECTURES", "check_hybrid_config", "add_hybrid_metadata", "hybrid_items", "hybrid_tensors", "gguf_name_of",
-           "reorder_v_heads", "split_qkvz"]
+__all__ = ["HYBRID_ARCHITECTURES", "check_hybrid_config", "add_hybrid_metadata", "hybrid_items", "hybrid_tensors",
+           "gguf_name_of", "reorder_v_heads", "split_qkvz"]
