@@ -446,15 +446,15 @@ def test_nf4_load_quantises_every_projection_and_keeps_the_gates(tmp_path):
         assert_near_reference(q(ids), ref(ids).logits, twin(ids).logits, what="nf4 logits")
 
 
-def test_gguf_export_refuses_qwen3_next_in_one_line(tmp_path):
-    """llama.cpp's gguf package knows the architecture (MODEL_ARCH.QWEN3NEXT) but this library's GGUF
-    writer does not write linear-attention layers: a Qwen3-Next folder is refused before any tensor
-    is read."""
+def test_gguf_export_refuses_a_dense_qwen3_next_layer_in_one_line(tmp_path):
+    """llama.cpp's qwen3next architecture has only expert FFNs (gguf's MODEL_TENSORS holds no
+    ffn_gate/ffn_up/ffn_down for it): a Qwen3-Next folder with a dense layer (mlp_only_layers) is
+    refused before any tensor is read. (The export itself: tests/models/test_gguf_hybrid.py.)"""
     gguf = pytest.importorskip("gguf")
     from models.qwen.export import ExportError, export_gguf
 
-    assert gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3NEXT] == "qwen3next"
-    hf_config().save_pretrained(tmp_path)
-    with pytest.raises(ExportError, match=r"config\.json: GGUF export covers .* not model_type 'qwen3_next'") as info:
+    assert gguf.MODEL_TENSOR.FFN_GATE not in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3NEXT]
+    hf_config(layer_types=["linear_attention"] * 3 + ["full_attention"]).save_pretrained(tmp_path)
+    with pytest.raises(ExportError, match=r"config\.json: layer 2 is dense .* qwen3next") as info:
         export_gguf(tmp_path, tmp_path / "x.gguf")
     assert "\n" not in str(info.value)

@@ -13,7 +13,12 @@ The decisions are those of llama.cpp's convert_hf_to_gguf.py for Qwen2/Qwen3/Qwe
 * 1-D tensors (norms, biases) and the router stay F32; every other matrix takes the file type
   (F16, BF16 or Q8_0); one whose rows are not a whole number of Q8_0 blocks (32) falls back to F16;
 * a tied head (`tie_word_embeddings`) is not written: llama.cpp then uses `token_embd` as
-  the output layer, as transformers does.
+  the output layer, as transformers does;
+* the hybrid families (Qwen3.5, Qwen3.5-MoE, Qwen3-Next) go through the converter's own
+  transformations first (gguf_hybrid.py), and their conv1d kernels stay F32 too.
+
+Every tensor's GGUF name and shape is planned by running the same conversion (`converted`)
+on "meta" tensors of the header's shapes, then again on the data when it is written.
 
 Shapes are numpy's ([rows, cols] = [out, in]); GGUF stores them reversed, as ggml does.
 """
@@ -34,6 +39,7 @@ from ..safetensors_file import read_header as read_safetensors_header
 from ..config import QwenConfig
 from ..model import Qwen
 from .errors import ExportError
+from .gguf_hybrid import HYBRID_ARCHITECTURES, gguf_name_of, hybrid_items, hybrid_tensors
 
 # `--type` name -> (general.file_type, the GGML type of the matrices)
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -41,11 +47,15 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
-ARCHITECTURES = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
+ARCHITECTURES = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+                 **HYBRID_ARCHITECTURES}
 F32 = gguf.GGMLQuantizationType.F32
 F16 = gguf.GGMLQuantizationType.F16
-# Matrices llama.cpp keeps in F32 whatever the file type (the converter's list): the MoE router.
-F32_MATRICES = (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP].rsplit(".", 1)[-1],)   # "ffn_gate_inp"
+# Matrices llama.cpp keeps in F32 whatever the file type (the converter's list in
+# ModelBase.prepare_tensors): the MoE router, the shared expert's gate, the Gated DeltaNet's conv1d kernel.
+F32_MATRICES = tuple(gguf.TENSOR_NAMES[t].rsplit(".", 1)[-1]   # "ffn_gate_inp", "ffn_gate_inp_shexp", "ssm_conv1d"
+                     for t in (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+                               gguf.MODEL_TENSOR.SSM_CONV1D))
 EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down|gate|up)_proj\.weight")
 
 
@@ -77,7 +87,8 @@ def check_file_type(file_type: str) -> None:
 def ggml_type_for(gguf_name: str, shape: tuple[int, ...], file_type: str) -> gguf.GGMLQuantizationType:
     """The GGML type llama.cpp's converter gives this tensor under `file_type`."""
     check_file_type(file_type)
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or gguf_name.split(".")[-2] in F32_MATRICES:
+    if (len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight")
+            or gguf_name.split(".")[-2] in F32_MATRICES):
         return F32  # llama.cpp's kernels for norms and other 1-D tensors (and its router) take F32 only
     wanted = FILE_TYPES[file_type][1]
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
@@ -105,35 +116,63 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
     except CheckpointError as e:
         raise ExportError(str(e)) from None
 
-    checked: list[tuple[str, tuple[int, ...]]] = []
+    checked: list[tuple[str, torch.Tensor]] = []
     for file in files:
         with open(file, "rb", buffering=0) as fh:
             try:
                 header, _ = read_safetensors_header(file, fh)
             except CheckpointError as e:
                 raise ExportError(str(e)) from None
-        for hf_name in sorted(header):  # the order checkpoint.iter_tensors reads them in
-            if skipped(hf_name, config):
-                continue
-            shape = tuple(int(d) for d in header[hf_name]["shape"])
+        # the order checkpoint.iter_tensors reads them in, as "meta" tensors of their shapes
+        metas = ((k, torch.empty([int(d) for d in header[k]["shape"]], device="meta"))
+                 for k in sorted(header) if k != "__metadata__")
+        for hf_name, meta in checkpoint_items(metas, config, file):
+            shape = tuple(meta.shape)
             if hf_name not in expected:
                 raise ExportError(f"{file}: tensor {hf_name!r} is not part of a {config.model_type} model "
                                   f"of this config (LoRA weights must be merged first)")
             want = expected.pop(hf_name)
             if shape != want:
                 raise ExportError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, config.json implies {list(want)}")
-            checked.append((hf_name, shape))
+            checked.append((hf_name, meta))
     if expected:
         missing = sorted(expected)
         raise ExportError(f"{model_dir}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
     plans: list[TensorPlan] = []
-    for hf_name, parts, shapes in stack_experts(checked, config):
-        shape = shapes[0] if not parts else (len(shapes), *shapes[0])
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ExportError(f"{model_dir}: tensor {hf_name!r} has no GGUF name for {arch.name.lower()}")
-        plans.append(TensorPlan(hf_name, gguf_name, shape, ggml_type_for(gguf_name, shape, file_type), parts))
+    try:
+        for hf_name, parts, gguf_name, meta in converted(checked, config, names):
+            shape = tuple(meta.shape)
+            plans.append(TensorPlan(hf_name, gguf_name, shape, ggml_type_for(gguf_name, shape, file_type), parts))
+    except ExportError as e:
+        raise ExportError(f"{model_dir}: {e}") from None
     return plans
+
+
+def checkpoint_items(items: Iterable[tuple[str, Any]], config: QwenConfig, file: Path) -> Iterator[tuple[str, Any]]:
+    """Checkpoint (name, tensor) in the order read, minus what a GGUF leaves out (`skipped`; the
+    hybrids' MTP head), the hybrids' fused experts split per expert."""
+    items = ((n, t) for n, t in items if not skipped(n, config))
+    if config.model_type not in HYBRID_ARCHITECTURES:
+        yield from items
+        return
+    try:
+        yield from hybrid_items(items, config, file)
+    except CheckpointError as e:   # a fused expert tensor of the wrong shape (names the file)
+        raise ExportError(str(e)) from None
+
+
+def converted(items: Iterable[tuple[str, torch.Tensor]], config: QwenConfig,
+              names: "gguf.TensorNameMap") -> Iterator[tuple[str, tuple[str, ...], str, torch.Tensor]]:
+    """(checkpoint name, stacked parts, GGUF name, tensor) of every GGUF tensor, from the checkpoint's
+    (name, tensor) as `checkpoint_items` gives them: experts stacked, then (hybrids) the converter's
+    transformations (gguf_hybrid.hybrid_tensors). Runs on "meta" tensors to plan, on data to write."""
+    for hf_name, parts, values in stack_experts(items, config):
+        tensor = torch.stack(values) if parts else values[0]
+        if config.model_type in HYBRID_ARCHITECTURES:
+            for gguf_name, out in hybrid_tensors(hf_name, tensor, config, names):
+                yield hf_name, parts, gguf_name, out
+        else:
+            yield hf_name, parts, gguf_name_of(hf_name, names, config), tensor
 
 
 def stack_experts(items: Iterable[tuple[str, Any]], config: QwenConfig) -> Iterator[tuple[str, tuple[str, ...], list]]:
@@ -172,14 +211,12 @@ def skipped(hf_name: str, config: QwenConfig) -> bool:
     return hf_name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and hf_name == "lm_head.weight")
 
 
-def encode(values: list, plan: TensorPlan) -> np.ndarray:
+def encode(tensor: torch.Tensor, plan: TensorPlan) -> np.ndarray:
     """The bytes of one GGUF tensor: F32/F16 as floats, BF16 and Q8_0 as uint8 blocks.
 
     Like llama.cpp's converter, a bf16 tensor goes through float32 first (exact), then gguf's
     own rounding to the target type (round to nearest even; Q8_0 as ggml-quants.c does).
-    `values` holds the tensor, or the experts stacked into it (torch.stack along a new dim 0).
     """
-    tensor = torch.stack(values) if plan.parts else values[0]
     if tuple(tensor.shape) != plan.shape:
         raise ExportError(f"tensor {plan.hf_name!r} has shape {list(tensor.shape)}, expected {list(plan.shape)}")
     if tensor.dtype not in (torch.float16, torch.float32):
