@@ -295,6 +295,30 @@ def test_qlora_cpt_and_merge_scripts_on_a_moe_checkpoint(tmp_path):
         with ref.disable_adapter():
             assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
 
+def test_cpt_trains_a_moe_whose_experts_go_unrouted_in_step_1(tmp_path):
+    """cpt.py on a many-expert, top-1 Qwen3-MoE with 2 x 8 tokens a step: at least 16 of 32
+    experts per layer get no token in step 1, so their LoRA B (zero at init, zero gradient) stays
+    zero, as it does under torch.optim.AdamW. The first-step check must accept that and the run
+    train every step (it stopped at step 1 with "... LoRA B matrices did not change")."""
+    from tests.examples.conftest import run_script
+
+    base = tmp_path / "base"
+    save_hf_model(hf_model("qwen3_moe", vocab_size=151936, tie_word_embeddings=True, hidden_size=16, head_dim=8,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                           moe_intermediate_size=8, num_experts=32, num_experts_per_tok=1), base)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}: sockets, queues and json. " * 8, encoding="utf-8")
+    out = tmp_path / "cpt"
+    proc = run_script("cpt.py", "--model", base, "--data", corpus, "--out", out, "--block-size", "8",
+                      "--batch-size", "2", "--grad-accum", "1", "--max-steps", "3", "--lr", "1e-2", "--lora-r", "2",
+                      "--dtype", "fp32", "--eval-fraction", "0.25", "--sample-tokens", "2", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------- DDP / FSDP2
 # The test module doubles as the worker: `torchrun --nproc-per-node 2 tests/lora/test_moe_lora.py JSON`.
 # A tiny MoE with the load-balancing loss on, trained by train.Trainer; batch_size 1 on both
