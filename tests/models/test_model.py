@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from models.qwen import load
 from models.qwen.loss import linear_cross_entropy
-from tests.helpers import DEVICES, hf_model, max_rel_err, random_ids, save_hf_model
+from tests.helpers import (DEVICES, assert_close_to_reference, assert_grads_match, assert_logits_match, float64_twin,
+                           hf_model, max_rel_err, random_ids, save_hf_model)
 
 VARIANTS = [
     ("qwen2", dict(tie_word_embeddings=True)),
@@ -37,7 +38,7 @@ def test_logits_match_transformers(pair, device):
     ref, ours = on(pair, device)
     ids = random_ids(3, 29).to(device)
     with torch.no_grad():
-        assert max_rel_err(ours(ids), ref(ids).logits) <= 1e-5
+        assert_logits_match(ours(ids), ref, ids)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -47,14 +48,7 @@ def test_loss_and_gradients_match_transformers(pair, device):
     ids = random_ids(2, 21, seed=1).to(device)
     labels = ids.clone()
     labels[0, :7] = -100
-    loss_ref = ref(ids, labels=labels).loss
-    loss_ours = ours(ids, labels=labels)
-    assert abs(loss_ours.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
-    loss_ref.backward()
-    loss_ours.backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert max_rel_err(p.grad, ref_grads[name].grad) <= 1e-4, name
+    assert_grads_match(ours, ref, ids, labels=labels)
 
 
 def test_sum_reduction_counts_supervised_tokens(pair):
