@@ -124,15 +124,36 @@ def float64_twin(module: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy of `module` (a transformers / PEFT model), for the reference's own floor.
 
     transformers' MoE experts default to torch._grouped_mm, which has no float64 kernel: the
-    twin runs them eagerly (the same function, expert by expert).
+    twin runs them eagerly (the same function, expert by expert). A bitsandbytes Linear4bit
+    becomes a plain linear holding bitsandbytes' own dequantised weight (its NF4 values exactly).
     """
     import copy
 
-    twin = copy.deepcopy(module).to(torch.float64)
+    twin = copy.deepcopy(module)
+    _dequantise_bitsandbytes(twin)
+    torch.nn.Module.to(twin, torch.float64)   # (transformers' own .to refuses a model it quantised)
     for m in twin.modules():   # the copies' configs (a module alone, e.g. one MoE block, has one too)
         if getattr(getattr(m, "config", None), "_experts_implementation", None) not in (None, "eager"):
             m.config._experts_implementation = "eager"
     return twin
+
+
+def _dequantise_bitsandbytes(model: torch.nn.Module) -> None:
+    """Replace every bitsandbytes Linear4bit in `model` by an nn.Linear of its dequantised weight."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for name, child in list(model.named_modules()):
+        if isinstance(child, bnb.nn.Linear4bit):
+            dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state))
+                if child.bias is not None:
+                    dense.bias.copy_(child.bias)
+            dense.requires_grad_(False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, dense)
 
 
 def reference_floor(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
