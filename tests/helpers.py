@@ -205,6 +205,14 @@ def assert_grads_match(ours: torch.nn.Module, ref: torch.nn.Module, *args: Any, 
     for loss in losses:
         loss.backward()
     assert_close_to_reference(*(loss.detach() for loss in losses), factor, what="loss")
+    assert_grads_close(ours, ref, twin, ref_grad, factor)
+    return outputs
+
+
+def assert_grads_close(ours: torch.nn.Module, ref: torch.nn.Module, twin: torch.nn.Module, ref_grad=None,
+                       factor: float = FLOOR_FACTOR) -> None:
+    """After the same backward on all three: each trainable .grad of `ours` within `factor` x
+    the largest of ref's per-tensor errors against its float64 `twin` (see assert_grads_match)."""
     ref_grad = ref_grad or (lambda model, name: model.get_parameter(name).grad)
     triples = {}
     for name, p in ours.named_parameters():
@@ -215,9 +223,9 @@ def assert_grads_match(ours: torch.nn.Module, ref: torch.nn.Module, *args: Any, 
             assert p.grad is None or not p.grad.any(), name
         else:
             triples[name] = (p.grad, want32, want64)
+    assert triples, "no gradient to compare"
     floor = max(reference_floor(r32, r64) for _, r32, r64 in triples.values())
     for name, (grad, want32, _) in triples.items():
         err = max_rel_err(grad, want32)
         assert err <= factor * floor, (f"{name}.grad: ours is {err:.3g} from the reference, more than {factor:g} x "
                                        f"its backward's fp32-vs-float64 error {floor:.3g}")
-    return outputs
