@@ -100,6 +100,8 @@ def train_save_and_merge(q, adapter_dir):
         adapted = q(ids)
         lora.save(q, adapter_dir)
         merged = lora.merge(q)
+        # x(W + sBA) against xW + s(xA)B, both ours in fp32 over NF4 weights (no float64 twin):
+        # two matmul orders of one rank-4 update, measured ~1e-7; 1e-5 is ~80 fp32 ulps
         assert max_rel_err(merged(ids), adapted) <= 1e-5
     return merged, ids
 
@@ -284,6 +286,7 @@ def test_qlora_cpt_and_merge_scripts_on_a_moe_checkpoint(tmp_path):
         with ref.disable_adapter():
             assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
 
+@pytest.mark.slow
 def test_cpt_trains_a_moe_whose_experts_go_unrouted_in_step_1(tmp_path):
     """cpt.py on a many-expert, top-1 Qwen3-MoE with 2 x 8 tokens a step: at least 16 of 32
     experts per layer get no token in step 1, so their LoRA B (zero at init, zero gradient) stays
