@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.qwen import CheckpointError, ConfigError, load, save
-from tests.helpers import assert_logits_match, hf_model, max_rel_err, random_ids, save_hf_model
+from tests.helpers import assert_logits_match, hf_model, random_ids, save_hf_model
 
 
 def test_sharded_checkpoint_loads(tmp_path):

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from models.qwen import ConfigError, QwenConfig, generate, load, save
 from models.qwen.moe import SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
 from quant import NF4Quantizer
-from tests.helpers import (assert_close_to_reference, assert_grads_match, assert_logits_match, float64_twin, hf_config,
-                           hf_model, max_rel_err, random_ids, save_hf_model)
+from tests.helpers import (assert_close_to_reference, assert_grads_match, assert_logits_match, hf_config, hf_model,
+                           random_ids, save_hf_model)
 
 VARIANTS = {
     "renormalised": dict(),

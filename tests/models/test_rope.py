@@ -9,7 +9,7 @@ import torch
 
 from models.qwen import ConfigError, QwenConfig, generate, load, save
 from models.qwen.rope import RotaryEmbedding
-from tests.helpers import assert_logits_match, hf_config, hf_model, max_rel_err, random_ids, save_hf_model
+from tests.helpers import assert_logits_match, hf_config, hf_model, random_ids, save_hf_model
 
 ORIGINAL = 32  # the tiny models' "pretraining" context; they allow max_position_embeddings=256
 
