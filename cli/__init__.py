@@ -13,3 +13,7 @@
 The training logic itself lives in the packages (models, quant, lora, data, train); the
 embedded default's corpus and base model live in `demo`.
 """
+
+import _qwen_tune
+
+_qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)

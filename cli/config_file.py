@@ -1,9 +1,19 @@
 """--config FILE: flag values from YAML or JSON, in our names or in LLaMA-Factory's.
 
 Our names are the flags without dashes (`lora-r: 16` or `lora_r: 16`). A LLaMA-Factory recipe
-(`llamafactory-cli train qwen_lora_sft.yaml`) runs unchanged: its keys are translated below,
-and the keys that cannot be honoured here are named in one line on stderr (an unknown key in a
-file of our own names is an error: it is a typo).
+(`llamafactory-cli train qwen_lora_sft.yaml`, recognised by its keys) runs unchanged: its keys
+are translated below, and every key is either honoured or named in one line on stderr (an
+unknown key in a file of our own names is an error: it is a typo). A bad value names the
+file and its key, not the flag it became.
+
+A recipe's settings take the defaults of the convention it comes from, as `llamafactory-cli`
+would run it: what the recipe leaves out is LLaMA-Factory 0.9.5's / HF TrainingArguments'
+default (`LF_DEFAULTS`: lora_rank 8, lora_alpha twice the rank, lora_dropout 0, lora_target
+all, learning_rate 5e-5, lr_scheduler_type linear, no warm-up, weight_decay 0, max_grad_norm
+1.0, num_train_epochs 3, per_device_train_batch_size 8, gradient_accumulation_steps 1, seed
+42, logging_steps and save_steps 500, cutoff_len 2048, val_size 0), not this script's. Flags
+on the command line still win. As in HF's Trainer, max_steps > 0 wins over num_train_epochs
+and warmup_steps > 0 over warmup_ratio.
 """
 
 from __future__ import annotations
@@ -22,11 +32,22 @@ LF_STAGES = {"pt": "cpt", "sft": "sft", "dpo": "dpo"}
 LF_HARMLESS = {
     "do_train", "do_eval", "flash_attn", "trust_remote_code", "preprocessing_num_workers",
     "dataloader_num_workers", "overwrite_cache", "plot_loss", "ddp_timeout", "per_device_eval_batch_size",
-    "eval_strategy", "evaluation_strategy", "save_strategy", "logging_dir", "disable_tqdm", "optim",
-    "quantization_method", "quantization_type", "double_quantization", "save_only_model", "bf16_full_eval",
-    "gradient_checkpointing", "lr_scheduler_kwargs", "ddp_find_unused_parameters", "upcast_layernorm",
+    "eval_strategy", "evaluation_strategy", "save_strategy", "logging_dir", "disable_tqdm",
+    "double_quantization", "save_only_model", "bf16_full_eval",
+    "ddp_find_unused_parameters", "upcast_layernorm",
     "run_name", "logging_first_step", "save_safetensors",
 }
+# HF `optim` names that are the AdamW this library runs (fp32 states, decoupled weight decay).
+ADAMW_OPTIMS = {"adamw_torch", "adamw_torch_fused", "adamw_hf"}
+# What a LLaMA-Factory recipe runs with where it sets nothing (LLaMA-Factory 0.9.5's
+# hparams and HF TrainingArguments' defaults), as our dests; lora_alpha is 2 x the rank.
+LF_DEFAULTS = {
+    "lora_r": 8, "lora_dropout": 0.0, "lora_targets": "all-linear", "lr": 5e-5, "lr_scheduler": "linear",
+    "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "epochs": 3.0, "batch_size": 8, "grad_accum": 1,
+    "seed": 42, "log_every": 500, "save_every": 500, "max_len": 2048, "block_size": 2048, "eval_fraction": 0.0,
+}
+# A default left out when the recipe sets the other of its pair (warmup_steps would win over it).
+LF_RIVALS = {"warmup_steps": "warmup_ratio", "epochs": "max_steps"}
 # Chat templates of LLaMA-Factory that mean "Qwen's ChatML": we render the model's own template.
 LF_QWEN_TEMPLATES = {"qwen", "qwen3", "qwen3_nothink", "qwen2_vl", "default", "empty", "chatml"}
 
@@ -61,41 +82,98 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-def config_argv(p: argparse.ArgumentParser, path: str, given: set[str], stage: Optional[str] = None) -> list[str]:
-    """The command-line tokens the file stands for; keys the command line gave are left out."""
+def config_argv(p: argparse.ArgumentParser, path: str, args: argparse.Namespace, given: set[str],
+                stage: Optional[str] = None) -> list[str]:
+    """The command-line tokens the file stands for; `given` are the dests the command line set
+    (`args` their values), which the file does not override."""
     values = load_config_file(path)
     actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
-    ours = {str(k).lstrip("-").replace("-", "_") for k in values}
-    llama_factory = any(k in LF_KEYS or k in LF_HARMLESS for k in values if k.replace("-", "_") not in actions)
+    if is_llama_factory(values, actions):
+        settings, ignored = _llama_factory_settings(values, actions, path, stage, args, given)
+    else:
+        settings, ignored = _our_settings(values, actions, path), []
+    settings = _command_line_wins(p, settings, given, path)
     argv: list[str] = []
-    ignored: list[str] = []
-    translated: dict[str, Any] = {}
-    for key, value in values.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest in actions:
-            translated[dest] = (key, value)
-        elif llama_factory and key in LF_KEYS:
-            for dest2, value2 in LF_KEYS[key](value, values, path, stage):
-                if dest2 is None:
-                    ignored.append(f"{key}: {value2}")
-                elif dest2 in actions and dest2 not in ours:
-                    translated[dest2] = (key, value2)
-                elif dest2 not in actions:
-                    ignored.append(f"{key} (this script has no --{dest2.replace('_', '-')})")
-        elif llama_factory and key in LF_HARMLESS:
-            continue
-        elif llama_factory:
-            ignored.append(str(key))
-        else:
-            names = ", ".join(sorted(a.replace("_", "-") for a in actions)[:8])
-            raise UsageError(f"--config {path}: unknown key {key!r} (expected flag names such as {names}, ...)")
-    for dest, (key, value) in translated.items():
-        if dest not in given:   # the command line wins
-            argv += _as_argv(actions[dest], value, path, key)
+    for dest, (key, value) in settings.items():
+        argv += _as_argv(actions[dest], value, path, key)
     if ignored:
         print(f"{Path(sys.argv[0]).name}: --config {path}: not honoured here (ignored): {'; '.join(ignored)}",
               file=sys.stderr, flush=True)
     return argv
+
+
+def is_llama_factory(values: dict, actions: dict) -> bool:
+    """A recipe of LLaMA-Factory's: it has a key of theirs that is not one of our flag names."""
+    return any(str(k) in LF_KEYS or str(k) in LF_HARMLESS for k in values if _dest(k) not in actions)
+
+
+def _dest(key: Any) -> str:
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def _our_settings(values: dict, actions: dict, path: str) -> dict[str, tuple[str, Any]]:
+    settings = {}
+    for key, value in values.items():
+        if _dest(key) not in actions:
+            names = ", ".join(sorted(a.replace("_", "-") for a in actions)[:8])
+            raise UsageError(f"--config {path}: unknown key {key!r} (expected flag names such as {names}, ...)")
+        settings[_dest(key)] = (str(key), value)
+    return settings
+
+
+def _llama_factory_settings(values: dict, actions: dict, path: str, stage: Optional[str], args, given: set[str]):
+    """(dest -> (file key, value), the keys not honoured) of a LLaMA-Factory recipe: its keys
+    translated (a key also spelled as one of our flags is read as LLaMA-Factory's), our own
+    flag names in it winning over translations, and LF_DEFAULTS where the recipe is silent."""
+    settings: dict[str, tuple[str, Any]] = {}
+    ours: dict[str, tuple[str, Any]] = {}
+    ignored: list[str] = []
+    for key, value in values.items():
+        key = str(key)
+        if key in LF_KEYS:
+            for dest, value2 in LF_KEYS[key](value, values, path, stage):
+                if dest is None:
+                    ignored.append(f"{key}: {value2}")
+                elif dest in actions:
+                    settings[dest] = (key, value2)
+                else:
+                    ignored.append(f"{key} (this script has no --{dest.replace('_', '-')})")
+        elif _dest(key) in actions:
+            ours[_dest(key)] = (key, value)
+        elif key not in LF_HARMLESS:
+            ignored.append(key)
+    settings.update(ours)
+    for dest, value in LF_DEFAULTS.items():
+        rival = LF_RIVALS.get(dest)
+        if rival in settings or rival in given:
+            continue   # the recipe set the other of the pair (which the default would override)
+        if dest in actions and dest not in settings and dest not in given:
+            settings[dest] = (f"LLaMA-Factory's default for {dest}", value)
+    if "lora_alpha" in actions and "lora_alpha" not in settings and "lora_alpha" not in given:
+        rank = args.lora_r if "lora_r" in given else settings["lora_r"][1]
+        settings["lora_alpha"] = ("LLaMA-Factory's default lora_alpha (2 x lora_rank)", 2 * _number(rank))
+    return settings, ignored
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value   # _as_argv names the key whose value is not a number
+
+
+def _command_line_wins(p: argparse.ArgumentParser, settings: dict, given: set[str], path: str) -> dict:
+    """The file's settings less what the command line gave, also within a mutually exclusive
+    group (the command line's member wins); two members set by the file are named."""
+    out = {dest: kv for dest, kv in settings.items() if dest not in given}
+    for group in getattr(p, "_mutually_exclusive_groups", []):
+        members = [a.dest for a in group._group_actions]
+        if any(m in given for m in members):
+            out = {d: kv for d, kv in out.items() if d not in members}
+        from_file = [out[m][0] for m in members if m in out]
+        if len(from_file) > 1:
+            raise UsageError(f"--config {path}: keys {' and '.join(map(repr, from_file))} exclude each other")
+    return out
 
 
 def _as_argv(action: argparse.Action, value: Any, file: str, key: str) -> list[str]:
@@ -111,10 +189,26 @@ def _as_argv(action: argparse.Action, value: Any, file: str, key: str) -> list[s
         items = value if isinstance(value, list) else [value]
         if not items:
             raise UsageError(f"--config {file}: key {key!r}: expected at least one value")
-        return [flag] + [str(v) for v in items]
+        return [flag] + [_checked(action, v, file, key) for v in items]
+    if isinstance(value, dict) and getattr(action.type, "takes_mapping", False):
+        return [flag, _checked(action, json.dumps(value), file, key)]
     if isinstance(value, (list, dict)):
         raise UsageError(f"--config {file}: key {key!r}: expected a single value, got {type(value).__name__}")
-    return [flag, str(value)]
+    return [flag, _checked(action, value, file, key)]
+
+
+def _checked(action: argparse.Action, value: Any, file: str, key: str) -> str:
+    """`value` as a command-line token, after the flag's own type and choices checks, so a bad
+    value is reported against the file's key, not against the flag it becomes."""
+    text = str(value)
+    try:
+        parsed = action.type(text) if callable(action.type) else text
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+        raise UsageError(f"--config {file}: key {key!r}: {e}") from None
+    if action.choices is not None and parsed not in action.choices:
+        raise UsageError(f"--config {file}: key {key!r}: {value!r} is not one of "
+                         f"{', '.join(map(str, action.choices))}")
+    return text
 
 
 # ---------------------------------------------------------------------- LLaMA-Factory keys
@@ -183,18 +277,43 @@ def _val_size(value, values, path, stage) -> Pairs:
 
 
 def _report_to(value, values, path, stage) -> Pairs:
+    # HF's names: "all" / a list; only TensorBoard is written here (metrics.jsonl always)
     names = value if isinstance(value, list) else [value]
-    if "tensorboard" in names:
-        return [("report_to", "tensorboard")] + [(None, n) for n in names if n not in ("tensorboard", "none")]
-    return [("report_to", "none")] + [(None, n) for n in names if n not in ("none", None)]
+    chosen = "tensorboard" if any(n in ("tensorboard", "all") for n in names) else "none"
+    skipped = [(None, f"{n} (only tensorboard is written here)") for n in names
+               if n not in ("tensorboard", "none", None)]
+    return [("report_to", chosen)] + skipped
+
+
+def _bool(key: str, value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"--config {path}: key {key!r}: expected true or false, got {value!r}")
+    return value
 
 
 def _gradient_checkpointing_off(value, values, path, stage) -> Pairs:
-    return [("no_grad_checkpointing", bool(value))]
+    return [("no_grad_checkpointing", _bool("disable_gradient_checkpointing", value, path))]
+
+
+def _gradient_checkpointing(value, values, path, stage) -> Pairs:
+    if "disable_gradient_checkpointing" in values:   # LLaMA-Factory's own switch decides
+        return []
+    return [("no_grad_checkpointing", not _bool("gradient_checkpointing", value, path))]
+
+
+def _only(*accepted: Any, note: str) -> Callable[..., Pairs]:
+    """A key honoured only with one of `accepted` (what this library always does); else named."""
+    return lambda value, values, path, stage: [] if value in accepted else [(None, f"{value!r} ({note})")]
+
+
+def _optim(value, values, path, stage) -> Pairs:
+    if value in ADAMW_OPTIMS:
+        return []
+    return [(None, f"{value} is not supported; training with AdamW (fp32 states)")]
 
 
 def _overwrite(value, values, path, stage) -> Pairs:
-    return [("overwrite", bool(value))]
+    return [("overwrite", _bool("overwrite_output_dir", value, path))]
 
 
 def _resume(value, values, path, stage) -> Pairs:
@@ -287,6 +406,10 @@ LF_KEYS: dict[str, Callable[..., Pairs]] = {
     "seed": _same("seed"),
     "quantization_bit": _quantization_bit,
     "disable_gradient_checkpointing": _gradient_checkpointing_off,
+    "gradient_checkpointing": _gradient_checkpointing,
+    "optim": _optim,
+    "quantization_method": _only("bitsandbytes", "bnb", note="NF4 through our own kernels"),
+    "quantization_type": _only("nf4", note="only NF4 here"),
     "report_to": _report_to,
     "dataset": _datasets,
     "dataset_dir": lambda value, values, path, stage: [],   # read by `dataset`

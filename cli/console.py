@@ -80,10 +80,11 @@ def generate_text(model, tok, prompt_ids: list[int], *, max_new_tokens: int, tem
     return streamer.text()
 
 
-def chat_ids(tok, question: str, system: Optional[str] = None) -> list[int]:
-    """A one-question conversation rendered with the tokenizer's chat template, ready to answer."""
+def chat_ids(tok, question: str, system: Optional[str] = None, template_kwargs: Optional[dict] = None) -> list[int]:
+    """A one-question conversation rendered with the tokenizer's chat template (and its variables
+    `template_kwargs`, e.g. --chat-template-kwargs), ready to answer."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **(template_kwargs or {})))
 
 
 # ---------------------------------------------------------------------- metrics

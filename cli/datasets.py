@@ -41,14 +41,15 @@ def cpt_datasets(paths: Sequence[Path], tok, *, block_size: int, eval_fraction: 
 
 
 def sft_datasets(paths: Sequence[Path], eval_path: Optional[Path], tok, *, max_len: int, eval_fraction: float,
-                 seed: int, fmt: str = "auto"):
+                 seed: int, fmt: str = "auto", chat_template_kwargs: Optional[dict] = None):
     """(train samples, held-out samples or None, description) for SFT (labels on answers)."""
     from data import SFTDataset
 
     fmt = None if fmt == "auto" else fmt
-    full = SFTDataset([str(p) for p in paths], tok, max_len=max_len, fmt=fmt)
+    options = dict(max_len=max_len, fmt=fmt, chat_template_kwargs=chat_template_kwargs)
+    full = SFTDataset([str(p) for p in paths], tok, **options)
     if eval_path is not None:
-        train, held_out = full, SFTDataset([str(eval_path)], tok, max_len=max_len, fmt=fmt)
+        train, held_out = full, SFTDataset([str(eval_path)], tok, **options)
     elif eval_fraction > 0 and len(full) > 1:
         train, held_out = full.split(eval_fraction, seed=seed)
     else:
@@ -73,9 +74,18 @@ def held_out_questions(path: Path, n: int) -> list[str]:
             except json.JSONDecodeError:
                 continue
             if "messages" in row:
-                users = [m.get("content") for m in row["messages"] if m.get("role") == "user"]
-                if users:
+                users = [_question_text(m.get("content")) for m in row["messages"] if m.get("role") == "user"]
+                if users and users[0]:
                     out.append(users[0])
             elif "instruction" in row:
                 out.append((row["instruction"] + ("\n\n" + row["input"] if row.get("input") else "")).strip())
     return out
+
+
+def _question_text(content) -> Optional[str]:
+    """A user message's text (its text parts concatenated); None for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None

@@ -6,6 +6,8 @@
          --overwrite of a folder the library did not write, a malformed data line, ...)
     130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM: a checkpoint was saved when training
          had started, nothing final was written, and the line says how to resume
+    141  stdout was closed by its reader (`generate.py | head -3`): a quiet stop, as a Unix tool
+         killed by SIGPIPE (no message; outputs not yet complete are released)
 
 A traceback means a bug in the library, never bad input.
 """
@@ -24,6 +26,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a tool it killed
 
 
 class UsageError(Exception):
@@ -111,6 +114,17 @@ def _release_outputs() -> None:
     release_untouched()
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush into the closed pipe is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):   # stdout is not a real file (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
+
+
 def run_main(main: Callable[[], Optional[int]]) -> None:
     """Call main() and exit with the code the table in the module docstring gives.
 
@@ -125,6 +139,10 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
     try:
         distributed = start_distributed()
         code = main()
+    except BrokenPipeError:
+        _quiet_stdout()
+        _release_outputs()
+        raise SystemExit(EXIT_BROKEN_PIPE)
     except (KeyboardInterrupt, Interrupted) as e:
         stop = e if isinstance(e, Interrupted) else Interrupted("SIGINT")
         print(f"{prog}: {stop.describe()}", file=sys.stderr, flush=True)
@@ -145,4 +163,9 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
         from train.distributed import shutdown
 
         shutdown()
+    try:
+        sys.stdout.flush()   # what main() left buffered may still meet a closed pipe
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
     raise SystemExit(code or EXIT_OK)

@@ -1,11 +1,13 @@
 """The argparse layer: one-line errors, value types, and the flag groups the stages share.
 
-    p = new_parser("cpt.py", __doc__)
+    p = new_parser("cpt.py", __doc__, embedded=demo_settings.CPT)
     add_training_flags(p, stage="cpt")        # model/data, fine-tuning mode, LoRA, optimisation, ...
     args = parse_args(p, argv)                # --config values fill what the command line did not give
-    args._given                               # the dests set explicitly (command line or --config)
+    given(args)                               # the dests set explicitly (command line or --config)
 
-`--help` prints each default once, as the script really uses it.
+Flags are never abbreviated (`--max-step 5` is an error, not `--max-steps 5`). `--help` prints
+each default once, as the script really uses it, and the embedded default's value where it
+differs. Under `qwen-tune <stage>` usage and errors name that command.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import paths
@@ -23,6 +26,9 @@ FINETUNING = ("lora", "full", "full-then-lora")
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT}
+DEFAULT_MODEL = {"cpt": "the embedded demo model", "sft": f"{paths.MERGED_OUT}, merge.py's output",
+                 "dpo": f"{paths.SFT_OUT / 'merged'}, sft.py's output"}
+SEED_MAX = 2**32 - 1   # numpy's (and HF set_seed's) seed range
 # Recommended settings per stage (practitioners' ranges): CPT lr 1e-4 and alpha = r, SFT lr 5e-5
 # and alpha = 2r, DPO a low lr; 2 CPT epochs, 1 SFT / DPO epoch.
 STAGE_DEFAULTS = {
@@ -33,28 +39,54 @@ STAGE_DEFAULTS = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (argparse's default prints the usage block first)."""
+    """argparse with one-line errors (argparse's default prints the usage block first), no
+    abbreviated flags (a prefix would otherwise set a flag the user never named), and the
+    embedded default's settings (`embedded`) known to --help."""
+
+    def __init__(self, *a, embedded: Optional[dict] = None, **kw) -> None:
+        self.embedded = dict(embedded or {})
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*a, **kw)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
+    def _get_formatter(self):
+        formatter = super()._get_formatter()
+        formatter.embedded = self.embedded
+        return formatter
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends "(default: X)" once, only where a real default exists and the text names none."""
+    """Appends "(default: X)" once, only where a real default exists and the text names none,
+    and "embedded default: Y" where the embedded default runs with another value."""
+
+    embedded: dict = {}
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, argparse.SUPPRESS) or default == []:
-            return text
-        if action.option_strings and action.nargs != 0:
-            return f"{text} (default: {default})"
-        return text
+        notes = []
+        if action.option_strings and action.nargs != 0 and "default" not in text and not (
+                default is None or default is False or default is argparse.SUPPRESS or default == []):
+            notes.append(f"default: {default}")
+        demo = self.embedded.get(action.dest)
+        if demo is not None and demo != default and action.nargs != 0:
+            notes.append(f"embedded default: {demo:g}" if isinstance(demo, float) else f"embedded default: {demo}")
+        return f"{text} ({'; '.join(notes)})" if notes else text
 
 
-def new_parser(prog: str, description: Optional[str], epilog: Optional[str] = None) -> Parser:
-    return Parser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+def program_name(script: str) -> str:
+    """`qwen-tune sft` when run through the qwen-tune command (which sets argv[0] so), else `script`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("qwen-tune ") else script
+
+
+def new_parser(prog: str, description: Optional[str], epilog: Optional[str] = None,
+               embedded: Optional[dict] = None) -> Parser:
+    return Parser(prog=program_name(prog), description=description, epilog=epilog, formatter_class=HelpFormatter,
+                  embedded=embedded)
 
 
 # ---------------------------------------------------------------------- value types
@@ -71,6 +103,18 @@ def _number(text: str, kind: type, ok, expected: str):
 
 def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v > 0, "a positive integer")
+
+
+def int_at_least(low: int):
+    """A type: an int >= `low` (a block of one token has no next token to predict)."""
+    def parse(text: str) -> int:
+        return _number(text, int, lambda v: v >= low, f"an integer >= {low}")
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+def seed(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]")
 
 
 def non_negative_int(text: str) -> int:
@@ -96,11 +140,39 @@ def ratio(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """(0, 1]: a probability mass such as top-p."""
+    value = positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def open_ratio(text: str) -> float:
     value = ratio(text)
     if value == 0.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
+
+
+def template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs value: a JSON object of chat-template variables."""
+    import json
+
+    from data.conversations import template_kwargs_problem
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {text[:60]!r}; expected an "
+                                         "object such as '{\"enable_thinking\": false}'") from None
+    problem = template_kwargs_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}: {text[:60]!r}")
+    return value
+
+
+template_kwargs.takes_mapping = True  # --config gives it as a mapping (cli/config_file.py)
 
 
 # ---------------------------------------------------------------------- shared flag groups
@@ -110,17 +182,18 @@ def add_training_flags(p: Parser, stage: str) -> None:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     d = STAGE_DEFAULTS[stage]
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", metavar="DIR", help="HF-format Qwen checkpoint directory (config.json + safetensors)")
+    g.add_argument("--model", metavar="DIR", help="HF-format Qwen checkpoint directory (config.json + safetensors) "
+                                                  f"(default: {DEFAULT_MODEL[stage]})")
     if stage == "cpt":
         g.add_argument("--data", metavar="PATH", nargs="+",
                        help="text corpus: .txt/.jsonl/.jsonl.gz files or directories")
-        g.add_argument("--block-size", type=positive_int, default=2048, help="tokens per packed training block")
+        g.add_argument("--block-size", type=int_at_least(2), default=2048, help="tokens per packed training block")
     else:
         what = "SFT file(s): messages (with tools), alpaca or ShareGPT" if stage == "sft" else \
             "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)"
         g.add_argument("--data", metavar="FILE.jsonl", nargs="+", help=what)
         g.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out file (default: a split of --data)")
-        g.add_argument("--max-len", type=positive_int, default=1024, help="longest sample in tokens")
+        g.add_argument("--max-len", type=int_at_least(2), default=1024, help="longest sample in tokens")
     g.add_argument("--eval-fraction", type=ratio, default=0.05,
                    help="fraction of documents/samples held out for evaluation")
     g.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT[stage]),
@@ -146,13 +219,15 @@ def add_training_flags(p: Parser, stage: str) -> None:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate")
-    w = g.add_mutually_exclusive_group()
-    w.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="linear warm-up steps (default: --warmup-ratio 0.03)")
-    w.add_argument("--warmup-ratio", type=ratio, default=None, help="linear warm-up as a fraction of all steps")
-    e = g.add_mutually_exclusive_group()
-    e.add_argument("--epochs", type=positive_float, default=None, help=f"passes over the data (default: {d['epochs']:g})")
-    e.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps instead of --epochs")
+    # Both of a pair may be given (a LLaMA-Factory recipe often does): as in HF's Trainer, the
+    # step count wins.
+    g.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="linear warm-up steps from lr 0, as HF's schedules; wins over --warmup-ratio "
+                        "(default: --warmup-ratio 0.03)")
+    g.add_argument("--warmup-ratio", type=ratio, default=None, help="linear warm-up as a fraction of all steps")
+    g.add_argument("--epochs", type=positive_float, default=None, help=f"passes over the data (default: {d['epochs']:g})")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="optimizer steps; wins over --epochs when both are given, as HF's max_steps")
     g.add_argument("--lr-scheduler", choices=SCHEDULES, default="cosine",
                    help="after the warm-up: cosine or linear decay to 0, or constant")
     g.add_argument("--batch-size", type=positive_int, default=1, help="micro-batch per process")
@@ -162,7 +237,7 @@ def add_training_flags(p: Parser, stage: str) -> None:
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are slower)")
     g.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations instead of recomputing")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, dropout and data order")
+    g.add_argument("--seed", type=seed, default=0, help="seed of initialisation, dropout and data order")
 
     g = p.add_argument_group("evaluation, checkpoints and logging")
     g.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (default: at the end)")
@@ -179,18 +254,28 @@ def add_training_flags(p: Parser, stage: str) -> None:
 
 
 def add_chat_output_flags(p: Parser, sample_questions: int) -> None:
-    """What a chat stage (sft.py, dpo.py) writes besides the adapter, and the held-out answers
-    it shows before and after training."""
+    """What a chat stage (sft.py, dpo.py) writes besides the adapter, the held-out answers it
+    shows before and after training, and the chat-template variables it renders with."""
     p.add_argument("--no-merge", action="store_true", help="write only adapter/, not merged/")
     p.add_argument("--sample-questions", type=non_negative_int, default=sample_questions,
                    help="held-out questions answered before/after")
     p.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per sample answer")
+    add_chat_template_flag(p)
+
+
+def add_chat_template_flag(p: Parser) -> None:
+    """--chat-template-kwargs: variables for the chat template, for every chat this run renders."""
+    p.add_argument("--chat-template-kwargs", metavar="JSON", type=template_kwargs, default=None,
+                   help="chat-template variables as a JSON object, e.g. '{\"enable_thinking\": false}' or "
+                        "'{\"preserve_thinking\": true}' (a record's own \"chat_template_kwargs\" win)")
 
 
 def add_config_flag(p: Parser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or "
-                        "LLaMA-Factory's keys); flags on the command line win")
+                        "LLaMA-Factory's keys: what such a recipe leaves out takes LLaMA-Factory's / HF's "
+                        "defaults, e.g. lora_rank 8, lora_alpha 2 x rank, lr 5e-5 linear, seed 42); flags on "
+                        "the command line win")
 
 
 def add_overwrite_flag(p: Parser) -> None:
@@ -199,28 +284,50 @@ def add_overwrite_flag(p: Parser) -> None:
 
 
 # ---------------------------------------------------------------------- parsing
-def parse_args(p: Parser, argv: Optional[Sequence[str]] = None, stage: Optional[str] = None) -> argparse.Namespace:
+class Args(argparse.Namespace):
+    """The parsed flags; which of them were given explicitly is kept outside vars(args) (so it
+    never reaches run.json or a run's identity): read it with `given(args)`."""
+
+    __slots__ = ("_given_dests",)
+
+
+def given(args: argparse.Namespace) -> frozenset[str]:
+    """The dests set explicitly, on the command line (in any spelling argparse accepted) or by
+    --config; empty for a namespace that `parse_args` did not make."""
+    return getattr(args, "_given_dests", frozenset())
+
+
+def parse_args(p: Parser, argv: Optional[Sequence[str]] = None, stage: Optional[str] = None) -> Args:
     """Parse flags; values from --config fill in what the command line did not give.
 
-    The namespace gets `_given`: the dests set explicitly (command line or config), which the
-    conflict checks and the embedded default's settings use (a default never conflicts).
+    `given(args)` is what argparse itself parsed: the same argv parsed once more with every
+    default suppressed, so an attribute present then was set by a token, whatever its spelling
+    (--max-steps=5, a --config key). The conflict checks and the embedded default's settings use
+    it (a default never conflicts, and a flag the user gave always beats the embedded default).
     """
     from .config_file import config_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    given = explicit_dests(p, argv)
+    args = p.parse_args(argv, namespace=Args())
     if args.config:
-        cli_argv = config_argv(p, args.config, given, stage=stage)
-        args = p.parse_args(cli_argv + argv)   # config values pass the same types, choices and exclusions
-        given |= explicit_dests(p, cli_argv)
-    args._given = given
+        argv = config_argv(p, args.config, args, explicit_dests(p, argv), stage=stage) + argv
+        args = p.parse_args(argv, namespace=Args())   # config values pass the same types and choices
+    args._given_dests = frozenset(explicit_dests(p, argv))
     return args
 
 
 def explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    flags = {opt: a.dest for a in p._actions for opt in a.option_strings}
-    return {flags[tok.split("=", 1)[0]] for tok in argv if tok.split("=", 1)[0] in flags}
+    """The dests `argv` sets: argparse's own parse of it with every default suppressed."""
+    saved = [(a, a.default) for a in p._actions]
+    saved_defaults, p._defaults = p._defaults, {}
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+        p._defaults = saved_defaults
 
 
 def check_training_flags(args: argparse.Namespace) -> None:

@@ -41,7 +41,7 @@ MODEL_OUTPUTS = (RUN_FILE, LOCK_FILE, "config.json", "generation_config.json", "
                  ".*.tmp")
 # Identity keys that may differ between a run and its --resume (they change no result).
 IDENTITY_IGNORED = {"out", "resume", "overwrite", "config", "eval_every", "save_every", "keep_last", "log_every",
-                    "report_to", "_given", "batch_size", "grad_accum", "fsdp"}
+                    "report_to", "batch_size", "grad_accum", "fsdp"}
 
 _held: dict[Path, int] = {}   # out dir -> fd of its lock file, held until the process ends
 _created: list[Path] = []     # out dirs this process created (removed again if a refusal leaves them empty)

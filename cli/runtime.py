@@ -108,8 +108,8 @@ def train_config(args: argparse.Namespace, out: Path):
 
     return TrainConfig(
         out_dir=str(out), lr=args.lr, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
-        warmup_ratio=args.warmup_ratio if args.warmup_ratio is not None else (0.03 if args.warmup_steps is None else None),
-        epochs=args.epochs if args.max_steps is None else None, max_steps=args.max_steps,
+        warmup_ratio=None if args.warmup_steps is not None else (0.03 if args.warmup_ratio is None else args.warmup_ratio),
+        epochs=args.epochs if args.max_steps is None else None, max_steps=args.max_steps,   # HF: max_steps wins
         batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay, dtype=args.dtype,
         grad_checkpointing=not args.no_grad_checkpointing, eval_every=args.eval_every, save_every=args.save_every,

@@ -17,6 +17,10 @@ document_ids, attention_mask. Bad input raises `data.DataError` naming the file 
 is skipped and counted with on_error="skip").
 """
 
+import _qwen_tune
+
+_qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)
+
 from .cache import cache_root
 from .collate import IGNORE_INDEX, PackedSFTDataset, pad_collate
 from .cpt import Corpus, Documents, PackedDataset, load_corpus, pack_documents, split_for_encoding, tokenize_file

@@ -6,13 +6,23 @@ Formats (detected per file from its first record, or given with fmt=):
   messages: {"messages": [message, ...], "tools" (optional)}                 (OpenAI style)
   sharegpt: {"conversations": [{"from", "value"}, ...], "system" (optional), "tools" (optional)}
 
-A message is {"role": "system"|"user"|"assistant"|"tool", "content": str} plus, on assistant
+A message is {"role": "system"|"user"|"assistant"|"tool", "content": str or parts} plus, on assistant
 messages, "reasoning_content" (str) and "tool_calls" (a list of
 {"type": "function", "function": {"name": str, "arguments": object or JSON text}}; the flat
 {"name", "arguments"} form is accepted too), and on tool messages "name" / "tool_call_id".
 An assistant message with tool_calls may have no content. Arguments given as JSON text are
 parsed into objects: Qwen2.5's template writes them with ``tojson`` (a string would come out
 quoted), and for Qwen3's template an object renders as the same JSON text.
+
+Content may be a list of text parts, OpenAI style ([{"type": "text", "text": str}, ...]): it
+reaches the chat template as a list (Qwen3.5's template renders the parts itself; for a
+template that takes only strings, the tokenizer joins them, see Tokenizer.apply_chat_template).
+An image, video, audio or file part is an error naming the file, line, message and part: we
+train the text model, and a placeholder token without its pixels would teach it nothing true.
+
+A record may carry "chat_template_kwargs": a JSON object of template variables for this
+record alone ({"enable_thinking": false}, {"preserve_thinking": true}), as TRL reads them;
+they override the run's --chat-template-kwargs.
 
 ShareGPT speakers: system; human/user; gpt/assistant/chatgpt/model/bot; LLaMA-Factory's
 function_call (value: a JSON {"name", "arguments"} or a list of them -> an assistant message
@@ -30,7 +40,7 @@ results and another assistant message; it ends with an assistant message.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .errors import DataError
@@ -52,6 +62,7 @@ class Conversation:
 
     messages: List[Dict[str, Any]]
     tools: Optional[List[Dict[str, Any]]] = None
+    template_kwargs: Dict[str, Any] = field(default_factory=dict)  # the record's chat_template_kwargs
 
 
 def detect_format(example: Mapping[str, Any], where: str = "example") -> str:
@@ -140,6 +151,74 @@ def _tool_calls(value: Any, where: str) -> List[Dict[str, Any]]:
     return [parse_tool_call(c, f"{where}: tool_calls[{i}]") for i, c in enumerate(value)]
 
 
+# ---------------------------------------------------------------------- content and template variables
+MEDIA_PARTS = {"image": "image", "image_url": "image", "input_image": "image", "video": "video",
+               "video_url": "video", "audio": "audio", "input_audio": "audio", "file": "file"}
+
+
+def parse_content(value: Any, where: str) -> Any:
+    """A message's content: a string, or a list of text parts (checked, each {"type": "text", "text"})."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field 'content' must be a string or a list of text parts, got "
+                        f"{type(value).__name__}", "bad-field")
+    parts = []
+    for k, part in enumerate(value):
+        kind = media_kind(part)
+        if kind is not None:
+            raise DataError(f"{where}: content[{k}] is {'an' if kind[0] in 'aeiou' else 'a'} {kind} part; this trains the text model, so training data "
+                            "may hold text parts only (a placeholder token without its pixels would be trained)",
+                            "media-part")
+        if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise DataError(f"{where}: content[{k}]: expected a text part {{\"type\": \"text\", \"text\": \"...\"}}, "
+                            f"got {json.dumps(part, ensure_ascii=False)[:60]}", "bad-field")
+        parts.append({"type": "text", "text": part["text"]})
+    return parts
+
+
+def media_kind(part: Any) -> Optional[str]:
+    """'image', 'video', 'audio' or 'file' for a media part (by its type, or the key a template reads)."""
+    if not isinstance(part, Mapping):
+        return None
+    kind = MEDIA_PARTS.get(part.get("type")) if isinstance(part.get("type"), str) else None
+    return kind or next((MEDIA_PARTS[k] for k in ("image", "image_url", "video") if k in part), None)
+
+
+def content_text(content: Any) -> str:
+    """The text of a content (its text parts concatenated, as Qwen3.5's template renders them)."""
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+# Names the caller of apply_chat_template sets itself: not template variables one may override.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt", "tokenize",
+                            "return_assistant_mask", "sanitize_special_tokens", "chat_template",
+                            "continue_final_message", "return_dict", "return_tensors", "padding", "truncation",
+                            "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask")
+
+
+def template_kwargs_problem(value: Any) -> Optional[str]:
+    """Why `value` cannot be chat-template keyword arguments (None when it can): a JSON object
+    whose keys are not the names apply_chat_template itself sets."""
+    if not isinstance(value, Mapping):
+        return f"expected a JSON object of template variables, got {type(value).__name__}"
+    reserved = [k for k in value if k in RESERVED_TEMPLATE_KWARGS]
+    if reserved:
+        return f"{reserved[0]!r} is set by qwen-tune itself, not a template variable"
+    return None
+
+
+def template_kwargs_of(example: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """A record's "chat_template_kwargs" (a JSON object; {} when absent)."""
+    value = example.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    problem = template_kwargs_problem(value)
+    if problem:
+        raise DataError(f"{where}: field 'chat_template_kwargs': {problem}", "bad-field")
+    return dict(value)
+
+
 # ---------------------------------------------------------------------- messages
 def parse_message(m: Any, where: str) -> Dict[str, Any]:
     """One OpenAI-style message, checked and normalised (see the module docstring)."""
@@ -152,7 +231,8 @@ def parse_message(m: Any, where: str) -> Dict[str, Any]:
         if role != "assistant":
             raise DataError(f"{where}: only assistant messages carry 'tool_calls' (role {role!r})", "bad-field")
         out["tool_calls"] = _tool_calls(tool_calls, where)
-    out["content"] = _field(m, "content", where, optional=tool_calls is not None) or ""
+    content = _field(m, "content", where, optional=tool_calls is not None, kind=object)  # checked below
+    out["content"] = "" if content is None else parse_content(content, where)
     if m.get("reasoning_content") is not None:
         if role != "assistant":
             raise DataError(f"{where}: only assistant messages carry 'reasoning_content' (role {role!r})", "bad-field")
@@ -212,7 +292,7 @@ def to_conversation(example: Mapping[str, Any], fmt: Optional[str] = None, where
         messages += [_sharegpt_message(m, f"{where}: conversations[{i}]") for i, m in enumerate(items)]
         tools = parse_tools(example.get("tools"), where)
     check_roles(messages, where)
-    return Conversation(messages, tools)
+    return Conversation(messages, tools, template_kwargs_of(example, where))
 
 
 def to_messages(example: Mapping[str, Any], fmt: Optional[str] = None, where: str = "example") -> List[Dict[str, Any]]:

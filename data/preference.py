@@ -14,8 +14,12 @@ Record formats (recognised per record from its keys):
       "value"}, "rejected": {...}, "system" (optional)}
   LLaMA-Factory alpaca ranking: {"instruction", "input" (optional), "chosen": str, "rejected": str,
       "system" (optional), "history" (optional [[question, answer], ...])}
+Message content is a string or a list of text parts ({"type": "text", "text": ...}); an image or
+video part is an error naming the file, line and part (data/conversations.py). A record's
+"chat_template_kwargs" (a JSON object) override the run's template variables for that pair.
 A response is a string, one assistant message ({"role", "content"} or {"from", "value"}) or a list of
-one such message; a string prompt is one user message. The prompt is an optional system message,
+one such message (OpenAI-style messages keep their tool_calls, reasoning_content and tool
+results, and a record's "tools" are offered as in SFT); a string prompt is one user message. The prompt is an optional system message,
 then user/assistant turns ending with a user turn (a multi-turn prompt keeps its earlier answers).
 
 Encoding: prompt + response is rendered by the tokenizer's own chat template
@@ -39,6 +43,7 @@ Every problem is a data.DataError naming file:line and the field.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -47,13 +52,14 @@ import torch
 
 from .collate import ENDOFTEXT_ID, pad_collate
 from .errors import DataError, InputReport, check_on_error
-from .sft import IGNORE_INDEX, SHAREGPT_ROLES, Subset, check_roles, to_messages
+from .conversations import parse_content, parse_message, parse_tools, template_kwargs_of
+from .sft import IGNORE_INDEX, SHAREGPT_ROLES, Subset, check_roles, run_template_kwargs, to_messages, with_text
 from .sources import PathLike, find_files, iter_jsonl
 
 PREFERENCE_FORMATS = ("trl", "trl-implicit", "sharegpt", "alpaca")
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
-Message = Dict[str, str]
+Message = Dict[str, Any]
 
 
 # ---------------------------------------------------------------------- records -> messages
@@ -79,16 +85,17 @@ def _message(value: Any, where: str) -> Message:
     if not isinstance(value, Mapping):
         raise DataError(f"{where}: expected a message object with 'role' and 'content', got {type(value).__name__}",
                         "bad-field")
-    if "role" in value:
-        role, content = value["role"], value.get("content")
-    elif "from" in value:
+    if "role" in value:  # OpenAI style: tool_calls, reasoning_content and tool results kept
+        return parse_message(value, where)
+    if "from" in value:
         role, content = SHAREGPT_ROLES.get(value["from"], value["from"]), value.get("value")
     else:
         raise DataError(f"{where}: a message needs 'role' and 'content' (or 'from' and 'value'), got keys "
                         f"{sorted(value)[:6]}", "missing-field")
-    if not isinstance(content, str):
-        raise DataError(f"{where}: message content must be a string, got {type(content).__name__}", "bad-field")
-    return {"role": role, "content": content}
+    if not isinstance(content, (str, list)):
+        raise DataError(f"{where}: message content must be a string or a list of text parts, got "
+                        f"{type(content).__name__}", "bad-field")
+    return {"role": role, "content": parse_content(content, where)}
 
 
 def _messages(value: Any, where: str) -> List[Message]:
@@ -204,12 +211,14 @@ class EncodedPair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def _render(prompt: List[Message], response: Message, tokenizer, system: Optional[str], where: str):
+def _render(prompt: List[Message], response: Message, tokenizer, system: Optional[str], where: str,
+            options: Mapping[str, Any]):
     """(ids, labels) of prompt + response, labels on the final assistant turn only, cut after it.
-    system: the default system prompt, for a prompt that has none."""
+    system: the default system prompt, for a prompt that has none; options: tools and template variables."""
     if system is not None and (not prompt or prompt[0]["role"] != "system"):
         prompt = [{"role": "system", "content": system}] + list(prompt)
-    ids, mask = tokenizer.apply_chat_template(prompt + [response], tokenize=True, return_assistant_mask=True)
+    ids, mask = tokenizer.apply_chat_template(prompt + [response], tokenize=True, return_assistant_mask=True,
+                                              **options)
     end = len(mask)
     while end > 0 and not mask[end - 1]:
         end -= 1
@@ -226,9 +235,9 @@ def _first_scored(labels: Sequence[int]) -> int:
     return next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
 
 
-def _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where) -> EncodedPair:
-    c_ids, c_labels = _render(prompt, chosen, tokenizer, system, where)
-    r_ids, r_labels = _render(prompt, rejected, tokenizer, system, where)
+def _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, options) -> EncodedPair:
+    c_ids, c_labels = _render(prompt, chosen, tokenizer, system, where, options)
+    r_ids, r_labels = _render(prompt, rejected, tokenizer, system, where, options)
     # The shared prompt ends where the first response starts (a response starting with "\n"
     # may merge with the header's "\n" into one scored token, so take the earlier start).
     start = min(_first_scored(c_labels), _first_scored(r_labels))
@@ -248,15 +257,20 @@ def encode_pair(
     system: Optional[str] = None,
     min_prompt_tokens: int = 8,
     where: str = "record",
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+    tools: Optional[List[Dict[str, Any]]] = None,
 ) -> EncodedPair:
     """Encode one pair (see the module docstring for labels and truncation).
 
     system: default system prompt for a prompt without one (None: the template's default).
+    chat_template_kwargs: template variables (enable_thinking, preserve_thinking, ...); tools: the
+    JSON schemas offered to the model (OpenAI style), as in SFT.
     max_prompt_len: the prompt is not cut below this many tokens (default max_len // 2).
     """
     check_roles(prompt + [chosen], where)
     check_roles(prompt + [rejected], where)
-    enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where)
+    kw = dict(chat_template_kwargs or {}, tools=tools)
+    enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, kw)
     if max_len is None or enc.row_length <= max_len:
         return enc
     full_length = enc.row_length
@@ -269,16 +283,18 @@ def encode_pair(
     while len(enc.prompt_ids) > target and len(prompt) - first > 1:
         prompt = prompt[:first] + prompt[first + 2:]
         dropped += 1
-        enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where)
+        enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, kw)
     # 1b. cut the start of the last user message, keeping at least min_prompt_tokens of it
     if len(enc.prompt_ids) > target:
-        content_ids = tokenizer.encode(prompt[-1]["content"])
+        content = prompt[-1]["content"]
+        part = 0 if isinstance(content, list) else None  # parts: cut the first one
+        content_ids = tokenizer.encode(content if part is None else content[0]["text"] if content else "")
         keep = len(content_ids)
         while len(enc.prompt_ids) > target and keep > min_prompt_tokens:
             keep = max(min_prompt_tokens, keep - (len(enc.prompt_ids) - target))
             text = tokenizer.decode(content_ids[len(content_ids) - keep:], errors="ignore")  # never half a character
-            trial = prompt[:-1] + [{"role": "user", "content": text}]
-            enc = _encode_untruncated(trial, chosen, rejected, tokenizer, system, where)
+            trial = prompt[:-1] + [{"role": "user", "content": with_text(content, part, text)}]
+            enc = _encode_untruncated(trial, chosen, rejected, tokenizer, system, where, kw)
             cut = len(content_ids) - keep
     # 2. both responses to the same budget, keeping their start
     budget = max(0, max_len - len(enc.prompt_ids))
@@ -304,6 +320,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     Items: {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"},
     LongTensors [L] (prompt + response each). `report` holds the counts (read, kept, skipped by
     reason, truncated by kind); on_error="skip" drops and counts bad or over-long pairs.
+    chat_template_kwargs: template variables for every pair (a record's own override them).
     """
 
     def __init__(
@@ -316,6 +333,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         on_error: str = "raise",
         glob: Optional[str] = None,
         min_prompt_tokens: int = 8,
+        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
     ):
         check_on_error(on_error)
         if max_len is not None and max_len < 2:
@@ -329,8 +347,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 where = f"{path}:{lineno}"
                 try:
                     prompt, chosen, rejected = to_preference(record, where=where)
+                    kwargs = run_template_kwargs(chat_template_kwargs) | template_kwargs_of(record, where)
                     enc = encode_pair(prompt, chosen, rejected, tokenizer, max_len=max_len, max_prompt_len=max_prompt_len,
-                                      system=system, min_prompt_tokens=min_prompt_tokens, where=where)
+                                      system=system, min_prompt_tokens=min_prompt_tokens, where=where,
+                                      chat_template_kwargs=kwargs, tools=parse_tools(record.get("tools"), where))
                 except DataError as err:
                     self.report.handle(err, on_error)
                     continue
@@ -416,15 +436,16 @@ def pairs_from_sft(records: Iterable[Union[Mapping[str, Any], Sequence[Message]]
             messages = to_messages(record, where=where)
         conversations.append(messages)
     answers = [c[-1]["content"] for c in conversations]
-    if len(set(answers)) < 2:
-        raise DataError(f"pairs_from_sft: {len(answers)} record(s) with {len(set(answers))} distinct answer(s); "
+    keys = [json.dumps(a, sort_keys=True) for a in answers]  # content may be a list of parts
+    if len(set(keys)) < 2:
+        raise DataError(f"pairs_from_sft: {len(answers)} record(s) with {len(set(keys))} distinct answer(s); "
                         "at least two different answers are needed to make pairs", "empty")
     n = len(conversations)
     order = np.random.default_rng(seed).permutation(n)
     pairs: List[Optional[dict]] = [None] * n
     for k, i in enumerate(order.tolist()):
         shift = 1
-        while answers[order[(k + shift) % n]] == answers[i]:  # another record with the same answer: skip it
+        while keys[order[(k + shift) % n]] == keys[i]:  # another record with the same answer: skip it
             shift += 1
         other = int(order[(k + shift) % n])
         pairs[i] = {"prompt": conversations[i][:-1], "chosen": [conversations[i][-1]],

@@ -15,6 +15,9 @@ headers are never supervised. So the last supervised label of every sample is <|
 (151645). The turns are found as models/qwen/tokenizer/chat.py describes; a template whose
 output does not show them is an error naming the record.
 
+Chat-template variables (enable_thinking, preserve_thinking, ...): the run's
+`chat_template_kwargs`, overridden key by key by a record's own "chat_template_kwargs".
+
 Special-token text inside a message ("<|im_end|>" typed by a user) is encoded as plain text,
 never as a control token (the tokenizer's default, sanitize_special_tokens=True).
 
@@ -92,6 +95,22 @@ def _encode(conv: Conversation, tok, last_turn_only: bool, where: str, template_
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
+def run_template_kwargs(chat_template_kwargs: Optional[Mapping[str, Any]], enable_thinking: Optional[bool] = None
+                        ) -> Dict[str, Any]:
+    """The run's template variables: `chat_template_kwargs`, with enable_thinking when it is given."""
+    out = dict(chat_template_kwargs or {})
+    if enable_thinking is not None:
+        out["enable_thinking"] = enable_thinking
+    return out
+
+
+def with_text(content: Any, part: Optional[int], text: str) -> Any:
+    """`content` with its text replaced: the whole string (part None) or text part `part`."""
+    if part is None:
+        return text
+    return content[:part] + [{"type": "text", "text": text}] + content[part + 1:]
+
+
 def _turn_starts(messages: Sequence[Mapping[str, Any]]) -> List[int]:
     """Indices of the user messages: each starts a turn that runs to the next one."""
     return [i for i, m in enumerate(messages) if m["role"] == "user"]
@@ -107,6 +126,7 @@ def encode_chat_detailed(
     min_prompt_tokens: int = 8,
     where: str = "example",
     enable_thinking: Optional[bool] = None,
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> EncodedChat:
     """encode_chat, also saying how much was truncated (see the module docstring)."""
     if isinstance(example, (list, tuple)):
@@ -116,8 +136,8 @@ def encode_chat_detailed(
     else:
         conv = to_conversation(example, fmt, where)
     if system is not None and conv.messages[0]["role"] != "system":
-        conv = Conversation([{"role": "system", "content": system}] + conv.messages, conv.tools)
-    template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        conv = Conversation([{"role": "system", "content": system}] + conv.messages, conv.tools, conv.template_kwargs)
+    template_kwargs = run_template_kwargs(chat_template_kwargs, enable_thinking) | conv.template_kwargs
     ids, labels = _encode(conv, tokenizer, last_turn_only, where, template_kwargs)
     out = EncodedChat(ids, labels)
     if max_len is None or len(ids) <= max_len:
@@ -133,11 +153,13 @@ def encode_chat_detailed(
     # 2. cut the end of the last user message, keeping at least min_prompt_tokens of it
     if len(ids) > max_len:
         at = _turn_starts(messages)[-1]
-        content_ids = tokenizer.encode(messages[at]["content"])
+        content = messages[at]["content"]
+        part = len(content) - 1 if isinstance(content, list) else None  # parts: cut the last one
+        content_ids = tokenizer.encode(content if part is None else content[part]["text"] if part >= 0 else "")
         keep = len(content_ids) - (len(ids) - max_len)
         while keep >= min_prompt_tokens and len(ids) > max_len:
             cut = tokenizer.decode(content_ids[:keep], errors="ignore")  # never half a character
-            trial = messages[:at] + [{"role": "user", "content": cut}] + messages[at + 1:]
+            trial = messages[:at] + [{"role": "user", "content": with_text(content, part, cut)}] + messages[at + 1:]
             ids, labels = _encode(Conversation(trial, conv.tools), tokenizer, last_turn_only, where, template_kwargs)
             out.prompt_tokens_cut = len(content_ids) - keep
             keep -= max(1, len(ids) - max_len)
@@ -163,7 +185,8 @@ def encode_chat(
     Labels are -100 off the assistant turns; see the module docstring for truncation. Keyword
     options: fmt, system (system prompt for records without one; None: the template's own
     default), last_turn_only, min_prompt_tokens, where (location used in errors),
-    enable_thinking (passed to the chat template when not None).
+    enable_thinking (passed to the chat template when not None), chat_template_kwargs (template
+    variables; the record's own "chat_template_kwargs" override them).
     """
     enc = encode_chat_detailed(example, tokenizer, max_len=max_len, **kwargs)
     return enc.input_ids, enc.labels
@@ -176,6 +199,8 @@ class SFTDataset(torch.utils.data.Dataset):
         record's `task_field` value to a prompt (per-task system prompts; key None = others).
         None: the chat template's own default (Qwen2.5's writes one, Qwen3's none).
     enable_thinking: passed to the chat template when not None.
+    chat_template_kwargs: template variables for every record (a record's own
+        "chat_template_kwargs" override them).
     on_error: "raise" (default) or "skip" (bad and over-length records dropped and counted).
     `report` holds the counts (read, kept, skipped by reason, truncated).
     """
@@ -193,6 +218,7 @@ class SFTDataset(torch.utils.data.Dataset):
         glob: Optional[str] = None,
         min_prompt_tokens: int = 8,
         enable_thinking: Optional[bool] = None,
+        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
     ):
         check_on_error(on_error)
         if fmt is not None and fmt not in FORMATS:
@@ -211,7 +237,8 @@ class SFTDataset(torch.utils.data.Dataset):
                     prompt = system.get(record.get(task_field), system.get(None)) if isinstance(system, Mapping) else system
                     enc = encode_chat_detailed(record, tokenizer, max_len=max_len, fmt=file_fmt, system=prompt,
                                                last_turn_only=last_turn_only, min_prompt_tokens=min_prompt_tokens, where=where,
-                                               enable_thinking=enable_thinking)
+                                               enable_thinking=enable_thinking,
+                                               chat_template_kwargs=chat_template_kwargs)
                 except DataError as err:
                     self.report.handle(err, on_error)
                     continue

@@ -4,3 +4,7 @@
     base_model.py  the small Qwen2-architecture base, pretrained once on the general text and cached
     settings.py    the stage flags the demo model runs with (--help shows them)
 """
+
+import _qwen_tune
+
+_qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)

@@ -25,8 +25,11 @@ def describe(settings: dict) -> str:
 
 
 def apply(args: argparse.Namespace, settings: dict) -> list[str]:
-    """Fill the flags the user did not give with the embedded default's values; return them."""
-    given = getattr(args, "_given", set())
+    """Fill the flags the user did not give (cli.flags.given: what argparse parsed, in any
+    spelling, or --config set) with the embedded default's values; return them."""
+    from cli.flags import given as given_dests
+
+    given = given_dests(args)
     changed = []
     for key, value in settings.items():
         if key in given or not hasattr(args, key):

@@ -28,7 +28,8 @@ from models.qwen.tokenizer import load_tokenizer
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("cpt.py", __doc__, epilog=demo_settings.describe(demo_settings.CPT))
+    p = flags.new_parser("cpt.py", __doc__, epilog=demo_settings.describe(demo_settings.CPT),
+                         embedded=demo_settings.CPT)
     flags.add_training_flags(p, stage="cpt")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
     p.add_argument("--no-document-mask", action="store_true",
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     if args.finetuning == "full":
         log(f"\nnext: python examples/sft.py --model {out / 'model'}   (instruction SFT on the trained model)")
     else:
-        extra = "" if "out" not in args._given else f" --adapter {out / 'adapter'}"
+        extra = "" if "out" not in flags.given(args) else f" --adapter {out / 'adapter'}"
         log(f"\nnext: python examples/merge.py{extra}   (merges the adapter into its base model)")
     return 0
 

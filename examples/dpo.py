@@ -35,7 +35,8 @@ LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO))
+    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO),
+                         embedded=demo_settings.DPO)
     flags.add_training_flags(p, stage="dpo")
     g = p.add_argument_group("preference objective")
     g.add_argument("--loss", choices=LOSSES, default="sigmoid",
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
     from demo.base_model import is_demo_shape
 
     changed = demo_settings.apply(args, demo_settings.DPO) if is_demo_shape(model_dir) else []
+    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
+        raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
+                         "(the answers need at least one token)")
     out = outdir.claim_training_run(args, "dpo", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 3: preference alignment ({args.loss}, {'QLoRA' if args.qlora else 'LoRA'}) ==")
@@ -93,10 +97,11 @@ def main(argv=None) -> int:
     # ---- data (encoded before the model loads)
     from data.preference import PreferenceDataset, preference_collate
 
-    full = PreferenceDataset([str(p) for p in data_paths], tok, max_len=args.max_len, max_prompt_len=args.max_prompt_len)
+    options = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, chat_template_kwargs=args.chat_template_kwargs)
+    full = PreferenceDataset([str(p) for p in data_paths], tok, **options)
     if eval_path is not None:
         train_ds = full
-        eval_ds = PreferenceDataset([str(eval_path)], tok, max_len=args.max_len, max_prompt_len=args.max_prompt_len)
+        eval_ds = PreferenceDataset([str(eval_path)], tok, **options)
     elif args.eval_fraction > 0 and len(full) > 1:
         train_ds, eval_ds = full.split(args.eval_fraction, seed=args.seed)
     else:
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     before = trainer.evaluate() if eval_ds is not None else None
     if before:
         log(f"held-out before: {_rewards(before)}")
-    answers_before = [generate_text(model, tok, chat_ids(tok, q), max_new_tokens=args.sample_tokens, stream=False)
+    answers_before = [generate_text(model, tok, chat_ids(tok, q, template_kwargs=args.chat_template_kwargs), max_new_tokens=args.sample_tokens, stream=False)
                       for q in questions]
 
     summary = trainer.fit()
@@ -141,7 +146,7 @@ def main(argv=None) -> int:
     if before and after:
         log(f"\nheld-out after:  {_rewards({k[4:]: v for k, v in after.items() if k.startswith('val_')})}")
     for q, a0 in zip(questions, answers_before):
-        a1 = generate_text(model, tok, chat_ids(tok, q), max_new_tokens=args.sample_tokens, stream=False)
+        a1 = generate_text(model, tok, chat_ids(tok, q, template_kwargs=args.chat_template_kwargs), max_new_tokens=args.sample_tokens, stream=False)
         log(f"\n>>> {q}\n[before] {' '.join(a0.split())}\n[after]  {' '.join(a1.split())}")
 
     if not args.no_merge:

@@ -18,8 +18,8 @@ report.json and loss_curves.png (from the runs' metrics.jsonl, when matplotlib i
 into --out.
 
 With no --model/--adapter it evaluates the embedded-default pipeline (cpt.py, merge.py,
-sft.py, residual.py with no flags): the cached demo base, base + runs/cpt/adapter,
-runs/cpt-merged, runs/sft/merged, runs/residual; held-out Python documentation for the
+sft.py, dpo.py, residual.py with no flags): the cached demo base, base + runs/cpt/adapter,
+runs/cpt-merged, runs/sft/merged, runs/dpo/merged, runs/residual; held-out Python documentation for the
 domain and general text and the held-out Q/A set for the instructions. Stages not run yet
 are listed as missing, with the command that makes them.
 """
@@ -52,7 +52,7 @@ class _AppendEntry(argparse.Action):
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("evaluate.py", __doc__, epilog=demo_settings.describe(DEMO_EVAL))
+    p = flags.new_parser("evaluate.py", __doc__, epilog=demo_settings.describe(DEMO_EVAL), embedded=DEMO_EVAL)
     g = p.add_argument_group("what to compare (rows, in order; the first is the reference)")
     g.add_argument("--model", metavar="[NAME=]DIR", action=_AppendEntry, dest="model",
                    help="an HF-format Qwen model directory (repeatable)")
@@ -70,8 +70,9 @@ def build_parser() -> flags.Parser:
     g.add_argument("--max-tokens", type=flags.positive_int, default=None,
                    help="use only the first N tokens of each text set (default: all)")
     g.add_argument("--max-instructions", type=flags.positive_int, default=None, help="use only the first N instructions")
+    flags.add_chat_template_flag(g)
     g = p.add_argument_group("measurement")
-    g.add_argument("--max-length", type=flags.positive_int, default=None,
+    g.add_argument("--max-length", type=flags.int_at_least(2), default=None,
                    help="perplexity window in tokens (default: min(2048, the first model's max positions))")
     g.add_argument("--stride", type=flags.positive_int, default=None, help="step between windows (default: half)")
     g.add_argument("--batch-size", type=flags.positive_int, default=8, help="windows per forward pass")
@@ -160,14 +161,9 @@ def default_stages() -> tuple[list, list]:
     """(candidates, missing) of the embedded-default run: what exists under runs/ now."""
     from train.evaluation import Candidate
 
-    cpt, merged, sft, residual = paths.CPT_OUT, paths.MERGED_OUT, paths.SFT_OUT, DEFAULT_RESIDUAL_OUT
+    cpt, merged, residual = paths.CPT_OUT, paths.MERGED_OUT, DEFAULT_RESIDUAL_OUT
+    is_model, is_adapter = paths.is_model, paths.is_adapter
     found, missing = [], []
-
-    def is_model(d: Path) -> bool:
-        return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
-
-    def is_adapter(d: Path) -> bool:
-        return (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
 
     # The base is the one the stage-1 adapter records (cpt.py --model DIR with the default
     # --out), else the cached demo base of the embedded default.
@@ -187,12 +183,14 @@ def default_stages() -> tuple[list, list]:
         ("base", base, None, "python examples/cpt.py (pretrains and caches the demo base)"),
         ("cpt", base, cpt / "adapter", "python examples/cpt.py"),
         ("cpt-merged", merged, None, "python examples/merge.py"),
-        ("sft", sft / "merged", None, "python examples/sft.py"),
+        *((stage, out / "merged", None, f"python examples/{stage}.py")
+          for stage, out, _ in reversed(paths.TUNED_STAGES)),
         ("residual", residual, None, "python examples/residual.py"),
     ]
+    on_base = {stage: (out / "adapter", under) for stage, out, under in paths.TUNED_STAGES}
     for name, model, adapter, command in stages:
-        if name == "sft" and not is_model(model) and is_adapter(sft / "adapter") and is_model(merged):
-            model, adapter = merged, sft / "adapter"  # sft.py --no-merge: the adapter on its base
+        if name in on_base and not is_model(model) and is_adapter(on_base[name][0]) and is_model(on_base[name][1]):
+            adapter, model = on_base[name]  # sft.py / dpo.py --no-merge: the adapter on its base
         ok = is_model(model) and (adapter is None or is_adapter(adapter))
         where = adapter if adapter is not None else model
         if ok:
@@ -229,7 +227,7 @@ def default_data(args, tok) -> dict:
 
     corpus = demo_corpus.build()
     fraction, seed = args.eval_fraction, 0
-    if "eval_fraction" not in args._given:
+    if "eval_fraction" not in flags.given(args):
         try:
             fraction = float(_run_setting(paths.CPT_OUT, "eval_fraction", fraction))
             seed = int(_run_setting(paths.CPT_OUT, "seed", seed))
@@ -277,7 +275,7 @@ def main(argv=None) -> int:
             raise UsageError("no stage of the embedded-default run found (looked for "
                              + "; ".join(m["reason"] for m in missing) + "); run python examples/cpt.py first")
         for key, value in DEMO_EVAL.items():
-            if key not in args._given:
+            if key not in flags.given(args):
                 setattr(args, key, value)
     else:
         candidates = candidates_from_flags(entries, args.metrics, args.qlora)
@@ -322,7 +320,7 @@ def main(argv=None) -> int:
         settings = EvalSettings(max_length=max_length, stride=stride, batch_size=args.batch_size,
                                 max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
                                 gen_batch_size=args.gen_batch_size, dtype=runtime.compute_dtype(args.dtype),
-                                device=runtime.device())
+                                device=runtime.device(), chat_template_kwargs=args.chat_template_kwargs or {})
         out = Path(args.out)
         used = [p for c in candidates for p in (c.model_dir, c.adapter_dir) if p is not None]
         outdir.claim(out, command="evaluate", identity={"rows": [str(p) for p in used]}, inputs=used,

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     model_dir = inputs.check_model_dir(args.model) if args.model else None
     data = inputs.check_data_paths(args.data) if args.data else []
     out = Path(args.out)
-    identity = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "config", "_given")}
+    identity = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "config")}
     outdir.claim(out, command="extend_vocab", identity=json.loads(json.dumps(identity, default=str)),
                  inputs=[model_dir, *data], overwrite=args.overwrite, outputs=outdir.MODEL_OUTPUTS, one_shot=True)
 

@@ -1,6 +1,6 @@
 """Chat with, or complete text from, a model directory with an optional LoRA adapter.
 
-    python examples/generate.py                     # runs/cpt-merged + runs/sft/adapter, demo questions
+    python examples/generate.py                     # the latest stage's model (runs/dpo, else runs/sft), demo questions
     python examples/generate.py --model runs/sft/merged --prompt "What does json.dumps do?"
     python examples/generate.py --model /models/Qwen2.5-7B --adapter runs/cpt/adapter \\
         --mode completion --prompt "The TCP handshake"
@@ -31,19 +31,22 @@ DEMO_QUESTIONS = (
 
 def build_parser() -> flags.Parser:
     p = flags.new_parser("generate.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help=f"model directory (default: {paths.MERGED_OUT})")
+    p.add_argument("--model", metavar="DIR", help=f"model directory (default: the latest stage's: {paths.DPO_OUT}/merged, "
+                                                  f"else {paths.SFT_OUT}/merged, else {paths.MERGED_OUT})")
     p.add_argument("--adapter", metavar="DIR",
-                   help=f"LoRA adapter directory (default with the default model: {paths.SFT_OUT / 'adapter'})")
+                   help="LoRA adapter directory (default with the default model: the latest stage's adapter/ when "
+                        "it has no merged/ or with --compare)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt or user message; repeat for several (default: demo questions)")
     p.add_argument("--mode", choices=("chat", "completion"), default="chat", help="chat template or raw completion")
     p.add_argument("--system", default=None, help="system message in chat mode (default: the template's)")
+    flags.add_chat_template_flag(p)
     p.add_argument("--compare", action="store_true", help="answer with the base (no adapter) and the tuned model")
     p.add_argument("--max-new-tokens", type=flags.positive_int, default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=flags.non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=flags.non_negative_int, default=0, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--top-p", type=flags.unit_interval, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=flags.seed, default=0, help="sampling seed")
     p.add_argument("--qlora", action="store_true", help="load the base in NF4 (as it was trained with QLoRA)")
     p.add_argument("--dtype", choices=flags.DTYPES, default=None, help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
     flags.add_config_flag(p)
@@ -51,9 +54,13 @@ def build_parser() -> flags.Parser:
 
 
 def resolve(args):
+    """(model dir, adapter dir or None); with no --model/--adapter, the latest stage's output."""
+    latest = paths.latest_tuned(prefer_adapter=args.compare) if args.model is None and args.adapter is None else None
+    if latest is not None:
+        stage, model, adapter = latest
+        log(f"no --model: the latest stage's output, {stage} ({adapter or model})")
+        args.model, args.adapter = str(model), (str(adapter) if adapter else None)
     model = inputs.model_dir_or_default(args.model, paths.MERGED_OUT, "examples/cpt.py and examples/merge.py")
-    if args.model is None and args.adapter is None and (paths.SFT_OUT / "adapter").is_dir():
-        args.adapter = str(paths.SFT_OUT / "adapter")
     adapter = inputs.check_adapter_dir(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
         raise UsageError("--compare needs an --adapter (base = --model alone, tuned = --model + --adapter)")
@@ -80,14 +87,20 @@ def main(argv=None) -> int:
     stop = CHAT_STOP_IDS if args.mode == "chat" else (ENDOFTEXT_ID,)
 
     def encode(text: str) -> list[int]:
-        return chat_ids(tok, text, args.system) if args.mode == "chat" else tok.encode(text)
+        if args.mode == "chat":
+            return chat_ids(tok, text, args.system, args.chat_template_kwargs)   # an empty user message is a valid conversation
+        # Qwen has no BOS: an empty completion prompt starts a new document, which is what
+        # follows <|endoftext|> in pretraining.
+        return tok.encode(text) or [ENDOFTEXT_ID]
 
-    def answer(text: str, label: str) -> str:
-        sys.stdout.write(f"[{label}] ")
-        sys.stdout.flush()
+    def answer(text: str, label: str, stream: bool = True) -> str:
+        if stream:
+            sys.stdout.write(f"[{label}] ")
+            sys.stdout.flush()
         out = generate_text(model, tok, encode(text), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, stop_ids=stop, seed=args.seed)
-        log()
+                            top_k=args.top_k, top_p=args.top_p, stop_ids=stop, seed=args.seed, stream=stream)
+        if stream:
+            log()
         return out
 
     for text in prompts:
@@ -95,9 +108,9 @@ def main(argv=None) -> int:
         if not args.compare:
             answer(text, "tuned" if adapter else "model")
             continue
-        with lora.disable_adapters(model):
-            base = answer(text, "base")
-        tuned = answer(text, "tuned")
+        with lora.disable_adapters(model):  # both answers are printed once, side by side
+            base = answer(text, "base", stream=False)
+        tuned = answer(text, "tuned", stream=False)
         log(side_by_side(base, tuned))
     return 0
 

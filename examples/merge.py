@@ -13,6 +13,7 @@ writes a GGUF file for llama.cpp / Ollama (see examples/export.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -43,12 +44,26 @@ def build_parser() -> flags.Parser:
     p.add_argument("--qlora", action="store_true",
                    help="the adapter was trained on an NF4 base (default: what the adapter's run.json records)")
     p.add_argument("--dtype", choices=flags.DTYPES, default=None, help="dtype of the written weights (default: the base's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="largest safetensors shard ('5GB', '500MB' or bytes)")
     p.add_argument("--gguf", choices=("f16", "bf16", "q8_0"), default=None,
                    help="also write OUT/model-<type>.gguf (+ an Ollama Modelfile)")
     flags.add_overwrite_flag(p)
     flags.add_config_flag(p)
     return p
+
+
+def shard_size(text: str) -> int:
+    """--max-shard-size as bytes, checked before anything loads."""
+    from models.qwen.checkpoint import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a byte count > 0, got {text!r}")
+    return size
 
 
 def resolve_base(args, adapter: Path, run: dict) -> Path:
@@ -73,6 +88,9 @@ def resolve_base(args, adapter: Path, run: dict) -> Path:
 def main(argv=None) -> int:
     args = flags.parse_args(build_parser(), argv)
     timer = Timer()
+    if "adapter" not in flags.given(args) and not Path(args.adapter).is_dir():
+        raise UsageError(f"--adapter: not given and {args.adapter} does not exist; run examples/cpt.py first "
+                         "(it writes the adapter there), or pass --adapter DIR")
     adapter = inputs.check_adapter_dir(args.adapter)
     run = outdir.run_settings(adapter.parent)
     base = resolve_base(args, adapter, run)
@@ -135,11 +153,11 @@ def main(argv=None) -> int:
         log("  (after QLoRA the difference includes the NF4 rounding the adapter was trained against)")
     if args.gguf:
         gguf = export.export_gguf(out, out / f"model-{args.gguf}.gguf", file_type=args.gguf).path
-        export.write_modelfile(gguf)
+        export.write_modelfile(gguf, out)   # TEMPLATE for its chat template, owner: this folder
         log(f"GGUF ({args.gguf}): {gguf}, with an Ollama Modelfile beside it (ollama create NAME -f {out / 'Modelfile'})")
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
-    nxt = "" if "out" not in args._given else f" --model {out}"
+    nxt = "" if "out" not in flags.given(args) else f" --model {out}"
     log(f"\nnext: python examples/sft.py{nxt}   (instruction SFT on the merged model)")
     return 0
 

@@ -29,7 +29,8 @@ from models.qwen.tokenizer import load_tokenizer
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("sft.py", __doc__, epilog=demo_settings.describe(demo_settings.SFT))
+    p = flags.new_parser("sft.py", __doc__, epilog=demo_settings.describe(demo_settings.SFT),
+                         embedded=demo_settings.SFT)
     flags.add_training_flags(p, stage="sft")
     p.add_argument("--format", choices=("auto", "messages", "alpaca", "sharegpt"), default="auto",
                    help="format of --data lines")
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
 
     # ---- data (encoded before the model loads: a bad line is reported in seconds, not after a 7B load)
     train_ds, eval_ds, info = sft_datasets(data_paths, eval_path, tok, max_len=args.max_len,
-                                           eval_fraction=args.eval_fraction, seed=args.seed, fmt=args.format)
+                                           eval_fraction=args.eval_fraction, seed=args.seed, fmt=args.format,
+                                           chat_template_kwargs=args.chat_template_kwargs)
     log(f"data: {info}")
     questions = held_out_questions(eval_path, args.sample_questions) if eval_path else []
 
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     if before:
         log(f"held-out answer loss before SFT: {before['loss']:.4f} (perplexity {before['ppl']:.2f}, "
             f"{before['tokens']:,} supervised tokens)")
-    answers_before = [generate_text(model, tok, chat_ids(tok, q), max_new_tokens=args.sample_tokens, stream=False)
+    answers_before = [generate_text(model, tok, chat_ids(tok, q, template_kwargs=args.chat_template_kwargs), max_new_tokens=args.sample_tokens, stream=False)
                       for q in questions]
 
     summary = trainer.fit()
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         log(f"\nheld-out answer loss: before {before['loss']:.4f} -> after {after['val_loss']:.4f} "
             f"(perplexity {before['ppl']:.2f} -> {after['val_ppl']:.2f})")
     for q, a0 in zip(questions, answers_before):
-        a1 = generate_text(model, tok, chat_ids(tok, q), max_new_tokens=args.sample_tokens, stream=False)
+        a1 = generate_text(model, tok, chat_ids(tok, q, template_kwargs=args.chat_template_kwargs), max_new_tokens=args.sample_tokens, stream=False)
         log(f"\n>>> {q}\n[before] {' '.join(a0.split())}\n[after]  {' '.join(a1.split())}")
 
     if not args.no_merge and args.finetuning != "full":

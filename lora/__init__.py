@@ -14,6 +14,10 @@
     lora.merge(model)                      # folds adapters in (fp32, one cast); plain nn.Linear again
 """
 
+import _qwen_tune
+
+_qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)
+
 from .config import AdapterError, LoRAConfig, read_peft_config
 from .inject import adapter_modules, config_of, has_adapters, inject, trainable_copies
 from .layer import LoRALinear, is_linear, is_nf4_linear

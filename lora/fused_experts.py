@@ -38,19 +38,35 @@ import torch
 from torch import nn
 
 from .config import AdapterError
+from .layer import LoRALinear, is_linear
 from .state import PEFT_PREFIX
 
-# model_type (config.json) of the families whose adapters PEFT does not convert per expert.
-FUSED_EXPERT_MODEL_TYPES = ("qwen3_5_moe_text",)
+# model_type (config.json) of the families whose adapters PEFT does not convert per expert, or
+# converts losing the shared expert (see PARAMETER_TARGET_MODEL_TYPES).
+FUSED_EXPERT_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_next")
+# The families PEFT converts as qwen2_moe (transformers' conversion for Qwen3-Next): PEFT then maps
+# *every* gate_proj / up_proj / down_proj entry of target_modules onto the fused experts, so the
+# shared expert's and a dense (mlp_only_layers) MLP's adapters would be dropped. For them those
+# projections are written as target_parameters naming their 2-D weight (`shared_expert.gate_proj.weight`):
+# PEFT wraps the nn.Linear's weight (lora.ParamWrapper), with the same lora_A / lora_B keys and the
+# same function W + scale * B A.
+PARAMETER_TARGET_MODEL_TYPES = ("qwen3_next",)
 DOWN, GATE_UP = "mlp.experts.down_proj", "mlp.experts.gate_up_proj"  # PEFT's target_parameters
 GATE_UP_PATTERN = r".*\.gate_up_proj"  # the rank_pattern / alpha_pattern key PEFT itself writes
 _EXPERT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+# a shared expert's or dense MLP's projection: group "suffix" is what a target_parameters entry names
+_MLP_LINEAR = re.compile(r"^.+\.(?P<suffix>mlp\.(?:shared_expert\.)?(?:gate|up|down)_proj)$")
 
 
 def writes_fused_layout(model: nn.Module) -> bool:
     """Whether `model`'s routed-expert adapters go to disk in PEFT's fused layout (the model types
     PEFT does not convert per-expert adapters for)."""
     return getattr(getattr(model, "config", None), "model_type", None) in FUSED_EXPERT_MODEL_TYPES
+
+
+def writes_parameter_targets(model: nn.Module) -> bool:
+    """Whether `model`'s shared-expert / dense-MLP adapters go to disk as target_parameters."""
+    return getattr(getattr(model, "config", None), "model_type", None) in PARAMETER_TARGET_MODEL_TYPES
 
 
 def reads_fused_layout(model: nn.Module) -> bool:
@@ -77,7 +93,7 @@ def fuse(model: nn.Module, tensors: dict[str, torch.Tensor], peft_config: dict[s
         if m:
             experts.setdefault(m["experts"], {}).setdefault(m["proj"], set()).add(int(m["e"]))
     if not experts:
-        return tensors, peft_config
+        return tensors, _mlp_as_parameters(model, peft_config, adapted)
     E, H, I = _experts_shape(model)
     layers = [n for n, mod in model.named_modules() if n.endswith(".mlp.experts") and isinstance(mod, nn.ModuleList)]
     projs = set().union(*experts.values())
@@ -124,7 +140,35 @@ def fuse(model: nn.Module, tensors: dict[str, torch.Tensor], peft_config: dict[s
         alpha = float(config["lora_alpha"]) * (math.sqrt(2) if config.get("use_rslora") else 2)
         config["rank_pattern"] = {GATE_UP_PATTERN: 2 * r}
         config["alpha_pattern"] = {GATE_UP_PATTERN: int(alpha) if alpha.is_integer() else alpha}
-    return out, config
+    return out, _mlp_as_parameters(model, config, adapted)
+
+
+def _mlp_as_parameters(model: nn.Module, peft_config: dict[str, Any], adapted: list[str]) -> dict[str, Any]:
+    """For PARAMETER_TARGET_MODEL_TYPES: the adapted shared-expert / dense-MLP projections move from
+    target_modules to target_parameters (`<suffix>.weight`, or the full path where the suffix would
+    select more than was adapted). Returns the new config (the input untouched)."""
+    mlp = [n for n in adapted if _MLP_LINEAR.match(n)]
+    if not writes_parameter_targets(model) or not mlp:
+        return peft_config
+    if peft_config.get("use_dora"):
+        warnings.warn(f"the shared-expert / dense MLP adapters are written as target_modules, which PEFT drops for "
+                      f"{model.config.model_type} (its weight-targeted LoRA has no DoRA)", stacklevel=4)
+        return peft_config
+    linears = [n for n, m in model.named_modules() if _MLP_LINEAR.match(n) and not _EXPERT.match(n)]
+    entries = []
+    for suffix in sorted({_MLP_LINEAR.match(n)["suffix"] for n in mlp}):
+        chosen = sorted(n for n in mlp if n.endswith("." + suffix))
+        if chosen == sorted(n for n in linears if n.endswith("." + suffix)):
+            entries.append(f"{suffix}.weight")
+        else:
+            entries += [f"{n}.weight" for n in chosen]
+    config = dict(peft_config, lora_dropout=0.0)  # PEFT's ParamWrapper refuses dropout (see peft_io)
+    targets = config["target_modules"]
+    if isinstance(targets, list):
+        leaves = ("gate_proj", "up_proj", "down_proj")
+        config["target_modules"] = [t for t in targets if t not in leaves and not _MLP_LINEAR.match(t)]
+    config["target_parameters"] = [*config.get("target_parameters", []), *entries]
+    return config
 
 
 def _module_of(key: str) -> str:
@@ -140,7 +184,9 @@ def split(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: dict[str, Any
     Errors name the file and the key or field that does not fit.
     """
     config_file = file.parent / "adapter_config.json"
-    kinds = sorted(_kind(t, config_file) for t in cfg["target_parameters"])
+    # a 2-D linear weight named by target_parameters (see PARAMETER_TARGET_MODEL_TYPES): its tensors
+    # are per module already
+    kinds = sorted(_kind(t, config_file) for t in cfg["target_parameters"] if not _names_linear_weight(model, t))
     if len(set(kinds)) != len(kinds):
         raise AdapterError(f"{config_file}: target_parameters {cfg['target_parameters']!r} names a tensor twice")
     if cfg["use_dora"]:
@@ -202,13 +248,25 @@ def _split_gate_up(A: torch.Tensor, B: torch.Tensor, I: int, r: int, where: str)
     return {"gate_proj": (A[:r], B[:I, :r]), "up_proj": (A[r:], B[I:, r:])}
 
 
+def _names_linear_weight(model: nn.Module, target: Any) -> bool:
+    """Whether a target_parameters entry is `<module suffix>.weight` of a linear layer of `model`."""
+    if not isinstance(target, str) or not target.endswith(".weight"):
+        return False
+    module = target[: -len(".weight")]
+    return any((n == module or n.endswith("." + module)) and (is_linear(m) or isinstance(m, LoRALinear))
+               for n, m in model.named_modules())
+
+
 def _kind(target: Any, config_file: Path) -> str:
     """A target_parameters entry (PEFT matches it as a suffix of the parameter path) -> DOWN / GATE_UP."""
     for kind in (DOWN, GATE_UP):
         if isinstance(target, str) and (kind == target or kind.endswith("." + target)):
             return kind
+    router = isinstance(target, str) and target.split(".")[-2:] == ["gate", "weight"]
+    hint = (": a LoRA on the MoE router, which this library never adapts (PEFT's 'all-linear' on transformers 5 "
+            "adds it; name the projections instead)") if router else ""
     raise AdapterError(f"{config_file}: target_parameters entry {target!r} is not supported (expected "
-                       f"{DOWN!r} or {GATE_UP!r})")
+                       f"{DOWN!r}, {GATE_UP!r} or the weight of a linear layer){hint}")
 
 
 def _scale(alpha: float, r: int, rslora: bool) -> float:

@@ -18,7 +18,8 @@ lora_dropout on fused experts, so the file says 0 (dropout is a training setting
 function is the same); and PEFT maps *every* gate_proj / up_proj / down_proj target onto the
 experts, so LoRA on the dense MLP of a layer in `mlp_only_layers` does not survive a PEFT load
 (save warns; this library loads it). Qwen3.5-MoE's routed experts, which PEFT does not convert,
-go to disk in PEFT's own fused layout instead (lora/fused_experts.py).
+go to disk in PEFT's own fused layout instead (lora/fused_experts.py); so do Qwen3-Next's, whose
+shared-expert and dense-MLP projections are written as target_parameters, which PEFT keeps.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
     if any(EXPERT_PROJECTION.search(n) for n in adapted):
         peft_config["lora_dropout"] = 0.0  # see the module docstring
         dense = [n for n in adapted if MLP_PROJECTION.search(n)]
-        if dense:
+        if dense and not fused_experts.writes_parameter_targets(model):
             warnings.warn(
                 f"the adapter holds LoRA on dense MLP layers of a mixture-of-experts model (e.g. {dense[0]!r}): "
                 "PEFT on transformers 5 maps every gate_proj/up_proj/down_proj target onto the fused experts and "

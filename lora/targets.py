@@ -16,6 +16,9 @@ but not `mlp.shared_expert_gate`, the one-row linear whose sigmoid scales it (a 
 [1, hidden] weight is no low-rank update: it has more parameters than the weight). PEFT's
 "all-linear" does adapt it: name it (targets=[..., "shared_expert_gate"]) to do the same, and an
 adapter that holds it loads.
+
+Qwen3-Next: the same, plus its Gated DeltaNet's fused in_proj_qkvz / in_proj_ba and out_proj, and
+the dense MLP of layers in mlp_only_layers.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ bitsandbytes is optional (used for CUDA dequantisation when it imports).
 
 from __future__ import annotations
 
+import _qwen_tune
+
+_qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)
+
 from . import nf4
 from .linear import NF4Linear
 from .memory import MemoryReport, memory_report

@@ -46,6 +46,10 @@ Building blocks, usable on their own:
     resolve_warmup(total, steps=None, ratio=None)
 """
 
+import _qwen_tune
+
+_qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)
+
 from models.qwen import CheckpointError, ConfigError
 
 from .batches import MicroBatchSampler

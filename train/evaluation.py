@@ -72,6 +72,8 @@ class Instruction:
     messages: list
     reference: str
     source: str  # "file:line"
+    template_kwargs: dict = field(default_factory=dict)  # the record's own chat_template_kwargs
+    tools: Optional[list] = None  # the tools the record offers (JSON schemas)
 
 
 @dataclass
@@ -80,7 +82,8 @@ class EvalSettings:
 
     max_length/stride: perplexity window and step (stride default max_length // 2);
     batch_size: windows per forward; max_tokens: cap on the tokens of each text set (None:
-    all); max_new_tokens / gen_batch_size: greedy decoding budget and prompts per batch.
+    all); max_new_tokens / gen_batch_size: greedy decoding budget and prompts per batch;
+    chat_template_kwargs: template variables for every prompt (a record's own override them).
     """
 
     max_length: int = 1024
@@ -92,6 +95,7 @@ class EvalSettings:
     dtype: str = "fp32"
     device: str = "cpu"
     samples: int = 3  # answers per model copied into the report
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def resolved_stride(self) -> int:
         return self.stride if self.stride is not None else self.max_length // 2
@@ -125,10 +129,12 @@ def instruction_from_example(example: dict, source: str) -> Instruction:
     """A messages / alpaca / ShareGPT example -> Instruction: the last assistant turn is the
     reference, the conversation before it the prompt. Parsed by `data.to_messages`, as SFT
     parses its training data (so prompts are rendered exactly as in training)."""
-    from data import to_messages
+    from data import to_conversation
+    from data.conversations import content_text
 
-    messages = to_messages(example, where=source)  # DataError names the source and the field
-    return Instruction(messages[:-1], messages[-1]["content"], source)
+    conv = to_conversation(example, where=source)  # DataError names the source and the field
+    return Instruction(conv.messages[:-1], content_text(conv.messages[-1]["content"]), source, conv.template_kwargs,
+                       conv.tools)
 
 
 MIN_DOC_TOKENS = 256  # a capped document keeps at least this many tokens (when it has them)
@@ -210,13 +216,14 @@ def generate_answers(
 
 
 def generation_eval(model, tokenizer, instructions: Sequence[Instruction], max_new_tokens: int = 64,
-                    batch_size: int = 8, samples: int = 3) -> dict:
+                    batch_size: int = 8, samples: int = 3, template_kwargs: Optional[dict] = None) -> dict:
     """Answer every instruction greedily and score the answers against the references.
 
     Returns {"n", "rouge_l", "exact_match", "token_f1", "avg_length" (tokens), "stop_rate"
     (share ending with <|im_end|>), "gen_tokens_per_s", "samples": [...]}.
     """
-    prompts = [list(tokenizer.apply_chat_template(x.messages, add_generation_prompt=True, tokenize=True))
+    prompts = [list(tokenizer.apply_chat_template(x.messages, tools=x.tools, add_generation_prompt=True, tokenize=True,
+                                                  **(dict(template_kwargs or {}) | x.template_kwargs)))
                for x in instructions]
     answers, seconds = generate_answers(model, prompts, max_new_tokens, batch_size)
     texts = [tokenizer.decode(a.ids) for a in answers]
@@ -306,7 +313,7 @@ def evaluate_candidate(model, tokenizer, *, domain: Optional[Documents], general
         log(f"  {part} perplexity {r.ppl:.3f} over {r.n_tokens:,} tokens ({r.tokens_per_s:,.0f} tokens/s)")
     if instructions:
         g = generation_eval(model, tokenizer, instructions, settings.max_new_tokens, settings.gen_batch_size,
-                            settings.samples)
+                            settings.samples, settings.chat_template_kwargs)
         row["generation"] = g
         log(f"  generation on {g['n']} instructions: ROUGE-L {g['rouge_l']:.3f}, EM {g['exact_match']:.3f}, "
             f"F1 {g['token_f1']:.3f}, avg length {g['avg_length']:.1f} tokens, "

@@ -357,9 +357,8 @@ class Trainer:
             before = lora_b_snapshot(model)
         self.optimizer.step()
         self.scaler.update(True)
-        if first_update:
-            if lr > 0:
-                check_lora_b_moved(model, before, step)
+        if first_update and lr > 0:   # a warm-up's first update is at lr 0 (HF's schedule): check the next
+            check_lora_b_moved(model, before, step)
             self._checked_phase = self.phase
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -21,6 +21,13 @@ from .tensorboard import EventWriter
 # metrics.jsonl key -> TensorBoard tag (the HF Trainer's names)
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_second", "val_loss": "eval/loss", "val_ppl": "eval/perplexity"}
+HELD_OUT = "val_"   # metrics.jsonl's prefix of a held-out metric
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key that names its group ("rewards/chosen"): TRL's,
+    under the HF Trainer's train/ or eval/ prefix (held-out "val_rewards/chosen" -> "eval/rewards/chosen")."""
+    return f"eval/{key[len(HELD_OUT):]}" if key.startswith(HELD_OUT) else f"train/{key}"
 
 
 class MetricsLog:
@@ -57,7 +64,7 @@ class MetricsLog:
                 self._tb = EventWriter(self.tensorboard_dir)
             values = {tag: row[key] for key, tag in TENSORBOARD_TAGS.items()
                       if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])}
-            values.update({f"train/{k}": v for k, v in row.items() if "/" in k and isinstance(v, (int, float))})
+            values.update({tensorboard_tag(k): v for k, v in row.items() if "/" in k and isinstance(v, (int, float))})
             self._tb.scalars(int(row.get("step", 0)), values)
 
     def close(self) -> None:

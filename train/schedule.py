@@ -4,9 +4,11 @@
 
 A pure function of the step (nanoGPT's get_lr): resuming at step s gives the same lr as an
 uninterrupted run at step s without any scheduler state. `step` counts optimizer steps
-already taken, so the first update uses step 0. The warm-up line starts from 0 one step
-before the first update and reaches peak_lr at step `warmup`, where the cosine begins, so no
-update is wasted at lr 0 and the curve is continuous.
+already taken, so the first update uses step 0. The values are those of HF's
+get_{cosine,linear,constant}_schedule_with_warmup (what the HF Trainer, and so LLaMA-Factory
+and TRL, run): the warm-up is peak_lr * step / warmup, so with any warm-up the first update
+is at lr 0 (it still fills AdamW's moments), and peak_lr is reached at step `warmup`, where
+the decay begins.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Optional
 def cosine_warmup(step: int, *, warmup: int, total: int, peak_lr: float, min_lr: float = 0.0) -> float:
     """lr for optimizer step `step` (0-based) of `total`.
 
-    Warm-up (step < warmup): peak_lr * (step + 1) / (warmup + 1), linear from 0 at step -1.
+    Warm-up (step < warmup): peak_lr * step / warmup, linear from 0 at the first update.
     Decay (warmup <= step <= total): min_lr + (peak_lr - min_lr) * (1 + cos(pi * p)) / 2 with
     p = (step - warmup) / (total - warmup); steps past `total` stay at min_lr.
     """
@@ -31,11 +33,16 @@ def cosine_warmup(step: int, *, warmup: int, total: int, peak_lr: float, min_lr:
     if min_lr > peak_lr:
         raise ValueError(f"cosine_warmup: min_lr={min_lr} is above peak_lr={peak_lr}")
     if step < warmup:
-        return peak_lr * (step + 1) / (warmup + 1)
+        return _warmup(step, warmup, peak_lr)
     if step >= total or total == warmup:
         return min_lr if step >= total else peak_lr
     progress = (step - warmup) / (total - warmup)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _warmup(step: int, warmup: int, peak_lr: float) -> float:
+    """HF's warm-up line: 0 at the first update (step 0), peak_lr at step `warmup`."""
+    return peak_lr * step / warmup
 
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -57,7 +64,7 @@ def learning_rate(step: int, *, schedule: str = "cosine", warmup: int, total: in
         return peak_lr
     cosine_warmup(step, warmup=warmup, total=total, peak_lr=peak_lr, min_lr=min_lr)   # the same argument checks
     if step < warmup:
-        return peak_lr * (step + 1) / (warmup + 1)
+        return _warmup(step, warmup, peak_lr)
     if schedule == "constant_with_warmup":
         return peak_lr
     if step >= total or total == warmup:

@@ -7,8 +7,8 @@ The format is TFRecord framing around `Event` protocol buffers: each record is
 length (uint64 LE), masked CRC-32C of the length, the bytes, masked CRC-32C of the bytes. An
 Event holds wall_time (field 1, double), step (2, varint) and either file_version (3, string:
 "brain.Event:2", the first record) or a Summary (5) of Values with tag (1) and simple_value
-(2, float). The tags follow the HF Trainer's: train/loss, train/learning_rate, train/grad_norm,
-eval/loss.
+(2, float). The tags follow the HF Trainer's and TRL's: train/loss, train/learning_rate, train/grad_norm,
+eval/loss, train/rewards/chosen, eval/rewards/chosen (see train/metrics_log.py).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@ scripts' in cli/delta.py (an entry point, like examples/, sits above every packa
 
 import sys
 
+import _qwen_tune
+
+_qwen_tune.claim("cli")  # cli and what it needs are ours, whatever the working directory holds
+
 from cli.delta import main
 
 if __name__ == "__main__":

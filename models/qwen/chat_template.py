@@ -349,3 +349,17 @@ def marker_regex(added_tokens: Sequence[str]) -> "re.Pattern[str]":
     ordered = sorted(added_tokens, key=len, reverse=True)
     inner = "|".join(map(re.escape, ordered)) or "(?!)"
     return re.compile(f"{MARK_START}({inner}){MARK_END}|[{MARK_START}{MARK_END}]")
+
+
+# ---------------------------------------------------------------------- content given as parts
+def has_content_parts(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any message's content is a list of parts (OpenAI style) rather than a string."""
+    return any(isinstance(m.get("content"), (list, tuple)) for m in messages)
+
+
+def join_text_parts(messages: Sequence[Mapping[str, Any]]) -> List[dict]:
+    """The messages with each list of text parts joined by "\\n" into one string: the content a
+    string-only template (Qwen2.5's, Qwen3's, which transformers cannot render with parts) is
+    served with, as vLLM joins text parts for such templates."""
+    return [{**m, "content": "\n".join(p["text"] for p in m["content"])}
+            if isinstance(m.get("content"), (list, tuple)) else dict(m) for m in messages]

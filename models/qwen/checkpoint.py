@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .atomic import OWNER_FILES, atomic_directory
-from .config import ARCHITECTURES, QwenConfig, dtype_from_name, dtype_name
+from .config import ARCHITECTURES, QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
 from .safetensors_file import read_tensors, write_tensors
 from .model import Qwen
@@ -562,11 +562,13 @@ def _checked_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
 
 
 def generation_config(model: Qwen) -> dict:
-    """generation_config.json: the loaded one (if any) with eos/bos/pad from the config."""
+    """generation_config.json: the loaded one (if any) with bos/pad from the config and eos the
+    config's followed by the other ids the loaded one listed (a base's `[151645, 151643]` stays
+    a list, so HF's generate still stops at <|endoftext|>)."""
     cfg = model.config
     gen = dict(getattr(model, "generation_config", None) or {})
     gen.pop("transformers_version", None)
-    eos = cfg.eos_token_id
+    eos = merge_eos(cfg.eos_token_id, gen.get("eos_token_id"))
     gen.update(bos_token_id=cfg.bos_token_id, eos_token_id=eos)
     if cfg.pad_token_id is not None:
         gen["pad_token_id"] = cfg.pad_token_id

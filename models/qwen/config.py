@@ -1,6 +1,6 @@
 """QwenConfig: the shape of a Qwen decoder, read from (and written to) an HF `config.json`.
 
-Five checkpoint families map onto one config:
+Six checkpoint families map onto one config:
 
 * ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5): q/k/v projections with bias, o_proj without.
 * ``Qwen3ForCausalLM``: no qkv bias, RMSNorm on q and k per head, explicit ``head_dim``.
@@ -18,6 +18,9 @@ Five checkpoint families map onto one config:
   ``shared_expert_intermediate_size`` scaled by sigmoid(``shared_expert_gate``); no dense MLP, so
   ``intermediate_size`` is 0. Its config has no norm_topk_prob / decoder_sparse_step /
   mlp_only_layers (such keys are kept in `extra`, unused, as transformers ignores them).
+* ``Qwen3NextForCausalLM`` (model_type ``qwen3_next``, Qwen3-Next-80B-A3B, Qwen3-Coder-Next): the
+  hybrid stack of Qwen3.5 with fused linear-attention projections and Qwen3-MoE's placement of
+  routed + shared-expert layers; its config.json is read and written in models/qwen/qwen3_next.py.
 * ``QWenLMHeadModel`` (Qwen-7B v1, remote code): fused ``c_attn`` with bias,
   ``intermediate_size`` is twice the MLP width, ``kv_channels``, ``rotary_emb_base``,
   ``layer_norm_epsilon``. Its weights are mapped onto the Qwen2 module names on load.
@@ -56,10 +59,13 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen3_5_text": "Qwen3_5ForCausalLM",
     "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",  # the family module: qwen3_next.py
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
-QWEN35_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")  # the hybrid Gated DeltaNet stack
-MOE_MODEL_TYPES = ("qwen3_moe", "qwen3_5_moe_text")
+# the hybrid Gated DeltaNet stack (Qwen3-Next was its first release)
+QWEN35_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen3_5_moe_text", "qwen3_next")
+SHARED_EXPERT_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_next")  # routed + gated shared expert
 # The multimodal checkpoint types whose text model (under model.language_model.) we read.
 QWEN35_NESTED = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 # Qwen3MoeConfig's defaults in transformers (used for keys a qwen3_moe config.json leaves out).
@@ -84,6 +90,18 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> li
     """HF's Qwen3.5 default: every `full_attention_interval`-th layer is full attention."""
     return [FULL_ATTENTION if (i + 1) % full_attention_interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]
 
+
+
+def merge_eos(*values: Any) -> Any:
+    """One eos_token_id value from several (each an id, a list of ids or None), in order and
+    without repeats: an int when one id remains, a list when several (generation_config.json's
+    `[151645, 151643]` makes HF's generate stop at either), None when none."""
+    ids: list = []
+    for value in values:
+        for i in ([] if value is None else value if isinstance(value, (list, tuple)) else [value]):
+            if i not in ids:
+                ids.append(i)
+    return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
 def dtype_from_name(name: Any) -> Optional[torch.dtype]:
@@ -222,22 +240,23 @@ class QwenConfig:
         if self.model_type in MOE_MODEL_TYPES and self.num_experts <= 0:
             raise ConfigError(f"model_type {self.model_type!r} needs num_experts > 0, got {self.num_experts}")
         if self.num_experts and self.model_type not in MOE_MODEL_TYPES:
-            raise ConfigError(f"num_experts {self.num_experts} needs model_type 'qwen3_moe' or 'qwen3_5_moe_text', "
-                              f"got {self.model_type!r}")
+            raise ConfigError(f"num_experts {self.num_experts} needs model_type 'qwen3_moe', 'qwen3_5_moe_text' or "
+                              f"'qwen3_next', got {self.model_type!r}")
         shared = self.shared_expert_intermediate_size
+        if self.model_type in SHARED_EXPERT_MODEL_TYPES and (
+                isinstance(shared, bool) or not isinstance(shared, int) or shared <= 0):
+            raise ConfigError(f"shared_expert_intermediate_size = {shared!r}: model_type {self.model_type!r} "
+                              "needs a positive integer (its MoE block always has a shared expert)")
         if self.model_type == "qwen3_5_moe_text":
-            if isinstance(shared, bool) or not isinstance(shared, int) or shared <= 0:
-                raise ConfigError(f"shared_expert_intermediate_size = {shared!r}: model_type 'qwen3_5_moe_text' "
-                                  "needs a positive integer (its MoE block always has a shared expert)")
             if self.decoder_sparse_step != 1 or self.mlp_only_layers:
                 raise ConfigError(
                     f"decoder_sparse_step {self.decoder_sparse_step} / mlp_only_layers {self.mlp_only_layers}: every "
                     "Qwen3.5-MoE layer is sparse (expected 1 / [])"
                 )
             self.norm_topk_prob = True  # Qwen3_5MoeTopKRouter always renormalises the top-k weights
-        elif shared:
-            raise ConfigError(f"shared_expert_intermediate_size {shared} needs model_type 'qwen3_5_moe_text', "
-                              f"got {self.model_type!r}")
+        elif shared and self.model_type not in SHARED_EXPERT_MODEL_TYPES:
+            raise ConfigError(f"shared_expert_intermediate_size {shared} needs model_type 'qwen3_5_moe_text' or "
+                              f"'qwen3_next', got {self.model_type!r}")
         if not self.num_experts:
             return
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -304,6 +323,10 @@ class QwenConfig:
         model_type = raw.get("model_type")
         if model_type == "qwen" or "QWenLMHeadModel" in archs:
             return cls._from_v1(raw, source)
+        if model_type == "qwen3_next":
+            from .qwen3_next import config_from_hf
+
+            return config_from_hf(raw, source)
         if model_type in QWEN35_MODEL_TYPES or model_type in QWEN35_NESTED:
             return cls._from_qwen35(raw, source)
         if model_type not in ("qwen2", "qwen3", "qwen3_moe"):
@@ -516,6 +539,10 @@ class QwenConfig:
 
     def to_hf(self) -> dict:
         """The config.json dict that transformers' class for this model_type (ARCHITECTURES) loads."""
+        if self.model_type == "qwen3_next":
+            from .qwen3_next import config_to_hf
+
+            return config_to_hf(self, self._hf_common())
         if self.is_qwen35:
             return self._to_hf_qwen35()
         out = self._hf_common()

@@ -69,6 +69,8 @@ def generate(
     eos = list(eos_ids) if eos_ids is not None else model.config.eos_ids()
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     B, T = input_ids.shape
+    if T == 0:  # Qwen has no BOS to start from; a document starts after <|endoftext|>
+        raise ValueError("generate: input_ids is empty (give at least one token, e.g. <|endoftext|> for a new document)")
     device = input_ids.device
     dtype = model.dtype
     if torch.is_autocast_enabled(device.type):

@@ -258,17 +258,29 @@ class GatedDeltaNet(nn.Module):
         self.key_dim = config.linear_key_dim
         self.value_dim = config.linear_value_dim
         conv_dim = config.linear_conv_dim
-        hidden = config.hidden_size
-        self.in_proj_qkv = Linear(hidden, conv_dim, bias=False)
-        self.in_proj_z = Linear(hidden, self.value_dim, bias=False)
-        self.in_proj_b = Linear(hidden, self.num_v_heads, bias=False)
-        self.in_proj_a = Linear(hidden, self.num_v_heads, bias=False)
+        self.build_projections(config)
         k = config.linear_conv_kernel_dim
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, k, groups=conv_dim, bias=False, padding=k - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
-        self.out_proj = Linear(self.value_dim, hidden, bias=False)
+        self.out_proj = Linear(self.value_dim, config.hidden_size, bias=False)
+
+    def build_projections(self, config: QwenConfig) -> None:
+        """The input projections: Qwen3.5's four (a family with another layout overrides this and
+        `project`)."""
+        hidden = config.hidden_size
+        self.in_proj_qkv = Linear(hidden, config.linear_conv_dim, bias=False)
+        self.in_proj_z = Linear(hidden, self.value_dim, bias=False)
+        self.in_proj_b = Linear(hidden, self.num_v_heads, bias=False)
+        self.in_proj_a = Linear(hidden, self.num_v_heads, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> (qkv [B, T, conv_dim] as [q | k | v], z [B, T, v_heads, v_dim],
+        b [B, T, v_heads], a [B, T, v_heads]), each head in head order."""
+        B, T, _ = x.shape
+        z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)
+        return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
 
     @torch.no_grad()
     def init_decay(self) -> None:
@@ -295,14 +307,14 @@ class GatedDeltaNet(nn.Module):
             if document_ids is not None:
                 raise ValueError("document_ids are a training-time input; they cannot be combined with a cache")
             conv_state, recurrent_state = cache.linear_state(self.layer_idx)
+        qkv, z, b, a = self.project(x)
         mixed, new_conv_state = causal_conv(
-            self.in_proj_qkv(x).transpose(1, 2), self.conv1d.weight, state=conv_state, document_ids=document_ids
+            qkv.transpose(1, 2), self.conv1d.weight, state=conv_state, document_ids=document_ids
         )
         q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(x).sigmoid()
+        beta = b.sigmoid()
         # In float32: A_log.exp() of a 16-bit parameter can overflow to inf.
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
 
         with torch.autocast(x.device.type, enabled=False):  # the recurrence runs in float32
             q, k = (self._per_value_head(t.reshape(B, T, self.num_k_heads, self.head_k_dim)) for t in (q, k))

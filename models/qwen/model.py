@@ -8,10 +8,11 @@
     │   │   ├── self_attn: Attention (q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm])
     │   │   │   or, on Qwen3.5's "full_attention" layers, GatedAttention (same names)
     │   │   ├── linear_attn: GatedDeltaNet, instead of self_attn on Qwen3.5's "linear_attention" layers
+    │   │   │   (Qwen3-Next: FusedGatedDeltaNet, in_proj_qkvz + in_proj_ba, qwen3_next.py)
     │   │   ├── post_attention_layernorm: RMSNorm
     │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj), or in a Qwen3-MoE sparse layer
     │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU), or in
-    │   │            Qwen3.5-MoE SharedExpertMoeBlock (+ shared_expert: SwiGLU, shared_expert_gate)
+    │   │            Qwen3.5-MoE / Qwen3-Next SharedExpertMoeBlock (+ shared_expert: SwiGLU, shared_expert_gate)
     │   └── norm: RMSNorm (Qwen3.5: ZeroCentredRMSNorm, everywhere)
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
@@ -29,10 +30,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, build_attention_mask
-from .config import LINEAR_ATTENTION, QwenConfig
+from .config import LINEAR_ATTENTION, QwenConfig, merge_eos
 from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
+from .qwen3_next import linear_attention_class
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
 from .moe import SharedExpertMoeBlock, SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
 from .qwen35 import GatedAttention, ZeroCentredRMSNorm
@@ -70,7 +72,7 @@ class DecoderLayer(nn.Module):
         self.layer_type = config.layer_type(layer_idx)
         self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         if self.layer_type == LINEAR_ATTENTION:
-            self.linear_attn = GatedDeltaNet(config, layer_idx)
+            self.linear_attn = linear_attention_class(config)(config, layer_idx)
         else:
             self.self_attn = (GatedAttention if config.is_qwen35 else Attention)(config, layer_idx)
         self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
@@ -111,7 +113,7 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen(nn.Module):
-    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE / Qwen3.5 (text) causal LM.
+    """Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE / Qwen3.5 (text) / Qwen3-Next causal LM.
 
     forward(input_ids [B, T]) -> logits [B, T, vocab]
     forward(input_ids, labels=[B, T]) -> mean loss over labels != -100 (shifted inside)
@@ -181,11 +183,13 @@ class Qwen(nn.Module):
                 module.weight.normal_(0.0, std)
 
     def use_chat_eos(self) -> "Qwen":
-        """Make <|im_end|> the eos in config.json and generation_config.json (pad stays
-        <|endoftext|>), so generation from a chat-tuned model stops where the turn ends."""
+        """Make <|im_end|> the eos in config.json and the first eos of generation_config.json
+        (pad stays <|endoftext|>), so generation from a chat-tuned model stops where the turn
+        ends; the ids generation_config.json listed stay after it (HF's generate stops at each)."""
         self.config.eos_token_id = IM_END_ID
         self.config.pad_token_id = ENDOFTEXT_ID
-        self.generation_config.update(eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID)
+        eos = merge_eos(IM_END_ID, self.generation_config.get("eos_token_id"))
+        self.generation_config.update(eos_token_id=eos, pad_token_id=ENDOFTEXT_ID)
         return self
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "Qwen":

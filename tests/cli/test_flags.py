@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli import flags
+from cli import flags, runtime
 from cli.errors import UsageError
 
 
@@ -23,7 +23,8 @@ def test_config_file_fills_flags_and_command_line_wins(tmp_path):
     cfg.write_text("lora-r: 8\nlr: 3.0e-4\nqlora: true\ndata: [a.txt, b.txt]\nmax_steps: 7\n", encoding="utf-8")
     args = _parse(["--config", str(cfg), "--lr", "1e-3"])
     assert (args.lora_r, args.lr, args.qlora, args.data, args.max_steps) == (8, 1e-3, True, ["a.txt", "b.txt"], 7)
-    assert {"lora_r", "lr", "qlora", "data", "max_steps"} <= args._given
+    assert {"lora_r", "lr", "qlora", "data", "max_steps"} <= flags.given(args)
+    assert "_given_dests" not in vars(args)   # provenance never reaches run.json
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"batch_size": 3, "no-grad-checkpointing": True}), encoding="utf-8")
     args = _parse(["--config", str(js)])
@@ -50,13 +51,24 @@ def test_bad_config_files(tmp_path, text, suffix, needles):
         assert n in str(e.value)
 
 
-def test_conflicts_through_config_are_caught(tmp_path, capsys):
+def test_steps_win_over_epochs_and_ratio_as_in_hf(tmp_path):
+    """HF's Trainer: max_steps > 0 overrides num_train_epochs, warmup_steps overrides warmup_ratio;
+    both of a pair may be given, from the file, the command line, or one each."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("epochs: 2\n", encoding="utf-8")
+    cfg.write_text("epochs: 2\nwarmup-ratio: 0.1\n", encoding="utf-8")
+    args = _parse(["--config", str(cfg), "--max-steps", "5", "--warmup-steps", "1", "--dtype", "fp32"])
+    cfg_train = runtime.train_config(args, tmp_path / "o")
+    assert (cfg_train.max_steps, cfg_train.epochs, cfg_train.warmup_steps, cfg_train.warmup_ratio) == (5, None, 1, None)
+
+
+def test_given_is_what_argparse_parsed():
+    """`--max-steps=5` counts as given (a spelling argv string matching would miss); a prefix of a
+    flag is refused, never read as the flag."""
+    args = _parse(["--max-steps=5", "--lora-r", "4"])
+    assert {"max_steps", "lora_r"} <= flags.given(args) and "lr" not in flags.given(args)
     with pytest.raises(SystemExit) as e:
-        _parse(["--config", str(cfg), "--max-steps", "5"])
+        _parse(["--max-step", "5"])
     assert e.value.code == 2
-    assert "--max-steps: not allowed with argument --epochs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -82,8 +94,26 @@ def test_help_prints_no_empty_default_and_each_default_once():
     for stage in ("cpt", "sft", "dpo"):
         p = flags.new_parser(f"{stage}.py", "test")
         flags.add_training_flags(p, stage=stage)
-        text = p.format_help()
+        text = " ".join(p.format_help().split())   # argparse wraps lines at the terminal width
         assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
         assert text.count("--warmup-ratio 0.03") == 1   # stated once, under --warmup-steps
 
 
+def test_flags_given_in_any_spelling_beat_the_embedded_default(tmp_path):
+    """demo.settings fills only what the user did not give: `--max-steps=5`, a --config key, and
+    a LLaMA-Factory recipe's own defaults (the recipe's convention) all stay."""
+    from demo import settings
+
+    args = _parse(["--max-steps=5", "--lr", "1e-3"], stage="sft")
+    settings.apply(args, settings.SFT)
+    assert (args.max_steps, args.lr, args.batch_size) == (5, 1e-3, settings.SFT["batch_size"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 7\n", encoding="utf-8")
+    args = _parse(["--config", str(cfg)], stage="sft")
+    settings.apply(args, settings.SFT)
+    assert args.max_steps == 7
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: sft\nmax_steps: 3\n", encoding="utf-8")
+    args = _parse(["--config", str(recipe)], stage="sft")
+    settings.apply(args, settings.SFT)
+    assert (args.max_steps, args.lora_r, args.lora_alpha, args.batch_size, args.lr) == (3, 8, 16.0, 8, 5e-5)

@@ -53,7 +53,7 @@ def test_dpo_writes_trl_metrics_and_outputs_peft_and_transformers_load(sft_model
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "dpo"
-    proc = dpo(sft_model, out)
+    proc = dpo(sft_model, out, "--report-to", "tensorboard")
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = [r for r in rows(out) if "loss" in r]
     names = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -63,6 +63,7 @@ def test_dpo_writes_trl_metrics_and_outputs_peft_and_transformers_load(sft_model
     evals = [r for r in rows(out) if "val_loss" in r]
     assert {f"val_{n}" for n in names} <= set(evals[-1])
     assert "held-out before: loss 0.6931" in proc.stdout and "held-out after:" in proc.stdout
+    _tensorboard_has_trl_tags(out, train, evals, names)
     assert "next: python examples/generate.py --model" in proc.stdout
     base = AutoModelForCausalLM.from_pretrained(sft_model[0], dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
@@ -72,6 +73,22 @@ def test_dpo_writes_trl_metrics_and_outputs_peft_and_transformers_load(sft_model
     with torch.no_grad():
         a, m = adapted(ids).logits, merged(ids).logits
     assert float((a - m).abs().max() / a.abs().max()) < 1e-5
+
+
+def _tensorboard_has_trl_tags(out, train, evals, names):
+    """TensorBoard (its own reader) shows TRL's tags: train/rewards/chosen ... for the training
+    steps, eval/rewards/chosen, eval/logps/chosen ..., eval/loss for the held-out pairs."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(str(out / "runs"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {f"train/{n}" for n in names} | {f"eval/{n}" for n in names} | {"train/loss", "eval/loss"} <= tags
+    assert not any(t.startswith("train/val_") for t in tags), sorted(tags)
+    for n in ("rewards/margins", "logps/chosen"):
+        assert [(e.step, e.value) for e in acc.Scalars(f"eval/{n}")] == [
+            (r["step"], pytest.approx(r[f"val_{n}"], rel=1e-6)) for r in evals]
+        assert [(e.step, e.value) for e in acc.Scalars(f"train/{n}")] == [
+            (r["step"], pytest.approx(r[n], rel=1e-6)) for r in train]
 
 
 def test_precomputed_reference_gives_the_same_run(sft_model, tmp_path):

@@ -95,8 +95,9 @@ def test_explicit_rows_write_the_report(models, data, tmp_path):
 
 
 def test_embedded_default_evaluates_the_stages_that_exist(tmp_path, monkeypatch):
-    """The default run's layout: cached demo base, runs/cpt/adapter, runs/cpt-merged; SFT and
-    residual not run yet -> evaluated rows + those two listed as missing."""
+    """The default run's layout: cached demo base, runs/cpt/adapter, runs/cpt-merged and DPO's
+    runs/dpo/adapter on runs/sft/merged (dpo.py --no-merge); residual not run yet -> evaluated
+    rows (a dpo row included: issue 30, item 6) + residual listed as missing."""
     pytest.importorskip("peft")
     from demo.base_model import base_dir as demo_base_dir
 
@@ -109,19 +110,23 @@ def test_embedded_default_evaluates_the_stages_that_exist(tmp_path, monkeypatch)
     _peft_adapter(1, work / "runs" / "cpt" / "adapter", base_dir)
     _jsonl(work / "runs" / "cpt" / "metrics.jsonl", [{"step": s, "loss": 4.0 / s, "lr": 1e-4} for s in (1, 2, 3)])
     save_hf_model(hf_model("qwen2", seed=3, **QWEN_VOCAB), work / "runs" / "cpt-merged")
+    save_hf_model(hf_model("qwen2", seed=1, **QWEN_VOCAB), work / "runs" / "sft" / "merged")
+    _peft_adapter(1, work / "runs" / "dpo" / "adapter", work / "runs" / "sft" / "merged")
 
     proc = run_script("evaluate.py", "--max-tokens", "300", "--max-instructions", "3", "--max-new-tokens", "4",
                       cwd=work, cache=cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((work / "runs" / "eval" / "report.json").read_text(encoding="utf-8"))
-    assert [r["name"] for r in report["models"]] == ["base", "cpt", "cpt-merged"]
+    assert [r["name"] for r in report["models"]] == ["base", "cpt", "cpt-merged", "sft", "dpo"]
     assert report["models"][1]["adapter_dir"].endswith("runs/cpt/adapter")
-    assert [m["name"] for m in report["missing"]] == ["sft", "residual"]
-    assert "examples/sft.py" in report["missing"][0]["reason"]
+    assert report["models"][4]["adapter_dir"].endswith("runs/dpo/adapter")
+    assert report["models"][4]["model_dir"].endswith("runs/sft/merged")
+    assert [m["name"] for m in report["missing"]] == ["residual"]
+    assert "examples/residual.py" in report["missing"][0]["reason"]
     for r in report["models"]:
         assert r["domain"]["tokens"] > 0 and r["general"]["tokens"] > 0 and r["generation"]["n"] == 3
     assert report["loss_curves"] == {"cpt": [str(Path("runs/cpt/metrics.jsonl"))]}
-    assert "missing stage sft" in proc.stdout and "missing stage residual" in proc.stdout
+    assert "missing stage residual" in proc.stdout
 
 
 def test_embedded_default_with_nothing_run_yet(tmp_path):

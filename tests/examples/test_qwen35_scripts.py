@@ -38,10 +38,17 @@ def inputs(tmp_path_factory):
 
 
 def test_qlora_cpt_and_merge(inputs, tmp_path):
+    qlora_cpt_and_merge(*inputs, tmp_path, "Qwen3_5ForCausalLM")
+
+
+def qlora_cpt_and_merge(base, corpus, cache, tmp_path, architecture: str):
+    """cpt.py --qlora on `base`, then merge.py: the merged folder loads in transformers as
+    `architecture` with the logits of PEFT's base + adapter (to 1e-5 of the largest: the QLoRA
+    adapter merged into the 16-bit weights against PEFT's unmerged forward). Returns the cpt.py run's
+    folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, corpus, cache = inputs
     out = tmp_path / "cpt"
     proc = run_script("cpt.py", "--model", base, "--data", corpus, "--out", out, "--qlora", "--batch-size", "2", *CPT,
                       cache=cache)
@@ -52,18 +59,24 @@ def test_qlora_cpt_and_merge(inputs, tmp_path):
 
     ids = random_ids(1, 12, vocab=151936)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert type(merged).__name__ == "Qwen3_5ForCausalLM"
+    assert type(merged).__name__ == architecture
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out / "adapter")
     ref.eval()
     with torch.no_grad():
         assert max_rel_err(merged(ids).logits, ref(ids).logits) <= 1e-5
         with ref.disable_adapter():
             assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
+    return out
 
 
 def test_fsdp_under_torchrun_equals_one_process(inputs, tmp_path):
     """2 processes x 1 x 2 with --fsdp (LoRA) against 1 process x 2 x 2: the same losses and adapter."""
-    base, corpus, cache = inputs
+    assert any("linear_attn" in k for k in fsdp_equals_one_process(*inputs, tmp_path))
+
+
+def fsdp_equals_one_process(base, corpus, cache, tmp_path) -> dict:
+    """cpt.py on 2 processes x 1 x 2 with --fsdp against 1 process x 2 x 2: the same losses and
+    adapter tensors (returned, as one process wrote them)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", QWEN_TUNE_DIST_TIMEOUT="60",
                QWEN_TUNE_CACHE=str(cache), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     runs = {"two": (2, "1", ["--fsdp"]), "one": (1, "2", [])}
@@ -85,6 +98,7 @@ def test_fsdp_under_torchrun_equals_one_process(inputs, tmp_path):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
     a1 = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     a2 = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    assert a1.keys() == a2.keys() and any("linear_attn" in k for k in a1)
+    assert a1.keys() == a2.keys()
     for k in a1:
         assert torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6), k
+    return a1

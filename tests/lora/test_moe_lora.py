@@ -125,7 +125,7 @@ def peft_lora_grads(peft) -> dict:
         gA, gB = A["default"].weight.grad, module.lora_B["default"].weight.grad
         path = name.removeprefix("base_model.model.")
         kind = getattr(module, "parameter_name", None)
-        if kind is None:  # a plain nn.Linear (attention)
+        if kind in (None, "weight"):  # a plain nn.Linear (attention), or its weight wrapped (Qwen3-Next's MLPs)
             out[path] = (gA, gB)
             continue
         prefix = re.sub(r"(\.base_layer)+$", "", path)

@@ -111,6 +111,12 @@ def test_loss_and_gradients_match_peft(ckpt, tmp_path):
     """Training through PEFT's fused wrapper and through per-expert adapters: same loss, same
     gradient for every A and B (PEFT's gate_up B is block-diagonal here, and its off-diagonal
     blocks, which do not exist in ours, start at zero)."""
+    training_matches_peft(ckpt, tmp_path)
+
+
+def training_matches_peft(ckpt, tmp_path) -> None:
+    """An all-linear adapter of ours, saved and loaded by PEFT onto transformers' model of `ckpt`:
+    one training forward + backward of each gives the same loss and every A and B gradient."""
     model = lora.inject(load_ours(ckpt), r=R, alpha=ALPHA)
     randomise_adapters(model, seed=3, std=STD)
     lora.save(model, tmp_path / "adapter")

@@ -170,6 +170,69 @@ def test_tensors_and_metadata_read_back(tmp_path, kind, dtype, tied, file_type):
     assert ids == (258, 256, 256)
 
 
+# ---------------------------------------------------------------------- Qwen3-MoE
+SMALL_MOE = dict(SMALL_QWEN3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+EXPERT_KINDS = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
+                "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+
+
+@pytest.mark.parametrize("file_type", ["f16", "q8_0"])
+def test_qwen3_moe_as_llama_cpp_converts_it(tmp_path, file_type):
+    """convert_hf_to_gguf.py's Qwen3MoeModel (Qwen2MoeModel.modify_tensors): each layer's experts
+    stacked in expert order into blk.N.ffn_{gate,up,down}_exps [n_expert, rows, cols], the
+    router as blk.N.ffn_gate_inp in F32, expert_count / expert_used_count /
+    expert_feed_forward_length; names and keys from the gguf package's tables, values from
+    the safetensors transformers wrote."""
+    model_dir, config = write_model(tmp_path / "model", "qwen3_moe", tie_word_embeddings=False, **SMALL_MOE)
+    summary = export_gguf(model_dir, tmp_path / "m.gguf", file_type)
+    fields, tensors = read(summary.path)
+    source = load_file(str(model_dir / "model.safetensors"))
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3MOE]
+    n_exp = config.num_local_experts
+
+    expected = {}   # GGUF name -> the checkpoint tensor(s) it holds
+    for name, x in source.items():
+        if ".mlp.experts." in name:
+            continue
+        if name.endswith("mlp.gate.weight"):
+            expected[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP].format(bid=name.split(".")[2]) + ".weight"] = x
+        else:
+            expected[llama_cpp_name(name)] = x
+    for i in range(config.num_hidden_layers):
+        for w, kind in EXPERT_KINDS.items():
+            stacked = torch.stack([source[f"model.layers.{i}.mlp.experts.{e}.{w}_proj.weight"] for e in range(n_exp)])
+            expected[gguf.TENSOR_NAMES[kind].format(bid=i) + ".weight"] = stacked
+    assert set(tensors) == set(expected)
+    for name, x in expected.items():
+        t = tensors[name]
+        assert [int(n) for n in reversed(t.shape)] == list(x.shape), name
+        if x.dim() == 1 or "ffn_gate_inp" in name:   # norms and the router stay F32
+            assert t.tensor_type == Q.F32, name
+            assert np.array_equal(np.asarray(t.data).reshape(x.shape), x.numpy()), name
+            continue
+        wanted = Q.Q8_0 if file_type == "q8_0" and x.shape[-1] % 32 == 0 else Q.F16
+        assert t.tensor_type == wanted, (name, t.tensor_type)
+        data = np.asarray(t.data)
+        if wanted == Q.F16:
+            assert np.array_equal(data.reshape(x.shape), x.to(torch.float16).numpy()), name
+        else:
+            deq = torch.from_numpy(gguf.quants.dequantize(data, Q.Q8_0).copy()).reshape(x.shape)
+            assert bool(((deq.double() - x.double()).abs() <= q8_0_bound(x)).all()), name
+
+    assert fields[Keys.General.ARCHITECTURE] == arch
+    moe_keys = {Keys.LLM.EXPERT_COUNT: n_exp, Keys.LLM.EXPERT_USED_COUNT: config.num_experts_per_tok,
+                Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: config.moe_intermediate_size,
+                Keys.LLM.FEED_FORWARD_LENGTH: config.intermediate_size, Keys.LLM.BLOCK_COUNT: config.num_hidden_layers,
+                Keys.Attention.KEY_LENGTH: SMALL_MOE["head_dim"]}
+    for key, value in moe_keys.items():
+        assert fields[key.format(arch=arch)] == value, key
+    # general.size_label as gguf.size_label gives it for (total, shared, per-expert, experts) counts.
+    assert fields[Keys.General.SIZE_LABEL] == gguf.size_label(
+        sum(int(np.prod(x.shape)) for x in expected.values()),
+        sum(int(np.prod(x.shape)) for n, x in expected.items() if "_exps." not in n),
+        sum(int(np.prod(x.shape)) // n_exp for n, x in expected.items() if "_exps." in n), n_exp)
+
+
 # ---------------------------------------------------------------------- Qwen's real vocabulary
 REAL = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
@@ -190,6 +253,55 @@ def real_vocab_model(path: Path, tokenizer_dir: Path, kind: str, seed: int, **sh
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
     return path
+
+
+OLLAMA_CASES = [  # (system message or None, the turns after it)
+    ("You are terse.", [("user", "What is a socket?")]),
+    (None, [("user", "Hi")]),
+    ("Be brief.", [("user", "What is TLS?"), ("assistant", "Encryption."), ("user", "And a queue?")]),
+    (None, [("user", "你好"), ("assistant", "你好！"), ("user", "再见")]),
+]
+
+
+@pytest.mark.parametrize("system,turns", OLLAMA_CASES)
+def test_modelfile_template_renders_our_chat_template(tmp_path, chat_tokenizer_dir, system, turns):
+    """Issue 30, item 9: the Modelfile's TEMPLATE (Go text/template, emulated by
+    tests/models/go_template.py) renders a conversation as Qwen2.5's chat template does with
+    add_generation_prompt: Ollama passes the system message as .System (else the Modelfile's
+    SYSTEM, the template's default) and the other turns as .Messages."""
+    from tests.models.go_template import render
+
+    text = modelfile_text(tmp_path / "m.gguf", chat_tokenizer_dir)
+    assert text.count('TEMPLATE """') == 1 and text.count('"""') == 4   # TEMPLATE and SYSTEM, each closed
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    default_system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+    assert default_system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+    messages = [{"role": r, "content": c} for r, c in turns]
+    expected = Tokenizer.from_pretrained(chat_tokenizer_dir).apply_chat_template(
+        ([{"role": "system", "content": system}] if system else []) + messages,
+        add_generation_prompt=True, tokenize=False)
+    data = {"System": system or default_system, "Tools": None, "Response": "",
+            "Messages": [{"Role": m["role"], "Content": m["content"], "ToolCalls": None} for m in messages]}
+    assert render(template, data) == expected
+    if len(turns) == 1:   # /api/generate's form: .Prompt, no .Messages
+        assert render(template, {"System": system or default_system, "Prompt": turns[0][1], "Response": ""}) == expected
+
+
+def test_no_template_for_a_chat_template_that_is_not_chatml(tmp_path):
+    """A folder whose chat template does not write ChatML gets no TEMPLATE (Ollama would
+    otherwise prompt it wrongly). (One with no chat template is chatted with in plain ChatML by
+    our tools, so it gets the ChatML TEMPLATE.)"""
+    model_dir, _ = write_model(tmp_path / "m", "qwen2", tie_word_embeddings=True, **SMALL)
+    assert 'TEMPLATE """' in modelfile_text(tmp_path / "m.gguf", model_dir)   # the byte tokenizer's is ChatML
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+    cfg_path.write_text(json.dumps(cfg))
+    for f in model_dir.glob("chat_template.*"):
+        f.unlink()
+    text = modelfile_text(tmp_path / "m.gguf", model_dir)
+    assert "TEMPLATE" not in text and "SYSTEM" not in text and text.count("PARAMETER stop") == 2
 
 
 def llama_cpp_vocab(model_dir: Path, rows: int):
@@ -342,13 +454,15 @@ def test_refuses_what_it_cannot_export(tmp_path):
         export_gguf(model_dir, tmp_path / "x.gguf")
     (model_dir / "config.json").write_text(json.dumps(cfg))
 
-    # A family outside the dense ones (a config is enough: refused before any tensor is read).
-    moe = tmp_path / "moe"
-    moe.mkdir()
-    (moe / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
-                                                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)))
-    with pytest.raises(ExportError, match=r"config\.json: GGUF export covers the dense families .* not model_type 'qwen3_moe'"):
-        export_gguf(moe, tmp_path / "x.gguf")
+    # A Qwen3-MoE with a dense layer, which llama.cpp's qwen3moe has no place for: refused from
+    # config.json before any tensor is read (the hybrid families' refusals: test_gguf_hybrid.py).
+    other = tmp_path / "other"
+    other.mkdir()
+    moe = dict(cfg, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=16)
+    (other / "config.json").write_text(json.dumps(dict(moe, mlp_only_layers=[1])))
+    with pytest.raises(ExportError, match=r"config\.json: layer 1 is dense .* qwen3moe"):
+        export_gguf(other, tmp_path / "x.gguf")
 
     # A tokenizer with more tokens than the model has rows; then no tokenizer at all.
     byte_tokenizer(AddedToken(400, "<|extra|>")).save_pretrained(model_dir)
@@ -370,9 +484,13 @@ def test_file_is_replaced_whole_and_modelfile(tmp_path):
     second = export_gguf(model_dir, out, "q8_0")  # same path: replaced, no temp file left
     assert second.n_bytes == out.stat().st_size < size_f16
     assert [p.name for p in out.parent.iterdir()] == [out.name]
-    modelfile = write_modelfile(out)
+    modelfile = write_modelfile(out)   # no model folder: no owner, no TEMPLATE
     assert modelfile == out.parent / "Modelfile"
     text = modelfile.read_text(encoding="utf-8")
     assert text == modelfile_text(out)
     assert text.splitlines() == ["FROM ./chat-q8_0.gguf", 'PARAMETER stop "<|im_end|>"',
                                  'PARAMETER stop "<|endoftext|>"']
+    write_modelfile(out, model_dir)
+    lines = modelfile.read_text(encoding="utf-8").splitlines()
+    assert lines[:3] == [f"# qwen-tune export of {model_dir.resolve()}", "FROM ./chat-q8_0.gguf", 'TEMPLATE """{{- if .Messages }}']
+    assert lines[-2:] == ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"']

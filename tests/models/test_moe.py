@@ -238,10 +238,33 @@ def test_greedy_generation_equals_transformers(mixed):
 
 
 # ---------------------------------------------------------------------- 4-bit
+@torch.no_grad()
+def nf4_round_trip_decoder(ref, keep: tuple[str, ...] = ()) -> None:
+    """Replace, in transformers' MoE model `ref`, each decoder-layer linear weight (but those whose
+    name ends with an entry of `keep`) and each expert's gate, up and down rows of its fused
+    tensors (3 linears on disk) by bitsandbytes' own NF4 round trip (blocks of 64, double quant)."""
+    import bitsandbytes.functional as bnbf
+
+    def nf4_round_trip(w):
+        packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        return bnbf.dequantize_4bit(packed, state)
+
+    I = ref.config.moe_intermediate_size
+    with torch.compiler.set_stance("force_eager"):
+        for name, module in ref.named_modules():
+            if name.endswith("mlp.experts"):
+                for e in range(ref.config.num_experts):
+                    module.gate_up_proj[e, :I] = nf4_round_trip(module.gate_up_proj[e, :I])
+                    module.gate_up_proj[e, I:] = nf4_round_trip(module.gate_up_proj[e, I:])
+                    module.down_proj[e] = nf4_round_trip(module.down_proj[e])
+            elif isinstance(module, torch.nn.Linear) and name.startswith("model.layers.") and not name.endswith(keep):
+                module.weight.copy_(nf4_round_trip(module.weight))
+
+
 def test_nf4_load_quantises_experts_and_keeps_the_router(tmp_path):
     """Streaming NF4 load: every expert projection 4-bit, router 16-bit; the logits are those of
     transformers' model with each linear weight replaced by its bitsandbytes NF4 round trip."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    pytest.importorskip("bitsandbytes.functional")
     from quant import NF4Linear
 
     # Every input width a multiple of the block size (64): bitsandbytes' CPU dequantisation is
@@ -255,19 +278,7 @@ def test_nf4_load_quantises_experts_and_keeps_the_router(tmp_path):
     assert isinstance(q.model.layers[0].mlp.gate_proj, NF4Linear)
     assert type(mlp.gate.weight) is torch.nn.Parameter and mlp.gate.weight.dtype == torch.float32
 
-    def nf4_round_trip(w):  # bitsandbytes' own quantise / dequantise, blocks of 64, double quant
-        packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
-        return bnbf.dequantize_4bit(packed, state)
-
-    I = q.config.moe_intermediate_size
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        for name, module in ref.named_modules():
-            if name.endswith("mlp.experts"):
-                for e in range(q.config.num_experts):  # on disk: gate rows, up rows, down: 3 linears
-                    module.gate_up_proj[e, :I] = nf4_round_trip(module.gate_up_proj[e, :I])
-                    module.gate_up_proj[e, I:] = nf4_round_trip(module.gate_up_proj[e, I:])
-                    module.down_proj[e] = nf4_round_trip(module.down_proj[e])
-            elif isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-                module.weight.copy_(nf4_round_trip(module.weight))
+    nf4_round_trip_decoder(ref)
+    with torch.no_grad():
         ids = random_ids(2, 19)
         assert_logits_match(q(ids), ref, ids)

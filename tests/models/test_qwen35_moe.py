@@ -22,7 +22,8 @@ from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter, 
 from quant import NF4Quantizer
 from tests.helpers import (assert_close_to_reference, assert_grads_match, assert_logits_match, float64_twin,
                            max_rel_err, random_ids)
-from tests.models.test_moe import cross_entropy_alone, fused_expert_grad, train_step_with_aux_loss
+from tests.models.test_moe import (cross_entropy_alone, fused_expert_grad, nf4_round_trip_decoder,
+                                   train_step_with_aux_loss)
 from tests.models.test_qwen35 import TINY_QWEN35, _randomise_small_parameters
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation"),
@@ -326,7 +327,7 @@ def test_nf4_load_quantises_every_expert_and_keeps_the_gates(tmp_path):
     """Streaming NF4 load: routed and shared experts, attention and linear-attention projections
     4-bit; the router and shared_expert_gate (one row each per layer) stay 16-bit. Logits: those of
     transformers' model with each of those weights replaced by its bitsandbytes NF4 round trip."""
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    pytest.importorskip("bitsandbytes.functional")
     from quant import NF4Linear
 
     ref = hf_qwen35_moe(seed=3)
@@ -339,20 +340,7 @@ def test_nf4_load_quantises_every_expert_and_keeps_the_gates(tmp_path):
     assert isinstance(mlp.gate, TopKRouter) and type(mlp.shared_expert_gate) is SharedExpertGate
     assert mlp.shared_expert_gate.weight.dtype == torch.float32
 
-    def nf4_round_trip(w):
-        packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
-        return bnbf.dequantize_4bit(packed, state)
-
-    I = q.config.moe_intermediate_size
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        for name, module in ref.named_modules():
-            if name.endswith("mlp.experts"):
-                for e in range(q.config.num_experts):
-                    module.gate_up_proj[e, :I] = nf4_round_trip(module.gate_up_proj[e, :I])
-                    module.gate_up_proj[e, I:] = nf4_round_trip(module.gate_up_proj[e, I:])
-                    module.down_proj[e] = nf4_round_trip(module.down_proj[e])
-            elif (isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
-                  and not name.endswith("shared_expert_gate")):
-                module.weight.copy_(nf4_round_trip(module.weight))
+    nf4_round_trip_decoder(ref, keep=("shared_expert_gate",))
+    with torch.no_grad():
         ids = random_ids(2, 19)
         assert_logits_match(q(ids), ref, ids)

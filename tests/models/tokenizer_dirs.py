@@ -66,3 +66,32 @@ def load_both(path: Path):
     from models.qwen import Tokenizer
 
     return Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+QWEN35_TEMPLATE = (TEMPLATES / "qwen3.5.jinja").read_text(encoding="utf-8")
+QWEN36_TEMPLATE = (TEMPLATES / "qwen3.6.jinja").read_text(encoding="utf-8")
+
+
+def reference_assistant_mask(hf, text: str):
+    """transformers' ids of a rendered chat `text`, and 1 for each id overlapping an assistant
+    turn found by plain string search in transformers' text: from after each
+    "<|im_start|>assistant\\n" through the next "<|im_end|>" (the rule the tests hold our masks to)."""
+    spans, at = [], 0
+    while (start := text.find("<|im_start|>assistant\n", at)) >= 0:
+        start += len("<|im_start|>assistant\n")
+        end = text.index("<|im_end|>", start) + len("<|im_end|>")
+        spans.append((start, end))
+        at = end
+    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s < b and e > a for a, b in spans)) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def text_part(t: str) -> dict:
+    """One OpenAI-style text part of a message's content."""
+    return {"type": "text", "text": t}
+
+
+# One tool and one call of it, for the tool-calling chats of the data and script tests.
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+PARIS_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.qwen import Qwen, QwenConfig
 from tests.helpers import DEVICES, max_rel_err
-from train import AdamW, cosine_warmup, param_groups, resolve_warmup
+from train import AdamW, cosine_warmup, learning_rate, param_groups, resolve_warmup
 from train.checkpoint import load_tensors, optimizer_from_files, optimizer_to_files, save_tensors
 
 
@@ -148,16 +148,22 @@ def test_adamw_rejects_bad_hyperparameters():
 
 
 # ---------------------------------------------------------------------- schedule
-def torch_schedule(total, warmup, peak, min_lr):
-    """torch's LinearLR (warm-up) then CosineAnnealingLR, stepped once per optimizer step."""
+def hf_schedule(schedule, total, warmup, peak, min_lr):
+    """transformers' scheduler of `schedule` (what the HF Trainer builds for lr_scheduler_type),
+    stepped once per optimizer step: the lr of every update, the first one included."""
+    from transformers import optimization as hf
+
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
-    parts, milestones = [], []
-    if warmup:
-        parts.append(torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / (warmup + 1), end_factor=1.0,
-                                                       total_iters=warmup))
-        milestones.append(warmup)
-    parts.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=min_lr))
-    sched = parts[0] if len(parts) == 1 else torch.optim.lr_scheduler.SequentialLR(opt, parts, milestones)
+    if schedule == "cosine" and min_lr:
+        sched = hf.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr=min_lr)
+    elif schedule == "cosine":
+        sched = hf.get_cosine_schedule_with_warmup(opt, warmup, total)
+    elif schedule == "linear":
+        sched = hf.get_linear_schedule_with_warmup(opt, warmup, total)
+    elif schedule == "constant_with_warmup":
+        sched = hf.get_constant_schedule_with_warmup(opt, warmup)
+    else:
+        sched = hf.get_constant_schedule(opt)
     lrs = []
     for _ in range(total + 1):
         lrs.append(opt.param_groups[0]["lr"])
@@ -166,21 +172,33 @@ def torch_schedule(total, warmup, peak, min_lr):
     return lrs
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant_with_warmup", "constant"])
 @pytest.mark.parametrize("total,warmup_steps,ratio,min_lr", [
     (100, 10, None, 0.0), (57, None, 0.1, 1e-5), (40, None, 0.0, 2e-5), (30, 0, None, 0.0), (25, None, 0.03, 0.0),
+    (9, 1, None, 0.0),
 ])
-def test_schedule_matches_torch_schedulers_at_every_step(total, warmup_steps, ratio, min_lr):
+def test_schedule_matches_transformers_at_every_step(schedule, total, warmup_steps, ratio, min_lr):
+    """Every step's lr equals transformers' get_*_schedule_with_warmup, the first one (0 under a
+    warm-up) included. Bound: both compute the same float64 expression up to the order of two
+    or three roundings: measured max 1.8e-16 x peak over these cases (1 ulp); the bound is 1e-15 (a wrong step or an
+    off-by-one warm-up differs by peak / warmup, >= 1e-2 relative here)."""
+    if min_lr and schedule != "cosine":
+        min_lr = 0.0   # transformers has a min-lr variant of the cosine only
     warmup = resolve_warmup(total, steps=warmup_steps, ratio=ratio)
     if ratio is not None:
         assert warmup == math.ceil(ratio * total)
-    ref = torch_schedule(total, warmup, 3e-4, min_lr)
-    ours = [cosine_warmup(s, warmup=warmup, total=total, peak_lr=3e-4, min_lr=min_lr) for s in range(total + 1)]
+    peak = 3e-4
+    ref = hf_schedule(schedule, total, warmup, peak, min_lr)
+    ours = [learning_rate(s, schedule=schedule, warmup=warmup, total=total, peak_lr=peak, min_lr=min_lr)
+            for s in range(total + 1)]
     for s, (a, b) in enumerate(zip(ours, ref)):
-        assert abs(a - b) <= 1e-9 * 3e-4 + 1e-6 * abs(b), (s, a, b)
-    assert ours[-1] == pytest.approx(min_lr, abs=1e-15)
-    assert cosine_warmup(total + 5, warmup=warmup, total=total, peak_lr=3e-4, min_lr=min_lr) == min_lr
-    if warmup:
-        assert 0 < ours[0] <= ours[warmup - 1] < ours[warmup] == pytest.approx(3e-4)
+        assert abs(a - b) <= 1e-15 * peak, (s, a, b)
+    if warmup and schedule != "constant":
+        assert ours[0] == 0.0 and 0 < ours[1] and ours[warmup] == pytest.approx(peak)
+    if schedule in ("cosine", "linear"):
+        assert ours[-1] == pytest.approx(min_lr, abs=1e-15)
+        assert cosine_warmup(total + 5, warmup=warmup, total=total, peak_lr=peak, min_lr=min_lr) == min_lr \
+            or schedule == "linear"
 
 
 def test_schedule_bad_arguments_name_themselves():

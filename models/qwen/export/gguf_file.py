@@ -1,11 +1,14 @@
-"""Write a GGUF file (llama.cpp, Ollama) from an HF-format Qwen2/Qwen3 model directory.
+"""Write a GGUF file (llama.cpp, Ollama) from an HF-format Qwen2/Qwen3/Qwen3-MoE/Qwen3.5/Qwen3.5-MoE/Qwen3-Next
+model directory.
 
     from models.qwen.export import export_gguf
     summary = export_gguf("runs/sft/merged", "runs/gguf/model-q8_0.gguf", file_type="q8_0")
 
 The file holds what llama.cpp's convert_hf_to_gguf.py writes for these models: the
-architecture (`qwen2` / `qwen3`), its hyper-parameters under the gguf package's key names,
-the tokenizer with its chat template (see gguf_vocab.py) and the tensors (see gguf_tensors.py).
+architecture (`qwen2` / `qwen3` / `qwen3moe` / `qwen35` / `qwen35moe` / `qwen3next`), its
+hyper-parameters under the gguf package's key names,
+the tokenizer with its chat template (see gguf_vocab.py) and the tensors (see gguf_tensors.py,
+and gguf_hybrid.py for the families with Gated DeltaNet layers).
 Tensors are streamed: the header is written from the safetensors headers, then each tensor
 is read, converted and appended in turn, so memory holds one tensor at a time. The file is
 written next to its final name and renamed into place when complete.
@@ -13,6 +16,7 @@ written next to its final name and renamed into place when complete.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +29,9 @@ import numpy as np
 from ..checkpoint import checkpoint_files, iter_tensors
 from ..config import ConfigError, QwenConfig
 from .errors import ExportError
-from .gguf_tensors import ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, encode, plan_tensors, skipped
+from .gguf_hybrid import HYBRID_ARCHITECTURES, add_hybrid_metadata, check_hybrid_config
+from .gguf_tensors import (ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, checkpoint_items, converted, encode,
+                           plan_tensors)
 from .gguf_vocab import read_vocab
 
 PathLike = Union[str, os.PathLike]
@@ -62,11 +68,13 @@ def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
     arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type]]
     writer = gguf.GGUFWriter(path=None, arch=arch)
     n_params = sum(p.numel for p in plans)
-    add_metadata(writer, config, file_type, name or model_dir.resolve().name, n_params)
+    add_metadata(writer, config, file_type, name or model_dir.resolve().name, raw_config(model_dir))
     vocab.add_to(writer)
     for p in plans:
         # With raw_dtype given, a non-uint8 dtype tells the writer `p.shape` is the logical shape.
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.ggml_type)
+    # The converter's label ("8B", "30B-A3B" for experts) from the writer's own count of the tensors.
+    writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -91,32 +99,45 @@ def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
 
 
 def read_config(model_dir: Path) -> QwenConfig:
-    """config.json of a Qwen2/Qwen3 model (Qwen-7B v1 checkpoints are refused: other names)."""
+    """config.json of a model GGUF export covers (Qwen-7B v1 checkpoints are refused: other names)."""
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: not a directory (expected an HF-format Qwen model directory)")
     try:
         config = QwenConfig.from_hf(model_dir)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    if config.model_type in HYBRID_ARCHITECTURES:
+        check_hybrid_config(model_dir, config, raw_config(model_dir))
     if config.source_format != "hf":
         raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
                           f"with models.qwen.save to get a Qwen2-format directory first")
     if config.model_type not in ARCHITECTURES:
-        raise ExportError(f"{model_dir / 'config.json'}: GGUF export covers the dense families "
-                          f"{sorted(ARCHITECTURES)}, not model_type {config.model_type!r} (its expert / linear-attention "
-                          f"tensors have other GGUF names; llama.cpp's convert_hf_to_gguf.py converts it)")
+        raise ExportError(f"{model_dir / 'config.json'}: GGUF export covers {sorted(ARCHITECTURES)}, not model_type "
+                          f"{config.model_type!r}")
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_sparse_layer(i)]
+    if config.model_type == "qwen3_moe" and dense:
+        raise ExportError(f"{model_dir / 'config.json'}: layer {dense[0]} is dense (mlp_only_layers / "
+                          f"decoder_sparse_step), which llama.cpp's qwen3moe architecture has no place for")
     return config
 
 
-def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str, n_params: int) -> None:
-    """general.* and the architecture's hyper-parameters, as llama.cpp's TextModel writes them."""
+def raw_config(model_dir: Path) -> dict:
+    """config.json as written (read_config has checked it): the converter's `hparams`."""
+    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str,
+                 raw: Optional[dict] = None) -> None:
+    """general.* and the architecture's hyper-parameters, as llama.cpp's TextModel (and, for the
+    hybrids, the converter's set_gguf_parameters chain) writes them. raw: config.json's keys."""
+    raw = raw or {}
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    if config.model_type not in HYBRID_ARCHITECTURES or "intermediate_size" in raw:   # Qwen3.5-MoE has none
+        writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_theta)
@@ -124,6 +145,12 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
     # Qwen3's head_dim is not hidden/heads; llama.cpp reads it from key/value length.
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
+    if config.num_experts:   # TextModel (counts) and Qwen2MoeModel.set_gguf_parameters (width)
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if config.model_type in HYBRID_ARCHITECTURES:
+        add_hybrid_metadata(writer, config, raw)
     writer.add_file_type(FILE_TYPES[file_type][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -131,12 +158,13 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
 def _write_tensor_data(writer: "gguf.GGUFWriter", model_dir: Path, plans: list[TensorPlan], config: QwenConfig) -> None:
     """Append each planned tensor's bytes, reading the checkpoint one tensor at a time."""
     pending = iter(plans)
-    for hf_name, tensor, file in iter_tensors(checkpoint_files(model_dir)):
-        if skipped(hf_name, config):
-            continue
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type], config.num_hidden_layers)
+    tensors = (item for name, tensor, file in iter_tensors(checkpoint_files(model_dir))
+               for item in checkpoint_items([(name, tensor)], config, file))
+    for hf_name, parts, gguf_name, tensor in converted(tensors, config, names):
         plan = next(pending, None)
-        if plan is None or plan.hf_name != hf_name:
-            raise ExportError(f"{file}: changed while it was being exported (read {hf_name!r}, expected "
+        if plan is None or (plan.hf_name, plan.parts, plan.gguf_name) != (hf_name, parts, gguf_name):
+            raise ExportError(f"{model_dir}: changed while it was being exported (read {hf_name!r}, expected "
                               f"{plan.hf_name if plan else 'no more tensors'!r})")
         writer.write_tensor_data(encode(tensor, plan))
     left = next(pending, None)

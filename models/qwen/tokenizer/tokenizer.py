@@ -26,7 +26,10 @@ from ..chat_template import (
     CHATML_FALLBACK,
     CHATML_TEMPLATE,
     QWEN25_CHAT_TEMPLATE,
+    ChatTemplateError,
     ChatTemplateFallbackWarning,
+    has_content_parts,
+    join_text_parts,
     mark_special_text,
     prepare_messages,
     prepare_tools,
@@ -423,7 +426,11 @@ class Tokenizer:
     ):
         """Render the chat template this tokenizer carries, as transformers' apply_chat_template does.
 
-        messages: [{"role", "content", optional "tool_calls", "reasoning_content", ...}, ...].
+        messages: [{"role", "content", optional "tool_calls", "reasoning_content", ...}, ...]; content
+            a string or a list of parts ({"type": "text", "text": ...}), given to the template as
+            it is (Qwen3.5's renders parts itself). A template that cannot render parts
+            (Qwen2.5's, Qwen3's: transformers raises) gets text parts joined by "\\n" (see
+            `_render_chat`).
         tools: JSON-schema dicts ({"type": "function", "function": {...}}) for the template.
         enable_thinking: passed to the template when not None (Qwen3: False adds an empty think
             block to the generation prompt). Other keywords are template variables too.
@@ -453,7 +460,7 @@ class Tokenizer:
             kwargs["enable_thinking"] = enable_thinking
         variables = {**self.special_tokens_map, **kwargs}
         if not tokenize:
-            return render(template, chat, tool_list, documents, add_generation_prompt, variables, source)
+            return _render_chat(template, chat, tool_list, documents, add_generation_prompt, variables, source)
         marked = sanitize_special_tokens
         if marked:
             specials = list(self._control)
@@ -461,7 +468,7 @@ class Tokenizer:
             tool_list = mark_special_text(tool_list, specials)
             documents = mark_special_text(documents, specials)
             variables = {**self.special_tokens_map, **mark_special_text(kwargs, specials)}
-        rendered = render(template, chat, tool_list, documents, add_generation_prompt, variables, source)
+        rendered = _render_chat(template, chat, tool_list, documents, add_generation_prompt, variables, source)
         runs = encode_chat(self, rendered, marked)
         ids = [i for run in runs for i in run.ids]
         if not return_assistant_mask:
@@ -495,3 +502,17 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(len={len(self)}, eos={self.eos_token!r}, pad={self.pad_token!r}, added={len(self.added_tokens)})"
+
+
+def _render_chat(template, chat, tools, documents, add_generation_prompt, variables, source) -> str:
+    """`render`, and for a template that fails on content given as a list of text parts, the
+    rendering with those parts joined by "\\n" (vLLM's rule for string-only templates, so the
+    tuned model sees its prompts as vLLM will serve them); any other failure is raised."""
+    try:
+        return render(template, chat, tools, documents, add_generation_prompt, variables, source)
+    except ChatTemplateError:
+        if not has_content_parts(chat) or not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for m in chat if isinstance(m.get("content"), (list, tuple)) for p in m["content"]):
+            raise
+    return render(template, join_text_parts(chat), tools, documents, add_generation_prompt, variables, source)
