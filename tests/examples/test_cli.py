@@ -59,8 +59,8 @@ def shown_defaults(help_text: str) -> dict[str, str]:
     entries = re.split(r"\n  (?=-)", help_text)      # one option's (wrapped) entry each
     out = {}
     for entry in entries:
-        flat = " ".join(entry.split())
-        found = re.search(r"\(default: ([^()]*)\)$", flat)
+        flat = " ".join(entry.split("\n\n")[0].split())   # (not the next group's heading)
+        found = re.search(r"\(default: ([^()]*)\)", flat)   # not "(embedded default: Y)"
         if found and flat.startswith("--"):
             out[flat.split()[0].rstrip(",")] = found.group(1).split(";")[0]   # "X; embedded default: Y"
     return out
