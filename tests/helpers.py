@@ -106,3 +106,126 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a-b| / max |b|: the relative error measure of the acceptance criteria."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------- measured tolerances
+# A parity test compares our fp32 result with the reference's fp32 result. How far apart two
+# correct fp32 implementations may be depends on the problem (its depth, widths, the CPU's
+# kernels: AVX2 and AVX-512 sum in different orders), so no fixed number holds everywhere. The
+# floor is measured instead: the reference's own fp32 error against the same reference run in
+# float64 on the same weights and inputs. Our error against the reference may be a small multiple
+# of that (ours and theirs each carry about one floor of rounding, in different places); a real
+# bug (a wrong epsilon, a dropped bias, a weight off by 1e-4) is orders of magnitude above it.
+FP32_ULP = 2.0**-23       # one unit in the last place at 1.0: the least a floor can be
+FLOOR_FACTOR = 8.0        # ours-vs-ref32 may be this many floors apart
+
+
+def float64_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of `module` (a transformers / PEFT model), for the reference's own floor.
+
+    transformers' MoE experts default to torch._grouped_mm, which has no float64 kernel: the
+    twin runs them eagerly (the same function, expert by expert). A bitsandbytes Linear4bit
+    becomes a plain linear holding bitsandbytes' own dequantised weight (its NF4 values exactly).
+    """
+    import copy
+
+    twin = copy.deepcopy(module)
+    _dequantise_bitsandbytes(twin)
+    torch.nn.Module.to(twin, torch.float64)   # (transformers' own .to refuses a model it quantised)
+    for m in twin.modules():   # the copies' configs (a module alone, e.g. one MoE block, has one too)
+        if getattr(getattr(m, "config", None), "_experts_implementation", None) not in (None, "eager"):
+            m.config._experts_implementation = "eager"
+    return twin
+
+
+def _dequantise_bitsandbytes(model: torch.nn.Module) -> None:
+    """Replace every bitsandbytes Linear4bit in `model` by an nn.Linear of its dequantised weight."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for name, child in list(model.named_modules()):
+        if isinstance(child, bnb.nn.Linear4bit):
+            dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state))
+                if child.bias is not None:
+                    dense.bias.copy_(child.bias)
+            dense.requires_grad_(False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, dense)
+
+
+def reference_floor(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
+    """The reference's own fp32 rounding error: max_rel_err(ref32, ref64), at least one fp32 ulp."""
+    return max(max_rel_err(ref32, ref64), FP32_ULP)
+
+
+def assert_close_to_reference(ours: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor,
+                              factor: float = FLOOR_FACTOR, what: str = "") -> float:
+    """max_rel_err(ours, ref32) <= factor x reference_floor(ref32, ref64); returns the error.
+
+    ours, ref32: the two fp32 results; ref64: the reference computed in float64 on the same
+    weights and inputs (e.g. `float64_twin(hf)(ids).logits`).
+    """
+    floor = reference_floor(ref32, ref64)
+    err = max_rel_err(ours, ref32)
+    assert err <= factor * floor, (f"{what}: ours is {err:.3g} from the reference, more than {factor:g} x its own "
+                                   f"fp32-vs-float64 error {floor:.3g}")
+    return err
+
+
+def assert_logits_match(ours: torch.Tensor, ref: torch.nn.Module, *args: Any, factor: float = FLOOR_FACTOR,
+                        **kwargs: Any) -> float:
+    """`ours` [B, T, V] against `ref(*args, **kwargs).logits` in fp32, within `factor` x the
+    floor measured by running `ref`'s float64 twin on the same inputs (under no_grad)."""
+    with torch.no_grad():
+        ref32 = ref(*args, **kwargs).logits
+        ref64 = float64_twin(ref)(*args, **kwargs).logits
+    return assert_close_to_reference(ours, ref32, ref64, factor, what=type(ref).__name__)
+
+
+def assert_grads_match(ours: torch.nn.Module, ref: torch.nn.Module, *args: Any, ref_grad=None,
+                       factor: float = FLOOR_FACTOR, **kwargs: Any) -> list:
+    """The loss and every trainable gradient of `ours` against `ref`'s (fp32), within `factor` x
+    the floor measured on `ref`'s float64 twin. Runs `model(*args, **kwargs)` (with labels: our
+    loss tensor, transformers' output .loss) + backward on all three models; returns their
+    outputs [ours, ref, twin].
+
+    The gradients share one floor, the largest of the reference's per-tensor errors: one tensor's
+    own error is a single sample (Qwen3.5's A_log gradient: 5.7e-7 with one seed, 2.8e-6 with
+    the next, ours 1.4e-6 to 5e-6 on both), the backward pass's floor is their maximum.
+    ref_grad(model, name) -> the gradient in `model` (ref or its twin) of our parameter `name`
+    (default: the same name). A reference gradient of exactly zero (an expert no token reached)
+    must be zero (or None) in ours.
+    """
+    twin = float64_twin(ref)
+    outputs = [m(*args, **kwargs) for m in (ours, ref, twin)]
+    losses = [out if isinstance(out, torch.Tensor) else out.loss for out in outputs]
+    for loss in losses:
+        loss.backward()
+    assert_close_to_reference(*(loss.detach() for loss in losses), factor, what="loss")
+    assert_grads_close(ours, ref, twin, ref_grad, factor)
+    return outputs
+
+
+def assert_grads_close(ours: torch.nn.Module, ref: torch.nn.Module, twin: torch.nn.Module, ref_grad=None,
+                       factor: float = FLOOR_FACTOR) -> None:
+    """After the same backward on all three: each trainable .grad of `ours` within `factor` x
+    the largest of ref's per-tensor errors against its float64 `twin` (see assert_grads_match)."""
+    ref_grad = ref_grad or (lambda model, name: model.get_parameter(name).grad)
+    triples = {}
+    for name, p in ours.named_parameters():
+        if not p.requires_grad:
+            continue
+        want32, want64 = ref_grad(ref, name), ref_grad(twin, name)
+        if want32 is None or not want32.any():
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            triples[name] = (p.grad, want32, want64)
+    assert triples, "no gradient to compare"
+    floor = max(reference_floor(r32, r64) for _, r32, r64 in triples.values())
+    for name, (grad, want32, _) in triples.items():
+        err = max_rel_err(grad, want32)
+        assert err <= factor * floor, (f"{name}.grad: ours is {err:.3g} from the reference, more than {factor:g} x "
+                                       f"its backward's fp32-vs-float64 error {floor:.3g}")

@@ -3,7 +3,8 @@
     raise NonFiniteError(step=12, micro_batch=3, micro_batches=16, what="loss", parameter=first_nonfinite(model))
     check_gradients_present(model, step)          # before the first optimizer step: every trainable
     snapshot = lora_b_snapshot(model)             # parameter received a finite gradient
-    check_lora_b_moved(model, snapshot, step)     # after it: every LoRA B moved
+    check_lora_b_moved(model, snapshot, step)     # after it: every LoRA B with a nonzero gradient
+                                                  # moved (an unrouted expert's may not)
 
 Gradient checkpointing with a frozen base can leave adapters without gradients (reentrant
 checkpoints whose inputs do not require grad); that shows up only as a flat loss hours later.
@@ -16,6 +17,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from models.qwen.moe import SparseMoeBlock
 
 
 class NonFiniteError(FloatingPointError):
@@ -59,18 +62,52 @@ def check_gradients_present(model: nn.Module, step: int) -> None:
         raise NothingTrainsError(f"step {step}: trainable parameter {bad[0]!r} has a non-finite gradient")
 
 
-def lora_b_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every trainable LoRA B weight, by parameter name (empty without adapters)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()
-            if p.requires_grad and ".lora_B." in f".{n}."}
+def lora_b_snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Every trainable LoRA B weight by parameter name: (a copy, whether its gradient is nonzero).
+
+    Taken after clipping, just before the first update (empty without adapters).
+    """
+    return {n: (p.detach().clone(), bool(_local(p.grad).any()))
+            for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in f".{n}."}
 
 
-def check_lora_b_moved(model: nn.Module, before: dict[str, torch.Tensor], step: int) -> None:
-    """After the first update with lr > 0: each LoRA B differs from its snapshot."""
+def check_lora_b_moved(model: nn.Module, before: dict[str, tuple[torch.Tensor, bool]], step: int) -> None:
+    """After the first update with lr > 0: each LoRA B that had a nonzero gradient moved.
+
+    A B whose gradient was exactly zero is legitimate only inside a routed MoE expert that no
+    token reached in this step (its B starts at zero, so Adam, as torch.optim.AdamW, leaves it
+    there). A zero gradient anywhere else, or on every B, means the adapter is cut off from the
+    loss (alpha 0, an output dropped, a dead branch) and is an error too.
+    """
+    if not before:
+        return
     params = dict(model.named_parameters())
-    still = [n for n, b in before.items() if torch.equal(params[n].detach(), b)]
+    routed = _routed_expert_parameters(model)
+    silent = [n for n, (_, nonzero) in before.items() if not nonzero and n not in routed]
+    if silent or not any(nonzero for _, nonzero in before.values()):
+        first = (silent or list(before))[0]
+        count = len(silent) or len(before)
+        raise NothingTrainsError(
+            f"step {step}: {count} of {len(before)} LoRA B matrices received an all-zero gradient, first {first!r}: "
+            "the adapter's output does not reach the loss (alpha 0, an output dropped?)"
+        )
+    still = [n for n, (b, nonzero) in before.items() if nonzero and torch.equal(params[n].detach(), b)]
     if still:
         raise NothingTrainsError(
             f"step {step}: {len(still)} of {len(before)} LoRA B matrices did not change in the first optimizer "
-            f"step, first {still[0]!r}: the adapter is not training (zero gradient, lr 0 or frozen)"
+            f"step though their gradient was nonzero, first {still[0]!r}: the adapter is not training "
+            "(lr 0, frozen, or dropped by the optimizer)"
         )
+
+
+def _routed_expert_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters inside a routed MoE expert (`SparseMoeBlock.experts`), whose
+    gradient is exactly zero whenever the router sends that expert no token."""
+    return {f"{name}.experts.{rest}" if name else f"experts.{rest}"
+            for name, block in model.named_modules() if isinstance(block, SparseMoeBlock)
+            for rest, _ in block.experts.named_parameters()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), else `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t

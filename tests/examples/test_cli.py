@@ -52,6 +52,66 @@ def test_help_documents_every_flag(name):
     assert "(default:" in proc.stdout and "(default: None)" not in proc.stdout
 
 
+def shown_defaults(help_text: str) -> dict[str, str]:
+    """{"--flag": "X"} for every option whose --help entry ends in "(default: X)"."""
+    import re
+
+    entries = re.split(r"\n  (?=-)", help_text)      # one option's (wrapped) entry each
+    out = {}
+    for entry in entries:
+        flat = " ".join(entry.split("\n\n")[0].split())   # (not the next group's heading)
+        found = re.search(r"\(default: ([^()]*)\)", flat)   # not "(embedded default: Y)"
+        if found and flat.startswith("--"):
+            out[flat.split()[0].rstrip(",")] = found.group(1).split(";")[0]   # "X; embedded default: Y"
+    return out
+
+
+# Where a run records what it used for each flag: train_config.json (the Trainer's settings) and
+# the adapter's adapter_config.json. (--log-every's default is described, "about 20 lines per run".)
+USED = {"--lr": ("train", "lr"), "--batch-size": ("train", "batch_size"), "--grad-accum": ("train", "grad_accum"),
+        "--max-grad-norm": ("train", "max_grad_norm"), "--weight-decay": ("train", "weight_decay"),
+        "--seed": ("train", "seed"), "--lr-scheduler": ("train", "lr_scheduler"), "--keep-last": ("train", "keep_last"),
+        "--report-to": ("train", "report_to"),
+        "--finetuning": ("train", "mode"), "--lora-r": ("adapter", "r"), "--lora-alpha": ("adapter", "lora_alpha"),
+        "--lora-dropout": ("adapter", "lora_dropout"), "--warmup-ratio": ("train", "warmup_ratio")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["cpt.py", "sft.py"])
+def test_help_shows_the_defaults_a_run_uses(stage, tmp_path):
+    """Each default --help shows is the value a run given no such flag trains with (read back
+    from what the run wrote), not just a string the parser printed."""
+    base, _ = tiny_checkpoint(tmp_path / "base", vocab_size=151936, tie_word_embeddings=True, hidden_size=16,
+                              head_dim=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    if stage == "cpt.py":
+        data = tmp_path / "corpus"
+        data.mkdir()
+        (data / "a.txt").write_text("Sockets carry bytes between processes. " * 30, encoding="utf-8")
+        sized = ["--block-size", "16"]
+    else:
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                         {"role": "assistant", "content": f"A{i}."}]}) + "\n"
+                                for i in range(4)), encoding="utf-8")
+        sized = ["--max-len", "64", "--sample-questions", "1"]
+    shown = shown_defaults(run_script(stage, "--help").stdout)
+    assert set(USED) - {"--warmup-ratio"} <= set(shown), set(USED) - set(shown)
+    out = tmp_path / "out"
+    proc = run_script(stage, "--model", base, "--data", data, "--out", out, "--max-steps", "1", "--sample-tokens", "1",
+                      *sized, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    used = {"train": json.loads((out / "train_config.json").read_text()),
+            "adapter": json.loads((out / "adapter" / "adapter_config.json").read_text())}
+    # "--warmup-steps ... (default: --warmup-ratio 0.03)": a default stated as another flag's value
+    shown.update(dict(text.split(" ", 1) for text in list(shown.values()) if text.startswith("--")))
+    checked = [flag for flag in USED if flag in shown]
+    assert "--warmup-ratio" in checked
+    for flag in checked:
+        where, key = USED[flag]
+        value, text = used[where][key], shown[flag]
+        assert (float(text) == value) if isinstance(value, (int, float)) else (text == str(value)), (flag, text, value)
+
+
 def test_nonexistent_data_path(tmp_path, ckpt):
     out = tmp_path / "out"
     proc = run_script("cpt.py", "--model", ckpt, "--data", tmp_path / "missing.txt", "--out", out)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.qwen import CheckpointError, ConfigError, load, save
-from tests.helpers import hf_model, max_rel_err, random_ids, save_hf_model
+from tests.helpers import assert_logits_match, hf_model, random_ids, save_hf_model
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -18,7 +18,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     ours = load(tmp_path, dtype=torch.float32)
     ids = random_ids(2, 13)
     with torch.no_grad():
-        assert max_rel_err(ours(ids), ref(ids).logits) <= 1e-5
+        assert_logits_match(ours(ids), ref, ids)
 
 
 def test_tied_checkpoint_with_a_stored_head_loads_tied(tmp_path):
@@ -82,14 +82,14 @@ def test_qwen_v1_checkpoint_gives_the_same_logits(tmp_path):
     ours = load(tmp_path / "v1", dtype=torch.float32)
     ids = random_ids(2, 15)
     with torch.no_grad():
-        assert max_rel_err(ours(ids), ref(ids).logits) <= 1e-5
+        assert_logits_match(ours(ids), ref, ids)
     # and it exports as a standard Qwen2 checkpoint that transformers reads
     from transformers import AutoModelForCausalLM
 
     save(ours, tmp_path / "as-qwen2")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "as-qwen2", dtype=torch.float32)
     with torch.no_grad():
-        assert max_rel_err(back(ids).logits, ref(ids).logits) <= 1e-5
+        assert_logits_match(back(ids).logits, ref, ids)
 
 
 @pytest.mark.parametrize("kind,tied", [("qwen2", True), ("qwen2", False), ("qwen3", False)])
@@ -108,7 +108,7 @@ def test_save_loads_in_transformers_without_missing_weights(tmp_path, kind, tied
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = random_ids(2, 11)
     with torch.no_grad():
-        assert max_rel_err(ours(ids), back(ids).logits) <= 1e-5
+        assert_logits_match(ours(ids), back, ids)
     # save -> load round trip is bit-exact
     again = load(tmp_path / "out", dtype=torch.float32)
     a, b = ours.state_dict(), again.state_dict()

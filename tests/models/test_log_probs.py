@@ -7,12 +7,13 @@ import torch
 
 from models.qwen import load
 from models.qwen.loss import linear_log_probs
-from tests.helpers import DEVICES, hf_model, max_rel_err, random_ids, save_hf_model
+from tests.helpers import (DEVICES, assert_close_to_reference, assert_grads_close, float64_twin, hf_model, random_ids,
+                           save_hf_model)
 
 
 def gathered_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The reference: sum over t of log_softmax(logits[:, t])[labels[:, t + 1]] where labelled, [B]."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     targets = labels[:, 1:]
     keep = targets != -100
     picked = logp.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
@@ -46,22 +47,19 @@ def test_per_row_logps_and_gradients_match_transformers(pair, device, head):
             model.model.embed_tokens.weight.requires_grad_(False)
     ids = random_ids(4, 17, seed=3).to(device)
     labels = row_labels(ids)
+    twin = float64_twin(ref)
     nll, n = ours(ids, labels=labels, reduction="none")
-    expected = gathered_logps(ref(ids).logits, labels)
+    expected, expected64 = (gathered_logps(m(ids).logits, labels) for m in (ref, twin))
     assert n.tolist() == [12, 5, 16, 0]
-    assert max_rel_err(-nll, expected) <= 1e-5
+    assert_close_to_reference(-nll, expected, expected64)
     assert nll[3].item() == 0.0
     # A different weight per row, as a preference loss gives each response.
     weights = torch.tensor([0.7, -1.3, 0.2, 5.0], device=device)
     (weights * nll).sum().backward()
     (-(weights * expected)).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    checked = 0
-    for name, p in ours.named_parameters():
-        if p.requires_grad:
-            assert max_rel_err(p.grad, ref_params[name].grad) <= 1e-4, name
-            checked += 1
-    assert checked >= 10
+    (-(weights.double() * expected64)).sum().backward()
+    assert sum(p.requires_grad for p in ours.parameters()) >= 10
+    assert_grads_close(ours, ref, twin)
 
 
 def test_none_reduction_sums_to_the_sum_reduction(pair):
@@ -72,7 +70,17 @@ def test_none_reduction_sums_to_the_sum_reduction(pair):
         nll, n = ours(ids, labels=labels, reduction="none")
         total, count = ours(ids, labels=labels, reduction="sum")
     assert int(n.sum()) == int(count)
-    assert torch.allclose(nll.sum(), total, rtol=1e-6)
+    assert torch.allclose(nll.sum(), total, rtol=1e-6)  # the same terms summed in two orders: a few ulps
+
+
+def _gathered_with_grads(hidden, weight, labels, row_weights, dtype):
+    """gathered_logps of hidden @ weight.T in `dtype`, and the gradients of sum(row_weights x it)
+    for hidden and weight: the reference (fp32) and its floor (float64)."""
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    logps = gathered_logps(h @ w.t(), labels)
+    (row_weights.to(dtype) * logps).sum().backward()
+    return logps.detach(), h.grad, w.grad
 
 
 @pytest.mark.parametrize("need_weight_grad", [True, False])
@@ -85,17 +93,16 @@ def test_linear_log_probs_in_tiny_chunks(need_weight_grad):
     labels[2] = -100  # a row with nothing scored
     # 97 * 3 elements -> 3 positions per chunk: chunks straddle the rows.
     logps, n = linear_log_probs(hidden, weight, labels, chunk_elements=97 * 3)
-    h2 = hidden.detach().clone().requires_grad_()
-    w2 = weight.detach().clone().requires_grad_(need_weight_grad)
-    expected = gathered_logps(h2 @ w2.t(), labels)
-    assert n.tolist() == [28, 39, 0]
-    assert torch.allclose(logps, expected, rtol=1e-6) and logps[2].item() == 0.0
     row_weights = torch.tensor([2.0, -0.5, 3.0])
     (row_weights * logps).sum().backward()
-    (row_weights * expected).sum().backward()
-    assert max_rel_err(hidden.grad, h2.grad) <= 1e-5
+    (e32, h32, w32), (e64, h64, w64) = (_gathered_with_grads(hidden, weight, labels, row_weights, dtype)
+                                        for dtype in (torch.float32, torch.float64))
+    assert n.tolist() == [28, 39, 0]
+    assert logps[2].item() == 0.0
+    assert_close_to_reference(logps, e32, e64, what="log-probs")
+    assert_close_to_reference(hidden.grad, h32, h64, what="hidden.grad")
     if need_weight_grad:
-        assert max_rel_err(weight.grad, w2.grad) <= 1e-5
+        assert_close_to_reference(weight.grad, w32, w64, what="weight.grad")
 
 
 def test_linear_log_probs_when_the_target_probability_underflows():
@@ -111,10 +118,9 @@ def test_linear_log_probs_when_the_target_probability_underflows():
     labels[0, 1:5] = 0
     hidden.requires_grad_()
     logps, _ = linear_log_probs(hidden, weight, labels, chunk_elements=31 * 4)
-    h2 = hidden.detach().clone().requires_grad_()
-    expected = gathered_logps(h2 @ weight.t(), labels)
-    assert torch.isfinite(logps).all() and expected.min() < -1000
-    assert torch.allclose(logps, expected, rtol=1e-6)
     logps.sum().backward()
-    expected.sum().backward()
-    assert max_rel_err(hidden.grad, h2.grad) <= 1e-5
+    (e32, h32, _), (e64, h64, _) = (_gathered_with_grads(hidden, weight, labels, torch.ones(2), dtype)
+                                    for dtype in (torch.float32, torch.float64))
+    assert torch.isfinite(logps).all() and e32.min() < -1000
+    assert_close_to_reference(logps, e32, e64, what="log-probs")
+    assert_close_to_reference(hidden.grad, h32, h64, what="hidden.grad")

@@ -171,3 +171,47 @@ def test_bf16_model_runs_directly_with_fp32_optimizer_state(tmp_path):
     assert torch.equal(state["master"].to(torch.bfloat16), model.model.embed_tokens.weight.detach())
     with pytest.raises(ValueError, match=r"dtype='fp32' but the model's parameters are torch.bfloat16"):
         Trainer(tiny().to(torch.bfloat16), cfg(tmp_path / "x", dtype="fp32"), data())
+
+
+def tiny_moe(tmp_path, **targets):
+    """A transformers-written Qwen3-MoE (6 experts, top 1) loaded by us, LoRA on every linear
+    (or `targets=`): a step of 8-12 tokens leaves some experts unrouted."""
+    path = save_hf_model(hf_model("qwen3_moe", num_experts_per_tok=1, vocab_size=VOCAB), tmp_path / "moe")
+    return lora.inject(load(path, dtype=torch.float32), r=2, alpha=4, **targets)
+
+
+def test_unrouted_experts_pass_the_first_step_check_and_train(tmp_path):
+    from models.qwen.moe import SparseMoeBlock
+
+    model = tiny_moe(tmp_path)
+    rows = []   # tokens each expert received, forward by forward
+    for block in [m for m in model.modules() if isinstance(m, SparseMoeBlock)]:
+        for expert in block.experts:
+            expert.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    summary = Trainer(model, cfg(tmp_path / "o", batch_size=1, grad_accum=1, max_steps=3), data(n=3)).fit()
+    assert summary["steps"] == 3
+    experts_per_forward = 2 * model.config.num_experts
+    assert 0 in rows[:experts_per_forward]     # step 1 left an expert without a token
+    moved = {n: not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if "lora_B" in n}
+    assert all(v for n, v in moved.items() if ".experts." not in n)   # every dense adapter trained
+
+
+def test_a_dense_adapter_cut_off_from_the_loss_is_named_in_a_moe_model(tmp_path):
+    """Its gradient is present but exactly zero (scale 0: the output never reaches the loss): only a
+    routed expert may have that."""
+    model = tiny_moe(tmp_path)
+    model.get_submodule("model.layers.1.self_attn.v_proj").scale = 0.0
+    with pytest.raises(NothingTrainsError, match=r"step 1: 1 of \d+ LoRA B matrices received an all-zero gradient, "
+                                                 r"first 'model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight'"):
+        Trainer(model, cfg(tmp_path / "o", batch_size=1, grad_accum=1), data(n=3)).fit()
+
+
+def test_every_expert_adapter_cut_off_is_an_error(tmp_path):
+    """Adapters on the experts only, none reaching the loss: each zero alone could be an idle
+    expert, all of them at once cannot."""
+    model = tiny_moe(tmp_path, targets=["gate_proj", "up_proj", "down_proj"])
+    for module in lora.adapter_modules(model).values():
+        module.scale = 0.0
+    with pytest.raises(NothingTrainsError, match=r"step 1: \d+ of \d+ LoRA B matrices received an all-zero gradient"):
+        Trainer(model, cfg(tmp_path / "o", batch_size=1, grad_accum=1), data(n=3)).fit()

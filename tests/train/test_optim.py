@@ -55,6 +55,31 @@ def test_adamw_matches_torch_over_200_steps_with_groups_and_decay(device, foreac
         assert max_rel_err(ours.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"]) <= 1e-6
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adamw_zero_gradient_steps_match_torch(foreach):
+    """An unrouted MoE expert's adapter: a gradient of exactly zero in some steps. torch.optim.AdamW
+    still steps it (decay, moments, step count); ours must do the same, bit for bit in the
+    zero-at-init case (B = 0 stays exactly 0 after zero-gradient steps)."""
+    torch.manual_seed(0)
+    init = [torch.zeros(6, 2), torch.randn(6, 2), torch.randn(4, 3)]   # a fresh B, a moved B, an A
+    ours_p = [nn.Parameter(t.clone()) for t in init]
+    ref_p = [nn.Parameter(t.clone()) for t in init]
+    ours = AdamW(ours_p, lr=1e-2, weight_decay=0.1, foreach=foreach)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1, foreach=False)
+    routed = [[False, False, True], [True, False, True], [False, True, False], [False, False, False]]
+    for step, row in enumerate(routed):        # which parameters see a token in each step
+        for p, q, gr, hit in zip(ours_p, ref_p, grads_for(ours_p, step), row):
+            p.grad, q.grad = gr * hit, gr * hit
+        ours.step()
+        ref.step()
+        if step == 0:
+            assert torch.equal(ours_p[0].detach(), torch.zeros(6, 2))   # zero grad, zero weight: no move
+        for p, q in zip(ours_p, ref_p):
+            # elementwise ops only, no reductions: a few fp32 ulps (2**-23 = 1.2e-7) apart at most
+            assert max_rel_err(p, q) <= 8 * 2.0**-23, step
+    assert all(ours.state[p]["step"] == len(routed) for p in ours_p)
+
+
 def test_adamw_bf16_params_keep_fp32_state_and_master():
     torch.manual_seed(0)
     w16 = nn.Parameter(torch.randn(8, 16).to(torch.bfloat16))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lora
+from tests.helpers import FLOOR_FACTOR, assert_close_to_reference, float64_twin, reference_floor
 from tests.train.test_preference import collate, synthetic_items, with_adapters
 from train.preference import PreferenceObjective
 
@@ -76,11 +77,25 @@ def test_dpo_and_ipo_match_trl_dpo_trainer(ckpt, tmp_path, hf_tokenizer, monkeyp
     trainer.model.train()
     trl_loss = trainer.compute_loss(trainer.model, trl_batch(items))
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    # the floor: TRL's same loss on the float64 twin of its model
+    trl_loss64 = trainer.compute_loss(float64_twin(trainer.model), trl_batch(items))
+    trl_metrics64 = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     loss_sum, metrics = PreferenceObjective(kind, beta=0.5)(ours, collate(items))
     assert trl_metrics["rewards/margins"] != 0.0  # the adapter is not a no-op
-    assert (loss_sum / 3).item() == pytest.approx(trl_loss.item(), rel=1e-5)
-    for key in TRL_METRICS:
-        assert metrics[key].item() / 3 == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-6), key
+    assert_close_to_reference(loss_sum.detach() / 3, trl_loss.detach(), trl_loss64.detach(), what="loss")
+    logps = [k for k in TRL_METRICS if k.startswith("logps/")]
+    for key in logps:
+        assert_close_to_reference(metrics[key].detach() / 3, torch.tensor(trl_metrics[key]),
+                                  torch.tensor(trl_metrics64[key], dtype=torch.float64), what=key)
+    # A reward is beta x (policy - reference) summed log-probs, which nearly cancel: its error is
+    # that of the log-probs, not a fraction of the reward itself. Bound: 8 x the log-probs' own
+    # fp32-vs-float64 error (absolute), for each of the two terms, times beta (0.5).
+    floor = max(reference_floor(torch.tensor(trl_metrics[k]), torch.tensor(trl_metrics64[k], dtype=torch.float64))
+                * abs(trl_metrics64[k]) for k in logps)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(metrics[key].item() / 3 - trl_metrics[key]) <= FLOOR_FACTOR * 0.5 * 2 * floor, key
+    # a count of pairs over 3: equal up to TRL's fp32 rounding of the fraction (6e-8)
+    assert metrics["rewards/accuracies"].item() / 3 == pytest.approx(trl_metrics["rewards/accuracies"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +126,8 @@ def test_simpo_matches_trl_cpo_trainer(label_smoothing):
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(stub, pc / n_c, pr / n_r)
     ours, metrics = PreferenceObjective("simpo", beta=2.0, gamma=0.8, label_smoothing=label_smoothing).pair_losses(
         pc, pr, n_c, n_r)
+    # elementwise formulas on the same fp32 inputs, no reductions: a few ulps (2**-23 = 1.2e-7)
+    # apart; rtol 1e-6 is 8 of them
     assert torch.allclose(ours, losses, rtol=1e-6, atol=1e-7)
     assert torch.allclose(metrics["rewards/chosen"], chosen_rewards, rtol=1e-6)
     assert torch.allclose(metrics["rewards/rejected"], rejected_rewards, rtol=1e-6)
@@ -124,6 +141,7 @@ def test_orpo_odds_ratio_matches_trl_orpo_trainer():
     # ORPOTrainer: average_log_prob=True; loss = nll - mean(beta * log sigmoid(log odds)).
     losses, chosen_rewards, rejected_rewards, ratio, log_odds = ORPOTrainer.odds_ratio_loss(stub, pc / n_c, pr / n_r)
     ours, metrics = PreferenceObjective("orpo", beta=0.25).pair_losses(pc, pr, n_c, n_r)
+    # elementwise on the same fp32 inputs (the two batch means: 8 terms): a few ulps, 1e-6 is 8
     assert torch.allclose(ours, -pc / n_c - losses, rtol=1e-6)  # our NLL term: the chosen response's mean NLL
     assert metrics["log_odds_ratio"].mean().item() == pytest.approx(ratio.item(), rel=1e-6)
     assert metrics["log_odds_chosen"].mean().item() == pytest.approx(log_odds.item(), rel=1e-6)
