@@ -3,9 +3,10 @@ model, an adapter given as --model, an empty data file all end in one line namin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional
+
+from models.qwen.safe_load import read_json
 
 from .errors import UsageError
 
@@ -43,9 +44,9 @@ def check_adapter_dir(path: str, flag: str = "--adapter") -> Path:
         if not (root / name).is_file():
             raise UsageError(f"{flag} {path}: not a PEFT adapter (no {name})")
     try:
-        json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{flag} {path}: adapter_config.json is not valid JSON ({e})") from None
+        read_json(root / "adapter_config.json", UsageError, dict)
+    except UsageError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
     return root
 
 

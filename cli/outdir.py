@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from models.qwen.atomic import LOCK_FILE, RUN_FILE
+from models.qwen.safe_load import loads_json, read_json
 
 from .errors import UsageError
 
@@ -168,9 +169,10 @@ def lock(out: Path, flag: str = "--out", probe: bool = False) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         try:
-            holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
-        except (ValueError, UnicodeDecodeError):
+            holder = loads_json(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:   # a torn or foreign lock file: the holder is unknown
             holder = {}
+        holder = holder if isinstance(holder, dict) else {}
         os.close(fd)
         who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
         raise UsageError(f"{flag} {out}: in use by another run ({who}); wait for it, or choose another {flag}") from None
@@ -210,11 +212,15 @@ def read_marker(out: Path, flag: str = "--out") -> Optional[dict]:
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{flag} {out}: {RUN_FILE} is not valid JSON; choose another {flag}") from None
+        data = read_json(file, UsageError)
+    except UsageError as e:
+        raise UsageError(f"{flag} {out}: {e}; choose another {flag}") from None
     if not isinstance(data, dict) or data.get("written_by") != WRITER:
         return None
+    for key in ("identity", "inputs"):
+        if not isinstance(data.get(key, {}), dict):
+            raise UsageError(f"{flag} {out}: {file}: {key!r} is not a JSON object (a damaged {RUN_FILE}); "
+                             f"choose another {flag} or pass --overwrite")
     return data
 
 

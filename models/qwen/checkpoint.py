@@ -33,6 +33,7 @@ from .safetensors_file import read_tensors, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
 from .moe import SharedExpertGate
+from .safe_load import loads_json, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -66,8 +67,8 @@ def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
     index = root / SAFE_INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = loads_json(index.read_bytes())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
@@ -199,10 +200,7 @@ def _is_ignored(key: str) -> bool:
 def _read_json(path: Path) -> Optional[dict]:
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(path, CheckpointError)
 
 
 def _set_param(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool = True) -> None:

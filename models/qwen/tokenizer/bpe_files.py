@@ -23,18 +23,13 @@ from .added_tokens import AddedToken, added_from_tokenizer_json, merge_added
 from .byte_alphabet import token_to_unicode
 from .engine import file_version
 from .errors import TokenizerError
+from .. import safe_load
 from .merges import ranks_from_vocab_merges
 
 
 def read_json(path: Path) -> Any:
     """A JSON file, with errors naming the file and line."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return safe_load.read_json(path, TokenizerError)
 
 
 def write_json(path: Path, obj: Any, indent: Optional[int]) -> None:

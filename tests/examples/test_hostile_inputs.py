@@ -1,0 +1,152 @@
+"""Hostile input files met the way a user meets them, through the scripts in subprocesses: one
+line naming the file (exit 2), never a traceback or a hang.
+
+* every JSON and YAML reader a stage goes through, fed a value nested thousands of levels deep;
+* a config.json whose numbers are not numbers a model can have;
+* a run.json that is not an object; a --config file whose keys are not names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+
+from tests.examples.conftest import assert_usage_error, run_script
+from tests.helpers import tiny_checkpoint
+
+DEEP = 5000   # far past Python's recursion limit (1000)
+DEEP_JSON = "[" * DEEP + "]" * DEEP
+SFT_LINE = json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]})
+DPO_LINE = json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path, _ = tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "base", vocab_size=151936, tie_word_embeddings=True)
+    return path
+
+
+def _copy(base, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    return model
+
+
+def _deep_header(file):
+    """model.safetensors whose header holds one value nested DEEP levels (its length kept valid)."""
+    raw = file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    blob = json.dumps(header)[:-1] + ', "__metadata__": {"x": ' + DEEP_JSON + "}}"
+    file.write_bytes(struct.pack("<Q", len(blob)) + blob.encode() + raw[8 + n:])
+
+
+def _data(tmp_path, name, line):
+    file = tmp_path / name
+    file.write_text(line + "\n", encoding="utf-8")
+    return file
+
+
+# Each case: (script, files to write given (tmp_path, model dir) -> (argv, the file the line must name)).
+def _sft_data(tmp_path, model):
+    file = _data(tmp_path, "train.jsonl", SFT_LINE + "\n" + '{"messages": ' + DEEP_JSON + "}")
+    return "sft.py", ["--data", file], "train.jsonl"
+
+
+def _cpt_data(tmp_path, model):
+    file = _data(tmp_path, "docs.jsonl", json.dumps({"text": "a"}) + "\n" + '{"text": ' + DEEP_JSON + "}")
+    return "cpt.py", ["--data", file, "--block-size", "32"], "docs.jsonl"
+
+
+def _dpo_data(tmp_path, model):
+    file = _data(tmp_path, "pairs.jsonl", DPO_LINE + "\n" + '{"prompt": ' + DEEP_JSON + "}")
+    return "dpo.py", ["--data", file], "pairs.jsonl"
+
+
+def _config_yaml(tmp_path, model):
+    file = _data(tmp_path, "recipe.yaml", "lora_r: " + DEEP_JSON)
+    return "sft.py", ["--config", file], "recipe.yaml"
+
+
+def _config_json(tmp_path, model):
+    file = _data(tmp_path, "recipe.json", '{"lora_r": ' + DEEP_JSON + "}")
+    return "sft.py", ["--config", file], "recipe.json"
+
+
+def _run_json(tmp_path, model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"written_by": "qwen-tune", "identity": ' + DEEP_JSON + "}")
+    return "sft.py", ["--data", _data(tmp_path, "t.jsonl", SFT_LINE), "--resume"], "run.json"
+
+
+def _model_file(name, text):
+    def case(tmp_path, model):
+        (model / name).write_text(text)
+        return "sft.py", ["--data", _data(tmp_path, "t.jsonl", SFT_LINE)], name
+    return case
+
+
+def _safetensors_header(tmp_path, model):
+    _deep_header(model / "model.safetensors")
+    return "sft.py", ["--data", _data(tmp_path, "t.jsonl", SFT_LINE)], "model.safetensors"
+
+
+def _adapter_config(tmp_path, model):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(DEEP_JSON)
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    return "merge.py", ["--adapter", adapter, "--out", tmp_path / "merged"], "adapter_config.json"
+
+
+READERS = {
+    "sft-data": _sft_data, "cpt-data": _cpt_data, "dpo-data": _dpo_data, "config-yaml": _config_yaml,
+    "config-json": _config_json, "run.json": _run_json,
+    "config.json": _model_file("config.json", DEEP_JSON),
+    "tokenizer.json": _model_file("tokenizer.json", '{"model": ' + DEEP_JSON + "}"),
+    "tokenizer_config.json": _model_file("tokenizer_config.json", '{"added_tokens_decoder": ' + DEEP_JSON + "}"),
+    "safetensors-index": _model_file("model.safetensors.index.json", '{"weight_map": ' + DEEP_JSON + "}"),
+    "safetensors-header": _safetensors_header, "adapter_config.json": _adapter_config,
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_json_or_yaml_nested_thousands_deep_is_one_line_naming_the_file(reader, base, tmp_path):
+    model = _copy(base, tmp_path)
+    name, argv, file = READERS[reader](tmp_path, model)
+    if "--out" not in argv:
+        argv += ["--out", tmp_path / "out", "--max-steps", "1"]
+    proc = run_script(name, "--model", model, *argv, cache=tmp_path / "cache", timeout=120)
+    line = assert_usage_error(proc, file)
+    assert "nested deeper than" in line or "expected" in line, line
+
+
+@pytest.mark.parametrize("value", ["Infinity", "NaN", "-1", "2.5", "true", "1e400", str(10**30)])
+def test_config_json_number_that_no_model_has_is_named_with_its_key(value, base, tmp_path):
+    model = _copy(base, tmp_path)
+    cfg = (model / "config.json").read_text()
+    (model / "config.json").write_text(cfg.replace('"vocab_size": 151936', f'"vocab_size": {value}'))
+    proc = run_script("sft.py", "--model", model, "--data", _data(tmp_path, "t.jsonl", SFT_LINE),
+                      "--out", tmp_path / "out", "--max-steps", "1", cache=tmp_path / "cache", timeout=120)
+    assert_usage_error(proc, "config.json", "vocab_size")
+
+
+@pytest.mark.parametrize("text", ['"a string"', "[1, 2]", '{"written_by": "qwen-tune", "identity": "x"}'])
+def test_run_json_that_is_not_an_object_is_one_line(text, base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(text)
+    proc = run_script("sft.py", "--model", base, "--data", _data(tmp_path, "t.jsonl", SFT_LINE), "--out", out,
+                      "--resume", "--max-steps", "1", cache=tmp_path / "cache", timeout=120)
+    assert_usage_error(proc, str(out))
+
+
+@pytest.mark.parametrize("text", ["1: 2", "? [a, b]\n: 1", "dataset: [[a]]", "lora_target: [[q_proj]]"])
+def test_config_file_whose_keys_are_not_names_is_one_line(text, base, tmp_path):
+    recipe = _data(tmp_path, "recipe.yaml", text)
+    proc = run_script("sft.py", "--config", recipe, "--model", base, "--out", tmp_path / "out", timeout=120)
+    assert_usage_error(proc, "recipe.yaml")
