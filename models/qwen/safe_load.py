@@ -4,7 +4,7 @@ Every reader of a JSON or YAML file in the library parses through here (config.j
 files, safetensors headers, adapter_config.json, run.json, data lines, --config files):
 
     obj = loads_json(text)                        # json.JSONDecodeError subclasses on bad input
-    obj = read_json(path, ConfigError, dict)      # error_type("PATH: line N: invalid JSON (...)")
+    obj = read_json(path, ConfigError, dict)      # error_type("PATH:LINE: malformed JSON (...)")
     obj = loads_yaml(text)                        # yaml.YAMLError on bad input
 
 The caps: nesting deeper than MAX_DEPTH levels (no real file of these formats nests past ~10),
@@ -51,7 +51,7 @@ def loads_json(text: "str | bytes") -> Any:
 
 def read_json(path: os.PathLike, error_type: type = ValueError, expect: Optional[type] = None) -> Any:
     """The JSON file at `path`; malformed, too deep, not UTF-8 or (with `expect`) of another
-    type raises error_type("PATH: line N: ...")."""
+    type raises error_type("PATH:LINE: ...")."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -59,7 +59,7 @@ def read_json(path: os.PathLike, error_type: type = ValueError, expect: Optional
     except UnicodeDecodeError as e:
         raise error_type(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise error_type(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        raise error_type(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if expect is not None and not isinstance(obj, expect):
         want = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
         raise error_type(f"{path}: expected {want}, got {_json_kind(obj)}")

@@ -150,3 +150,23 @@ def test_config_file_whose_keys_are_not_names_is_one_line(text, base, tmp_path):
     recipe = _data(tmp_path, "recipe.yaml", text)
     proc = run_script("sft.py", "--config", recipe, "--model", base, "--out", tmp_path / "out", timeout=120)
     assert_usage_error(proc, "recipe.yaml")
+
+
+def _cut_first(lines):
+    return lines[:1000]
+
+
+def _drop_rank_500(lines):
+    return lines[:500] + lines[501:]
+
+
+@pytest.mark.parametrize("damage", [_cut_first, _drop_rank_500], ids=["cut-to-1000-lines", "rank-500-missing"])
+def test_tiktoken_vocabulary_that_cannot_decode_every_id_is_refused_at_load(damage, base, tmp_path):
+    from models.qwen.tokenizer import Tokenizer
+
+    model = _copy(base, tmp_path)
+    Tokenizer.default().save_pretrained(model)
+    vocab = model / "qwen.tiktoken"
+    vocab.write_bytes(b"".join(damage(vocab.read_bytes().splitlines(keepends=True))))
+    proc = run_script("generate.py", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2", timeout=120)
+    assert_usage_error(proc, "qwen.tiktoken")

@@ -72,6 +72,27 @@ def load_tiktoken_ranks(path: Union[str, os.PathLike]) -> Dict[bytes, int]:
     return dict(_load_tiktoken_cached(file_version(Path(path)), path))
 
 
+def check_vocabulary(ranks: Dict[bytes, int], added_ids: Sequence[int], file: Union[str, os.PathLike]) -> None:
+    """Every id below the vocabulary size decodes: the BPE ranks are 0..N-1, every byte is a token
+    (byte-level BPE encodes any text), and the added tokens take the ids N, N+1, ... after them
+    (a vocabulary cut short or padded would fail at encode or decode time instead)."""
+    n = len(ranks)
+    ids = sorted(set(ranks.values()))
+    if len(ids) != n or ids[0] != 0 or ids[-1] != n - 1:
+        gap = next((i for i, r in enumerate(ids) if i != r), len(ids))
+        why = "a rank is listed twice" if len(ids) != n else f"rank {gap} is missing"
+        raise TokenizerError(f"{file}: the {n} BPE ranks are not 0..{n - 1} ({why})")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{file}: byte 0x{missing[0]:02x} has no token ({len(missing)} of the 256 bytes are "
+                             "missing; a byte-level BPE covers them all): the vocabulary is incomplete")
+    extra = sorted(set(added_ids))
+    if extra and extra != list(range(n, n + len(extra))):
+        want = f"ids {n}..{n + len(extra) - 1}"
+        raise TokenizerError(f"{file}: {n} BPE tokens, but the {len(extra)} added tokens have ids {extra[0]}.."
+                             f"{extra[-1]} (expected {want}): the vocabulary is cut short, or an id is skipped")
+
+
 def write_tiktoken(path: Path, ranks: Dict[bytes, int]) -> None:
     with open(path, "wb") as f:
         for tok, idx in sorted(ranks.items(), key=lambda kv: kv[1]):
