@@ -72,10 +72,12 @@ def check_lora_targets(model_dir: Path, targets, flag: str = "--lora-targets") -
     import torch
 
     import lora
-    from models.qwen import Qwen, QwenConfig
+    from models.qwen import Qwen
+    from models.qwen.checkpoint import checked_config
 
+    config = checked_config(model_dir)
     with torch.device("meta"):
-        shape = Qwen(QwenConfig.from_hf(model_dir))
+        shape = Qwen(config)
     try:
         lora.resolve_targets(shape, targets)
     except ValueError as e:

@@ -170,3 +170,27 @@ def test_tiktoken_vocabulary_that_cannot_decode_every_id_is_refused_at_load(dama
     vocab.write_bytes(b"".join(damage(vocab.read_bytes().splitlines(keepends=True))))
     proc = run_script("generate.py", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2", timeout=120)
     assert_usage_error(proc, "qwen.tiktoken")
+
+
+# ---------------------------------------------------------------------- hangs
+@pytest.mark.parametrize("script,key,value", [
+    ("sft.py", "num_hidden_layers", 1_000_000_000),
+    ("cpt.py", "num_hidden_layers", 1_000_000_000),
+    ("sft.py", "num_experts", 1_000_000),
+    ("generate.py", "num_hidden_layers", 1_000_000_000),
+])
+def test_config_claiming_more_than_the_weights_hold_is_refused_before_building(script, key, value, base, tmp_path):
+    model = _copy(base, tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg[key] = value
+    if key == "num_experts":   # a MoE config over dense weights: experts the shards do not hold
+        cfg.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts_per_tok=2,
+                   moe_intermediate_size=8)
+    (model / "config.json").write_text(json.dumps(cfg))
+    argv = {"sft.py": ["--data", _data(tmp_path, "t.jsonl", SFT_LINE)],
+            "cpt.py": ["--data", _data(tmp_path, "d.jsonl", json.dumps({"text": "a b c"})), "--block-size", "32"],
+            "generate.py": ["--prompt", "Hi", "--max-new-tokens", "2"]}[script]
+    if script != "generate.py":
+        argv += ["--out", tmp_path / "out", "--max-steps", "1"]
+    proc = run_script(script, "--model", model, *argv, cache=tmp_path / "cache", timeout=60)
+    assert_usage_error(proc, "config.json", key, "hold")
