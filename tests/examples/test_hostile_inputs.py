@@ -194,3 +194,19 @@ def test_config_claiming_more_than_the_weights_hold_is_refused_before_building(s
         argv += ["--out", tmp_path / "out", "--max-steps", "1"]
     proc = run_script(script, "--model", model, *argv, cache=tmp_path / "cache", timeout=60)
     assert_usage_error(proc, "config.json", key, "hold")
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",   # 10**10 steps
+    "{% for i in range(10**12) %}x{% endfor %}",
+    "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",   # 10 GB of text
+], ids=["nested-loops", "huge-range", "huge-output"])
+def test_chat_template_that_never_finishes_is_stopped_and_named(template, base, tmp_path):
+    from models.qwen.tokenizer import Tokenizer
+
+    model = _copy(base, tmp_path)
+    Tokenizer.default().save_pretrained(model)
+    (model / "chat_template.jinja").write_text(template)
+    proc = run_script("sft.py", "--model", model, "--data", _data(tmp_path, "t.jsonl", SFT_LINE), "--out",
+                      tmp_path / "out", "--max-steps", "1", cache=tmp_path / "cache", timeout=90)
+    assert_usage_error(proc, "chat_template.jinja")
