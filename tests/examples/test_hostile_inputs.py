@@ -210,3 +210,74 @@ def test_chat_template_that_never_finishes_is_stopped_and_named(template, base, 
     proc = run_script("sft.py", "--model", model, "--data", _data(tmp_path, "t.jsonl", SFT_LINE), "--out",
                       tmp_path / "out", "--max-steps", "1", cache=tmp_path / "cache", timeout=90)
     assert_usage_error(proc, "chat_template.jinja")
+
+
+# ---------------------------------------------------------------------- resume on changed inputs
+@pytest.fixture(scope="module")
+def finished_sft(base, tmp_path_factory):
+    """An SFT run that saved checkpoints, and its inputs: model (with tokenizer files), data, eval data."""
+    from models.qwen.tokenizer import Tokenizer
+
+    tmp = tmp_path_factory.mktemp("resume")
+    model = tmp / "model"
+    shutil.copytree(base, model)
+    Tokenizer.default().save_pretrained(model)
+    train = _data(tmp, "train.jsonl", "\n".join([SFT_LINE] * 8))
+    held = _data(tmp, "eval.jsonl", "\n".join([SFT_LINE] * 2))
+    argv = ["--model", model, "--data", train, "--eval-data", held, "--out", tmp / "out", "--max-steps", "2",
+            "--save-every", "1", "--batch-size", "2", "--lora-r", "4", "--dtype", "fp32", "--sample-questions", "0"]
+    proc = run_script("sft.py", *argv, cache=tmp / "cache", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"argv": argv, "model": model, "train": train, "held": held, "cache": tmp / "cache"}
+
+
+def _other_weights(run):
+    file = run["model"] / "model.safetensors"
+    raw = bytearray(file.read_bytes())
+    raw[-4:] = bytes(4)   # the last float of the last tensor: same header, same size, other weights
+    file.write_bytes(bytes(raw))
+    return "model.safetensors"
+
+
+def _other_data(run):
+    run["train"].write_text(run["train"].read_text().replace("Hello.", "Howdy."))   # same 8 examples
+    return "train.jsonl"
+
+
+def _other_eval_data(run):
+    run["held"].write_text(run["held"].read_text().replace("Hello.", "Howdy."))
+    return "eval.jsonl"
+
+
+def _other_tokenizer(run):
+    file = run["model"] / "tokenizer_config.json"
+    file.write_text(file.read_text().replace('"model_max_length": 131072', '"model_max_length": 4096'))
+    return "tokenizer_config.json"
+
+
+def _other_template(run):
+    (run["model"] / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    return "chat_template.jinja"
+
+
+@pytest.mark.parametrize("change", [_other_weights, _other_data, _other_eval_data, _other_tokenizer, _other_template],
+                         ids=["weights", "data", "eval-data", "tokenizer", "chat-template"])
+def test_resume_refuses_inputs_replaced_in_place_naming_which(change, finished_sft):
+    run = finished_sft
+    files = [p for d in (run["model"],) for p in d.iterdir()] + [run["train"], run["held"]]
+    saved = {p: p.read_bytes() for p in files}
+    try:
+        name = change(run)
+        proc = run_script("sft.py", *run["argv"], "--resume", cache=run["cache"], timeout=120)
+        assert_usage_error(proc, "--resume", name, "changed" if name != "chat_template.jinja" else "new")
+    finally:
+        for p in set(run["model"].iterdir()) - set(saved):
+            p.unlink()
+        for p, raw in saved.items():
+            p.write_bytes(raw)
+
+
+def test_resume_on_unchanged_inputs_is_accepted(finished_sft):
+    run = finished_sft
+    proc = run_script("sft.py", *run["argv"], "--resume", cache=run["cache"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

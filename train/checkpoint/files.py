@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.qwen import CheckpointError
-from models.qwen.safe_load import read_json
+from models.qwen import safe_load
 from models.qwen.safetensors_file import write_tensors
 
 
@@ -30,7 +30,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        return read_json(path, CheckpointError)
+        return safe_load.read_json(path, CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
 
