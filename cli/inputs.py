@@ -72,10 +72,13 @@ def check_lora_targets(model_dir: Path, targets, flag: str = "--lora-targets") -
     import torch
 
     import lora
-    from models.qwen import Qwen
+    from models.qwen import CheckpointError, Qwen
     from models.qwen.checkpoint import checked_config
 
-    config = checked_config(model_dir)
+    try:
+        config = checked_config(model_dir)   # layer and expert counts checked on the weights' headers
+    except CheckpointError:
+        return   # unreadable weights: the load names them, after the data has been checked
     with torch.device("meta"):
         shape = Qwen(config)
     try:

@@ -144,15 +144,16 @@ def _bounded_loader() -> type:
             depth = 0
 
             def compose_node(self, parent, index):
-                self.depth += 1
+                event = self.peek_event()
+                level = isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent))
+                self.depth += level
                 try:
                     if self.depth > MAX_DEPTH:
-                        mark = self.peek_event().start_mark
                         raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_DEPTH} levels",
-                                                   problem_mark=mark)
+                                                   problem_mark=event.start_mark)
                     return super().compose_node(parent, index)
                 finally:
-                    self.depth -= 1
+                    self.depth -= level
 
         _LOADER = BoundedLoader
     return _LOADER

@@ -125,7 +125,8 @@ def test_json_or_yaml_nested_thousands_deep_is_one_line_naming_the_file(reader, 
     assert "nested deeper than" in line or "expected" in line, line
 
 
-@pytest.mark.parametrize("value", ["Infinity", "NaN", "-1", "2.5", "true", "1e400", str(10**30)])
+# The other values (NaN, 2.5, 10**30, ...) are checked in-process: tests/models/test_config.py.
+@pytest.mark.parametrize("value", ["Infinity", "true", "1e400"])
 def test_config_json_number_that_no_model_has_is_named_with_its_key(value, base, tmp_path):
     model = _copy(base, tmp_path)
     cfg = (model / "config.json").read_text()
@@ -135,7 +136,7 @@ def test_config_json_number_that_no_model_has_is_named_with_its_key(value, base,
     assert_usage_error(proc, "config.json", "vocab_size")
 
 
-@pytest.mark.parametrize("text", ['"a string"', "[1, 2]", '{"written_by": "qwen-tune", "identity": "x"}'])
+@pytest.mark.parametrize("text", ['"a string"', '{"written_by": "qwen-tune", "identity": "x"}'])
 def test_run_json_that_is_not_an_object_is_one_line(text, base, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -145,7 +146,7 @@ def test_run_json_that_is_not_an_object_is_one_line(text, base, tmp_path):
     assert_usage_error(proc, str(out))
 
 
-@pytest.mark.parametrize("text", ["1: 2", "? [a, b]\n: 1", "dataset: [[a]]", "lora_target: [[q_proj]]"])
+@pytest.mark.parametrize("text", ["1: 2", "dataset: [[a]]"])
 def test_config_file_whose_keys_are_not_names_is_one_line(text, base, tmp_path):
     recipe = _data(tmp_path, "recipe.yaml", text)
     proc = run_script("sft.py", "--config", recipe, "--model", base, "--out", tmp_path / "out", timeout=120)
@@ -156,11 +157,8 @@ def _cut_first(lines):
     return lines[:1000]
 
 
-def _drop_rank_500(lines):
-    return lines[:500] + lines[501:]
-
-
-@pytest.mark.parametrize("damage", [_cut_first, _drop_rank_500], ids=["cut-to-1000-lines", "rank-500-missing"])
+# A missing rank, a missing byte, a gap before the added tokens: tests/models/test_tokenizer.py.
+@pytest.mark.parametrize("damage", [_cut_first], ids=["cut-to-1000-lines"])
 def test_tiktoken_vocabulary_that_cannot_decode_every_id_is_refused_at_load(damage, base, tmp_path):
     from models.qwen.tokenizer import Tokenizer
 
@@ -175,7 +173,6 @@ def test_tiktoken_vocabulary_that_cannot_decode_every_id_is_refused_at_load(dama
 # ---------------------------------------------------------------------- hangs
 @pytest.mark.parametrize("script,key,value", [
     ("sft.py", "num_hidden_layers", 1_000_000_000),
-    ("cpt.py", "num_hidden_layers", 1_000_000_000),
     ("sft.py", "num_experts", 1_000_000),
     ("generate.py", "num_hidden_layers", 1_000_000_000),
 ])
@@ -188,7 +185,6 @@ def test_config_claiming_more_than_the_weights_hold_is_refused_before_building(s
                    moe_intermediate_size=8)
     (model / "config.json").write_text(json.dumps(cfg))
     argv = {"sft.py": ["--data", _data(tmp_path, "t.jsonl", SFT_LINE)],
-            "cpt.py": ["--data", _data(tmp_path, "d.jsonl", json.dumps({"text": "a b c"})), "--block-size", "32"],
             "generate.py": ["--prompt", "Hi", "--max-new-tokens", "2"]}[script]
     if script != "generate.py":
         argv += ["--out", tmp_path / "out", "--max-steps", "1"]
@@ -196,11 +192,10 @@ def test_config_claiming_more_than_the_weights_hold_is_refused_before_building(s
     assert_usage_error(proc, "config.json", key, "hold")
 
 
+# range(10**12), 'x' * 10**12 and gigabytes of output: tests/models/test_chat_template.py.
 @pytest.mark.parametrize("template", [
     "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",   # 10**10 steps
-    "{% for i in range(10**12) %}x{% endfor %}",
-    "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",   # 10 GB of text
-], ids=["nested-loops", "huge-range", "huge-output"])
+], ids=["nested-loops"])
 def test_chat_template_that_never_finishes_is_stopped_and_named(template, base, tmp_path):
     from models.qwen.tokenizer import Tokenizer
 
