@@ -255,6 +255,7 @@ def _other_template(run):
     return "chat_template.jinja"
 
 
+@pytest.mark.slow   # the run it resumes trains first (~20 s on 2 cores)
 @pytest.mark.parametrize("change", [_other_weights, _other_data, _other_eval_data, _other_tokenizer, _other_template],
                          ids=["weights", "data", "eval-data", "tokenizer", "chat-template"])
 def test_resume_refuses_inputs_replaced_in_place_naming_which(change, finished_sft):
@@ -272,6 +273,7 @@ def test_resume_refuses_inputs_replaced_in_place_naming_which(change, finished_s
             p.write_bytes(raw)
 
 
+@pytest.mark.slow
 def test_resume_on_unchanged_inputs_is_accepted(finished_sft):
     run = finished_sft
     proc = run_script("sft.py", *run["argv"], "--resume", cache=run["cache"], timeout=300)
