@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from models.qwen.safe_load import loads_json, loads_yaml, read_json
+
 from .errors import UsageError
 
 # LLaMA-Factory's `stage` -> the script that runs it.
@@ -63,14 +65,14 @@ def load_config_file(path: str) -> dict:
         raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
     if file.suffix.lower() == ".json":
         try:
-            values = json.loads(text)
+            values = loads_json(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"--config {path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     else:
         import yaml
 
         try:
-            values = yaml.safe_load(text)
+            values = loads_yaml(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -79,6 +81,12 @@ def load_config_file(path: str) -> dict:
         values = {}
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of keys to values, got {type(values).__name__}")
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise UsageError(f"--config {path}: key {key!r} is a {type(key).__name__}, expected a name")
+        if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise UsageError(f"--config {path}: key {key!r}: a list holding lists or mappings "
+                             f"(expected a value or a list of values)")
     return values
 
 
@@ -352,9 +360,9 @@ def dataset_files(value: Any, values: dict, path: str) -> list[str]:
     info = {}
     if info_file.is_file():
         try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{info_file}: not valid JSON ({e})") from None
+            info = read_json(info_file, UsageError, dict)
+        except UsageError as e:
+            raise UsageError(f"--config {path}: dataset_dir: {e}") from None
     files = []
     for name in names:
         entry = info.get(name)

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from models.qwen import CHAT_STOP_IDS
+from models.qwen.safe_load import loads_json
 
 
 def log(msg: str = "") -> None:
@@ -97,7 +98,7 @@ def read_metrics(path: Path) -> list[dict]:
         line = line.strip()
         if line:
             try:
-                rows.append(json.loads(line))
+                rows.append(loads_json(line))
             except json.JSONDecodeError:
                 continue
     return rows

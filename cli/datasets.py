@@ -64,14 +64,18 @@ def held_out_questions(path: Path, n: int) -> list[str]:
     """The first `n` user questions of a messages/alpaca .jsonl file (for sample answers)."""
     import json
 
+    from models.qwen.safe_load import loads_json
+
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if len(out) >= n:
                 break
             try:
-                row = json.loads(line)
+                row = loads_json(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict):
                 continue
             if "messages" in row:
                 users = [_question_text(m.get("content")) for m in row["messages"] if m.get("role") == "user"]

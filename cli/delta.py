@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from lora.delta.io import DeltaError
 from models.qwen import CheckpointError, ConfigError
+from models.qwen.safe_load import read_json
 
 from . import outdir
 from .errors import EXIT_USAGE, UsageError, one_line
@@ -131,7 +132,7 @@ def run_residual(args) -> int:
         skip=args.skip, special_rows=args.special_rows, dtype=args.dtype, overwrite=True,
         hash_inputs=not args.no_hash,
     )
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_json(out / "manifest.json", UsageError, dict)
     carried = [r for r in manifest["special_rows"]["rows"] if r["carried"]]
     print(f"wrote {out}: {manifest['tensors']} tensors = target + {args.scale} * (chat - base)"
           + (f", group scales {scales}" if scales else "")

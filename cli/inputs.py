@@ -3,9 +3,10 @@ model, an adapter given as --model, an empty data file all end in one line namin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional
+
+from models.qwen.safe_load import read_json
 
 from .errors import UsageError
 
@@ -43,9 +44,9 @@ def check_adapter_dir(path: str, flag: str = "--adapter") -> Path:
         if not (root / name).is_file():
             raise UsageError(f"{flag} {path}: not a PEFT adapter (no {name})")
     try:
-        json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{flag} {path}: adapter_config.json is not valid JSON ({e})") from None
+        read_json(root / "adapter_config.json", UsageError, dict)
+    except UsageError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
     return root
 
 
@@ -71,10 +72,15 @@ def check_lora_targets(model_dir: Path, targets, flag: str = "--lora-targets") -
     import torch
 
     import lora
-    from models.qwen import Qwen, QwenConfig
+    from models.qwen import CheckpointError, Qwen
+    from models.qwen.checkpoint import checked_config
 
+    try:
+        config = checked_config(model_dir)   # layer and expert counts checked on the weights' headers
+    except CheckpointError:
+        return   # unreadable weights: the load names them, after the data has been checked
     with torch.device("meta"):
-        shape = Qwen(QwenConfig.from_hf(model_dir))
+        shape = Qwen(config)
     try:
         lora.resolve_targets(shape, targets)
     except ValueError as e:

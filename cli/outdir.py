@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from models.qwen.atomic import LOCK_FILE, RUN_FILE
+from models.qwen.safe_load import loads_json, read_json
 
 from .errors import UsageError
 
@@ -65,13 +66,16 @@ def run_identity(args, extra: Optional[dict] = None) -> dict:
 
 def claim(out: Path, *, command: str, identity: dict, inputs: Iterable[Optional[os.PathLike]] = (),
           resume: bool = False, overwrite: bool = False, outputs: Sequence[str] = TRAINING_OUTPUTS,
-          one_shot: bool = False, flag: str = "--out") -> Path:
+          one_shot: bool = False, flag: str = "--out", fingerprint: Optional[dict] = None) -> Path:
     """Check that this run may use `out`, lock it for the rest of the process, and clear it on
     --overwrite. Returns `out`. Every refusal is a UsageError naming what is in the way.
 
     one_shot: a command that writes its output in one go (merge, export, delta tools): the same
     command again replaces its own output. A training run in `out` instead needs --resume to be
-    continued, unless it has not saved anything yet (then it starts over)."""
+    continued, unless it has not saved anything yet (then it starts over).
+
+    fingerprint: the content of the inputs (cli/fingerprint.py), recorded in run.json; --resume
+    is refused when it differs from the one recorded, naming the first input that changed."""
     from train import distributed
 
     out = Path(out)
@@ -79,7 +83,7 @@ def claim(out: Path, *, command: str, identity: dict, inputs: Iterable[Optional[
     error = None
     if distributed.is_main():
         try:
-            _claim_here(out, command, identity, resume, overwrite, outputs, one_shot, flag)
+            _claim_here(out, command, identity, resume, overwrite, outputs, one_shot, flag, fingerprint)
         except UsageError as e:
             error = str(e)
     error = distributed.broadcast_text(error)
@@ -89,7 +93,7 @@ def claim(out: Path, *, command: str, identity: dict, inputs: Iterable[Optional[
 
 
 def _claim_here(out: Path, command: str, identity: dict, resume: bool, overwrite: bool,
-                outputs: Sequence[str], one_shot: bool, flag: str) -> None:
+                outputs: Sequence[str], one_shot: bool, flag: str, fingerprint: Optional[dict] = None) -> None:
     # Every refusal comes before anything is written (not even the lock file).
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out}: exists and is not a directory")
@@ -121,13 +125,27 @@ def _claim_here(out: Path, command: str, identity: dict, resume: bool, overwrite
         if not (one_shot or resume or not has_progress(out)):
             raise UsageError(f"{flag} {out}: already holds this run; pass --resume to continue it, "
                              f"or --overwrite to start over")
+        _check_same_inputs(out, previous, fingerprint, resume, identity)
     if not out.exists():
         _created.append(out)
     lock(out, flag)
     if entries and overwrite:
         clear(out)
-    if not entries or overwrite:
-        write_marker(out, command, identity)
+    if not entries or overwrite or (fingerprint is not None and not resume):   # a new start records its inputs
+        write_marker(out, command, identity, fingerprint)
+
+
+def _check_same_inputs(out: Path, previous: dict, fingerprint: Optional[dict], resume: bool, identity: dict) -> None:
+    """--resume continues a run only on the inputs it started with (same paths were checked by the
+    identity; this checks their content)."""
+    if not resume or fingerprint is None:
+        return
+    from .fingerprint import first_change
+
+    change = first_change(previous.get("inputs"), fingerprint, identity.get("model", ""))
+    if change is not None:
+        raise UsageError(f"--resume: {change} since the run in {out} started; resume on the inputs it started "
+                         f"with, or pass --overwrite to start over")
 
 
 def has_progress(out: Path) -> bool:
@@ -168,9 +186,10 @@ def lock(out: Path, flag: str = "--out", probe: bool = False) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         try:
-            holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
-        except (ValueError, UnicodeDecodeError):
+            holder = loads_json(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:   # a torn or foreign lock file: the holder is unknown
             holder = {}
+        holder = holder if isinstance(holder, dict) else {}
         os.close(fd)
         who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"
         raise UsageError(f"{flag} {out}: in use by another run ({who}); wait for it, or choose another {flag}") from None
@@ -210,18 +229,24 @@ def read_marker(out: Path, flag: str = "--out") -> Optional[dict]:
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{flag} {out}: {RUN_FILE} is not valid JSON; choose another {flag}") from None
+        data = read_json(file, UsageError)
+    except UsageError as e:
+        raise UsageError(f"{flag} {out}: {e}; choose another {flag}") from None
     if not isinstance(data, dict) or data.get("written_by") != WRITER:
         return None
+    for key in ("identity", "inputs"):
+        if not isinstance(data.get(key, {}), dict):
+            raise UsageError(f"{flag} {out}: {file}: {key!r} is not a JSON object (a damaged {RUN_FILE}); "
+                             f"choose another {flag} or pass --overwrite")
     return data
 
 
-def write_marker(out: Path, command: str, identity: dict) -> None:
-    """run.json: who wrote this folder and with which settings (atomic replace)."""
+def write_marker(out: Path, command: str, identity: dict, inputs: Optional[dict] = None) -> None:
+    """run.json: who wrote this folder, with which settings and inputs (atomic replace)."""
     out.mkdir(parents=True, exist_ok=True)
     record = {"written_by": WRITER, "command": command, "identity": identity}
+    if inputs is not None:
+        record["inputs"] = inputs
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, out / RUN_FILE)
@@ -261,5 +286,10 @@ def claim_training_run(args, stage: str, model_dir: Path, data: Sequence[Path], 
         "stage": stage, "model": str(Path(model_dir).resolve()), "data": [str(Path(p).resolve()) for p in data],
         **({"eval_data": str(Path(eval_data).resolve())} if eval_data is not None else {}),
     })
+    from train import distributed
+
+    from .fingerprint import training_inputs
+
+    prints = training_inputs(model_dir, data, eval_data) if distributed.is_main() else None   # rank 0 claims
     return claim(Path(args.out), command=stage, identity=identity, inputs=[model_dir, *data, eval_data],
-                 resume=args.resume, overwrite=args.overwrite)
+                 resume=args.resume, overwrite=args.overwrite, fingerprint=prints)

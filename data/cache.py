@@ -22,6 +22,7 @@ import numpy as np
 
 from models.qwen.atomic import dir_mode
 from models.qwen.hashing import sha256_file
+from models.qwen.safe_load import read_json
 
 CACHE_VERSION = 1
 ENV_VAR = "QWEN_TUNE_CACHE"
@@ -74,7 +75,7 @@ def open_cache(directory: Path) -> Optional[TokenFile]:
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         offsets = np.load(directory / "offsets.npy", allow_pickle=False)
         n = int(offsets[-1])
         if n == 0:

@@ -43,6 +43,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from models.qwen.safe_load import loads_json
+
 from .errors import DataError
 
 FORMATS = ("alpaca", "messages", "sharegpt")
@@ -99,7 +101,7 @@ def _json_text(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return loads_json(value)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at character {e.pos}): {value[:60]!r}", "bad-field") from None
 

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+from models.qwen.safe_load import loads_json
+
 from .errors import DataError, InputReport
 
 PathLike = Union[str, os.PathLike]
@@ -113,7 +115,7 @@ def iter_jsonl(path: Path, report: InputReport, on_error: str = "raise") -> Iter
 def _parse_line(path: Path, lineno: int, line: bytes) -> dict:
     text = decode_utf8(line, path, lineno)
     try:
-        obj = json.loads(text)
+        obj = loads_json(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", "malformed-json") from None
     if not isinstance(obj, dict):
@@ -123,7 +125,7 @@ def _parse_line(path: Path, lineno: int, line: bytes) -> dict:
 
 def _iter_json_array(path: Path, raw: bytes, report: InputReport, on_error: str) -> Iterator[Tuple[int, dict]]:
     try:
-        items = json.loads(decode_utf8(raw, path))
+        items = loads_json(decode_utf8(raw, path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})", "malformed-json") from None
     if not items:

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from data import cache_root
+from models.qwen.safe_load import read_json
 
 BASE_SHAPE = dict(
     vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -52,7 +53,7 @@ def base_dir() -> Path:
 def is_demo_shape(model_dir: Path) -> bool:
     """True for the base and the models derived from it (same tiny shape)."""
     try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json(Path(model_dir) / "config.json", ValueError, dict)
     except (OSError, ValueError):
         return False
     return all(cfg.get(k) == BASE_SHAPE[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
@@ -75,7 +76,7 @@ def ensure_base(path: Path, tok, corpus, say: Callable[[str], None] = print) -> 
 
     with distributed.main_process_first(), _exclusive(path.with_name(path.name + ".lock")):
         if (path / RECORD).is_file() and (path / "config.json").is_file():
-            info = json.loads((path / RECORD).read_text(encoding="utf-8"))
+            info = read_json(path / RECORD, ValueError, dict)
             say(f"base model: cached at {path} (pretrained once, {info['steps']} steps on the general corpus, "
                 f"held-out loss {info['eval_loss']:.3f}, perplexity {math.exp(info['eval_loss']):.0f}; delete the "
                 f"directory to pretrain again)")

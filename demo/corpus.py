@@ -38,6 +38,7 @@ from typing import Iterable, Iterator, Optional
 
 from data import cache_root
 from models.qwen.atomic import dir_mode
+from models.qwen.safe_load import read_json
 
 BUILDER_VERSION = 2
 
@@ -340,7 +341,7 @@ def build(
     )
     stats_file = out / "stats.json"
     if stats_file.exists():
-        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        stats = read_json(stats_file, ValueError, dict)
         return PydocsPaths(paths.root, paths.domain, paths.general, paths.sft_train, paths.sft_eval, stats)
 
     base.mkdir(parents=True, exist_ok=True)

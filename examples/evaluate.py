@@ -27,7 +27,6 @@ are listed as missing, with the command that makes them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,6 +35,7 @@ from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, log
 from cli.errors import UsageError, run_main
 from demo import settings as demo_settings
+from models.qwen.safe_load import read_json
 
 DEFAULT_EVAL_OUT = paths.RUNS / "eval"
 DEFAULT_RESIDUAL_OUT = paths.RUNS / "residual"
@@ -140,7 +140,7 @@ def candidates_from_flags(entries, metrics_flags, qlora: bool = False) -> list:
 
 
 def _adapter_base(adapter: Path, flag: str) -> str:
-    cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg = read_json(adapter / "adapter_config.json", UsageError, dict)
     base = cfg.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise UsageError(f"{flag} {adapter}: its base model {base!r} (adapter_config.json "
@@ -172,9 +172,9 @@ def default_stages() -> tuple[list, list]:
     base = base_dir()
     if is_adapter(cpt / "adapter"):
         try:
-            recorded = json.loads((cpt / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+            recorded = read_json(cpt / "adapter" / "adapter_config.json", UsageError, dict)
             recorded = recorded.get("base_model_name_or_path")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (OSError, UsageError):
             recorded = None
         if recorded and is_model(Path(recorded)):
             base = Path(recorded)

@@ -14,7 +14,6 @@ writes a GGUF file for llama.cpp / Ollama (see examples/export.py).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
 from models.qwen import QwenConfig
 from models.qwen.config import dtype_name_short
+from models.qwen.safe_load import read_json
 from models.qwen.tokenizer import load_tokenizer
 
 DRIFT_PROMPTS = (
@@ -73,7 +73,7 @@ def resolve_base(args, adapter: Path, run: dict) -> Path:
     candidates = []
     if run.get("model"):
         candidates.append(("the run's run.json", run["model"]))
-    cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg = read_json(adapter / "adapter_config.json", UsageError, dict)
     if cfg.get("base_model_name_or_path"):
         candidates.append(("adapter_config.json base_model_name_or_path", cfg["base_model_name_or_path"]))
     for source, path in candidates:

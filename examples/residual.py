@@ -26,6 +26,7 @@ from cli import flags, paths
 from cli.delta import add_residual_args, run_residual
 from cli.errors import UsageError, run_main
 from models.qwen import CHAT_STOP_IDS
+from models.qwen.safe_load import read_json
 
 HERE = Path(__file__).resolve().parent
 DEMO_QUESTION = "What does `json.dumps` do?"
@@ -82,7 +83,7 @@ def embedded_default() -> int:
                                              "--out", str(out)])
     args.command = "residual"
     run_residual(args)
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_json(out / "manifest.json", UsageError, dict)
     carried = [f"{r['tensor']}[{r['row']}]" for r in manifest["special_rows"]["rows"] if r["carried"]]
     print(f"special-token rows from the chat model: {', '.join(carried) or 'none'}")
 

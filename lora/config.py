@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from models.qwen.safe_load import read_json
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -83,12 +85,7 @@ def read_peft_config(path: Union[str, os.PathLike], fused_experts: bool = False)
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: not found (a PEFT adapter directory holds {CONFIG_NAME})")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    raw = read_json(path, AdapterError, dict)
 
     def need(key: str, types, default=None, required=False):
         if key not in raw or raw[key] is None:

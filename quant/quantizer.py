@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from models.qwen.safe_load import read_json
 
 from .linear import NF4Linear
 from .nf4 import quantize
@@ -49,7 +50,7 @@ class NF4Quantizer:
 def saved_in_4bit(model_dir: Union[str, os.PathLike]) -> bool:
     """Whether config.json of `model_dir` says its weights are bitsandbytes 4-bit ("-bnb-4bit")."""
     try:
-        raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        raw = read_json(Path(model_dir) / "config.json")
     except (OSError, ValueError):
         return False  # no or unreadable config: load() names the problem
     return isinstance(raw, dict) and bool(raw.get("quantization_config"))

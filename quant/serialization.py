@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from models.qwen.safe_load import loads_json
+
 from .nf4 import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, NF4Tensor
 
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
@@ -88,7 +90,7 @@ def nf4_from_state(name: str, tensors: dict[str, torch.Tensor], device: Optional
     raw = tensors[QUANT_STATE_KEY]
     _expect(name, raw.dtype == torch.uint8 and raw.dim() == 1, f"{QUANT_STATE_KEY} must be a 1-D uint8 tensor")
     try:
-        meta = json.loads(bytes(raw.cpu().tolist()).decode("utf-8"))
+        meta = loads_json(bytes(raw.cpu().tolist()))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{name}: corrupt 4-bit quant_state: {QUANT_STATE_KEY} is not JSON ({e})") from None
     _expect(name, isinstance(meta, dict), "quant_state JSON is not an object")

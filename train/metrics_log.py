@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from models.qwen.safe_load import loads_json
+
 from .tensorboard import EventWriter
 
 # metrics.jsonl key -> TensorBoard tag (the HF Trainer's names)
@@ -49,10 +51,10 @@ class MetricsLog:
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                row = json.loads(line)
+                row = loads_json(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("step", 0) <= keep_through:
+            if isinstance(row, dict) and row.get("step", 0) <= keep_through:
                 keep.append(line)
         self.path.write_text("".join(line + "\n" for line in keep))
 

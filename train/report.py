@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from models.qwen.safe_load import loads_json
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -155,7 +157,7 @@ def read_loss_curves(files: Union[PathLike, Iterable[PathLike]]) -> dict:
             continue
         for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                row = json.loads(line)
+                row = loads_json(line)
             except json.JSONDecodeError:
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):

@@ -29,6 +29,7 @@ from models.qwen import CheckpointError, ConfigError, QwenConfig
 from models.qwen.checkpoint import SAFE_INDEX, checkpoint_files
 from models.qwen.atomic import OWNER_FILES
 from models.qwen.hashing import sha256_file
+from models.qwen.safe_load import loads_json, read_json
 from models.qwen.safetensors_file import DTYPES as ST_DTYPES
 
 EMBED = "model.embed_tokens.weight"
@@ -74,7 +75,7 @@ def read_header(file: Path) -> dict:
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
+            header = loads_json(f.read(n))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     if not isinstance(header, dict):
@@ -99,7 +100,7 @@ class Checkpoint:
             self.config = QwenConfig.from_hf(self.root / "config.json")
         except ConfigError as e:
             raise DeltaError(f"{role}: {e}") from None
-        self.raw_config = json.loads((self.root / "config.json").read_text(encoding="utf-8"))
+        self.raw_config = read_json(self.root / "config.json", DeltaError, dict)
         if self.raw_config.get("quantization_config"):
             # Packed 4-bit weights are not numbers one can add; deltas need the 16-bit weights.
             raise DeltaError(
@@ -143,9 +144,9 @@ class Checkpoint:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DeltaError(f"{path} ({self.role}): line {e.lineno}: invalid JSON ({e.msg})") from None
+            return read_json(path, DeltaError)
+        except DeltaError as e:
+            raise DeltaError(f"{e} ({self.role})") from None
 
     @property
     def is_delta(self) -> bool:
@@ -279,8 +280,8 @@ def _written_here(out: Path) -> bool:
     if (out / "extraction_report.json").is_file() and (out / "adapter_config.json").is_file():
         return True
     try:
-        return json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("tool") == "lora.delta"
-    except (OSError, ValueError, AttributeError):
+        return read_json(out / MANIFEST, DeltaError, dict).get("tool") == "lora.delta"
+    except (OSError, DeltaError):
         return False
 
 

@@ -10,7 +10,6 @@ same names, same shards, same index format, same dtype unless `dtype` says other
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from models.qwen import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from models.qwen.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
 from models.qwen.hashing import sha256_file
+from models.qwen.safe_load import read_json
 
 from .combine import Plan, Term, check_compatible, run_plan
 from .groups import group_scales, module_group, special_row_plan
@@ -335,10 +335,4 @@ def write_chat_files(chat: Checkpoint, target: Checkpoint, tmp: Path, dtype: Opt
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DeltaError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise DeltaError(f"{path}: expected a JSON object")
-    return obj
+    return read_json(path, DeltaError, dict)

@@ -27,10 +27,13 @@ tokenizer says so (``Tokenizer.chat_template_source``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import os
 import re
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -197,8 +200,20 @@ def _environment():
                 raise jinja2.exceptions.SecurityError(
                     f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, with `*` and `**` refused where their result would be huge (one C-level
+        operation that no time budget could interrupt)."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*" and _sized_repeat(left, right) > MAX_RENDER_CHARS:
+                raise jinja2.exceptions.SecurityError(f"a repetition of more than {MAX_RENDER_CHARS} items")
+            if operator == "**" and _power_bits(left, right) > MAX_POWER_BITS:
+                raise jinja2.exceptions.SecurityError(f"a power of more than {MAX_POWER_BITS} bits")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -308,14 +323,123 @@ def render(
     """
     import jinja2.exceptions
 
+    compiled = compile_template(template)
     try:
-        return compile_template(template).render(
-            messages=messages, tools=tools, documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt, **_plain(dict(variables or {})))
+        with render_budget():
+            chunks = compiled.generate(
+                messages=messages, tools=tools, documents=_plain(documents),
+                add_generation_prompt=add_generation_prompt, **_plain(dict(variables or {})))
+            return _bounded_join(chunks)
+    except RenderTimeout:
+        raise ChatTemplateError(f"{source}: rendering ran past its budget of {RENDER_BUDGET_S:g} s (a template "
+                                "that loops without end?)") from None
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"{source}: {type(e).__name__}: {e}") from None
-    except (TypeError, KeyError, IndexError, AttributeError) as e:  # e.g. a template adding a string to a list
+    except (TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError, MemoryError) as e:
+        # e.g. a template adding a string to a list; range(10**12) (the sandbox's OverflowError)
         raise ChatTemplateError(f"{source}: {type(e).__name__} while rendering: {e}") from None
+
+
+# ---------------------------------------------------------------------- the render budget
+# A chat template is a program: one that never ends would hang a stage, one that writes
+# gigabytes would exhaust memory. Real templates render a conversation in milliseconds.
+RENDER_BUDGET_S = 5.0
+MAX_RENDER_CHARS = 64 << 20   # 64 Mi characters: ~500x a 128k-token conversation
+MAX_POWER_BITS = 1 << 16
+
+
+class RenderTimeout(Exception):
+    """Raised inside a render that ran past RENDER_BUDGET_S (by the watchdog thread)."""
+
+
+def _bounded_join(chunks: Iterable[str]) -> str:
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_RENDER_CHARS:
+            import jinja2.exceptions
+
+            raise jinja2.exceptions.SecurityError(f"the rendering is longer than {MAX_RENDER_CHARS} characters")
+        out.append(chunk)
+    return "".join(out)
+
+
+def _sized_repeat(left: Any, right: Any) -> int:
+    """Items `left * right` would hold when it repeats a sequence (0 for plain numbers)."""
+    for seq, n in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+            return len(seq) * n
+    return 0
+
+
+def _power_bits(base: Any, exponent: Any) -> int:
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
+        return max(abs(base).bit_length(), 1) * exponent
+    return 0
+
+
+class _Watchdog:
+    """One daemon thread per process that raises RenderTimeout in a thread whose render ran past
+    its deadline (CPython's PyThreadState_SetAsyncExc: delivered between two bytecodes, which is
+    where a looping template spends its time)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.deadlines: Dict[int, float] = {}
+        self.fired: set = set()
+        self.pid = os.getpid()
+        self.wake = threading.Event()
+        threading.Thread(target=self._watch, name="chat-template-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            self.wake.wait(0.05 if self.deadlines else None)
+            self.wake.clear()
+            now = time.monotonic()
+            with self.lock:
+                for tid, deadline in list(self.deadlines.items()):
+                    if now > deadline and tid not in self.fired:
+                        self.fired.add(tid)
+                        _async_raise(tid, RenderTimeout)
+
+    def start(self, tid: int) -> None:
+        with self.lock:
+            self.deadlines[tid] = time.monotonic() + RENDER_BUDGET_S
+        self.wake.set()
+
+    def stop(self, tid: int) -> None:
+        with self.lock:
+            self.deadlines.pop(tid, None)
+            if tid in self.fired:   # fired just as the render ended: drop the pending exception
+                self.fired.discard(tid)
+                _async_raise(tid, None)
+
+
+def _async_raise(tid: int, exc: Optional[type]) -> None:
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(exc) if exc else None)
+
+
+_WATCHDOG: Optional[_Watchdog] = None
+
+
+@contextlib.contextmanager
+def render_budget():
+    """Run the body under the render budget (RenderTimeout past RENDER_BUDGET_S)."""
+    import threading
+
+    global _WATCHDOG
+    if _WATCHDOG is None or _WATCHDOG.pid != os.getpid():   # threads do not survive fork (DataLoader workers)
+        _WATCHDOG = _Watchdog()
+    tid = threading.get_ident()
+    _WATCHDOG.start(tid)
+    try:
+        yield
+    finally:
+        _WATCHDOG.stop(tid)
 
 
 # ---------------------------------------------------------------------- special-token text in inputs

@@ -29,10 +29,11 @@ from torch import nn
 from .atomic import OWNER_FILES, atomic_directory
 from .config import ARCHITECTURES, QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
-from .safetensors_file import read_tensors, write_tensors
+from .safetensors_file import read_header, read_tensors, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
 from .moe import SharedExpertGate
+from .safe_load import loads_json, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -66,8 +67,8 @@ def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
     index = root / SAFE_INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = loads_json(index.read_bytes())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
@@ -91,6 +92,57 @@ def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
             f"Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
         )
     raise CheckpointError(f"{root}: no model.safetensors, {SAFE_INDEX} or *.safetensors found")
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")   # model.layers.N. / transformer.h.N. (v1)
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+_FUSED_EXPERT_NAMES = ("experts.gate_up_proj", "experts.down_proj")   # transformers' [experts, ...] tensors
+
+
+def held_counts(files: list[Path]) -> tuple[int, int]:
+    """(decoder layers, experts per layer) the safetensors files hold, read from their headers
+    alone: layers 0..n-1 each have a tensor; experts likewise, or a fused tensor's first dim."""
+    layers, experts, fused = set(), set(), 0
+    for file in files:
+        with open(file, "rb") as fh:
+            header, _ = read_header(file, fh)
+        for key, info in header.items():
+            if m := _LAYER_INDEX.search(key):
+                layers.add(int(m.group(1)))
+            if m := _EXPERT_INDEX.search(key):
+                experts.add(int(m.group(1)))
+            elif key.endswith(_FUSED_EXPERT_NAMES) and info["shape"]:
+                fused = max(fused, info["shape"][0])
+    return _run_from_zero(layers), max(_run_from_zero(experts), fused)
+
+
+def _run_from_zero(indices: set) -> int:
+    n = 0
+    while n in indices:
+        n += 1
+    return n
+
+
+def check_counts(root: Path, cfg: QwenConfig, files: list[Path]) -> None:
+    """config.json may not claim more layers or experts than the weights hold: checked on the
+    headers before the model is built (building 10**9 layers would never finish)."""
+    layers, experts = held_counts(files)
+    where = f"the safetensors files in {root}"
+    if cfg.num_hidden_layers > layers:
+        raise ConfigError(f"{root / 'config.json'}: num_hidden_layers = {cfg.num_hidden_layers}, but {where} "
+                          f"hold {layers} decoder layers")
+    if cfg.num_experts > experts:
+        raise ConfigError(f"{root / 'config.json'}: num_experts = {cfg.num_experts}, but {where} hold "
+                          f"{experts} experts per layer")
+
+
+def checked_config(path: Union[str, os.PathLike]) -> QwenConfig:
+    """The QwenConfig of a checkpoint directory, its layer and expert counts checked against the
+    weights (what the model may be built from: `load`, or a meta-device model for its shape)."""
+    root = Path(path)
+    cfg = QwenConfig.from_hf(root / "config.json")
+    check_counts(root, cfg, checkpoint_files(root))
+    return cfg
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
@@ -199,10 +251,7 @@ def _is_ignored(key: str) -> bool:
 def _read_json(path: Path) -> Optional[dict]:
     if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(path, CheckpointError)
 
 
 def _set_param(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool = True) -> None:
@@ -265,6 +314,7 @@ def load(
     quantizer = quantize
 
     cfg.extra.pop("quantization_config", None)
+    check_counts(root, cfg, files)
     with torch.device("meta"):
         model = Qwen(cfg)
     linears = quantizable_linears(model) if quantizer else {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -38,6 +39,7 @@ import torch
 
 from .errors import ConfigError  # noqa: F401  (re-exported)
 from .rope import check_rope_scaling
+from .safe_load import read_json
 from .special_tokens import ENDOFTEXT_ID
 
 _DTYPE_NAMES = {
@@ -303,14 +305,9 @@ class QwenConfig:
             source = file
             if not os.path.exists(file):
                 raise ConfigError(f"{file}: not found (a Qwen checkpoint directory holds config.json)")
-            try:
-                with open(file, encoding="utf-8") as f:
-                    raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{file}: expected a JSON object")
+            raw = read_json(file, ConfigError, dict)
         try:
+            check_numbers(raw, source)
             return cls._from_hf_dict(raw, source)
         except ConfigError as e:
             raise ConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
@@ -718,6 +715,42 @@ PRESETS: dict[str, dict] = {
 
 
 # ---------------------------------------------------------------------- config.json helpers
+# config.json keys that are sizes or counts (integers in [0, MAX_INT]), token ids (such an integer
+# or a list of them) and real numbers (finite): checked before any is used, so `Infinity`, NaN,
+# true, 2.5 or 10**30 is named with its key instead of failing in int() or an allocation.
+MAX_INT = 2**31 - 1
+INT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "original_max_position_embeddings",
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+    "shared_expert_intermediate_size", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "kv_channels", "seq_length",
+)
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+REAL_KEYS = ("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "rotary_emb_base", "partial_rotary_factor",
+             "router_aux_loss_coef")
+
+
+def check_numbers(raw: dict, source: str) -> None:
+    """Every numeric key of a config.json dict (and of its text_config) has a usable type and range."""
+    for where, d in ((source, raw), (f"{source} (text_config)", raw.get("text_config"))):
+        if not isinstance(d, dict):
+            continue
+        for key in INT_KEYS + TOKEN_ID_KEYS + REAL_KEYS:
+            value = d.get(key)
+            if value is None:
+                continue
+            if key in REAL_KEYS:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                want = "a finite number"
+            else:
+                items = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
+                ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT for v in items)
+                want = f"an integer in [0, {MAX_INT}]" + (" or a list of them" if key == "eos_token_id" else "")
+            if not ok:
+                raise ConfigError(f"{where}: {key} = {json.dumps(value)[:60]}: expected {want}")
+
+
 def _rope_from_hf(raw: dict, source: str) -> tuple[float, Optional[dict]]:
     """(rope_theta, rope_scaling) as transformers v5 reads them (RotaryEmbeddingConfigMixin).
 

@@ -24,6 +24,7 @@ import torch
 
 from .atomic import file_mode
 from .errors import CheckpointError
+from .safe_load import loads_json
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,7 +44,7 @@ def read_header(file: Path, fh) -> tuple[dict, int]:
     if n <= 0 or n > MAX_HEADER or 8 + n > size:
         raise CheckpointError(f"{file}: not a readable safetensors file (header length {n}, file size {size})")
     try:
-        header = json.loads(fh.read(n))
+        header = loads_json(fh.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file (bad JSON header: {e})") from None
     if not isinstance(header, dict):

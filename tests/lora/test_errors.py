@@ -49,7 +49,7 @@ def test_corrupt_files(ckpt_dirs, adapter):
     with pytest.raises(AdapterError, match="not a readable safetensors"):
         lora.load(model, adapter)
     (adapter / "adapter_config.json").write_text("{ not json")
-    with pytest.raises(AdapterError, match="adapter_config.json: not valid JSON"):
+    with pytest.raises(AdapterError, match="adapter_config.json:1: malformed JSON"):
         lora.load(model, adapter)
 
 

@@ -390,3 +390,27 @@ def test_sandbox_and_errors(pairs, base, tmp_path):
         ours.apply_chat_template(PLAIN_CHATS[0], continue_final_message=True)
     with pytest.raises(ValueError, match="needs tokenize=True"):
         ours.apply_chat_template(PLAIN_CHATS[0], tokenize=False, return_assistant_mask=True)
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran past its budget of 0.5 s"),
+    ("{% for i in range(10**12) %}x{% endfor %}", "OverflowError while rendering: Range too big"),
+    ("{{ 'x' * 10**12 }}", "a repetition of more than"),
+    ("{{ 7 ** 1000000000 }}", "a power of more than"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "the rendering is longer than"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError while rendering"),
+])
+def test_template_that_never_finishes_or_explodes_is_stopped_naming_it(template, message, monkeypatch):
+    import time
+
+    import models.qwen.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_BUDGET_S", 0.5)
+    monkeypatch.setattr(chat_template, "MAX_RENDER_CHARS", 10**7)
+    messages = chat_template.prepare_messages([{"role": "user", "content": "hi"}])
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=f"my/chat_template.jinja: .*{message}"):
+        chat_template.render(template, messages, source="my/chat_template.jinja")
+    assert time.monotonic() - start < 5
+    # the budget is per render: the next one is not hit by a late timeout
+    assert chat_template.render("{{ messages[0].content }}", messages) == "hi"

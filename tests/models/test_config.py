@@ -43,7 +43,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset"):
         QwenConfig.preset("13b")
     (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(ConfigError, match="line 1"):
+    with pytest.raises(ConfigError, match=r"config\.json:1: malformed JSON"):
         QwenConfig.from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "rope_scaling": {"type": "yarn"},
                                                       "vocab_size": 1, "hidden_size": 8, "intermediate_size": 8,
@@ -52,3 +52,20 @@ def test_errors_name_the_problem(tmp_path):
         QwenConfig.from_hf(tmp_path)
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         QwenConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "num_hidden_layers", "eos_token_id", "rms_norm_eps", "num_experts"])
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "-1", "2.5", "true", "1e400", str(10**30), '"12"'])
+def test_numbers_no_model_has_are_named_with_their_key(key, value, tmp_path):
+    real = key == "rms_norm_eps"
+    if real and value in ("-1", "true", '"12"'):
+        value = "true" if value == "-1" else value   # a negative eps is caught by its own range check
+    raw = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 8, "intermediate_size": 8,
+           "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = json.dumps(raw)[:-1] + f', "{key}": {value}' + "}"
+    (tmp_path / "config.json").write_text(text.replace(f'"{key}": {raw[key]}, ', "") if key in raw else text)
+    if real and value in ("2.5", str(10**30)):   # finite reals are fine for eps
+        QwenConfig.from_hf(tmp_path)
+        return
+    with pytest.raises(ConfigError, match=rf"config\.json: {key} = .*: expected (an integer|a finite number)"):
+        QwenConfig.from_hf(tmp_path)

@@ -465,7 +465,7 @@ def test_refuses_what_it_cannot_export(tmp_path):
         export_gguf(other, tmp_path / "x.gguf")
 
     # A tokenizer with more tokens than the model has rows; then no tokenizer at all.
-    byte_tokenizer(AddedToken(400, "<|extra|>")).save_pretrained(model_dir)
+    byte_tokenizer(*(AddedToken(259 + i, f"<|extra{i}|>") for i in range(142))).save_pretrained(model_dir)
     with pytest.raises(ExportError, match="401 tokens but config.json vocab_size is 320"):
         export_gguf(model_dir, tmp_path / "x.gguf")
     for f in model_dir.iterdir():

@@ -362,3 +362,26 @@ def test_reads_a_directory_written_by_transformers(tok, hf_saved, tmp_path):
     assert (tmp_path / "chat_template.jinja").is_file() and theirs.chat_template_source.endswith("chat_template.jinja")
     for text in VARIED:
         assert theirs.encode(text, allowed_special="all") == hf_saved.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda lines: lines[:1000], r"1000 BPE tokens, but the 22 added tokens have ids 151643\.\.151664"),
+    (lambda lines: lines[:500] + lines[501:], r"the 151642 BPE ranks are not 0\.\.151641 \(rank 500 is missing\)"),
+    (lambda lines: lines[1:], r"the 151642 BPE ranks are not 0\.\.151641 \(rank 0 is missing\)"),
+])
+def test_vocabulary_that_cannot_decode_every_id_is_refused_at_load(damage, message, tmp_path):
+    Tokenizer.default().save_pretrained(tmp_path)
+    vocab = tmp_path / "qwen.tiktoken"
+    vocab.write_bytes(b"".join(damage(vocab.read_bytes().splitlines(keepends=True))))
+    with pytest.raises(TokenizerError, match=r"qwen\.tiktoken: " + message):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_vocabulary_missing_a_byte_is_refused(tmp_path):
+    ranks = {bytes([b]): b for b in range(256) if b != 0x41}
+    ranks[b"AA"] = 0x41   # 256 ranks 0..255, but the byte "A" alone has no token
+    from models.qwen.tokenizer.bpe_files import check_vocabulary
+
+    with pytest.raises(TokenizerError, match=r"v\.tiktoken: byte 0x41 has no token"):
+        check_vocabulary(ranks, [256, 257, 258], "v.tiktoken")
+    check_vocabulary({bytes([b]): b for b in range(256)}, [256, 257, 258], "v.tiktoken")   # complete: accepted

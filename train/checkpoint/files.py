@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.qwen import CheckpointError
+from models.qwen import safe_load
 from models.qwen.safetensors_file import write_tensors
 
 
@@ -29,12 +30,9 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return safe_load.read_json(path, CheckpointError)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -34,9 +34,9 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, checkpoint_files
+from ..checkpoint import CheckpointError, check_counts, checkpoint_files
 from ..safetensors_file import read_header as read_safetensors_header
-from ..config import QwenConfig
+from ..config import ConfigError, QwenConfig
 from ..model import Qwen
 from .errors import ExportError
 from .gguf_hybrid import HYBRID_ARCHITECTURES, gguf_name_of, hybrid_items, hybrid_tensors
@@ -108,13 +108,14 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise ExportError(f"{model_dir / 'config.json'}: the weights are quantised ({method}); export a merged "
                           f"16-bit model (examples/merge.py writes one)")
+    try:
+        files = checkpoint_files(model_dir)
+        check_counts(model_dir, config, files)   # before anything is built per layer
+    except (CheckpointError, ConfigError) as e:
+        raise ExportError(str(e)) from None
     arch = ARCHITECTURES[config.model_type]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     expected = expected_shapes(config)
-    try:
-        files = checkpoint_files(model_dir)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
 
     checked: list[tuple[str, torch.Tensor]] = []
     for file in files:

@@ -23,18 +23,13 @@ from .added_tokens import AddedToken, added_from_tokenizer_json, merge_added
 from .byte_alphabet import token_to_unicode
 from .engine import file_version
 from .errors import TokenizerError
+from .. import safe_load
 from .merges import ranks_from_vocab_merges
 
 
 def read_json(path: Path) -> Any:
     """A JSON file, with errors naming the file and line."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return safe_load.read_json(path, TokenizerError)
 
 
 def write_json(path: Path, obj: Any, indent: Optional[int]) -> None:
@@ -75,6 +70,27 @@ def load_tiktoken_ranks(path: Union[str, os.PathLike]) -> Dict[bytes, int]:
     path = os.fspath(path)
     # Keyed by the file's identity, so hard-linked copies of one vocabulary are read once.
     return dict(_load_tiktoken_cached(file_version(Path(path)), path))
+
+
+def check_vocabulary(ranks: Dict[bytes, int], added_ids: Sequence[int], file: Union[str, os.PathLike]) -> None:
+    """Every id below the vocabulary size decodes: the BPE ranks are 0..N-1, every byte is a token
+    (byte-level BPE encodes any text), and the added tokens take the ids N, N+1, ... after them
+    (a vocabulary cut short or padded would fail at encode or decode time instead)."""
+    n = len(ranks)
+    ids = sorted(set(ranks.values()))
+    if len(ids) != n or ids[0] != 0 or ids[-1] != n - 1:
+        gap = next((i for i, r in enumerate(ids) if i != r), len(ids))
+        why = "a rank is listed twice" if len(ids) != n else f"rank {gap} is missing"
+        raise TokenizerError(f"{file}: the {n} BPE ranks are not 0..{n - 1} ({why})")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{file}: byte 0x{missing[0]:02x} has no token ({len(missing)} of the 256 bytes are "
+                             "missing; a byte-level BPE covers them all): the vocabulary is incomplete")
+    extra = sorted(set(added_ids))
+    if extra and extra != list(range(n, n + len(extra))):
+        want = f"ids {n}..{n + len(extra) - 1}"
+        raise TokenizerError(f"{file}: {n} BPE tokens, but the {len(extra)} added tokens have ids {extra[0]}.."
+                             f"{extra[-1]} (expected {want}): the vocabulary is cut short, or an id is skipped")
 
 
 def write_tiktoken(path: Path, ranks: Dict[bytes, int]) -> None:

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Union
 from ..chat_template import CHATML_FALLBACK, CHATML_TEMPLATE
 from .added_tokens import AddedToken, added_from_config, token_content
 from .bpe_files import (
+    check_vocabulary,
     load_tiktoken_ranks,
     read_json,
     read_tokenizer_json,
@@ -108,9 +109,11 @@ def read_directory(path) -> TokenizerFiles:
         shared = shared_ranks_of_file(file, ranks)
         added = config_added or [AddedToken(len(ranks) + i, t, True) for i, t in enumerate(QWEN1_SPECIAL_TOKENS)]
     elif (root / "tokenizer.json").is_file():
-        ranks, added, found_pattern, normalize_nfc = read_tokenizer_json(root / "tokenizer.json", config_added, str(config_path))
+        file = root / "tokenizer.json"
+        ranks, added, found_pattern, normalize_nfc = read_tokenizer_json(file, config_added, str(config_path))
         pattern = found_pattern or QWEN_PATTERN
     elif (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
+        file = root / "vocab.json"
         added = config_added
         ranks = read_vocab_merges(root / "vocab.json", root / "merges.txt", added)
         if not added:  # no config: Qwen2's three control tokens right after the BPE ids
@@ -118,6 +121,7 @@ def read_directory(path) -> TokenizerFiles:
     else:
         present = sorted(p.name for p in root.iterdir())[:12]
         raise TokenizerError(f"{root}: no tokenizer files; looked for {LOOKED_FOR} (found: {present})")
+    check_vocabulary(ranks, [t.id for t in added], file)
 
     template, source = read_chat_template(root, config, config_path)
     eos = token_content(config.get("eos_token"), f"{config_path}: eos_token") or ENDOFTEXT
