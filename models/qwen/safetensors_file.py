@@ -119,7 +119,7 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike
 
 
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
-_COPY_CHUNK = 16 << 20  # bytes copied at a time from a source file (the streamed tensors' only buffer)
+_COPY_CHUNK = 8 << 20  # bytes copied at a time from a source file (the streamed tensors' only buffer)
 
 
 class FileSlice:
@@ -133,15 +133,16 @@ class FileSlice:
         return self.end - self.begin
 
     def copy_to(self, out) -> None:
-        with open(self.file, "rb") as fh:
+        buffer = memoryview(bytearray(min(self.nbytes, _COPY_CHUNK)))  # the one buffer, reused
+        with open(self.file, "rb", buffering=0) as fh:
             fh.seek(self.begin)
             left = self.nbytes
             while left:
-                chunk = fh.read(min(left, _COPY_CHUNK))
-                if not chunk:
+                n = fh.readinto(buffer[: min(left, len(buffer))])
+                if not n:
                     raise CheckpointError(f"{self.file}: truncated while copying a tensor out of it")
-                out.write(chunk)
-                left -= len(chunk)
+                out.write(buffer[:n])
+                left -= n
 
 
 def file_slices(file: Path) -> dict[str, FileSlice]:
