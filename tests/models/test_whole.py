@@ -283,3 +283,14 @@ def test_peak_memory_does_not_grow_with_the_vision_tower(tmp_path):
     peaks = {name: _peak_rss(src, tmp_path / f"out-{name}") for name, src in (("small", small), ("big", big))}
     assert tensors_of(tmp_path / "out-big").keys() >= set(f"model.visual.extra.{i}.weight" for i in range(6))
     assert peaks["big"] - peaks["small"] < 40e6, peaks
+
+
+def test_gguf_export_refuses_the_family_in_one_line(tmp_path):
+    """GGUF export does not cover Qwen3.5: a whole checkpoint gets the family refusal (not the
+    Qwen-7B v1 one its nested layout used to trip)."""
+    pytest.importorskip("gguf")
+    from models.qwen.export import ExportError, export_gguf
+
+    base = vl_checkpoint(tmp_path / "base")
+    with pytest.raises(ExportError, match=r"not model_type 'qwen3_5_text'"):
+        export_gguf(base, tmp_path / "m.gguf")

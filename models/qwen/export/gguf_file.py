@@ -101,7 +101,7 @@ def read_config(model_dir: Path) -> QwenConfig:
         config = QwenConfig.from_hf(model_dir)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    if config.source_format != "hf":
+    if config.source_format == "qwen-v1":
         raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
                           f"with models.qwen.save to get a Qwen2-format directory first")
     if config.model_type not in ARCHITECTURES:
