@@ -103,6 +103,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
     if fused_experts.writes_fused_layout(model):
         tensors, peft_config = fused_experts.fuse(model, tensors, peft_config, adapted)
     tensors = {_checkpoint_key(model, k): v for k, v in tensors.items()}
+    _rename_modules(peft_config, lambda name: whole.checkpoint_name(model, name))
     root = Path(path)
     with atomic_directory(root, fsync=False) as tmp:
         write_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -126,6 +127,14 @@ def _our_key(key: str) -> str:
     """The inverse of _checkpoint_key: an adapter for a vision-language checkpoint's text model
     (ours, or PEFT's on ...ForConditionalGeneration) loads onto our text model."""
     return PEFT_PREFIX + whole.our_name(key[len(PEFT_PREFIX):]) if key.startswith(PEFT_PREFIX) else key
+
+
+def _rename_modules(cfg: dict, rename) -> None:
+    """Apply `rename` to the module paths in target_modules / modules_to_save (names such as
+    "q_proj", suffixes of every path, stay as they are; a regex string is left alone)."""
+    for field in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(field), list):
+            cfg[field] = [rename(n) if isinstance(n, str) else n for n in cfg[field]]
 
 
 # ---------------------------------------------------------------------- load
@@ -163,6 +172,7 @@ def load(
     if not root.is_dir():
         raise AdapterError(f"{root}: adapter directory not found")
     cfg = read_peft_config(root / CONFIG_NAME, fused_experts=fused_experts.reads_fused_layout(model))
+    _rename_modules(cfg, whole.our_name)
     tensors = {_our_key(k): v for k, v in read_adapter_tensors(root).items()}
     file = root / WEIGHTS_NAME
     _check_values(tensors, file)

@@ -199,18 +199,20 @@ def test_changed_values_reach_text_config_only(tmp_path):
     assert out[TEXT + "embed_tokens.weight"][0] == "torch.bfloat16"
 
 
-def test_lora_adapter_names_the_nested_modules(tmp_path):
+@pytest.mark.parametrize("targets", ["all-linear", ["model.layers.1.self_attn.q_proj", "in_proj_qkv"]],
+                         ids=["all-linear", "paths"])
+def test_lora_adapter_names_the_nested_modules(tmp_path, targets):
     """An adapter trained on a vision-language checkpoint names its modules as transformers'
     ...ForConditionalGeneration holds them (base_model.model.model.language_model.layers...), the
-    prefix vLLM's Qwen3.5 LoRA loader maps onto its language model; PEFT loads it onto that class
-    with our logits, and lora.load reads it back."""
+    prefix vLLM's Qwen3.5 LoRA loader maps onto its language model (target_modules given as module
+    paths too); PEFT loads it onto that class with our logits, and lora.load reads it back."""
     import lora
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
     base = vl_checkpoint(tmp_path / "base")
     ours = load(base, dtype=torch.float32)
-    lora.inject(ours, r=4, alpha=8, dropout=0.0, targets="all-linear")
+    lora.inject(ours, r=4, alpha=8, dropout=0.0, targets=targets)
     torch.manual_seed(0)
     for name, p in ours.named_parameters():
         if "lora_B" in name:
@@ -219,6 +221,8 @@ def test_lora_adapter_names_the_nested_modules(tmp_path):
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert not any(t.startswith("model.layers.") for t in written)
     ref = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32),
                                     tmp_path / "adapter").eval()
     adapted = [n for n, _ in ref.named_modules() if n.endswith("lora_A")]
@@ -294,3 +298,21 @@ def test_gguf_export_refuses_the_family_in_one_line(tmp_path):
     base = vl_checkpoint(tmp_path / "base")
     with pytest.raises(ExportError, match=r"not model_type 'qwen3_5_text'"):
         export_gguf(base, tmp_path / "m.gguf")
+
+
+def test_text_only_checkpoint_keeps_its_mtp_head(tmp_path):
+    """A qwen3_5_text checkpoint (Qwen3_5ForCausalLM) with an MTP head: save writes the head back
+    byte for byte beside the text model, and transformers' class loads the result as it loaded the input."""
+    from transformers import Qwen3_5ForCausalLM
+
+    from tests.models.test_qwen35 import hf_qwen35
+
+    hf_qwen35(seed=2).save_pretrained(tmp_path / "base")
+    weights = {k: v.contiguous() for k, v in hf_qwen35(seed=2).state_dict().items()}
+    save_file({**weights, **mtp_tensors(64)}, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    save(load(tmp_path / "base", dtype=torch.float32), tmp_path / "out")
+    got, want = tensors_of(tmp_path / "out"), tensors_of(tmp_path / "base")
+    assert {k: v for k, v in got.items() if k.startswith("mtp.")} == {k: v for k, v in want.items() if k.startswith("mtp.")}
+    assert got.keys() == want.keys()
+    model, info = Qwen3_5ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
