@@ -1,5 +1,7 @@
 """HF checkpoint I/O: `load(dir)` streams safetensors tensor by tensor into our decoder and
-`save(model, dir)` writes a directory that transformers' AutoModelForCausalLM loads as is.
+`save(model, dir)` writes a directory that transformers' AutoModelForCausalLM loads as is (for a
+model read from a Qwen3.5 vision-language checkpoint, that whole checkpoint again, which
+AutoModelForImageTextToText loads: models/qwen/whole.py).
 
 A loader must consume every tensor and initialise none silently: any missing, unexpected or
 mis-shaped tensor is an error naming the tensor and the file. Pickle checkpoints

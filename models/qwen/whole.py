@@ -62,6 +62,7 @@ class CheckpointSource:
         if not self.nested:
             return text_hf
         out = copy.deepcopy(self.config)
+        out.pop("quantization_config", None)  # save writes it again if the weights still are 4-bit
         text = out.setdefault("text_config", {})
         missing = object()
         for key, value in text_hf.items():
