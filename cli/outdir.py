@@ -34,7 +34,8 @@ WRITER = "qwen-tune"
 TRAINING_OUTPUTS = (RUN_FILE, LOCK_FILE, "metrics.jsonl", "train_config.json", "adapter", "checkpoints", "merged",
                     "model", "runs", ".tmp-*", ".old-*", ".del-*", ".*.tmp")
 MODEL_OUTPUTS = (RUN_FILE, LOCK_FILE, "config.json", "generation_config.json", "model.safetensors",
-                 "model-*-of-*.safetensors", "model.safetensors.index.json", "report.txt", "manifest.json", "new_rows.safetensors", "vocab_report.*", "*.gguf", "Modelfile",
+                 "model-*-of-*.safetensors", "model.safetensors.index.json", "report.txt", "manifest.json",
+                 "new_rows.safetensors", "vocab_report.*", "*.gguf", "Modelfile",
                  "report.md", "report.json", "loss_curves.png", "adapter_config.json", "adapter_model.safetensors",
                  "extraction_report.json", "delta-*.safetensors", "delta.safetensors*", ".tmp-*", ".old-*",
                  ".*.tmp", *FOLDER_FILES)  # (FOLDER_FILES: the tokenizer and processor files)
