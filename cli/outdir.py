@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from models.qwen.atomic import LOCK_FILE, RUN_FILE
 from models.qwen.safe_load import loads_json, read_json
+from models.qwen.folder import FOLDER_FILES
 
 from .errors import UsageError
 
@@ -34,12 +35,11 @@ WRITER = "qwen-tune"
 TRAINING_OUTPUTS = (RUN_FILE, LOCK_FILE, "metrics.jsonl", "train_config.json", "adapter", "checkpoints", "merged",
                     "model", "runs", ".tmp-*", ".old-*", ".del-*", ".*.tmp")
 MODEL_OUTPUTS = (RUN_FILE, LOCK_FILE, "config.json", "generation_config.json", "model.safetensors",
-                 "model-*-of-*.safetensors", "model.safetensors.index.json", "report.txt", "tokenizer.json", "tokenizer_config.json",
-                 "vocab.json", "merges.txt", "qwen.tiktoken", "chat_template.jinja", "special_tokens_map.json",
-                 "added_tokens.json", "manifest.json", "new_rows.safetensors", "vocab_report.*", "*.gguf", "Modelfile",
+                 "model-*-of-*.safetensors", "model.safetensors.index.json", "report.txt", "manifest.json",
+                 "new_rows.safetensors", "vocab_report.*", "*.gguf", "Modelfile",
                  "report.md", "report.json", "loss_curves.png", "adapter_config.json", "adapter_model.safetensors",
                  "extraction_report.json", "delta-*.safetensors", "delta.safetensors*", ".tmp-*", ".old-*",
-                 ".*.tmp")
+                 ".*.tmp", *FOLDER_FILES)  # (FOLDER_FILES: the tokenizer and processor files)
 # Identity keys that may differ between a run and its --resume (they change no result).
 IDENTITY_IGNORED = {"out", "resume", "overwrite", "config", "eval_every", "save_every", "keep_last", "log_every",
                     "report_to", "batch_size", "grad_accum", "fsdp"}

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from models.qwen import whole
 from models.qwen.atomic import atomic_directory
 from models.qwen.safetensors_file import write_tensors
 
@@ -101,6 +102,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
         )
     if fused_experts.writes_fused_layout(model):
         tensors, peft_config = fused_experts.fuse(model, tensors, peft_config, adapted)
+    tensors = {_checkpoint_key(model, k): v for k, v in tensors.items()}
+    _rename_modules(peft_config, lambda name: whole.checkpoint_name(model, name))
     root = Path(path)
     with atomic_directory(root, fsync=False) as tmp:
         write_tensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -109,6 +112,29 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return root
+
+
+def _checkpoint_key(model: nn.Module, key: str) -> str:
+    """An adapter key under the module names of the checkpoint the model came from: for a Qwen3.5
+    vision-language one, base_model.model.model.language_model.layers.0... (models/qwen/whole.py),
+    the paths of transformers' ...ForConditionalGeneration that PEFT adapts, and the names vLLM's
+    LoRA loader maps onto its language model (hf_to_vllm_mapper: model.language_model. ->
+    language_model.model.)."""
+    return PEFT_PREFIX + whole.checkpoint_name(model, key[len(PEFT_PREFIX):]) if key.startswith(PEFT_PREFIX) else key
+
+
+def _our_key(key: str) -> str:
+    """The inverse of _checkpoint_key: an adapter for a vision-language checkpoint's text model
+    (ours, or PEFT's on ...ForConditionalGeneration) loads onto our text model."""
+    return PEFT_PREFIX + whole.our_name(key[len(PEFT_PREFIX):]) if key.startswith(PEFT_PREFIX) else key
+
+
+def _rename_modules(cfg: dict, rename) -> None:
+    """Apply `rename` to the module paths in target_modules / modules_to_save (names such as
+    "q_proj", suffixes of every path, stay as they are; a regex string is left alone)."""
+    for field in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(field), list):
+            cfg[field] = [rename(n) if isinstance(n, str) else n for n in cfg[field]]
 
 
 # ---------------------------------------------------------------------- load
@@ -146,7 +172,8 @@ def load(
     if not root.is_dir():
         raise AdapterError(f"{root}: adapter directory not found")
     cfg = read_peft_config(root / CONFIG_NAME, fused_experts=fused_experts.reads_fused_layout(model))
-    tensors = read_adapter_tensors(root)
+    _rename_modules(cfg, whole.our_name)
+    tensors = {_our_key(k): v for k, v in read_adapter_tensors(root).items()}
     file = root / WEIGHTS_NAME
     _check_values(tensors, file)
     if cfg["target_parameters"]:  # routed experts in PEFT's fused layout -> per expert

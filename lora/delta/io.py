@@ -28,6 +28,7 @@ from safetensors import safe_open
 from models.qwen import CheckpointError, ConfigError, QwenConfig
 from models.qwen.checkpoint import SAFE_INDEX, checkpoint_files
 from models.qwen.atomic import OWNER_FILES
+from models.qwen.folder import FOLDER_FILES
 from models.qwen.hashing import sha256_file
 from models.qwen.safe_load import loads_json, read_json
 from models.qwen.safetensors_file import DTYPES as ST_DTYPES
@@ -250,10 +251,7 @@ class SafetensorsStreamWriter:
 
 
 # ---------------------------------------------------------------------- output directories
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "qwen.tiktoken", "tokenizer.model",
-)
+TOKENIZER_FILES = FOLDER_FILES  # what travels with a model folder (tokenizer and processor files)
 
 
 def check_output_path(out: Path, inputs: Iterable[Checkpoint], overwrite: bool) -> None:

@@ -1,5 +1,7 @@
 """HF checkpoint I/O: `load(dir)` streams safetensors tensor by tensor into our decoder and
-`save(model, dir)` writes a directory that transformers' AutoModelForCausalLM loads as is.
+`save(model, dir)` writes a directory that transformers' AutoModelForCausalLM loads as is (for a
+model read from a Qwen3.5 vision-language checkpoint, that whole checkpoint again, which
+AutoModelForImageTextToText loads: models/qwen/whole.py).
 
 A loader must consume every tensor and initialise none silently: any missing, unexpected or
 mis-shaped tensor is an error naming the tensor and the file. Pickle checkpoints
@@ -17,7 +19,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -26,10 +27,12 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 import torch
 from torch import nn
 
+from . import whole
 from .atomic import OWNER_FILES, atomic_directory
-from .config import ARCHITECTURES, QwenConfig, dtype_from_name, dtype_name, merge_eos
+from .config import QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
-from .safetensors_file import read_header, read_tensors, write_tensors
+from .folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
+from .safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
 from .moe import SharedExpertGate
@@ -145,10 +148,12 @@ def checked_config(path: Union[str, os.PathLike]) -> QwenConfig:
     return cfg
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (key, tensor, file) one tensor at a time (models.qwen.safetensors_file.read_tensors)."""
+def iter_tensors(files: list[Path], skip: Optional[Callable[[str], bool]] = None
+                 ) -> Iterator[tuple[str, Optional[torch.Tensor], Path]]:
+    """Yield (key, tensor, file) one tensor at a time (models.qwen.safetensors_file.read_tensors;
+    tensor None, unread, for a key `skip` accepts)."""
     for file in files:
-        for key, tensor in read_tensors(file):
+        for key, tensor in read_tensors(file, skip):
             yield key, tensor, file
 
 
@@ -194,17 +199,26 @@ def map_v1_tensor(key: str, tensor: torch.Tensor, cfg: QwenConfig) -> list[tuple
 
 
 # ---------------------------------------------------------------------- Qwen3.5 names
-QWEN35_TEXT_PREFIX = "model.language_model."
+QWEN35_TEXT_PREFIX = whole.TEXT_PREFIX
 # Beside the text model, Qwen3.5 checkpoints hold a vision tower and a multi-token-prediction
-# head; this library trains the text model only, so they are skipped (as transformers'
-# Qwen3_5ForCausalLM does) and `save` writes a text-only Qwen3_5ForCausalLM checkpoint.
+# head; this library trains the text model only, so they are not loaded, and `save` copies them
+# back from the input's shards (models/qwen/whole.py).
 QWEN35_SKIPPED = {"model.visual.": "vision-tower", "mtp.": "multi-token-prediction"}
+
+
+def outside_qwen35_text(key: str, nested: bool) -> bool:
+    """A Qwen3.5 checkpoint's tensor that is no part of the text model (never read by `load`):
+    the vision tower, the MTP head, and in a nested checkpoint anything beside
+    model.language_model.* and lm_head.*."""
+    if key.startswith(tuple(QWEN35_SKIPPED)):
+        return True
+    return nested and not key.startswith((QWEN35_TEXT_PREFIX, "lm_head."))
 
 
 def map_qwen35_key(key: str, nested: bool) -> Optional[str]:
     """A Qwen3.5 checkpoint key -> our key, or None for a tensor outside the text model.
     nested: a `qwen3_5` checkpoint, whose text model sits under model.language_model."""
-    if any(key.startswith(prefix) for prefix in QWEN35_SKIPPED):
+    if outside_qwen35_text(key, nested):
         return None
     if nested and key.startswith(QWEN35_TEXT_PREFIX):
         return "model." + key[len(QWEN35_TEXT_PREFIX) :]
@@ -331,14 +345,16 @@ def load(
         need = {"weight"} | ({"bias"} if linears[name].bias is not None else set()) | set(suffixes)
         return need <= set(got)
 
-    skipped: dict[str, int] = defaultdict(int)  # Qwen3.5: tensors outside the text model, by kind
-    for key, tensor, file in iter_tensors(files):
+    skipped: dict[str, Path] = {}  # Qwen3.5: tensors outside the text model -> their shard
+    nested = cfg.source_format == "qwen3_5"
+    outside = functools.partial(outside_qwen35_text, nested=nested) if cfg.is_qwen35 else None
+    for key, tensor, file in iter_tensors(files, skip=outside):
         if cfg.source_format == "qwen-v1":
             pairs = map_v1_tensor(key, tensor, cfg)
         elif cfg.is_qwen35:
-            name = map_qwen35_key(key, nested=cfg.source_format == "qwen3_5")
+            name = map_qwen35_key(key, nested=nested)
             if name is None:
-                skipped[next(v for k, v in QWEN35_SKIPPED.items() if key.startswith(k))] += 1
+                skipped[key] = file
                 continue
             pairs = map_fused_experts(name, tensor, cfg, file) if cfg.num_experts else [(name, tensor)]
         elif cfg.num_experts:
@@ -399,19 +415,14 @@ def load(
         raise CheckpointError(
             f"{root}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    if skipped:
-        warnings.warn(
-            f"{root}: loaded the text model only; skipped "
-            + ", ".join(f"{n} {kind} tensors" for kind, n in skipped.items())
-            + f" (save() writes a text-only {ARCHITECTURES[cfg.model_type]} checkpoint)",
-            stacklevel=2,
-        )
     if tied:
         model.tie_weights()
     model.model.rotary_emb.inv_freq = model.model.rotary_emb._inv_freq(device)
     gen = _read_json(root / "generation_config.json")
     model.generation_config = gen or {}
     model.name_or_path = str(root)
+    # (before the dtype below: a checkpoint cast on load and saved so gets its new dtype written)
+    whole.record(model, root, raw_config, nested=nested, skipped=skipped)
     cfg.torch_dtype = dtype_name(dtype)
     model.eval()
     return model
@@ -513,11 +524,11 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _shards(state: dict, max_bytes: int) -> list[dict]:
+    shards: list[dict] = [{}]
     size = 0
     for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
+        nbytes = entry_nbytes(v)
         if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0
@@ -541,10 +552,15 @@ def save(
     model-0000i-of-0000n.safetensors + model.safetensors.index.json, and the tokenizer files:
     those of `tokenizer` (anything with `save_pretrained(dir)`), else copies of the ones in the
     directory the model was loaded from; a model with neither is written with a warning, since
-    transformers would then build a useless tokenizer for it. dtype: cast floating tensors.
+    transformers would then build a useless tokenizer for it. Processor files of that directory
+    (models.qwen.folder.PROCESSOR_FILES) are always copied. dtype: cast floating tensors.
     state_dict: the tensors to write (default: the model's own; e.g. a LoRA model's base,
     `lora.base_state_dict(model)`). keep: entries of an existing `path` carried over
     (models.qwen.atomic.OWNER_FILES: the lock and run.json of the script writing it).
+
+    A model loaded from a Qwen3.5 vision-language checkpoint is written whole, as that checkpoint
+    was (models/qwen/whole.py): its architecture and config, the text tensors under its names,
+    and its vision tower and MTP head copied byte for byte from its shards.
     """
     root = Path(path)
     cfg: QwenConfig = model.config
@@ -555,51 +571,52 @@ def save(
         state = {k: (v.to(dtype) if v.is_floating_point() and ".weight." not in k else v) for k, v in state.items()}
     float_dtypes = [v.dtype for k, v in state.items() if v.is_floating_point() and "norm" not in k]
     saved_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.bfloat16)
+    source = whole.source_of(model)
+    if source is not None:
+        state = {source.checkpoint_name(k): v for k, v in state.items()}
+        state.update(source.skipped_slices())
 
     with atomic_directory(root, fsync=False, keep=keep) as tmp:
-        shards = _shards(state, parse_size(max_shard_size))
-        if len(shards) == 1:
-            write_tensors(shards[0], tmp / SAFE_SINGLE, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            n = len(shards)
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                write_tensors(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
+        _write_shards(state, tmp, parse_size(max_shard_size), streamed=source is not None)
         hf = cfg.to_hf()
         hf["torch_dtype"] = hf["dtype"] = dtype_name(saved_dtype)
         hf["tie_word_embeddings"] = bool(getattr(model, "is_tied", cfg.tie_word_embeddings))
+        if source is not None:
+            hf = source.hf_config(hf)
         qconfs = [m.hf_quantization_config for m in model.modules() if getattr(m, "hf_quantization_config", None)]
         if qconfs:
             hf["quantization_config"] = qconfs[0]
         _write_json(tmp / "config.json", hf)
         _write_json(tmp / "generation_config.json", generation_config(model))
+        folder = source.root if source is not None else getattr(model, "name_or_path", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        elif not _copy_tokenizer_files(getattr(model, "name_or_path", None), tmp):
+        else:
+            copy_folder_files(folder, tmp, TOKENIZER_FILES)
+        copy_folder_files(folder, tmp, PROCESSOR_FILES)
+        if not any((tmp / n).is_file() for n in VOCABULARY_FILES):
             warnings.warn(f"{root}: written without tokenizer files (none given, none next to the weights it was "
                           "loaded from): transformers would build a 1-token tokenizer for it; pass tokenizer=",
                           stacklevel=2)
     return root
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "qwen.tiktoken",
-                   "chat_template.jinja", "special_tokens_map.json", "added_tokens.json")
-
-
-def _copy_tokenizer_files(source: Optional[str], target: Path) -> bool:
-    """Copy the tokenizer files of the model directory `source` into `target`; False if none."""
-    if not source or not Path(source).is_dir():
-        return False
-    found = [Path(source) / n for n in TOKENIZER_FILES if (Path(source) / n).is_file()]
-    for f in found:
-        shutil.copyfile(f, target / f.name)
-    return any(f.name in ("tokenizer.json", "vocab.json", "qwen.tiktoken") for f in found)
+def _write_shards(state: dict, tmp: Path, max_bytes: int, streamed: bool) -> None:
+    """model.safetensors, or shards + index. streamed: `state` also holds FileSlices (tensors
+    copied from another checkpoint), written one at a time (safetensors_file.write_streamed)."""
+    write = write_streamed if streamed else write_tensors
+    shards = _shards(state, max_bytes)
+    if len(shards) == 1:
+        write(shards[0], tmp / SAFE_SINGLE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        write(shard, tmp / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": sum(entry_nbytes(v) for v in state.values())}, "weight_map": weight_map}
+    (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _checked_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

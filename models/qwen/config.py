@@ -571,9 +571,9 @@ class QwenConfig:
         return out
 
     def _to_hf_qwen35(self) -> dict:
-        """A text-only `qwen3_5_text` / `qwen3_5_moe_text` config (Qwen3_5[Moe]ForCausalLM), also for
-        a model read from a `qwen3_5[_moe]` checkpoint: its vision tower and MTP head were not
-        loaded, so not written."""
+        """A text-only `qwen3_5_text` / `qwen3_5_moe_text` config (Qwen3_5[Moe]ForCausalLM); for a
+        model read from a `qwen3_5[_moe]` checkpoint, `save` writes that checkpoint's own config
+        with the values of this one that changed (models/qwen/whole.py)."""
         out = self._hf_common()
         out.update(
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,

