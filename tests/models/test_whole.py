@@ -10,6 +10,7 @@ script tests (tests/examples/test_qwen35_whole.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -289,15 +290,53 @@ def test_peak_memory_does_not_grow_with_the_vision_tower(tmp_path):
     assert peaks["big"] - peaks["small"] < 40e6, peaks
 
 
-def test_gguf_export_refuses_the_family_in_one_line(tmp_path):
-    """GGUF export does not cover Qwen3.5: a whole checkpoint gets the family refusal (not the
-    Qwen-7B v1 one its nested layout used to trip)."""
+def test_gguf_export_writes_the_text_model_of_a_whole_checkpoint(tmp_path):
+    """A whole vision-language folder (what merge.py writes) exports as llama.cpp's text GGUF: the
+    same file as the text model alone, written here by hand (names `model.language_model.*` ->
+    `model.*`, the vision tower and MTP head dropped, config.json = its text_config), which
+    tests/models/test_gguf_hybrid.py checks against the converter's transformations."""
     pytest.importorskip("gguf")
-    from models.qwen.export import ExportError, export_gguf
+    from gguf import GGUFReader
+    from safetensors.torch import load_file, save_file
 
-    base = vl_checkpoint(tmp_path / "base")
-    with pytest.raises(ExportError, match=r"not model_type 'qwen3_5_text'"):
-        export_gguf(base, tmp_path / "m.gguf")
+    from models.qwen.export import export_gguf
+
+    # llama.cpp's qwen35 loader builds every 4th layer as full attention (and nothing else)
+    from tests.models.test_gguf import byte_tokenizer
+
+    base = vl_checkpoint(tmp_path / "base", num_hidden_layers=4,
+                         layer_types=["linear_attention"] * 3 + ["full_attention"])
+    byte_tokenizer().save_pretrained(base)   # a GGUF carries the vocabulary (259 byte-level tokens)
+    text = tmp_path / "text"
+    text.mkdir()
+    cfg = json.loads((base / "config.json").read_text())
+    text_cfg = dict(cfg["text_config"], architectures=["Qwen3_5ForCausalLM"])
+    text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    (text / "config.json").write_text(json.dumps(text_cfg))
+    tensors = {}
+    for f in sorted(base.glob("*.safetensors")):
+        for k, v in load_file(f).items():
+            if k.startswith("model.language_model."):
+                tensors["model." + k[len("model.language_model."):]] = v
+            elif k.startswith("lm_head."):
+                tensors[k] = v
+    save_file(tensors, text / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "qwen.tiktoken",
+                 "generation_config.json", "chat_template.jinja"):
+        if (base / name).exists():
+            shutil.copy(base / name, text / name)
+    whole_file = export_gguf(base, tmp_path / "whole.gguf").path
+    text_file = export_gguf(text, tmp_path / "text.gguf").path
+    a, b = GGUFReader(whole_file), GGUFReader(text_file)
+    ta, tb = ({t.name: t for t in r.tensors} for r in (a, b))
+    assert ta.keys() == tb.keys() and not any("visual" in n or "nextn" in n for n in ta)
+    for name, x in ta.items():
+        y = tb[name]
+        assert x.tensor_type == y.tensor_type and x.data.tobytes() == y.data.tobytes(), name
+    keys = {k for k in a.fields if not k.startswith("GGUF.") and k != "general.name"}
+    assert keys == {k for k in b.fields if not k.startswith("GGUF.") and k != "general.name"}
+    for k in keys:
+        assert a.fields[k].contents() == b.fields[k].contents(), k
 
 
 def test_text_only_checkpoint_keeps_its_mtp_head(tmp_path):

@@ -16,7 +16,6 @@ written next to its final name and renamed into place when complete.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 
 from ..checkpoint import checkpoint_files, iter_tensors
 from ..config import ConfigError, QwenConfig
+from ..safe_load import loads_json
 from .errors import ExportError
 from .gguf_hybrid import HYBRID_ARCHITECTURES, add_hybrid_metadata, check_hybrid_config
 from .gguf_tensors import (ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, checkpoint_items, converted, encode,
@@ -122,8 +122,10 @@ def read_config(model_dir: Path) -> QwenConfig:
 
 
 def raw_config(model_dir: Path) -> dict:
-    """config.json as written (read_config has checked it): the converter's `hparams`."""
-    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    """config.json as written (read_config has checked it): the converter's `hparams` (of the text
+    model: a vision-language checkpoint's `text_config`)."""
+    raw = loads_json((model_dir / "config.json").read_text(encoding="utf-8"))
+    return raw.get("text_config", raw) if "vision_config" in raw else raw
 
 
 def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str,

@@ -54,10 +54,6 @@ DEFAULT_PARTIAL_ROTARY_FACTOR = 0.25
 def check_hybrid_config(model_dir: Path, config: QwenConfig, raw: dict) -> None:
     """Refuse, in one line, what llama.cpp's converter and loader would get wrong or cannot hold."""
     where = model_dir / "config.json"
-    if config.source_format != "hf":
-        raise ExportError(f"{where}: a {raw.get('model_type')!r} (multimodal) checkpoint; load it with "
-                          f"models.qwen.load and save it with models.qwen.save to get the text model "
-                          f"({config.model_type}) that GGUF export writes")
     interval = int(raw.get("full_attention_interval", DEFAULT_FULL_ATTENTION_INTERVAL))
     if config.layer_types != default_layer_types(config.num_hidden_layers, interval):
         raise ExportError(f"{where}: layer_types is not every {interval}th layer full attention, the only "

@@ -79,6 +79,8 @@ class TensorPlan:
         return self.numel // block * size
 
 
+TEXT_MODEL_PREFIX = "model.language_model."   # where a vision-language checkpoint keeps its text model
+
 def check_file_type(file_type: str) -> None:
     if file_type not in FILE_TYPES:
         raise ExportError(f"GGUF type {file_type!r} is not supported: expected one of {', '.join(FILE_TYPES)}")
@@ -152,6 +154,8 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
 def checkpoint_items(items: Iterable[tuple[str, Any]], config: QwenConfig, file: Path) -> Iterator[tuple[str, Any]]:
     """Checkpoint (name, tensor) in the order read, minus what a GGUF leaves out (`skipped`; the
     hybrids' MTP head), the hybrids' fused experts split per expert."""
+    if config.source_format == "qwen3_5":
+        items = text_model_items(items)
     items = ((n, t) for n, t in items if not skipped(n, config))
     if config.model_type not in HYBRID_ARCHITECTURES:
         yield from items
@@ -160,6 +164,17 @@ def checkpoint_items(items: Iterable[tuple[str, Any]], config: QwenConfig, file:
         yield from hybrid_items(items, config, file)
     except CheckpointError as e:   # a fused expert tensor of the wrong shape (names the file)
         raise ExportError(str(e)) from None
+
+
+def text_model_items(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """A vision-language checkpoint's (Qwen3_5[Moe]ForConditionalGeneration) text model, as the
+    converter's text GGUF holds it: `model.language_model.*` as `model.*`, `lm_head.*` as it is;
+    the vision tower (llama.cpp writes it to a separate --mmproj file) and the MTP head left out."""
+    for name, value in items:
+        if name.startswith(TEXT_MODEL_PREFIX):
+            yield "model." + name[len(TEXT_MODEL_PREFIX):], value
+        elif name.startswith("lm_head."):
+            yield name, value
 
 
 def converted(items: Iterable[tuple[str, torch.Tensor]], config: QwenConfig,
