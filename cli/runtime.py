@@ -43,6 +43,26 @@ def load_model(path: Path, dtype: str, qlora: bool = False):
     return load(path, dtype=dtype_from_name(dtype), device=device(), quantize=quantizer_for(path, qlora))
 
 
+def save_merged(model, model_dir: Path, out: Path, dtype: str, qlora: bool, tokenizer=None) -> None:
+    """--out/merged: the trained adapter (already saved in --out/adapter) folded into the base.
+
+    After QLoRA the base in memory is NF4-rounded; the adapter is folded into the original 16-bit
+    weights instead (the base read again, as merge.py does by default), so merged/ is the model
+    merge.py would write from the same adapter. Rank 0 alone writes.
+    """
+    import lora
+    from models.qwen import save
+    from train import distributed
+
+    if not distributed.is_main():
+        return
+    if qlora:
+        model = load_model(model_dir, dtype)
+        lora.load(model, out / "adapter")
+    lora.merge(model)
+    save(model, out / "merged", tokenizer=tokenizer)
+
+
 def seed_everything(seed: int) -> None:
     """One seed for every source of randomness a run draws from before training starts
     (LoRA's A initialisation among them), so the same command gives the same run."""

@@ -150,13 +150,7 @@ def main(argv=None) -> int:
         log(f"\n>>> {q}\n[before] {' '.join(a0.split())}\n[after]  {' '.join(a1.split())}")
 
     if not args.no_merge:
-        import lora
-        from models.qwen import save
-        from train import distributed
-
-        lora.merge(model)
-        if distributed.is_main():
-            save(model, out / "merged", tokenizer=chat_tok)
+        runtime.save_merged(model, model_dir, out, args.dtype, args.qlora, tokenizer=chat_tok)
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
     log(f"  training summary: {runtime.summary_line(summary)}")

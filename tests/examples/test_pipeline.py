@@ -207,3 +207,38 @@ def test_qlora_stage1_merges_into_the_original_weights(pipeline, tmp_path):
     hf_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     with torch.no_grad():
         assert max_rel_err(hf_merged(x).logits, ref(x).logits) < 1e-5
+
+
+@pytest.mark.parametrize("stage", ["sft.py", "dpo.py"])
+def test_qlora_sft_and_dpo_write_merged_into_the_original_weights(pipeline, tmp_path, stage):
+    """sft.py / dpo.py --qlora: merged/ is the *original* (unquantised) base + the adapter, as PEFT
+    computes it on the unquantised transformers model, and as merge.py would write it (it was the
+    NF4-rounded base: logits 0.14 off PEFT's on a tiny Qwen3-Next)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from models.qwen import Tokenizer
+
+    out = tmp_path / "q"
+    data = pipeline["sft_data"]
+    if stage == "dpo.py":
+        data = tmp_path / "pairs.jsonl"
+        rows = [json.loads(l) for l in pipeline["sft_data"].read_text().splitlines()]
+        data.write_text("".join(json.dumps({"prompt": r["messages"][0]["content"], "chosen": r["messages"][1]["content"],
+                                            "rejected": rows[(i + 1) % len(rows)]["messages"][1]["content"]}) + "\n"
+                                for i, r in enumerate(rows)))
+    proc = run_script(stage, "--model", pipeline["merged"], "--data", data, "--out", out, "--qlora",
+                      "--max-len", "96", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--lora-r", "4",
+                      "--max-steps", "1", "--warmup-steps", "0", "--dtype", "fp32", "--eval-fraction", "0.25",
+                      "--sample-questions", "1", "--sample-tokens", "2", cache=pipeline["cache"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = Tokenizer.from_pretrained(out / "merged")
+    x = _ids(PROMPTS[:1], tok)[0]
+    base = AutoModelForCausalLM.from_pretrained(pipeline["merged"], dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, out / "adapter").eval()
+    hf_merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    untouched = AutoModelForCausalLM.from_pretrained(pipeline["merged"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(x).logits
+        assert max_rel_err(hf_merged(x).logits, want) < 1e-5       # the merge's fp32 fold (measured < 1e-6)
+        assert max_rel_err(untouched(x).logits, want) > 1e-4       # and the adapter moved the model
