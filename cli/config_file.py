@@ -139,7 +139,7 @@ def _llama_factory_settings(values: dict, actions: dict, path: str, stage: Optio
     for key, value in values.items():
         key = str(key)
         if key in LF_KEYS:
-            for dest, value2 in LF_KEYS[key](value, values, path, stage):
+            for dest, value2 in _translated(key, value, values, path, stage):
                 if dest is None:
                     ignored.append(f"{key}: {value2}")
                 elif dest in actions:
@@ -221,6 +221,24 @@ def _checked(action: argparse.Action, value: Any, file: str, key: str) -> str:
 
 # ---------------------------------------------------------------------- LLaMA-Factory keys
 Pairs = list[tuple[Optional[str], Any]]
+
+
+# The LLaMA-Factory keys whose value may be a list (the others take one scalar).
+LF_LIST_KEYS = {"lora_target", "report_to", "dataset", "eval_dataset"}
+
+
+def _translated(key: str, value: Any, values: dict, path: str, stage: Optional[str]) -> Pairs:
+    """LF_KEYS[key]'s (dest, value) pairs, a value of the wrong shape or type named with its key."""
+    scalar = value is None or isinstance(value, (str, int, float, bool))
+    if not scalar and not (key in LF_LIST_KEYS and isinstance(value, list)
+                           and all(isinstance(v, (str, int, float)) for v in value)):
+        raise UsageError(f"--config {path}: key {key!r}: expected "
+                         f"{'a value or a list of values' if key in LF_LIST_KEYS else 'a single value'}, "
+                         f"got {type(value).__name__} {value!r}"[:300])
+    try:
+        return LF_KEYS[key](value, values, path, stage)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--config {path}: key {key!r}: {value!r} is not a valid value ({e})") from None
 
 
 def _same(dest: str) -> Callable[..., Pairs]:

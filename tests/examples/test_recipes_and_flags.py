@@ -215,3 +215,21 @@ def test_qwen_tune_names_itself_in_usage_and_errors(tmp_path):
     assert line.startswith("qwen-tune sft: error:")
     assert assert_usage_error(run("cpt", "--seed", "-1")).startswith("qwen-tune cpt: error: argument --seed")
     assert run_script("sft.py", "--help").stdout.startswith("usage: sft.py ")
+
+
+def test_every_llamafactory_key_names_a_value_of_the_wrong_shape(tmp_path):
+    """A YAML list or mapping (or an unparsable value) where a LLaMA-Factory key takes one value is
+    one line naming the file and the key, for every key the mapping reads (was a TypeError
+    traceback for `stage: [sft]`)."""
+    from cli.config_file import LF_KEYS, LF_LIST_KEYS
+    from cli.errors import UsageError
+    from examples import cpt
+
+    cfg = tmp_path / "bad.yaml"
+    for key in sorted(LF_KEYS):
+        bad = [{"a": 1}] if key in LF_LIST_KEYS else [["sft"], {"a": 1}]
+        for value in bad:
+            cfg.write_text(json.dumps({key: value}), encoding="utf-8")
+            with pytest.raises(UsageError) as e:
+                cpt.main(["--config", str(cfg)])
+            assert f"{cfg}: key {key!r}" in str(e.value) and "\n" not in str(e.value), (key, value, str(e.value))
