@@ -175,6 +175,17 @@ def assert_close_to_reference(ours: torch.Tensor, ref32: torch.Tensor, ref64: to
     return err
 
 
+def assert_matches_formula(ours: torch.Tensor, formula, *tensors: Any, factor: float = FLOOR_FACTOR,
+                           what: str = "") -> float:
+    """`ours` against an explicit expression `formula(*tensors)`, evaluated on the fp32 tensors
+    and on their float64 copies (its floor); non-tensor arguments pass through unchanged."""
+    lift = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+    with torch.no_grad():
+        ref32 = formula(*(t.detach() if isinstance(t, torch.Tensor) else t for t in tensors))
+        ref64 = formula(*lift)
+    return assert_close_to_reference(ours, ref32, ref64, factor, what=what or "formula")
+
+
 def assert_logits_match(ours: torch.Tensor, ref: torch.nn.Module, *args: Any, factor: float = FLOOR_FACTOR,
                         **kwargs: Any) -> float:
     """`ours` [B, T, V] against `ref(*args, **kwargs).logits` in fp32, within `factor` x the

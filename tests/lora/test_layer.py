@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
-from tests.helpers import DEVICES, max_rel_err
+from tests.helpers import DEVICES, assert_matches_formula, max_rel_err
 
 
 def _layer(in_f=24, out_f=40, bias=True, seed=0, **kw):
@@ -32,19 +32,22 @@ def test_lora_equals_explicit_weight(rslora, bias):
     W, A, B = base.weight.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
     scale = 12 / (math.sqrt(4) if rslora else 4)
     x = torch.randn(3, 5, 24)
-    expected = x @ (W + scale * B @ A).T + (base.bias.detach() if bias else 0)
-    assert max_rel_err(layer(x), expected) < 1e-6
+    b = base.bias if bias else torch.zeros(40)
+    assert_matches_formula(layer(x), lambda x, W, A, B, b: x @ (W + scale * B @ A).T + b, x, W, A, B, b)
 
 
 def test_dora_equals_paper_formula():
     base, layer = _layer(r=4, alpha=8, dora=True)
     W, A, B = base.weight.detach(), layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
     m = layer.lora_magnitude_vector.detach()
-    V = W + 2.0 * B @ A
-    W_dora = m[:, None] * V / V.norm(dim=1, keepdim=True)
+
+    def w_dora(W, A, B, m):
+        V = W + 2.0 * B @ A
+        return m[:, None] * V / V.norm(dim=1, keepdim=True)
+
     x = torch.randn(7, 24)
-    assert max_rel_err(layer(x), x @ W_dora.T + base.bias.detach()) < 1e-6
-    assert max_rel_err(layer.merged_weight(), W_dora) < 1e-6
+    assert_matches_formula(layer(x), lambda x, *w: x @ w_dora(*w[:4]).T + w[4], x, W, A, B, m, base.bias)
+    assert_matches_formula(layer.merged_weight(), w_dora, W, A, B, m)
 
 
 def test_fresh_adapter_is_the_base():
@@ -65,9 +68,14 @@ def test_dropout_applies_to_adapter_input_only():
     torch.manual_seed(3)
     x_d = nn.functional.dropout(x, 0.5, training=True)
     A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-    assert max_rel_err(y, base(x) + x_d @ (B @ A).T) < 1e-6
+    W, b = base.weight, base.bias
+
+    def formula(x, x_d, W, b, A, B):
+        return x @ W.T + b + x_d @ (B @ A).T
+
+    assert_matches_formula(y, formula, x, x_d, W, b, A, B)
     layer.eval()
-    assert max_rel_err(layer(x), base(x) + x @ (B @ A).T) < 1e-6
+    assert_matches_formula(layer(x), formula, x, x, W, b, A, B)
 
 
 class _RecordShapes(TorchDispatchMode):
