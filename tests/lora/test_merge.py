@@ -68,6 +68,7 @@ def test_merged_model_saves_as_plain_checkpoint(ckpt_dirs, tmp_path):
     hf = load_hf(tmp_path / "merged")  # the reference reads it
     assert hf.config.tie_word_embeddings
     with torch.no_grad():
+        # observed 1.7e-7 (60x margin)
         assert max_rel_err(hf(ids).logits, adapted) < 1e-5
 
 
