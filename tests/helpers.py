@@ -175,6 +175,30 @@ def assert_close_to_reference(ours: torch.Tensor, ref32: torch.Tensor, ref64: to
     return err
 
 
+def assert_matches_formula(ours: torch.Tensor, formula, *tensors: Any, factor: float = FLOOR_FACTOR,
+                           what: str = "") -> float:
+    """`ours` against an explicit expression `formula(*tensors)`, evaluated on the fp32 tensors
+    and on their float64 copies (its floor); non-tensor arguments pass through unchanged."""
+    lift = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+    with torch.no_grad():
+        ref32 = formula(*(t.detach() if isinstance(t, torch.Tensor) else t for t in tensors))
+        ref64 = formula(*lift)
+    return assert_close_to_reference(ours, ref32, ref64, factor, what=what or "formula")
+
+
+def assert_same_function(a32: torch.Tensor, a64: torch.Tensor, b32: torch.Tensor, b64: torch.Tensor,
+                         factor: float = FLOOR_FACTOR, what: str = "") -> float:
+    """Two fp32 evaluations of one function in different summation orders (merged against
+    unmerged weights, accumulated against one batch): max_rel_err(a32, b32) within `factor` x
+    the sum of each one's own fp32-vs-float64 error (a64, b64: the same two computations run on
+    float64 copies of their own weights and inputs, so a bug in either is not in its floor)."""
+    floor = reference_floor(a32, a64) + reference_floor(b32, b64)
+    err = max_rel_err(a32, b32)
+    assert err <= factor * floor, (f"{what}: the two are {err:.3g} apart, more than {factor:g} x the sum of their "
+                                   f"fp32-vs-float64 errors {floor:.3g}")
+    return err
+
+
 def assert_logits_match(ours: torch.Tensor, ref: torch.nn.Module, *args: Any, factor: float = FLOOR_FACTOR,
                         **kwargs: Any) -> float:
     """`ours` [B, T, V] against `ref(*args, **kwargs).logits` in fp32, within `factor` x the

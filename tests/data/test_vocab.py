@@ -7,6 +7,9 @@ model itself (the mean-of-pieces initialisation).
 
 The model tests use a small vocabulary: Qwen's first 1000 BPE ranks plus its three control
 tokens (1003 ids) in tiny models with 1024 rows, so 21 padding rows are free.
+
+Tolerances: a mean of a few rows (atol 1e-7) was observed bit-equal; logits of a reloaded or
+resized model against the same weights (rtol = atol = 1e-5) at most 0.028 of the bound (36x).
 """
 
 from __future__ import annotations

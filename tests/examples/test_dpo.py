@@ -72,6 +72,7 @@ def test_dpo_writes_trl_metrics_and_outputs_peft_and_transformers_load(sft_model
     ids = torch.tensor([[9707, 1879, 13, 3555]])
     with torch.no_grad():
         a, m = adapted(ids).logits, merged(ids).logits
+    # merged vs PEFT-adapted, fp32: observed 2.9e-7 (34x margin)
     assert float((a - m).abs().max() / a.abs().max()) < 1e-5
 
 

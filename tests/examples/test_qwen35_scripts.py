@@ -63,6 +63,7 @@ def qlora_cpt_and_merge(base, corpus, cache, tmp_path, architecture: str):
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out / "adapter")
     ref.eval()
     with torch.no_grad():
+        # observed 2.5e-7 (40x margin)
         assert max_rel_err(merged(ids).logits, ref(ids).logits) <= 1e-5
         with ref.disable_adapter():
             assert max_rel_err(merged(ids).logits, ref(ids).logits) > 1e-4  # the adapter did change it
@@ -100,5 +101,6 @@ def fsdp_equals_one_process(base, corpus, cache, tmp_path) -> dict:
     a2 = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a1.keys() == a2.keys()
     for k in a1:
+        # observed 0.018 of the allclose bound (55x margin)
         assert torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6), k
     return a1

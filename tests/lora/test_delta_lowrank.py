@@ -78,6 +78,7 @@ def test_extracted_adapter_loads_in_peft_with_matching_logits(tmp_path):
     ids = random_ids(2, 9)
     with torch.no_grad():
         got, want = peft_model(ids).logits, ref(ids).logits
+        # observed 3.6e-7 (28x margin)
         assert max_rel_err(got, want) <= 1e-5
         assert max_rel_err(models["base"](ids).logits, want) > 1e-3  # the adapter does change the model
 

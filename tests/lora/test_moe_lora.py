@@ -101,7 +101,7 @@ def train_save_and_merge(q, adapter_dir):
         lora.save(q, adapter_dir)
         merged = lora.merge(q)
         # x(W + sBA) against xW + s(xA)B, both ours in fp32 over NF4 weights (no float64 twin):
-        # two matmul orders of one rank-4 update, measured ~1e-7; 1e-5 is ~80 fp32 ulps
+        # two matmul orders of one rank-4 update, measured 1e-7 to 8e-7 (Qwen3-Next; 12x margin)
         assert max_rel_err(merged(ids), adapted) <= 1e-5
     return merged, ids
 
@@ -378,6 +378,7 @@ def test_ddp_and_fsdp2_train_moe_like_one_process(tmp_path):
     adapter = {k: v for k, v in load_file(str(tmp_path / "two-lora" / "adapter" / "adapter_model.safetensors")).items()}
     want = load_file(str(tmp_path / "one-lora" / "adapter" / "adapter_model.safetensors"))
     assert adapter.keys() == want.keys() and any(".experts.5." in k for k in want)
+    # observed 6.7e-7 (150x margin)
     assert all(max_rel_err(adapter[k], want[k]) <= 1e-4 for k in want)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import lora
-from tests.helpers import DEVICES, max_rel_err
+from tests.helpers import DEVICES, assert_matches_formula
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -48,13 +48,15 @@ def test_nf4_lora_math_and_grads(device, kind, dora):
         if dora:
             layer.lora_magnitude_vector.mul_(1.1)
     W = _reference_weight(linear)
-    A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-    V = W + (8 / math.sqrt(4)) * B @ A
-    if dora:
-        V = layer.lora_magnitude_vector.detach()[:, None] * V / V.norm(dim=1, keepdim=True)
+    A, B, m = layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.lora_magnitude_vector
+
+    def adapted_weight(W, A, B, m):
+        V = W + (8 / math.sqrt(4)) * B @ A
+        return m[:, None] * V / V.norm(dim=1, keepdim=True) if dora else V
+
     x = torch.randn(3, 5, 128).to(device).requires_grad_()
     y = layer(x)
-    assert max_rel_err(y, x.detach() @ V.T + linear.bias.detach()) < 1e-6
+    assert_matches_formula(y, lambda x, b, *w: x @ adapted_weight(*w).T + b, x, linear.bias, W, A, B, m)
     y.square().sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
     assert x.grad is not None
@@ -62,7 +64,7 @@ def test_nf4_lora_math_and_grads(device, kind, dora):
     # merge: a plain nn.Linear holding the dequantised weight + update
     merged = lora.merged_linear(layer)
     assert type(merged) is nn.Linear and merged.weight.dtype == base.compute_dtype
-    assert max_rel_err(merged.weight, V) < 1e-6
+    assert_matches_formula(merged.weight, adapted_weight, W, A, B, m)
 
 
 @pytest.mark.parametrize("kind", list(BASES))

@@ -85,7 +85,9 @@ def test_merge_then_save_is_a_plain_checkpoint(ckpt, tmp_path):
     save(model, tmp_path / "merged")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
-        assert max_rel_err(model(ids), adapted) < 5e-5  # x(W + sBA) against xW + s(xA)B, fp32
+        # x(W + sBA) against xW + s(xA)B, both fp32: observed 9.5e-6 (0.19 of the bound). Not yet
+        # floor-derived: our gated delta rule has no float64 path (_UnitLowerInverse runs in fp32).
+        assert max_rel_err(model(ids), adapted) < 5e-5
         assert_logits_match(model(ids), back, ids)
 
 

@@ -16,7 +16,6 @@ with rsLoRA; ours are 6.3e-7 and 1.8e-6 from PEFT's: within about one floor).
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -26,11 +25,11 @@ import lora
 from models.qwen import load
 from models.qwen.moe import SharedExpertGate, TopKRouter
 from quant import NF4Quantizer
-from tests.helpers import max_rel_err, random_ids
+from tests.helpers import assert_close_to_reference, float64_twin, max_rel_err, random_ids
 from tests.lora.conftest import randomise_adapters
 from tests.lora.test_moe_lora import R, peft_model, train_save_and_merge
 from tests.lora.test_qwen35_moe_lora import load_hf, load_ours, training_matches_peft
-from tests.models.test_qwen3_next import assert_near_reference, hf_qwen3_next
+from tests.models.test_qwen3_next import hf_qwen3_next
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation"),
               pytest.mark.filterwarnings("ignore:.*written without tokenizer files")]
@@ -47,12 +46,6 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3_next_lora") / "ckpt"
     hf_qwen3_next(seed=4).save_pretrained(path)
     return path
-
-
-def peft_float64_twin(peft):
-    twin = copy.deepcopy(peft).double()
-    twin.get_base_model().config._experts_implementation = "eager"  # grouped GEMM takes no float64
-    return twin
 
 
 def test_all_linear_adapts_experts_shared_expert_and_dense_mlp_never_the_gates(ckpt):
@@ -92,7 +85,7 @@ def test_adapter_loads_in_peft_with_the_same_logits(ckpt, tmp_path, rslora):
             assert max_rel_err(ours, peft(ids).logits) > 0.1  # the adapter matters
         with lora.disable_adapters(model):
             assert max_rel_err(ours, model(ids)) > 0.1
-        assert_near_reference(ours, theirs, peft_float64_twin(peft)(ids).logits, what="PEFT logits")
+        assert_close_to_reference(ours, theirs, float64_twin(peft)(ids).logits, what="PEFT logits")
     # back into this library: every module's own A and B again, the same logits
     again = lora.load(load_ours(ckpt), tmp_path / "adapter")
     assert sorted(lora.adapter_modules(again)) == sorted(lora.adapter_modules(model))
@@ -116,7 +109,7 @@ def test_every_part_of_the_adapter_reaches_peft(ckpt, tmp_path):
         ours = model(ids)
         with lora.disable_adapters(model):
             assert max_rel_err(ours, model(ids)) > 1e-2
-        assert_near_reference(ours, peft(ids).logits, peft_float64_twin(peft)(ids).logits, what="PEFT logits")
+        assert_close_to_reference(ours, peft(ids).logits, float64_twin(peft)(ids).logits, what="PEFT logits")
 
 
 def test_loss_and_gradients_match_peft(ckpt, tmp_path):
@@ -139,7 +132,7 @@ def test_peft_trained_adapters_load(ckpt, tmp_path):
     ids = random_ids(2, 33, seed=2)
     with torch.no_grad():
         peft.eval()
-        assert_near_reference(ours(ids), peft(ids).logits, peft_float64_twin(peft)(ids).logits, what="logits")
+        assert_close_to_reference(ours(ids), peft(ids).logits, float64_twin(peft)(ids).logits, what="logits")
 
 
 def test_qlora_experts_merge_into_the_16_bit_weights(ckpt, tmp_path):
@@ -163,9 +156,9 @@ def test_qlora_experts_merge_into_the_16_bit_weights(ckpt, tmp_path):
     peft = peft_model(load_hf(ckpt), tmp_path / "adapter").eval()
     with torch.no_grad():
         got = full(ids)
-        floor_ref = peft_float64_twin(peft)(ids).logits
-        assert_near_reference(got, peft(ids).logits, floor_ref, what="PEFT logits")
-        assert_near_reference(got, peft.merge_and_unload()(ids).logits, floor_ref, what="PEFT merged logits")
+        floor_ref = float64_twin(peft)(ids).logits
+        assert_close_to_reference(got, peft(ids).logits, floor_ref, what="PEFT logits")
+        assert_close_to_reference(got, peft.merge_and_unload()(ids).logits, floor_ref, what="PEFT merged logits")
 
 
 def test_peft_all_linear_router_adapter_is_refused_in_one_line(ckpt, tmp_path):

@@ -67,6 +67,7 @@ def test_v1_named_adapter(ckpt_dirs, tmp_path, dora):
 
     model = lora.load(load_ours(ckpt_dirs[False]), out)
     with torch.no_grad():
+        # observed 0.0 (the same weights and kernels; 1e-5 leaves room for another CPU's kernel choice)
         assert max_rel_err(model(ids), theirs) < 1e-5
     # Saved back in Qwen2 names that PEFT reads on the transformers Qwen2 model.
     assert sorted(lora.config_of(model).target_modules) == sorted(

@@ -6,7 +6,7 @@ delta-rule chunk boundary, the checkpoint layouts (per expert as save_pretrained
 as transformers holds them in memory, with an MTP head beside them), save, and the 4-bit load.
 
 Tolerances are measured, not guessed: the reference's own error is taken by running its float64
-twin on the same weights and inputs (`reference_floor`), and ours may be a few of those floors
+twin on the same weights and inputs (`tests.helpers.reference_floor`), and ours may be a few of those floors
 from the fp32 reference (FLOOR_FACTOR). Measured on this model (37 and 150 tokens): transformers'
 fp32 logits are 2.9-3.8e-7 (of the largest logit) from its float64 twin, ours 1.9-3.5e-7 from its
 fp32 ones, within one floor; swapping v and z in the split of in_proj_qkvz, or renormalising the
@@ -15,7 +15,6 @@ top-k where norm_topk_prob is false, fails these tests by orders of magnitude.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -25,7 +24,7 @@ from models.qwen import ConfigError, Qwen, QwenConfig, load, save
 from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter
 from models.qwen.qwen3_next import FusedGatedDeltaNet
 from quant import NF4Quantizer
-from tests.helpers import max_rel_err, random_ids
+from tests.helpers import assert_close_to_reference, assert_grads_close, float64_twin, max_rel_err, random_ids
 from tests.models.test_moe import nf4_round_trip_decoder
 from tests.models.test_qwen35 import _randomise_small_parameters
 
@@ -66,31 +65,6 @@ PUBLISHED = {
     "shared_expert_intermediate_size": 512, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.57.0.dev0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
 }
-
-# ---------------------------------------------------------------------- measured tolerances
-FP32_ULP = 2.0**-23  # the least a floor can be
-FLOOR_FACTOR = 8.0  # ours and theirs each carry ~1 floor of rounding, in different places
-
-
-def reference_floor(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
-    """transformers' own fp32 error against its float64 twin, at least one fp32 ulp."""
-    return max(max_rel_err(ref32, ref64), FP32_ULP)
-
-
-def assert_near_reference(ours, ref32, ref64, what: str = "") -> float:
-    floor = reference_floor(ref32, ref64)
-    err = max_rel_err(ours, ref32)
-    assert err <= FLOOR_FACTOR * floor, f"{what}: {err:.3g} > {FLOOR_FACTOR:g} x the reference's floor {floor:.3g}"
-    return err
-
-
-def float64_twin(ref):
-    """A float64 copy of a transformers model, its experts run by the eager loop (the default
-    grouped-GEMM kernel takes no float64)."""
-    twin = copy.deepcopy(ref).double()
-    twin.config._experts_implementation = "eager"
-    return twin
-
 
 def hf_config(**overrides):
     from transformers import Qwen3NextConfig
@@ -241,7 +215,7 @@ def test_logits_match_transformers(pair, length):
     ref, twin, ours = pair
     ids = random_ids(2, length, seed=length)
     with torch.no_grad():
-        assert_near_reference(ours(ids), ref(ids).logits, twin(ids).logits, what="logits")
+        assert_close_to_reference(ours(ids), ref(ids).logits, twin(ids).logits, what="logits")
 
 
 def test_yarn_with_partial_rotary_matches_transformers(tmp_path):
@@ -258,7 +232,7 @@ def test_yarn_with_partial_rotary_matches_transformers(tmp_path):
     assert ours.config.rotary_dim == 8
     ids = random_ids(1, 150, seed=2)  # past original_max_position_embeddings
     with torch.no_grad():
-        assert_near_reference(ours(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="yarn logits")
+        assert_close_to_reference(ours(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="yarn logits")
     (tmp_path / "ours").mkdir()
     (tmp_path / "ours" / "config.json").write_text(json.dumps(ours.config.to_hf()))
     assert AutoConfig.from_pretrained(tmp_path / "ours").rope_parameters == rope
@@ -271,36 +245,35 @@ def test_block_is_routed_plus_gated_shared_expert(pair):
     assert isinstance(mine, SharedExpertMoeBlock) and isinstance(mine.shared_expert_gate, SharedExpertGate)
     assert type(ours.model.layers[2].mlp).__name__ == "SwiGLU"  # mlp_only_layers
     with torch.no_grad():
-        assert_near_reference(mine(x), theirs(x), twin.model.layers[1].mlp(x.double()), what="moe block")
+        assert_close_to_reference(mine(x), theirs(x), twin.model.layers[1].mlp(x.double()), what="moe block")
         gated = torch.sigmoid(mine.shared_expert_gate(x))
         assert gated.min() < 0.3 and gated.max() > 0.7  # (the fixture's gates are not all ~0.5)
 
 
+def _fused_grad(model, name: str):
+    """The gradient in `model` (transformers or its twin) of our parameter `name`: a routed
+    expert's rows of transformers' fused gate_up_proj / down_proj gradient."""
+    if ".experts." not in name:
+        return model.get_parameter(name).grad
+    I = model.config.moe_intermediate_size
+    prefix, e, proj, _ = name.rsplit(".", 3)
+    fused = model.get_parameter(f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}").grad
+    rows = {"gate_proj": slice(0, I), "up_proj": slice(I, None), "down_proj": slice(None)}[proj]
+    return fused[int(e)][rows]
+
+
 def _grads_against_reference(ref, twin, ours, loss_of) -> None:
     """Loss and every parameter's gradient of ours within FLOOR_FACTOR floors of transformers'
-    (the routed experts against its fused gate_up_proj / down_proj gradients)."""
+    (tests.helpers.assert_grads_close; the routed experts against its fused gradients)."""
     losses = [loss_of(m) for m in (ours, ref, twin)]
     for m, loss in zip((ours, ref, twin), losses):
         m.zero_grad()
         loss.backward()
-    assert_near_reference(*(loss.detach() for loss in losses), what="loss")
-    grads = [{n: p.grad for n, p in m.named_parameters()} for m in (ref, twin)]
-    I = ours.config.moe_intermediate_size
-    checked = 0
-    for name, p in ours.named_parameters():
-        if ".experts." in name:
-            prefix, e, proj, _ = name.rsplit(".", 3)
-            fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-            rows = {"gate_proj": slice(0, I), "up_proj": slice(I, None), "down_proj": slice(None)}[proj]
-            want32, want64 = (g[fused][int(e)][rows] for g in grads)
-        else:
-            want32, want64 = grads[0][name], grads[1][name]
-        if want32 is None or not want32.any():  # an expert no token reached: zero on both sides
-            assert p.grad is None or not p.grad.any(), name
-            continue
-        assert_near_reference(p.grad, want32, want64, what=f"{name}.grad")
-        checked += 1
-    assert checked > 0.9 * len(list(ours.parameters()))
+    assert_close_to_reference(*(loss.detach() for loss in losses), what="loss")
+    assert_grads_close(ours, ref, twin, _fused_grad)
+    reached = sum(1 for name, _ in ours.named_parameters() if _fused_grad(ref, name) is not None
+                  and _fused_grad(ref, name).any())
+    assert reached > 0.9 * len(list(ours.parameters()))
 
 
 def test_loss_and_gradients_match_transformers(pair):
@@ -346,7 +319,7 @@ def test_router_aux_loss_matches_transformers(tmp_path, padded):
     with torch.no_grad():
         ce, ce64 = out.loss - 0.3 * out.aux_loss, (lambda o: o.loss - 0.3 * o.aux_loss)(
             twin(ids, labels=labels, attention_mask=mask))
-        assert_near_reference(ours(ids, labels=labels, attention_mask=mask), ce.detach(), ce64, what="eval loss")
+        assert_close_to_reference(ours(ids, labels=labels, attention_mask=mask), ce.detach(), ce64, what="eval loss")
 
 
 # ---------------------------------------------------------------------- generation
@@ -412,7 +385,7 @@ def test_fused_experts_and_mtp_head_load(tmp_path):
     assert ours.is_tied and list(ours.checkpoint_source.skipped) == ["mtp.fc.weight"]
     ids = random_ids(2, 75, seed=8)
     with torch.no_grad():
-        assert_near_reference(ours(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="logits")
+        assert_close_to_reference(ours(ids), ref(ids).logits, float64_twin(ref)(ids).logits, what="logits")
     state["model.layers.1.mlp.experts.down_proj"] = torch.zeros(5, 64, 64)
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"'model.layers.1.mlp.experts.down_proj' has shape \(5, 64, 64\), "
@@ -442,7 +415,7 @@ def test_nf4_load_quantises_every_projection_and_keeps_the_gates(tmp_path):
     twin = float64_twin(ref)  # the same rounded weights in float64: the floor of the computation
     with torch.no_grad():
         ids = random_ids(2, 19)
-        assert_near_reference(q(ids), ref(ids).logits, twin(ids).logits, what="nf4 logits")
+        assert_close_to_reference(q(ids), ref(ids).logits, twin(ids).logits, what="nf4 logits")
 
 
 def test_gguf_export_refuses_a_dense_qwen3_next_layer_in_one_line(tmp_path):

@@ -44,6 +44,7 @@ N = 6
 RUN = {"max_steps": N, "save_every": 2, "eps": 1e-4}
 ONE = {"batch_size": 2, "grad_accum": 3}   # the global batch of 6 on one process ...
 TWO = {"batch_size": 1, "grad_accum": 3}   # ... and on each of two
+# observed 1.03e-6 (DDP adapter after 6 Adam steps; 9.7x margin): the closest fixed bound left, not yet floor-derived
 TOL = 1e-5
 
 
@@ -275,4 +276,5 @@ def test_cpt_example_runs_under_torchrun(tmp_path):
     a1, a2 = adapter(one), adapter(out)
     assert a1.keys() == a2.keys()
     for k in a1:
+        # observed 2.4e-5 of the allclose bound
         assert torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-6), k
