@@ -155,7 +155,7 @@ def test_config_errors_name_the_problem(tmp_path):
                                                  "needs a positive integer"),
         ({"num_experts": 0}, "model_type 'qwen3_next' needs num_experts > 0"),
         ({"num_experts_per_tok": 7}, "num_experts_per_tok 7 must be between 1 and num_experts 6"),
-        ({"num_experts": "6"}, "num_experts must be an integer, got '6'"),
+        ({"num_experts": "6"}, r'config\.json: num_experts = "6": expected an integer'),
         ({"mlp_only_layers": [4]}, r"mlp_only_layers holds 4: expected layer indices in \[0, 4\)"),
         ({"architectures": ["Qwen3_5MoeForCausalLM"]}, "expected 'Qwen3NextForCausalLM'"),
         ({"layer_types": ["linear_attention"] * 3}, "layer_types has 3 entries, expected num_hidden_layers=4"),
