@@ -159,13 +159,13 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
         print(f"{prog}: failed: {one_line(e)}", file=sys.stderr, flush=True)
         _release_outputs()
         raise SystemExit(EXIT_FAILURE)
-    if distributed:
-        from train.distributed import shutdown
-
-        shutdown()
     try:
         sys.stdout.flush()   # what main() left buffered may still meet a closed pipe
     except BrokenPipeError:
         _quiet_stdout()
-        raise SystemExit(EXIT_BROKEN_PIPE) from None
+        code = EXIT_BROKEN_PIPE
+    if distributed:
+        from train.distributed import end_process
+
+        end_process(code or EXIT_OK)   # past gloo's teardown at interpreter exit (see there)
     raise SystemExit(code or EXIT_OK)

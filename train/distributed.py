@@ -31,9 +31,10 @@ all nodes share (as with any torchrun job that resumes).
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +75,24 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(code: int = 0) -> NoReturn:
+    """Leave the process group, flush stdout and stderr, and end this process with `code` without
+    the interpreter's teardown.
+
+    Why: at interpreter exit, C++ destructors of torch.distributed's gloo objects can meet worker
+    threads that are still joinable, and std::terminate then aborts a run that had finished
+    ("terminate called without an active exception", exit -6 after the last step, which torchrun
+    reports as a failed job; seen under load on CPU). Everything a run writes is closed by then.
+    """
+    shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):   # a closed pipe or stream: nothing left to say there
+            pass
+    os._exit(code)
 
 
 def is_distributed() -> bool:

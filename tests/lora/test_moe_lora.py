@@ -391,7 +391,7 @@ def _distributed_worker(root: str) -> None:
     distributed.init_from_env()
     _moe_trainer(Path(root) / "two-lora", "lora", grad_accum=2, parallel="ddp").fit()
     _moe_trainer(Path(root) / "two-full", "full", grad_accum=2, parallel="fsdp").fit()
-    distributed.shutdown()
+    distributed.end_process(0)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main() -> None:
     if distributed.is_main():
         print(json.dumps({"steps": summary["steps"], "resumed_from": summary["resumed_from"],
                           "world_size": distributed.world_size()}))
-    distributed.shutdown()
+    distributed.end_process(0)
 
 
 if __name__ == "__main__":
