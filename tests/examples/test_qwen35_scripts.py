@@ -22,19 +22,25 @@ CPT = ("--block-size", "32", "--grad-accum", "2", "--max-steps", "2", "--lr", "1
        "--lora-dropout", "0", "--dtype", "fp32", "--eval-fraction", "0.25", "--sample-tokens", "2")
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A tiny Qwen3_5ForCausalLM with Qwen's vocabulary (the scripts tokenise real text), saved by
-    transformers, and a small corpus."""
-    from tests.models.test_qwen35 import hf_qwen35
-
-    tmp = tmp_path_factory.mktemp("qwen35-scripts")
-    hf_qwen35(seed=3, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp / "base")
+def script_inputs(tmp_path_factory, name: str, build):
+    """(base, corpus, cache): `build(seed=, vocab_size=, tie_word_embeddings=)`'s tiny transformers
+    model with Qwen's vocabulary (the scripts tokenise real text), saved by transformers, and a
+    small corpus."""
+    tmp = tmp_path_factory.mktemp(name)
+    build(seed=3, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp / "base")
     corpus = tmp / "corpus"
     corpus.mkdir()
     for i in range(8):
         (corpus / f"doc{i}.txt").write_text(f"Document {i}: sockets, queues and json. " * 6, encoding="utf-8")
     return tmp / "base", corpus, tmp / "cache"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny Qwen3_5ForCausalLM and a small corpus (script_inputs)."""
+    from tests.models.test_qwen35 import hf_qwen35
+
+    return script_inputs(tmp_path_factory, "qwen35-scripts", hf_qwen35)
 
 
 def test_qlora_cpt_and_merge(inputs, tmp_path):

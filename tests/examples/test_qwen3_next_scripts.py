@@ -9,24 +9,17 @@ import json
 
 import pytest
 
-from tests.examples.test_qwen35_scripts import fsdp_equals_one_process, qlora_cpt_and_merge
+from tests.examples.test_qwen35_scripts import fsdp_equals_one_process, qlora_cpt_and_merge, script_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch implementation")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A tiny Qwen3NextForCausalLM with Qwen's vocabulary (the scripts tokenise real text), saved by
-    transformers, and a small corpus."""
+    """A tiny Qwen3NextForCausalLM and a small corpus (script_inputs)."""
     from tests.models.test_qwen3_next import hf_qwen3_next
 
-    tmp = tmp_path_factory.mktemp("qwen3-next-scripts")
-    hf_qwen3_next(seed=3, vocab_size=151936, tie_word_embeddings=True).save_pretrained(tmp / "base")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for i in range(8):
-        (corpus / f"doc{i}.txt").write_text(f"Document {i}: sockets, queues and json. " * 6, encoding="utf-8")
-    return tmp / "base", corpus, tmp / "cache"
+    return script_inputs(tmp_path_factory, "qwen3-next-scripts", hf_qwen3_next)
 
 
 @pytest.mark.slow  # two script runs (~50 s of CPU)

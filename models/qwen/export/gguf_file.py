@@ -68,7 +68,7 @@ def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
     arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type]]
     writer = gguf.GGUFWriter(path=None, arch=arch)
     n_params = sum(p.numel for p in plans)
-    add_metadata(writer, config, file_type, name or model_dir.resolve().name, raw_config(model_dir))
+    add_metadata(writer, config, file_type, name or model_dir.resolve().name, raw_config(model_dir, config))
     vocab.add_to(writer)
     for p in plans:
         # With raw_dtype given, a non-uint8 dtype tells the writer `p.shape` is the logical shape.
@@ -107,7 +107,7 @@ def read_config(model_dir: Path) -> QwenConfig:
     except ConfigError as e:
         raise ExportError(str(e)) from None
     if config.model_type in HYBRID_ARCHITECTURES:
-        check_hybrid_config(model_dir, config, raw_config(model_dir))
+        check_hybrid_config(model_dir, config, raw_config(model_dir, config))
     if config.source_format == "qwen-v1":
         raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
                           f"with models.qwen.save to get a Qwen2-format directory first")
@@ -121,11 +121,11 @@ def read_config(model_dir: Path) -> QwenConfig:
     return config
 
 
-def raw_config(model_dir: Path) -> dict:
-    """config.json as written (read_config has checked it): the converter's `hparams` (of the text
-    model: a vision-language checkpoint's `text_config`)."""
+def raw_config(model_dir: Path, config: QwenConfig) -> dict:
+    """config.json as written (read_config has checked it): the converter's `hparams` of the text
+    model `config` was parsed from (a vision-language checkpoint's `text_config`)."""
     raw = loads_json((model_dir / "config.json").read_text(encoding="utf-8"))
-    return raw.get("text_config", raw) if "vision_config" in raw else raw
+    return raw["text_config"] if config.source_format == "qwen3_5" else raw
 
 
 def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str,
