@@ -8,6 +8,11 @@ state_dict keys are the ones bitsandbytes / transformers write for a 4-bit `Line
 `weight` (uint8 [ceil(out*in/2), 1]), `weight.absmax`, `weight.quant_map`,
 `weight.nested_absmax`, `weight.nested_quant_map` (double quantisation only),
 `weight.quant_state.bitsandbytes__nf4` (JSON bytes) and `bias`.
+
+Storage: the packed bytes exist once, as the module's `weight` Parameter. The statistics
+(absmax, quant_map, nested_*) are plain tensor attributes that follow the weight's device, and
+`quant` is an `NF4Tensor` built on each access from those tensors (no copy: its `packed` shares
+the Parameter's storage), so nothing has to be re-synced after `.to()` or `load_state_dict`.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ class _NF4MatMul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """Frozen NF4 linear. Attributes: in_features, out_features, bias (frozen Parameter or None),
     compute_dtype, blocksize, double_quant, hf_quantization_config; `weight` is the packed
-    uint8 Parameter (requires_grad=False) and `quant` the full `NF4Tensor`."""
+    uint8 Parameter (requires_grad=False), the one copy of the 4-bit codes, and `quant` the
+    full `NF4Tensor` viewed over it (see the module docstring)."""
 
     def __init__(
         self,
@@ -67,8 +73,7 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4Linear: weight must be 2-D [out, in], got shape {tuple(quantized.shape)}")
         self.out_features, self.in_features = (int(s) for s in quantized.shape)
         self.compute_dtype = compute_dtype or quantized.dtype
-        self.quant = quantized
-        self.weight = nn.Parameter(quantized.packed, requires_grad=False)
+        self._adopt(quantized)
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"NF4Linear: bias shape {tuple(bias.shape)}, expected ({self.out_features},)")
@@ -78,6 +83,24 @@ class NF4Linear(nn.Module):
         # Optional reused dequantisation buffer (saves an allocation per call).
         self.reuse_buffer = reuse_buffer
         self._buffer: Optional[torch.Tensor] = None
+
+    def _adopt(self, q: NF4Tensor) -> None:
+        """Take `q`'s tensors as this module's storage (no copy): `q.packed` becomes the `weight`
+        Parameter, the statistics plain attributes, the rest metadata."""
+        self.weight = nn.Parameter(q.packed, requires_grad=False)
+        self._absmax, self._code = q.absmax, q.code
+        self._nested_absmax, self._nested_code = q.nested_absmax, q.nested_code
+        self._shape, self._dtype, self._blocksize = torch.Size(q.shape), q.dtype, q.blocksize
+        self._nested_blocksize, self._offset = q.nested_blocksize, q.offset
+
+    @property
+    def quant(self) -> NF4Tensor:
+        """The NF4Tensor of this layer, viewed over the module's own tensors (`packed` is `weight`'s storage)."""
+        return NF4Tensor(
+            packed=self.weight.data, absmax=self._absmax, shape=self._shape, dtype=self._dtype,
+            blocksize=self._blocksize, code=self._code, nested_absmax=self._nested_absmax,
+            nested_code=self._nested_code, nested_blocksize=self._nested_blocksize, offset=self._offset,
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -96,11 +119,11 @@ class NF4Linear(nn.Module):
 
     @property
     def blocksize(self) -> int:
-        return self.quant.blocksize
+        return self._blocksize
 
     @property
     def double_quant(self) -> bool:
-        return self.quant.double_quant
+        return self._nested_absmax is not None
 
     @property
     def hf_quantization_config(self) -> dict[str, Any]:
@@ -114,7 +137,7 @@ class NF4Linear(nn.Module):
         if self.reuse_buffer:
             buf = self._buffer
             if buf is None or buf.device != self.weight.device or buf.dtype != self.compute_dtype:
-                buf = self._buffer = torch.empty(self.quant.shape, dtype=self.compute_dtype, device=self.weight.device)
+                buf = self._buffer = torch.empty(self._shape, dtype=self.compute_dtype, device=self.weight.device)
             out = buf
         return self._dequantize_into(out)
 
@@ -124,19 +147,18 @@ class NF4Linear(nn.Module):
         shape shares: valid only until the next call. For the matmuls of `_NF4MatMul`, which
         use it at once and keep nothing (on CPU a fresh tensor per call costs page faults:
         47 -> 33 ms for the 56 weights of the 100M shape)."""
-        self.quant.packed = self.weight.data
         if backend.serves(self.quant):
             return self._dequantize_into(None)  # bnb's kernel allocates; copying into a scratch would add a pass
-        shape = tuple(self.quant.shape)
+        shape = tuple(self._shape)
         return self._dequantize_into(scratch(shape, self.compute_dtype, self.weight.device, NF4_WEIGHT.format(shape=shape)))
 
     def _dequantize_into(self, out: Optional[torch.Tensor]) -> torch.Tensor:
         """Dequantise into `out` (or a fresh tensor): bitsandbytes' kernel where it serves, else our codec."""
-        self.quant.packed = self.weight.data  # the Parameter is the storage (may have been moved)
-        fast = backend.dequantize(self.quant, self.compute_dtype, out=out)
+        q = self.quant
+        fast = backend.dequantize(q, self.compute_dtype, out=out)
         if fast is not None:
             return fast
-        return self.quant.dequantize(self.compute_dtype, out=out)
+        return q.dequantize(self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -158,9 +180,11 @@ class NF4Linear(nn.Module):
         # Statistics stay fp32/uint8 whatever `.to(dtype)` asks for; only the device follows.
         # A float `.to(dtype)` changes the compute dtype (it is the model dtype).
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
-        super()._apply(fn, recurse)
-        self.quant = self.quant.to(self.weight.device)
-        self.quant.packed = self.weight.data
+        super()._apply(fn, recurse)   # weight (uint8: device only) and bias
+        device = self.weight.device
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        self._absmax, self._code = move(self._absmax), move(self._code)
+        self._nested_absmax, self._nested_code = move(self._nested_absmax), move(self._nested_code)
         self.compute_dtype = probe.dtype
         self._buffer = None
         return self
@@ -168,7 +192,6 @@ class NF4Linear(nn.Module):
     # ------------------------------------------------------------------ state dict (bnb keys)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        self.quant.packed = self.weight.data
         for suffix, tensor in nf4_to_state(self.quant).items():
             if suffix != "weight":
                 destination[prefix + suffix] = tensor
@@ -177,17 +200,17 @@ class NF4Linear(nn.Module):
         stats = {s: state_dict[prefix + s] for s in ("weight",) + STAT_SUFFIXES if prefix + s in state_dict}
         if "weight" in stats:
             try:
-                self.quant = nf4_from_state(prefix + "weight", stats, device=self.weight.device)
+                loaded = nf4_from_state(prefix + "weight", stats, device=self.weight.device)
             except ValueError as e:
                 error_msgs.append(str(e))
                 return
-            if tuple(self.quant.shape) != (self.out_features, self.in_features):
+            if tuple(loaded.shape) != (self.out_features, self.in_features):
                 error_msgs.append(
-                    f"{prefix}weight: quant_state shape {tuple(self.quant.shape)}, expected "
+                    f"{prefix}weight: quant_state shape {tuple(loaded.shape)}, expected "
                     f"({self.out_features}, {self.in_features})"
                 )
                 return
-            self.weight = nn.Parameter(self.quant.packed, requires_grad=False)
+            self._adopt(loaded)
         for s in STAT_SUFFIXES:
             state_dict.pop(prefix + s, None)  # consumed here, not unexpected
         local = dict(state_dict)

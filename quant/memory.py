@@ -54,7 +54,7 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     nf4, nf4_ids = 0, set()
     for m in model.modules():
         if isinstance(m, NF4Linear):
-            nf4 += m.quant.nbytes() - _nbytes(m.quant.packed) + _nbytes(m.weight)
+            nf4 += m.quant.nbytes()   # packed (the weight Parameter) + statistics
             nf4_ids.add(id(m.weight))
             if m.bias is not None:
                 nf4 += _nbytes(m.bias)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,38 @@ def test_state_dict_keys_round_trip_and_bnb_readable():
     fresh = NF4Linear.from_linear(_linear(seed=9), compute_dtype=torch.float32)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.dequantize(), layer.dequantize()) and torch.equal(fresh.bias, layer.bias)
+
+
+def _packed_storages(layer):
+    """Distinct storages among everything the layer holds (parameters, buffers, tensor attributes,
+    the fields of its `quant`) that could be a copy of the packed codes (uint8, as many bytes)."""
+    q = layer.quant
+    held = list(layer.parameters()) + list(layer.buffers()) + [v for v in vars(layer).values() if torch.is_tensor(v)]
+    held += [getattr(q, f.name) for f in dataclasses.fields(q) if torch.is_tensor(getattr(q, f.name))]
+    return {t.untyped_storage().data_ptr() for t in held if t.dtype == torch.uint8 and t.numel() == layer.weight.numel()}
+
+
+def test_packed_weight_is_stored_once_and_state_dict_round_trips_bit_exactly():
+    """The 4-bit codes live in one storage (the `weight` Parameter; `quant` is a view over it), after
+    construction, a dtype move, a replaced Parameter and a load; the state dict's bytes are
+    bitsandbytes' own and load back bit for bit."""
+    lin = _linear()
+    layer = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
+    packed, _ = bnbf.quantize_4bit(lin.weight.detach(), quant_type="nf4", compress_statistics=True, blocksize=64)
+    assert torch.equal(layer.weight, packed) and len(_packed_storages(layer)) == 1
+    layer.to(torch.bfloat16)
+    assert len(_packed_storages(layer)) == 1
+    layer.weight.data = layer.weight.data.clone()   # whoever replaces the bytes, the NF4 view follows
+    assert layer.quant.packed.data_ptr() == layer.weight.data_ptr() and len(_packed_storages(layer)) == 1
+    sd = layer.state_dict()
+    fresh = NF4Linear.from_linear(_linear(seed=9, bias=True), compute_dtype=torch.bfloat16)
+    fresh.load_state_dict(sd)
+    assert len(_packed_storages(fresh)) == 1 and fresh.quant.packed.data_ptr() == fresh.weight.data_ptr()
+    again = fresh.state_dict()
+    assert list(again) == list(sd)
+    for key, tensor in sd.items():
+        assert again[key].dtype == tensor.dtype and torch.equal(again[key], tensor), key
+    assert torch.equal(fresh.dequantize(), layer.dequantize())
 
 
 def test_to_dtype_keeps_statistics_and_moves_compute_dtype():
