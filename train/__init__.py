@@ -5,7 +5,7 @@
                       warmup_ratio=None, epochs=None, max_steps=None, batch_size=1, grad_accum=16,
                       max_grad_norm=1.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                       dtype="bf16", grad_checkpointing=True, eval_every=None, save_every=None,
-                      keep_last=2, seed=0, log_every=1, mode="lora",   # "lora" | "full" | "full-then-lora"
+                      keep_last=2, seed=0, log_every=1, mode="lora",   # one of train.config.MODES (train.phases)
                       full_fraction=0.0, nan_policy="stop", max_bad_steps=3, resume=False,
                       warm_start=None, parallel="ddp", progress="auto", report_to="none")
     trainer = Trainer(model, cfg, train_dataset, eval_dataset=None, collate_fn=None,
@@ -17,6 +17,7 @@ Modules, one job each:
     loop.py         the Trainer: the loop, accumulation, evaluation, checkpoint save/restore calls
     objective.py    what a step minimises (the language-model loss; preference.py for DPO & co.)
     config.py       TrainConfig, validated up front
+    phases.py       what trains when: the FineTuningPlan of the mode (the switch, checkpoint, export)
     checkpoint/     checkpoint files, step-N directories (retention, crash recovery), their content
     export.py       the final outputs: adapter/ and/or model/, with the tokenizer
     metrics_log.py  metrics.jsonl, TensorBoard events, progress bar or progress lines
@@ -59,6 +60,7 @@ from .distributed import DataParallel, init_from_env
 from .guards import NonFiniteError, NothingTrainsError, first_nonfinite
 from .loop import Trainer
 from .objective import LanguageModelLoss, Objective, supervised_tokens
+from .phases import FineTuningPlan
 from .optim import AdamW, no_decay, param_groups
 from .perplexity import perplexity_of
 from .rng import capture_rng_state, restore_rng_state
@@ -72,7 +74,7 @@ __all__ = [
     "atomic_directory", "complete_checkpoints", "newest_checkpoint", "prune_checkpoints", "best_checkpoint",
     "capture_rng_state", "restore_rng_state", "DynamicLossScaler", "first_nonfinite", "supervised_tokens",
     "LanguageModelLoss", "Objective", "perplexity_of", "activation_bytes", "DataParallel",
-    "init_from_env",
+    "init_from_env", "FineTuningPlan",
 ]
 
 

@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 from models.qwen import ConfigError
 
+from .phases import full_fraction_problem
 from .schedule import SCHEDULES
 
 MODES = ("lora", "full", "full-then-lora")
@@ -25,10 +26,10 @@ class TrainConfig:
     A step is one optimizer update over the global batch: batch_size (per process) x
     grad_accum x the world size (the processes torchrun started; 1 without it).
     Warm-up: warmup_steps or warmup_ratio of the total steps (neither: no warm-up).
-    mode: "lora" (train what is trainable: the adapters the caller injected with lora.inject),
-    "full" (every parameter), "full-then-lora" (full for the first full_fraction of the steps,
-    then the Trainer's `lora_config` is injected into the updated model and trained with a
-    fresh optimizer).
+    mode: one of MODES: "lora" (train what is trainable: the adapters the caller injected with
+    lora.inject), "full" (every parameter), or the two-phase mode (full for the first
+    full_fraction of the steps, then the Trainer's `lora_config` is injected into the updated
+    model and trained with a fresh optimizer; train.phases).
     lr_scheduler: "cosine" | "linear" | "constant" | "constant_with_warmup" (train.schedule).
     progress: "auto" (a bar on a terminal, else a line every print_every steps), "bar",
     "lines" or "off". report_to: "tensorboard" also writes event files under out_dir/runs.
@@ -126,8 +127,9 @@ class TrainConfig:
             raise bad("mode", f"one of {MODES}")
         if not 0.0 <= self.full_fraction <= 1.0:
             raise bad("full_fraction", "a number in [0, 1]")
-        if self.mode == "full-then-lora" and not 0.0 < self.full_fraction < 1.0:
-            raise bad("full_fraction", "a fraction in (0, 1) of the steps to train in full with mode='full-then-lora'")
+        problem = full_fraction_problem(self.mode, self.full_fraction)
+        if problem is not None:
+            raise bad("full_fraction", problem)
         if self.parallel not in PARALLEL:
             raise bad("parallel", f"one of {PARALLEL}")
         if self.nan_policy not in NAN_POLICIES:

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .phases import is_two_phase
+
 TIMEOUT_ENV = "QWEN_TUNE_DIST_TIMEOUT"   # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 1800.0
 STRATEGIES = ("ddp", "fsdp", "none")
@@ -197,8 +199,8 @@ class DataParallel:
     def check_supported(self, mode: str, quantized: bool) -> None:
         if not self.fsdp:
             return
-        if mode == "full-then-lora":
-            raise ValueError("parallel='fsdp' does not support mode='full-then-lora' (adapters cannot be injected "
+        if is_two_phase(mode):
+            raise ValueError(f"parallel='fsdp' does not support mode={mode!r} (adapters cannot be injected "
                              "into a sharded model): train the two phases as two runs, or use parallel='ddp'")
         if quantized:
             raise ValueError("parallel='fsdp' with an NF4-quantised base is not supported: QLoRA fits one device, "

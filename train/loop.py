@@ -5,8 +5,10 @@
     trainer.evaluate()            # {"loss", "ppl", "tokens"} over eval_ds
 
 The loop trains whatever is trainable: inject adapters first (lora.inject) for mode="lora";
-mode="full" trains every parameter; mode="full-then-lora" trains every parameter for the first
-`full_fraction` of the steps, then injects `lora_config` and trains the adapters.
+mode="full" trains every parameter; the two-phase mode trains every parameter for the first
+`full_fraction` of the steps, then injects `lora_config` and trains the adapters. Which phase
+a step is in, the switch, and what a checkpoint and the export hold in each phase: the run's
+`FineTuningPlan` (train.phases), which the loop asks.
 
 One optimizer step:
   1. draw all `grad_accum` micro-batches of the step and count their units N (the objective's
@@ -58,6 +60,7 @@ from .export import save_final
 from .guards import NonFiniteError, NothingTrainsError, check_gradients_present, check_lora_b_moved, first_nonfinite, lora_b_snapshot
 from .metrics_log import MetricsLog, Progress
 from .objective import LanguageModelLoss, Objective
+from .phases import LORA, FineTuningPlan
 from .optim import AdamW, param_groups
 from .perplexity import perplexity_of
 from .rng import capture_rng_state, restore_rng_state
@@ -109,7 +112,7 @@ class Trainer:
     document_ids, attention_mask], LongTensors [B, T]); default data.pad_collate (right-pad
     with pad_id, labels -100, attention_mask).
     objective: what a step minimises (train.objective; default the language-model loss).
-    lora_config: the adapters mode="full-then-lora" injects at the switch (a lora.LoRAConfig).
+    lora_config: the adapters the two-phase mode injects at the switch (a lora.LoRAConfig; train.phases).
     tokenizer: written with the final model/adapter, so each output folder is complete.
     say: where the loop's messages go (resume, progress notes); default stderr on rank 0.
     on_micro_batch: optional callable(step, micro_batch) run before each micro-batch (tests
@@ -129,9 +132,6 @@ class Trainer:
             raise ValueError("eval_dataset is empty: pass None to train without evaluation")
         self.objective = objective or LanguageModelLoss()
         self.lora_config, self.tokenizer = lora_config, tokenizer
-        if cfg.mode == "full-then-lora" and lora_config is None:
-            raise ValueError("mode='full-then-lora' needs lora_config=lora.LoRAConfig(...): the adapters injected "
-                             "when the full phase ends")
         self.out = Path(cfg.out_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.device = model_device(model)
@@ -144,7 +144,7 @@ class Trainer:
                                          rank=self.dist.rank, world_size=self.dist.world_size)
         self.total_steps = self._total_steps()
         self.warmup = resolve_warmup(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
-        self.switch_step = round(cfg.full_fraction * self.total_steps) if cfg.mode == "full-then-lora" else None
+        self.plan = FineTuningPlan.of(cfg.mode, cfg.full_fraction, lora_config, self.total_steps)
         self.autocast_dtype = self._precision()
         self.scaler = DynamicLossScaler(enabled=cfg.dtype == "fp16")
         self.on_micro_batch: Optional[Callable[[int, int], None]] = None
@@ -158,9 +158,8 @@ class Trainer:
         self.evals: list[dict[str, Any]] = []
         self.resumed_from: Optional[str] = None
         self._checked_phase: Optional[str] = None
-        self.phase = "full" if cfg.mode == "full" or (cfg.mode == "full-then-lora" and self.switch_step > 0) else "lora"
         self.forward_model: nn.Module = model   # what forward/backward run through (DDP wrapper, ...)
-        self._setup_phase(self.phase)
+        self._setup_phase(self.plan.phase_at(0))
         self.device = model_device(model)      # FSDP2 may have moved the shards to the mesh's device
         if hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing(bool(cfg.grad_checkpointing))
@@ -214,26 +213,17 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def switch_step(self) -> Optional[int]:
+        """The step after which the LoRA phase begins (two-phase mode), else None (train.phases)."""
+        return self.plan.switch_step
+
     def _setup_phase(self, phase: str) -> None:
-        """Make the phase's parameters trainable: all of them ("full"), or check that the
-        adapters are there ("lora"; full-then-lora injects its lora_config at the switch)."""
-        model = self.model
-        if phase == "full":
-            if lora.has_adapters(model):
-                raise ValueError("mode='full' (or the full phase of 'full-then-lora') but the model already holds LoRA "
-                                 "adapters: merge them first (lora.merge) or use mode='lora'")
-            if has_nf4(model):
-                raise ValueError("full-parameter training of an NF4-quantised model is not possible: the 4-bit weights "
-                                 "have no gradient. Use mode='lora' (QLoRA) or load the model unquantised")
-            for p in model.parameters():
-                p.requires_grad_(p.is_floating_point())
-        elif self.cfg.mode == "full-then-lora" and not lora.has_adapters(model):
-            lora.inject(model, **self.lora_config.inject_kwargs())
-        elif not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("mode='lora' but nothing in the model is trainable: inject adapters first "
-                             "(lora.inject(model, r=16, ...)) or use mode='full'")
+        """Enter `phase`: the plan makes its parameters trainable (injecting the adapters at the
+        switch), then the trainable set is fixed for the distributed wrapper."""
+        self.plan.enter(self.model, phase)
         self.phase = phase
-        self.forward_model = self.dist.prepare(model)   # the trainable set is fixed now
+        self.forward_model = self.dist.prepare(self.model)   # the trainable set is fixed now
 
     def _build_optimizer(self) -> AdamW:
         return AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr,
@@ -274,9 +264,9 @@ class Trainer:
         try:
             with StopSignals() as stop:
                 while self.step < self.total_steps and stop.requested is None:
-                    if self.switch_step is not None and self.phase == "full" and self.step >= self.switch_step:
-                        self._setup_phase("lora")
-                        self.optimizer = self._build_optimizer()   # fresh state for the adapters
+                    if self.plan.switch_due(self.step, self.phase):
+                        self._setup_phase(LORA)
+                        self.optimizer = self._build_optimizer()   # fresh state for the new trainable set
                     stats = self.train_step()
                     if stats["loss"] is not None:
                         last_loss = stats["loss"]
@@ -507,11 +497,10 @@ class Trainer:
         with self.dist.full_parameters(self.model, trainable_only=True):
             if self.dist.is_main:
                 named = dict(self.model.named_parameters())
-                full_then_lora = self.cfg.mode == "full-then-lora" and self.phase == "lora"
                 ckpt.write_checkpoint(
                     final,
                     trainable={n: p for n, p in named.items() if p.requires_grad},
-                    frozen={n: p for n, p in named.items() if not p.requires_grad} if full_then_lora else None,
+                    frozen={n: p for n, p in named.items() if not p.requires_grad} if self.plan.saves_base(self.phase) else None,
                     adapter_model=self.model if lora.has_adapters(self.model) else None,
                     optimizer=(opt_tensors, opt_meta), rng_states=rng_states,
                     state={
@@ -554,8 +543,6 @@ class Trainer:
         if state["total_steps"] != self.total_steps:
             raise CheckpointError(f"{path}: the run had {state['total_steps']} total steps, this one {self.total_steps}: "
                                   "the schedule would change (same max_steps/epochs and dataset needed)")
-        if state["phase"] not in ("full", "lora"):
-            raise CheckpointError(f"{path / ckpt.STATE_FILE}: key 'phase' = {state['phase']!r}: expected 'full' or 'lora'")
         if state["phase"] != self.phase:
             self._setup_phase(state["phase"])
         if found.has("model.safetensors"):
@@ -617,8 +604,7 @@ class Trainer:
         """The run's final outputs (train.export); rank 0 writes (FSDP2 shards gathered onto its
         CPU first), the others wait."""
         paths: dict[str, str] = {}
-        full = self.cfg.mode in ("full", "full-then-lora")
-        with self.dist.full_parameters(self.model, trainable_only=not full):
+        with self.dist.full_parameters(self.model, trainable_only=not self.plan.trains_base):
             if self.dist.is_main:
                 paths = save_final(self.model, self.out, self.cfg.mode, tokenizer=self.tokenizer)
         self.dist.barrier()

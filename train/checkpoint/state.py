@@ -6,11 +6,12 @@
     ckpt.tensors("trainable.safetensors"); ckpt.optimizer_state(opt); ckpt.rng(rank)
 
 Files: trainable.safetensors (every trainable parameter by name: the adapter, or the full model),
-model.safetensors (full-then-lora after the switch: the updated base), adapter/ (PEFT format,
+model.safetensors (the frozen base, when the run's phase says so: train.phases
+FineTuningPlan.saves_base, after the switch of the two-phase mode), adapter/ (PEFT format,
 when the model has adapters), optimizer.safetensors + optimizer.json, rng.safetensors +
 rng.json (rng-rank{r}.* for the other ranks of a distributed run), state.json (steps, schedule,
-sampler, loss scaler, guards, config, world size, and the list of files with their sizes;
-written last). A damaged or tampered file is a CheckpointError naming the file and the key.
+sampler, loss scaler, guards, config, world size, the phase (one of train.phases.PHASES), and
+the list of files with their sizes; written last). A damaged or tampered file is a CheckpointError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from models.qwen import CheckpointError
 from models.qwen.atomic import atomic_directory
 
+from ..phases import PHASES
 from .files import load_tensors, optimizer_from_files, read_json, save_tensors, write_json
 from .store import STATE_FILE, file_sizes
 
@@ -74,6 +76,8 @@ class Checkpoint:
         if state["step"] > state["total_steps"]:
             raise CheckpointError(f"{self.path / STATE_FILE}: key 'step' = {state['step']} is past 'total_steps' "
                                   f"= {state['total_steps']}")
+        if state["phase"] not in PHASES:
+            raise CheckpointError(f"{self.path / STATE_FILE}: key 'phase' = {state['phase']!r}: expected one of {PHASES}")
         for key in ("sampler", "scaler", "config"):
             if not isinstance(state[key], dict):
                 raise CheckpointError(f"{self.path / STATE_FILE}: key {key!r}: expected a JSON object")
