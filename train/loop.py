@@ -60,9 +60,9 @@ from .export import save_final
 from .guards import NonFiniteError, NothingTrainsError, check_gradients_present, check_lora_b_moved, first_nonfinite, lora_b_snapshot
 from .metrics_log import MetricsLog, Progress
 from .objective import LanguageModelLoss, Objective
-from .phases import LORA, FineTuningPlan
 from .optim import AdamW, param_groups
 from .perplexity import perplexity_of
+from .phases import FineTuningPlan
 from .rng import capture_rng_state, restore_rng_state
 from .scaler import DynamicLossScaler
 from .schedule import learning_rate, resolve_warmup
@@ -265,7 +265,7 @@ class Trainer:
             with StopSignals() as stop:
                 while self.step < self.total_steps and stop.requested is None:
                     if self.plan.switch_due(self.step, self.phase):
-                        self._setup_phase(LORA)
+                        self._setup_phase(self.plan.phase_at(self.step))
                         self.optimizer = self._build_optimizer()   # fresh state for the new trainable set
                     stats = self.train_step()
                     if stats["loss"] is not None:
@@ -497,10 +497,11 @@ class Trainer:
         with self.dist.full_parameters(self.model, trainable_only=True):
             if self.dist.is_main:
                 named = dict(self.model.named_parameters())
+                frozen = {n: p for n, p in named.items() if not p.requires_grad}
                 ckpt.write_checkpoint(
                     final,
                     trainable={n: p for n, p in named.items() if p.requires_grad},
-                    frozen={n: p for n, p in named.items() if not p.requires_grad} if self.plan.saves_base(self.phase) else None,
+                    frozen=frozen if self.plan.saves_base(self.phase) else None,
                     adapter_model=self.model if lora.has_adapters(self.model) else None,
                     optimizer=(opt_tensors, opt_meta), rng_states=rng_states,
                     state={

@@ -11,7 +11,8 @@ FineTuningPlan.saves_base, after the switch of the two-phase mode), adapter/ (PE
 when the model has adapters), optimizer.safetensors + optimizer.json, rng.safetensors +
 rng.json (rng-rank{r}.* for the other ranks of a distributed run), state.json (steps, schedule,
 sampler, loss scaler, guards, config, world size, the phase (one of train.phases.PHASES), and
-the list of files with their sizes; written last). A damaged or tampered file is a CheckpointError naming the file and the key.
+the list of files with their sizes; written last). A damaged or tampered file is a
+CheckpointError naming the file and the key.
 """
 
 from __future__ import annotations
