@@ -31,7 +31,7 @@ from typing import Union
 from torch import nn
 
 from models.qwen.families import keeps_16bit
-from models.qwen.families.v1 import LORA_ALIASES as V1_ALIASES
+from models.qwen.families.v1 import LORA_ALIASES as V1_ALIASES  # (lora.V1_ALIASES: public)
 from models.qwen.moe import TopKRouter
 
 from .layer import LoRALinear, is_linear
