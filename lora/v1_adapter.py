@@ -1,10 +1,11 @@
 """PEFT adapters trained on Qwen-7B v1 (remote-code `QWenLMHeadModel`) onto our Qwen2 names.
 
 Our loader maps v1 checkpoints onto the Qwen2 module names (models/qwen/families/v1.py), so a
-v1 adapter is mapped the same way, with that family's renames: transformer.h.{i} -> model.layers.{i}; attn.c_attn -> q/k/v_proj (lora_B and the
-DoRA magnitude split by rows, lora_A shared: [q; k; v] = B·A·x row-block by row-block is
-exact); attn.c_proj -> self_attn.o_proj; mlp.w1 -> up_proj; mlp.w2 -> gate_proj;
-mlp.c_proj -> down_proj; transformer.wte -> model.embed_tokens.
+v1 adapter is mapped the same way, with that family's renames: transformer.h.{i} ->
+model.layers.{i}; attn.c_attn -> q/k/v_proj (lora_B and the DoRA magnitude split by rows,
+lora_A shared: [q; k; v] = B·A·x row-block by row-block is exact); attn.c_proj ->
+self_attn.o_proj; mlp.w1 -> up_proj; mlp.w2 -> gate_proj; mlp.c_proj -> down_proj;
+transformer.wte -> model.embed_tokens.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class QwenConfig:
     linear_num_value_heads: int = 32  # a multiple of linear_num_key_heads (q/k heads are shared)
 
     def __post_init__(self) -> None:
-        from .families import family_of_config, written_model_types
+        from .families import FAMILIES, family_of_config, written_model_types
 
         family = family_of_config(self.model_type, self.source_format)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -158,6 +158,11 @@ class QwenConfig:
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        if family is None and self.model_type in written_model_types():
+            formats = sorted({f for fam in FAMILIES.values() if fam.model_type == self.model_type
+                              for f in fam.source_formats})
+            raise ConfigError(f"source_format {self.source_format!r}: model_type {self.model_type!r} expects one of "
+                              f"{formats}")
         if family is None:
             raise ConfigError(f"model_type {self.model_type!r}: expected one of {written_model_types()}")
         family.validate(self)

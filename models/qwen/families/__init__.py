@@ -159,15 +159,16 @@ class Family:
         if self.moe and cfg.num_experts <= 0:
             raise ConfigError(f"model_type {cfg.model_type!r} needs num_experts > 0, got {cfg.num_experts}")
         if cfg.num_experts and not self.moe:
-            raise ConfigError(f"num_experts {cfg.num_experts} needs model_type {_one_of(f.model_type for f in FAMILIES.values() if f.moe)}, "
-                              f"got {cfg.model_type!r}")
+            moe_types = _one_of(f.model_type for f in FAMILIES.values() if f.moe)
+            raise ConfigError(f"num_experts {cfg.num_experts} needs model_type {moe_types}, got {cfg.model_type!r}")
         shared = cfg.shared_expert_intermediate_size
         if self.shared_expert and (isinstance(shared, bool) or not isinstance(shared, int) or shared <= 0):
             raise ConfigError(f"shared_expert_intermediate_size = {shared!r}: model_type {cfg.model_type!r} "
                               "needs a positive integer (its MoE block always has a shared expert)")
         if shared and not self.shared_expert:
-            raise ConfigError(f"shared_expert_intermediate_size {shared} needs model_type "
-                              f"{_one_of(f.model_type for f in FAMILIES.values() if f.shared_expert)}, got {cfg.model_type!r}")
+            shared_types = _one_of(f.model_type for f in FAMILIES.values() if f.shared_expert)
+            raise ConfigError(f"shared_expert_intermediate_size {shared} needs model_type {shared_types}, "
+                              f"got {cfg.model_type!r}")
 
 
 def _one_of(names) -> str:

@@ -1,7 +1,8 @@
 """Qwen3-Next (`qwen3_next`, transformers' `Qwen3NextForCausalLM`): Qwen3-Next-80B-A3B
 Instruct / Thinking, Qwen3-Coder-Next. Everything this family does differently lives here.
 
-It is the first release of Qwen3.5's hybrid stack, and shares its pieces (qwen3_5.HybridFamily): Gated DeltaNet layers (linear_attention.py) between gated full-attention layers
+It is the first release of Qwen3.5's hybrid stack, and shares its pieces (qwen3_5.HybridFamily):
+Gated DeltaNet layers (linear_attention.py) between gated full-attention layers
 (qwen35.GatedAttention, partial RoPE), zero-centred RMSNorms norm(x) * (1 + w) on the blocks, on
 q / k and at the end, the plain-weight gated norm inside the linear layers, and the routed +
 shared-expert MoE block (moe.SharedExpertMoeBlock, shared_expert_gate kept 16-bit and unadapted).
