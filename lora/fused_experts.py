@@ -37,20 +37,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.qwen.families import model_family
+
 from .config import AdapterError
 from .layer import LoRALinear, is_linear
 from .state import PEFT_PREFIX
 
-# model_type (config.json) of the families whose adapters PEFT does not convert per expert, or
-# converts losing the shared expert (see PARAMETER_TARGET_MODEL_TYPES).
-FUSED_EXPERT_MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_next")
-# The families PEFT converts as qwen2_moe (transformers' conversion for Qwen3-Next): PEFT then maps
+# The families whose adapters PEFT does not convert per expert, or converts losing the shared
+# expert, say so: Family.peft_fused_experts (models/qwen/families).
+# The families PEFT converts as qwen2_moe (transformers' conversion for Qwen3-Next; their
+# Family.peft_parameter_targets): PEFT then maps
 # *every* gate_proj / up_proj / down_proj entry of target_modules onto the fused experts, so the
 # shared expert's and a dense (mlp_only_layers) MLP's adapters would be dropped. For them those
 # projections are written as target_parameters naming their 2-D weight (`shared_expert.gate_proj.weight`):
 # PEFT wraps the nn.Linear's weight (lora.ParamWrapper), with the same lora_A / lora_B keys and the
 # same function W + scale * B A.
-PARAMETER_TARGET_MODEL_TYPES = ("qwen3_next",)
 DOWN, GATE_UP = "mlp.experts.down_proj", "mlp.experts.gate_up_proj"  # PEFT's target_parameters
 GATE_UP_PATTERN = r".*\.gate_up_proj"  # the rank_pattern / alpha_pattern key PEFT itself writes
 _EXPERT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
@@ -61,12 +62,14 @@ _MLP_LINEAR = re.compile(r"^.+\.(?P<suffix>mlp\.(?:shared_expert\.)?(?:gate|up|d
 def writes_fused_layout(model: nn.Module) -> bool:
     """Whether `model`'s routed-expert adapters go to disk in PEFT's fused layout (the model types
     PEFT does not convert per-expert adapters for)."""
-    return getattr(getattr(model, "config", None), "model_type", None) in FUSED_EXPERT_MODEL_TYPES
+    family = model_family(model)
+    return family is not None and family.peft_fused_experts
 
 
 def writes_parameter_targets(model: nn.Module) -> bool:
     """Whether `model`'s shared-expert / dense-MLP adapters go to disk as target_parameters."""
-    return getattr(getattr(model, "config", None), "model_type", None) in PARAMETER_TARGET_MODEL_TYPES
+    family = model_family(model)
+    return family is not None and family.peft_parameter_targets
 
 
 def reads_fused_layout(model: nn.Module) -> bool:
@@ -144,7 +147,7 @@ def fuse(model: nn.Module, tensors: dict[str, torch.Tensor], peft_config: dict[s
 
 
 def _mlp_as_parameters(model: nn.Module, peft_config: dict[str, Any], adapted: list[str]) -> dict[str, Any]:
-    """For PARAMETER_TARGET_MODEL_TYPES: the adapted shared-expert / dense-MLP projections move from
+    """For the families with Family.peft_parameter_targets: the adapted shared-expert / dense-MLP projections move from
     target_modules to target_parameters (`<suffix>.weight`, or the full path where the suffix would
     select more than was adapted). Returns the new config (the input untouched)."""
     mlp = [n for n in adapted if _MLP_LINEAR.match(n)]
@@ -184,7 +187,7 @@ def split(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: dict[str, Any
     Errors name the file and the key or field that does not fit.
     """
     config_file = file.parent / "adapter_config.json"
-    # a 2-D linear weight named by target_parameters (see PARAMETER_TARGET_MODEL_TYPES): its tensors
+    # a 2-D linear weight named by target_parameters (see Family.peft_parameter_targets): its tensors
     # are per module already
     kinds = sorted(_kind(t, config_file) for t in cfg["target_parameters"] if not _names_linear_weight(model, t))
     if len(set(kinds)) != len(kinds):

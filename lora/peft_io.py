@@ -36,6 +36,7 @@ from torch import nn
 
 from models.qwen import whole
 from models.qwen.atomic import atomic_directory
+from models.qwen.families import model_family
 from models.qwen.safetensors_file import write_tensors
 
 from . import fused_experts
@@ -92,7 +93,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
                 "PEFT on transformers 5 maps every gate_proj/up_proj/down_proj target onto the fused experts and "
                 "drops these; this library loads the adapter as it is", stacklevel=2,
             )
-    if config.use_rslora and getattr(model.config, "model_type", None) == "qwen3_moe" and any(
+    family = model_family(model)
+    if config.use_rslora and family is not None and family.peft_rslora_expert_scale_bug and any(
             EXPERT_PROJECTION.search(n) for n in adapted):
         warnings.warn(
             "PEFT (0.21) loads Qwen3-MoE expert adapters trained with rsLoRA at the wrong scale: converting them "

@@ -4,7 +4,8 @@ Semantics follow PEFT: "all-linear" is every linear but the output head; a list 
 module whose name equals an entry or ends with "." + entry; a regex must match the whole
 module name. Qwen-7B v1 names are aliases, because our loader maps v1 checkpoints onto the
 Qwen2 names: c_attn -> q/k/v_proj, w1 -> up_proj, w2 -> gate_proj, mlp.c_proj -> down_proj,
-attn.c_proj -> o_proj (bare c_proj -> both).
+attn.c_proj -> o_proj (bare c_proj -> both); the v1 family declares them
+(models/qwen/families/v1.py LORA_ALIASES).
 
 Qwen3-MoE: each expert's projections are linears of their own (`mlp.experts.{e}.gate_proj`,
 as the published checkpoints name them), so "all-linear" and the suffixes gate_proj / up_proj /
@@ -13,7 +14,8 @@ as in transformers, where it is not an nn.Linear either.
 
 Qwen3.5-MoE: "all-linear" also adapts the shared expert (`mlp.shared_expert.{gate,up,down}_proj`)
 but not `mlp.shared_expert_gate`, the one-row linear whose sigmoid scales it (a rank-r adapter on a
-[1, hidden] weight is no low-rank update: it has more parameters than the weight). PEFT's
+[1, hidden] weight is no low-rank update: it has more parameters than the weight); the family
+declares which linears "all-linear" leaves out (Family.frozen_linears, models/qwen/families). PEFT's
 "all-linear" does adapt it: name it (targets=[..., "shared_expert_gate"]) to do the same, and an
 adapter that holds it loads.
 
@@ -28,24 +30,14 @@ from typing import Union
 
 from torch import nn
 
-from models.qwen.moe import SharedExpertGate, TopKRouter
+from models.qwen.families import keeps_16bit
+from models.qwen.families.v1 import LORA_ALIASES as V1_ALIASES  # (lora.V1_ALIASES: public)
+from models.qwen.moe import TopKRouter
 
 from .layer import LoRALinear, is_linear
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head",)
-
-V1_ALIASES: dict[str, tuple[str, ...]] = {
-    "c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "w1": ("mlp.up_proj",),
-    "mlp.w1": ("mlp.up_proj",),
-    "w2": ("mlp.gate_proj",),
-    "mlp.w2": ("mlp.gate_proj",),
-    "c_proj": ("self_attn.o_proj", "mlp.down_proj"),
-    "attn.c_proj": ("self_attn.o_proj",),
-    "mlp.c_proj": ("mlp.down_proj",),
-}
 
 _REGEX_CHARS = set("^$*+?{}[]\\|()")
 
@@ -77,11 +69,6 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
     return False
 
 
-def _is_shared_expert_gate(model: nn.Module, name: str) -> bool:
-    module = model.get_submodule(name)
-    return isinstance(getattr(module, "base_layer", module), SharedExpertGate)
-
-
 def is_output_head(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in OUTPUT_HEADS
@@ -96,7 +83,7 @@ def resolve_targets(model: nn.Module, targets: Union[str, list[str], tuple[str, 
     that lists the available linear names."""
     available = linear_names(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
-        chosen = [n for n in available if not is_output_head(n) and not _is_shared_expert_gate(model, n)]
+        chosen = [n for n in available if not is_output_head(n) and not keeps_16bit(model, n)]
         what = "'all-linear'"
     elif isinstance(targets, str) and (set(targets) & _REGEX_CHARS):
         try:

@@ -1,25 +1,25 @@
 """PEFT adapters trained on Qwen-7B v1 (remote-code `QWenLMHeadModel`) onto our Qwen2 names.
 
-Our loader maps v1 checkpoints onto the Qwen2 module names, so a v1 adapter is mapped the
-same way: transformer.h.{i} -> model.layers.{i}; attn.c_attn -> q/k/v_proj (lora_B and the
-DoRA magnitude split by rows, lora_A shared: [q; k; v] = B·A·x row-block by row-block is
-exact); attn.c_proj -> self_attn.o_proj; mlp.w1 -> up_proj; mlp.w2 -> gate_proj;
-mlp.c_proj -> down_proj; transformer.wte -> model.embed_tokens.
+Our loader maps v1 checkpoints onto the Qwen2 module names (models/qwen/families/v1.py), so a
+v1 adapter is mapped the same way, with that family's renames: transformer.h.{i} ->
+model.layers.{i}; attn.c_attn -> q/k/v_proj (lora_B and the DoRA magnitude split by rows,
+lora_A shared: [q; k; v] = B·A·x row-block by row-block is exact); attn.c_proj ->
+self_attn.o_proj; mlp.w1 -> up_proj; mlp.w2 -> gate_proj; mlp.c_proj -> down_proj;
+transformer.wte -> model.embed_tokens.
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
+
+from models.qwen.families.v1 import FUSED_QKV, LAYER as _LAYER, MODULE_RENAMES, QKV_NAMES
 
 from .config import AdapterError
 
 PREFIX = "base_model.model."
-_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_SIMPLE = {"attn.c_proj": "self_attn.o_proj", "mlp.w1": "mlp.up_proj", "mlp.w2": "mlp.gate_proj",
-           "mlp.c_proj": "mlp.down_proj"}
+# the adapted linears among the v1 family's renames (its layer norms are never LoRA targets)
+_SIMPLE = {k: v for k, v in MODULE_RENAMES.items() if not k.startswith("ln_")}
 _PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 V1_MODULES_TO_SAVE = {"wte": "embed_tokens", "transformer.wte": "model.embed_tokens"}
 
@@ -52,8 +52,8 @@ def map_v1_adapter(tensors: dict[str, torch.Tensor], model: nn.Module, file) -> 
         prefix = f"{PREFIX}model.layers.{i}."
         if module in _SIMPLE:
             out[prefix + _SIMPLE[module] + part] = tensor
-        elif module == "attn.c_attn":
-            names = ["q_proj", "k_proj", "v_proj"]
+        elif module == FUSED_QKV:
+            names = list(QKV_NAMES)
             try:
                 sizes = [model.get_submodule(f"model.layers.{i}.self_attn.{n}").out_features for n in names]
             except AttributeError:

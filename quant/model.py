@@ -7,7 +7,7 @@ from typing import Iterable
 from torch import nn
 
 from models.qwen.module_tree import replace_module
-from models.qwen.moe import SharedExpertGate
+from models.qwen.families import keeps_16bit
 
 from .linear import NF4Linear
 
@@ -23,15 +23,16 @@ def quantize_model(
     blocksize: int = 64,
     double_quant: bool = True,
 ) -> nn.Module:
-    """Replace every nn.Linear of `model` (except names matched by `skip`, and Qwen3.5-MoE's
-    one-row shared_expert_gate, kept 16-bit as the streaming 4-bit load keeps it) by a frozen NF4Linear.
+    """Replace every nn.Linear of `model` (except names matched by `skip`, and what the model's
+    family keeps 16-bit as the streaming 4-bit load does: Family.frozen_linears, e.g. Qwen3.5-MoE's
+    one-row shared_expert_gate) by a frozen NF4Linear.
 
     Policy, not targeting: all base linears become 4-bit whatever LoRA later wraps. Each
     layer's compute dtype is its current weight dtype (the model dtype). Returns `model`.
     """
     skip = tuple(skip)
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, SharedExpertGate) and not _skipped(n, skip)]
+               if isinstance(m, nn.Linear) and not keeps_16bit(model, n) and not _skipped(n, skip)]
     if not targets:
         raise ValueError(f"quantize_model: no nn.Linear to quantise (skip={skip!r})")
     for name, linear in targets:

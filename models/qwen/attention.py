@@ -134,7 +134,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
         self.v_proj = Linear(config.hidden_size, config.kv_size, bias=bias)
         # Qwen2 never has an o_proj bias; Qwen3's (and Qwen3-MoE's) attention_bias covers o_proj too.
-        o_bias = bias and config.model_type != "qwen2"
+        o_bias = bias and config.family.o_proj_bias
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -35,7 +35,6 @@ from .folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_fol
 from .safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
-from .moe import SharedExpertGate
 from .safe_load import loads_json, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -157,105 +156,6 @@ def iter_tensors(files: list[Path], skip: Optional[Callable[[str], bool]] = None
             yield key, tensor, file
 
 
-# ---------------------------------------------------------------------- Qwen-7B v1 names
-_V1_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_V1_SIMPLE = {
-    "ln_1.weight": "input_layernorm.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
-    "attn.c_proj.weight": "self_attn.o_proj.weight",
-    "mlp.w1.weight": "mlp.up_proj.weight",
-    "mlp.w2.weight": "mlp.gate_proj.weight",
-    "mlp.c_proj.weight": "mlp.down_proj.weight",
-}
-
-
-def map_v1_tensor(key: str, tensor: torch.Tensor, cfg: QwenConfig) -> list[tuple[str, torch.Tensor]]:
-    """Qwen-7B v1 tensor -> [(our key, tensor)]: fused c_attn is split into q/k/v."""
-    if key == "transformer.wte.weight":
-        return [("model.embed_tokens.weight", tensor)]
-    if key == "transformer.ln_f.weight":
-        return [("model.norm.weight", tensor)]
-    if key == "lm_head.weight":
-        return [(key, tensor)]
-    m = _V1_LAYER.match(key)
-    if not m:
-        return [(key, tensor)]  # reported as unexpected by the caller
-    i, rest = m.group(1), m.group(2)
-    prefix = f"model.layers.{i}."
-    if rest in _V1_SIMPLE:
-        return [(prefix + _V1_SIMPLE[rest], tensor)]
-    if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
-        if tensor.shape[0] != sum(sizes):
-            raise CheckpointError(f"{key}: fused c_attn has {tensor.shape[0]} rows, expected {sum(sizes)}")
-        q, k, v = torch.split(tensor, sizes, dim=0)
-        return [
-            (f"{prefix}self_attn.q_proj.{kind}", q),
-            (f"{prefix}self_attn.k_proj.{kind}", k),
-            (f"{prefix}self_attn.v_proj.{kind}", v),
-        ]
-    return [(key, tensor)]
-
-
-# ---------------------------------------------------------------------- Qwen3.5 names
-QWEN35_TEXT_PREFIX = whole.TEXT_PREFIX
-# Beside the text model, Qwen3.5 checkpoints hold a vision tower and a multi-token-prediction
-# head; this library trains the text model only, so they are not loaded, and `save` copies them
-# back from the input's shards (models/qwen/whole.py).
-QWEN35_SKIPPED = {"model.visual.": "vision-tower", "mtp.": "multi-token-prediction"}
-
-
-def outside_qwen35_text(key: str, nested: bool) -> bool:
-    """A Qwen3.5 checkpoint's tensor that is no part of the text model (never read by `load`):
-    the vision tower, the MTP head, and in a nested checkpoint anything beside
-    model.language_model.* and lm_head.*."""
-    if key.startswith(tuple(QWEN35_SKIPPED)):
-        return True
-    return nested and not key.startswith((QWEN35_TEXT_PREFIX, "lm_head."))
-
-
-def map_qwen35_key(key: str, nested: bool) -> Optional[str]:
-    """A Qwen3.5 checkpoint key -> our key, or None for a tensor outside the text model.
-    nested: a `qwen3_5` checkpoint, whose text model sits under model.language_model."""
-    if outside_qwen35_text(key, nested):
-        return None
-    if nested and key.startswith(QWEN35_TEXT_PREFIX):
-        return "model." + key[len(QWEN35_TEXT_PREFIX) :]
-    return key  # lm_head.weight; anything else is reported as unexpected by the caller
-
-
-# ---------------------------------------------------------------------- fused MoE experts
-# transformers (v5) holds a sparse layer's experts as two 3-D tensors; a checkpoint written from
-# that state dict as it is (rather than by save_pretrained, which splits them again) stores
-#   mlp.experts.gate_up_proj [E, 2 * moe_intermediate, hidden]  (gate rows, then up rows)
-#   mlp.experts.down_proj    [E, hidden, moe_intermediate]
-# The published Qwen3-MoE checkpoints (and our save, and save_pretrained for both families) store
-# one tensor per expert and projection; the published Qwen3.5-MoE ones store the fused pair.
-_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-def map_fused_experts(key: str, tensor: torch.Tensor, cfg: QwenConfig, file: Path) -> list[tuple[str, torch.Tensor]]:
-    """A fused expert tensor -> [(per-expert key, tensor)]; any other tensor passes unchanged."""
-    m = _FUSED_EXPERTS.match(key)
-    if not m:
-        return [(key, tensor)]
-    prefix, kind = m.groups()
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    want = (E, 2 * I, H) if kind == "gate_up_proj" else (E, H, I)
-    if tuple(tensor.shape) != want:
-        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")
-    out = []
-    for e in range(E):
-        # clone: each expert its own storage (safetensors refuses to save tensors sharing one)
-        if kind == "gate_up_proj":
-            out.append((f"{prefix}.{e}.gate_proj.weight", tensor[e, :I].clone()))
-            out.append((f"{prefix}.{e}.up_proj.weight", tensor[e, I:].clone()))
-        else:
-            out.append((f"{prefix}.{e}.down_proj.weight", tensor[e].clone()))
-    return out
-
-
 # ---------------------------------------------------------------------- load
 def _is_ignored(key: str) -> bool:
     # Old exports carry the RoPE table as a buffer; it is recomputed, never read.
@@ -276,9 +176,10 @@ def _set_param(model: nn.Module, key: str, value: torch.Tensor, requires_grad: b
 
 def quantizable_linears(model: Qwen) -> dict[str, nn.Linear]:
     """The decoder-block linears that a 4-bit load quantises (never embeddings, the head or, like
-    the router, Qwen3.5-MoE's one-row shared_expert_gate)."""
+    the router, what the family keeps 16-bit: Family.frozen_linears, e.g. shared_expert_gate)."""
+    family = model.config.family
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")
-            and not isinstance(m, SharedExpertGate)}
+            and not family.keeps_16bit(n)}
 
 
 def load(
@@ -345,22 +246,14 @@ def load(
         need = {"weight"} | ({"bias"} if linears[name].bias is not None else set()) | set(suffixes)
         return need <= set(got)
 
-    skipped: dict[str, Path] = {}  # Qwen3.5: tensors outside the text model -> their shard
-    nested = cfg.source_format == "qwen3_5"
-    outside = functools.partial(outside_qwen35_text, nested=nested) if cfg.is_qwen35 else None
-    for key, tensor, file in iter_tensors(files, skip=outside):
-        if cfg.source_format == "qwen-v1":
-            pairs = map_v1_tensor(key, tensor, cfg)
-        elif cfg.is_qwen35:
-            name = map_qwen35_key(key, nested=nested)
-            if name is None:
-                skipped[key] = file
-                continue
-            pairs = map_fused_experts(name, tensor, cfg, file) if cfg.num_experts else [(name, tensor)]
-        elif cfg.num_experts:
-            pairs = map_fused_experts(key, tensor, cfg, file)
-        else:
-            pairs = [(key, tensor)]
+    skipped: dict[str, Path] = {}  # tensors outside the model we build (Qwen3.5's vision tower) -> their shard
+    family = cfg.family
+    nested = family.nested(cfg)
+    for key, tensor, file in iter_tensors(files, skip=family.skip_unread(cfg)):
+        pairs = family.checkpoint_pairs(key, tensor, cfg, file)  # the family's names -> ours
+        if pairs is None:
+            skipped[key] = file
+            continue
         for name, value in pairs:
             if _is_ignored(name):
                 continue

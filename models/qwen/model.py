@@ -8,7 +8,7 @@
     │   │   ├── self_attn: Attention (q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm])
     │   │   │   or, on Qwen3.5's "full_attention" layers, GatedAttention (same names)
     │   │   ├── linear_attn: GatedDeltaNet, instead of self_attn on Qwen3.5's "linear_attention" layers
-    │   │   │   (Qwen3-Next: FusedGatedDeltaNet, in_proj_qkvz + in_proj_ba, qwen3_next.py)
+    │   │   │   (Qwen3-Next: FusedGatedDeltaNet, in_proj_qkvz + in_proj_ba, families/qwen3_next.py)
     │   │   ├── post_attention_layernorm: RMSNorm
     │   │   └── mlp: SwiGLU (gate_proj, up_proj, down_proj), or in a Qwen3-MoE sparse layer
     │   │            SparseMoeBlock (gate: router [E, hidden]; experts.{e}: SwiGLU), or in
@@ -16,7 +16,8 @@
     │   └── norm: RMSNorm (Qwen3.5: ZeroCentredRMSNorm, everywhere)
     └── lm_head: Linear [vocab, hidden] (the same Parameter as embed_tokens when tied)
 
-So `model.state_dict()` keys are checkpoint keys: no conversion tables.
+So `model.state_dict()` keys are checkpoint keys: no conversion tables. Which attention, norm
+and linear-attention class a layer gets is the family's (`config.family`, models/qwen/families).
 """
 
 from __future__ import annotations
@@ -29,22 +30,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, KVCache, build_attention_mask
+from .attention import KVCache, build_attention_mask
 from .config import LINEAR_ATTENTION, QwenConfig, merge_eos
 from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
-from .qwen3_next import linear_attention_class
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
 from .moe import SharedExpertMoeBlock, SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
-from .qwen35 import GatedAttention, ZeroCentredRMSNorm
+from .qwen35 import ZeroCentredRMSNorm
 from .rope import RotaryEmbedding
 from .special_tokens import ENDOFTEXT_ID, IM_END_ID
 
 
 def norm_class(config: QwenConfig) -> type[nn.Module]:
-    """The block and final norms: Qwen3.5 stores them zero-centred (norm(x) * (1 + w))."""
-    return ZeroCentredRMSNorm if config.is_qwen35 else RMSNorm
+    """The block and final norms (Qwen3.5 stores them zero-centred: norm(x) * (1 + w))."""
+    return config.family.norm_class()
 
 
 def make_mlp(config: QwenConfig, layer_idx: int) -> nn.Module:
@@ -72,9 +72,9 @@ class DecoderLayer(nn.Module):
         self.layer_type = config.layer_type(layer_idx)
         self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         if self.layer_type == LINEAR_ATTENTION:
-            self.linear_attn = linear_attention_class(config)(config, layer_idx)
+            self.linear_attn = config.family.linear_attention_class()(config, layer_idx)
         else:
-            self.self_attn = (GatedAttention if config.is_qwen35 else Attention)(config, layer_idx)
+            self.self_attn = config.family.attention_class()(config, layer_idx)
         self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         self.mlp = make_mlp(config, layer_idx)
 

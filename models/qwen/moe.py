@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence
+import re
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError
 from .layers import SwiGLU
 from .linear import Linear, bf16_linear
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .config import QwenConfig
 
 # The list the running forward appends router logits to (None: nobody asked for them). A context
 # variable, not a module attribute, so that the recomputation of a gradient-checkpointed block
@@ -264,3 +271,34 @@ def load_balancing_loss(
         prob_per_expert = prob_per_expert + (probs.float() * row_weight.unsqueeze(-1)).sum(dim=0)
         rows = rows + row_weight.sum()
     return (tokens_per_expert / rows * prob_per_expert / rows).sum() * num_experts
+
+
+# ---------------------------------------------------------------------- fused experts on disk
+# transformers (v5) holds a sparse layer's experts as two 3-D tensors; a checkpoint written from
+# that state dict as it is (rather than by save_pretrained, which splits them again) stores
+#   mlp.experts.gate_up_proj [E, 2 * moe_intermediate, hidden]  (gate rows, then up rows)
+#   mlp.experts.down_proj    [E, hidden, moe_intermediate]
+# The published Qwen3-MoE checkpoints (and our save, and save_pretrained for both families) store
+# one tensor per expert and projection; the published Qwen3.5-MoE ones store the fused pair.
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def map_fused_experts(key: str, tensor: torch.Tensor, cfg: "QwenConfig", file: "Path") -> list[tuple[str, torch.Tensor]]:
+    """A fused expert tensor -> [(per-expert key, tensor)]; any other tensor passes unchanged."""
+    m = _FUSED_EXPERTS.match(key)
+    if not m:
+        return [(key, tensor)]
+    prefix, kind = m.groups()
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    want = (E, 2 * I, H) if kind == "gate_up_proj" else (E, H, I)
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")
+    out = []
+    for e in range(E):
+        # clone: each expert its own storage (safetensors refuses to save tensors sharing one)
+        if kind == "gate_up_proj":
+            out.append((f"{prefix}.{e}.gate_proj.weight", tensor[e, :I].clone()))
+            out.append((f"{prefix}.{e}.up_proj.weight", tensor[e, I:].clone()))
+        else:
+            out.append((f"{prefix}.{e}.down_proj.weight", tensor[e].clone()))
+    return out

@@ -22,7 +22,7 @@ import torch
 
 from models.qwen import ConfigError, Qwen, QwenConfig, load, save
 from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter
-from models.qwen.qwen3_next import FusedGatedDeltaNet
+from models.qwen.families.qwen3_next import FusedGatedDeltaNet
 from quant import NF4Quantizer
 from tests.helpers import assert_close_to_reference, assert_grads_close, float64_twin, max_rel_err, random_ids
 from tests.models.test_moe import nf4_round_trip_decoder

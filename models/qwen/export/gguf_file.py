@@ -29,8 +29,8 @@ from ..checkpoint import checkpoint_files, iter_tensors
 from ..config import ConfigError, QwenConfig
 from ..safe_load import loads_json
 from .errors import ExportError
-from .gguf_hybrid import HYBRID_ARCHITECTURES, add_hybrid_metadata, check_hybrid_config
-from .gguf_tensors import (ARCHITECTURES, FILE_TYPES, TensorPlan, check_file_type, checkpoint_items, converted, encode,
+from .gguf_hybrid import add_hybrid_metadata, check_hybrid_config
+from .gguf_tensors import (FILE_TYPES, gguf_architecture, TensorPlan, check_file_type, checkpoint_items, converted, encode,
                            plan_tensors)
 from .gguf_vocab import read_vocab
 
@@ -65,7 +65,7 @@ def export_gguf(model_dir: PathLike, out: PathLike, file_type: str = "f16",
     plans = plan_tensors(model_dir, config, file_type)
     vocab = read_vocab(model_dir, config)
 
-    arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type]]
+    arch = config.family.gguf_architecture
     writer = gguf.GGUFWriter(path=None, arch=arch)
     n_params = sum(p.numel for p in plans)
     add_metadata(writer, config, file_type, name or model_dir.resolve().name, raw_config(model_dir, config))
@@ -106,18 +106,16 @@ def read_config(model_dir: Path) -> QwenConfig:
         config = QwenConfig.from_hf(model_dir)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    if config.model_type in HYBRID_ARCHITECTURES:
+    family = config.family
+    if family.hybrid:
         check_hybrid_config(model_dir, config, raw_config(model_dir, config))
-    if config.source_format == "qwen-v1":
-        raise ExportError(f"{model_dir}: a Qwen-7B (v1) checkpoint; load it with models.qwen.load and save it "
-                          f"with models.qwen.save to get a Qwen2-format directory first")
-    if config.model_type not in ARCHITECTURES:
-        raise ExportError(f"{model_dir / 'config.json'}: GGUF export covers {sorted(ARCHITECTURES)}, not model_type "
-                          f"{config.model_type!r}")
+    if family.gguf_architecture is None:   # e.g. Qwen-7B v1: its family says what to do instead
+        raise ExportError(f"{model_dir}: {family.gguf_refusal}")
     dense = [i for i in range(config.num_hidden_layers) if not config.is_sparse_layer(i)]
-    if config.model_type == "qwen3_moe" and dense:
+    if config.num_experts and dense:   # (the hybrids' check_hybrid_config has refused theirs)
         raise ExportError(f"{model_dir / 'config.json'}: layer {dense[0]} is dense (mlp_only_layers / "
-                          f"decoder_sparse_step), which llama.cpp's qwen3moe architecture has no place for")
+                          f"decoder_sparse_step), which llama.cpp's {family.gguf_architecture} architecture has "
+                          f"no place for")
     return config
 
 
@@ -125,7 +123,7 @@ def raw_config(model_dir: Path, config: QwenConfig) -> dict:
     """config.json as written (read_config has checked it): the converter's `hparams` of the text
     model `config` was parsed from (a vision-language checkpoint's `text_config`)."""
     raw = loads_json((model_dir / "config.json").read_text(encoding="utf-8"))
-    return raw["text_config"] if config.source_format == "qwen3_5" else raw
+    return config.family.text_config(raw, config)
 
 
 def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, name: str,
@@ -138,7 +136,7 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    if config.model_type not in HYBRID_ARCHITECTURES or "intermediate_size" in raw:   # Qwen3.5-MoE has none
+    if not config.family.hybrid or "intermediate_size" in raw:   # Qwen3.5-MoE has none
         writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
@@ -151,7 +149,7 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    if config.model_type in HYBRID_ARCHITECTURES:
+    if config.family.hybrid:
         add_hybrid_metadata(writer, config, raw)
     writer.add_file_type(FILE_TYPES[file_type][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -160,7 +158,7 @@ def add_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, file_type: str, 
 def _write_tensor_data(writer: "gguf.GGUFWriter", model_dir: Path, plans: list[TensorPlan], config: QwenConfig) -> None:
     """Append each planned tensor's bytes, reading the checkpoint one tensor at a time."""
     pending = iter(plans)
-    names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type], config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf_architecture(config), config.num_hidden_layers)
     tensors = (item for name, tensor, file in iter_tensors(checkpoint_files(model_dir))
                for item in checkpoint_items([(name, tensor)], config, file))
     for hf_name, parts, gguf_name, tensor in converted(tensors, config, names):

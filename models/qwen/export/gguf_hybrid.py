@@ -37,12 +37,10 @@ from typing import Iterable, Iterator
 import gguf
 import torch
 
-from ..checkpoint import map_fused_experts
 from ..config import QwenConfig, default_layer_types
+from ..moe import map_fused_experts
 from .errors import ExportError
 
-HYBRID_ARCHITECTURES = {"qwen3_5_text": gguf.MODEL_ARCH.QWEN35, "qwen3_5_moe_text": gguf.MODEL_ARCH.QWEN35MOE,
-                        "qwen3_next": gguf.MODEL_ARCH.QWEN3NEXT}
 # _Qwen35MRopeMixin: written when rope_parameters has no mrope_section (llama.cpp's qwen35 loaders need it).
 QWEN35_DEFAULT_MROPE_SECTION = [11, 11, 10, 0]
 # Qwen3NextModel.set_gguf_parameters: hparams.get("full_attention_interval", 4) and
@@ -65,7 +63,7 @@ def check_hybrid_config(model_dir: Path, config: QwenConfig, raw: dict) -> None:
     dense = [i for i in range(config.num_hidden_layers) if config.num_experts and not config.is_sparse_layer(i)]
     if dense:
         raise ExportError(f"{where}: layer {dense[0]} is dense (mlp_only_layers / decoder_sparse_step), which "
-                          f"llama.cpp's {gguf.MODEL_ARCH_NAMES[HYBRID_ARCHITECTURES[config.model_type]]} "
+                          f"llama.cpp's {config.family.gguf_architecture} "
                           f"architecture has no place for")
 
 
@@ -74,7 +72,7 @@ def add_hybrid_metadata(writer: "gguf.GGUFWriter", config: QwenConfig, raw: dict
     rope = raw.get("rope_parameters") or {}
     if "mrope_section" in rope:   # TextModel.set_gguf_parameters, padded to 4
         writer.add_rope_dimension_sections((list(rope["mrope_section"]) + [0] * 4)[:4])
-    elif config.model_type != "qwen3_next":   # _Qwen35MRopeMixin.set_gguf_parameters
+    elif config.family.gguf_default_mrope:   # _Qwen35MRopeMixin.set_gguf_parameters (Qwen3.5)
         writer.add_rope_dimension_sections(QWEN35_DEFAULT_MROPE_SECTION)
     if config.num_experts:   # Qwen2MoeModel.set_gguf_parameters (expert_count / used: TextModel's)
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
@@ -109,7 +107,7 @@ def reorder_v_heads(t: torch.Tensor, dim: int, n_k: int, v_per_k: int, head_dim:
 def _reorder_linear_attention(name: str, t: torch.Tensor, c: QwenConfig) -> torch.Tensor:
     """_LinearAttentionVReorderBase.modify_tensors (Qwen3.5, value heads > key heads)."""
     n_k, n_v = c.linear_num_key_heads, c.linear_num_value_heads
-    if c.model_type == "qwen3_next" or n_k == n_v or "linear_attn." not in name:
+    if not c.family.gguf_reorders_v_heads or n_k == n_v or "linear_attn." not in name:
         return t
     r, dk, dv = n_v // n_k, c.linear_key_head_dim, c.linear_value_head_dim
     qk = 2 * dk * n_k
@@ -174,5 +172,5 @@ def gguf_name_of(name: str, names: "gguf.TensorNameMap", config: QwenConfig) -> 
     return gguf_name
 
 
-__all__ = ["HYBRID_ARCHITECTURES", "check_hybrid_config", "add_hybrid_metadata", "hybrid_items", "hybrid_tensors",
+__all__ = ["check_hybrid_config", "add_hybrid_metadata", "hybrid_items", "hybrid_tensors",
            "gguf_name_of", "reorder_v_heads", "split_qkvz"]

@@ -39,7 +39,7 @@ from ..safetensors_file import read_header as read_safetensors_header
 from ..config import ConfigError, QwenConfig
 from ..model import Qwen
 from .errors import ExportError
-from .gguf_hybrid import HYBRID_ARCHITECTURES, gguf_name_of, hybrid_items, hybrid_tensors
+from .gguf_hybrid import gguf_name_of, hybrid_items, hybrid_tensors
 
 # `--type` name -> (general.file_type, the GGML type of the matrices)
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -47,8 +47,6 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
-ARCHITECTURES = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
-                 **HYBRID_ARCHITECTURES}
 F32 = gguf.GGMLQuantizationType.F32
 F16 = gguf.GGMLQuantizationType.F16
 # Matrices llama.cpp keeps in F32 whatever the file type (the converter's list in
@@ -80,6 +78,13 @@ class TensorPlan:
 
 
 TEXT_MODEL_PREFIX = "model.language_model."   # where a vision-language checkpoint keeps its text model
+
+def gguf_architecture(config: QwenConfig) -> "gguf.MODEL_ARCH":
+    """The gguf package's architecture of the config's family (Family.gguf_architecture, which
+    read_config has checked is set)."""
+    by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+    return by_name[config.family.gguf_architecture]
+
 
 def check_file_type(file_type: str) -> None:
     if file_type not in FILE_TYPES:
@@ -115,7 +120,7 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
         check_counts(model_dir, config, files)   # before anything is built per layer
     except (CheckpointError, ConfigError) as e:
         raise ExportError(str(e)) from None
-    arch = ARCHITECTURES[config.model_type]
+    arch = gguf_architecture(config)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     expected = expected_shapes(config)
 
@@ -154,10 +159,10 @@ def plan_tensors(model_dir: Path, config: QwenConfig, file_type: str) -> list[Te
 def checkpoint_items(items: Iterable[tuple[str, Any]], config: QwenConfig, file: Path) -> Iterator[tuple[str, Any]]:
     """Checkpoint (name, tensor) in the order read, minus what a GGUF leaves out (`skipped`; the
     hybrids' MTP head), the hybrids' fused experts split per expert."""
-    if config.source_format == "qwen3_5":
+    if config.family.nested(config):
         items = text_model_items(items)
     items = ((n, t) for n, t in items if not skipped(n, config))
-    if config.model_type not in HYBRID_ARCHITECTURES:
+    if not config.family.hybrid:
         yield from items
         return
     try:
@@ -184,7 +189,7 @@ def converted(items: Iterable[tuple[str, torch.Tensor]], config: QwenConfig,
     transformations (gguf_hybrid.hybrid_tensors). Runs on "meta" tensors to plan, on data to write."""
     for hf_name, parts, values in stack_experts(items, config):
         tensor = torch.stack(values) if parts else values[0]
-        if config.model_type in HYBRID_ARCHITECTURES:
+        if config.family.hybrid:
             for gguf_name, out in hybrid_tensors(hf_name, tensor, config, names):
                 yield hf_name, parts, gguf_name, out
         else:

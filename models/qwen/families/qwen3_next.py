@@ -1,8 +1,8 @@
 """Qwen3-Next (`qwen3_next`, transformers' `Qwen3NextForCausalLM`): Qwen3-Next-80B-A3B
 Instruct / Thinking, Qwen3-Coder-Next. Everything this family does differently lives here.
 
-It is the first release of Qwen3.5's hybrid stack, and shares its pieces (config.is_qwen35 is
-True for it): Gated DeltaNet layers (linear_attention.py) between gated full-attention layers
+It is the first release of Qwen3.5's hybrid stack, and shares its pieces (qwen3_5.HybridFamily):
+Gated DeltaNet layers (linear_attention.py) between gated full-attention layers
 (qwen35.GatedAttention, partial RoPE), zero-centred RMSNorms norm(x) * (1 + w) on the blocks, on
 q / k and at the end, the plain-weight gated norm inside the linear layers, and the routed +
 shared-expert MoE block (moe.SharedExpertMoeBlock, shared_expert_gate kept 16-bit and unadapted).
@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import torch
 
-from .config import (
-    ARCHITECTURES,
-    LINEAR_ATTENTION_KEYS,
-    ConfigError,
-    QwenConfig,
-    _rope_from_hf,
-    default_layer_types,
-    dtype_from_name,
-    dtype_name,
-)
-from .linear import Linear
-from .linear_attention import GatedDeltaNet
+from typing import Optional
+
+from torch import nn
+
+from ..config import QwenConfig, _rope_from_hf, default_layer_types, dtype_from_name, dtype_name
+from ..errors import ConfigError
+from ..linear import Linear
+from ..linear_attention import GatedDeltaNet
+from . import check_architectures, common_hf, register
+from .qwen3_5 import LINEAR_ATTENTION_KEYS, HybridFamily
 
 MODEL_TYPE = "qwen3_next"
+ARCHITECTURE = "Qwen3NextForCausalLM"
 
 # Qwen3NextConfig's defaults (transformers 5.25) for the keys a config.json may leave out.
 DEFAULTS = dict(
@@ -70,10 +69,7 @@ def config_from_hf(raw: dict, source: str) -> QwenConfig:
     partial_rotary_factor: the one inside rope_parameters / rope_scaling wins over the top-level
     key (default 0.25); layer_types default to every full_attention_interval-th (4th) layer full.
     """
-    for arch in raw.get("architectures") or []:
-        if arch != ARCHITECTURES[MODEL_TYPE]:
-            raise ConfigError(f"{source}: architecture {arch!r} is not supported (expected "
-                              f"{ARCHITECTURES[MODEL_TYPE]!r})")
+    check_architectures(raw, source, ARCHITECTURE)
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (expected 'silu')")
     values = {k: raw.get(k, default) for k, default in DEFAULTS.items()}
@@ -116,12 +112,12 @@ def config_from_hf(raw: dict, source: str) -> QwenConfig:
     )
 
 
-def config_to_hf(cfg: QwenConfig, common: dict) -> dict:
-    """The config.json dict of a Qwen3NextForCausalLM, on the keys every family writes (`common`).
+def config_to_hf(cfg: QwenConfig) -> dict:
+    """The config.json dict of a Qwen3NextForCausalLM.
 
     partial_rotary_factor is written inside rope_parameters (which transformers 5 reads) and at
     the top level (which transformers 4, vLLM and llama.cpp's converter read)."""
-    out = dict(common)
+    out = common_hf(cfg)
     out.update(
         intermediate_size=cfg.intermediate_size,
         rope_theta=cfg.rope_theta,
@@ -166,7 +162,28 @@ class FusedGatedDeltaNet(GatedDeltaNet):
         return qkv, z.reshape(B, T, self.num_v_heads, Dv), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
 
-def linear_attention_class(config: QwenConfig) -> type[GatedDeltaNet]:
-    """The Gated DeltaNet of the config's family."""
-    return FusedGatedDeltaNet if config.model_type == MODEL_TYPE else GatedDeltaNet
+class Qwen3NextFamily(HybridFamily):
+    name = MODEL_TYPE
+    model_type = MODEL_TYPE
+    architecture = ARCHITECTURE
+    moe = True
+    shared_expert = True
+    gguf_architecture = "qwen3next"
+    gguf_default_mrope = False  # Qwen3NextModel writes no rope sections
+    gguf_reorders_v_heads = False  # its fused projections are regrouped by split_qkvz instead
+    # PEFT converts it as qwen2_moe: per-expert adapters are written fused, and the shared
+    # expert's / a dense MLP's projections as target_parameters (lora/fused_experts.py).
+    peft_fused_experts = True
+    peft_parameter_targets = True
 
+    def from_hf(self, raw: dict, source: str) -> QwenConfig:
+        return config_from_hf(raw, source)
+
+    def to_hf(self, cfg: QwenConfig) -> dict:
+        return config_to_hf(cfg)
+
+    def linear_attention_class(self) -> Optional[type[nn.Module]]:
+        return FusedGatedDeltaNet
+
+
+QWEN3_NEXT = register(Qwen3NextFamily())
