@@ -1,0 +1,66 @@
+"""train.grpo.completion_logps: per-token log-probs and entropies of completion tokens through
+our chunked head, against log_softmax(transformers' logits / T) on the same tiny random Qwen2
+(values and parameter gradients, floors from its float64 twin)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.qwen import load
+from tests.helpers import assert_close_to_reference, assert_grads_close, float64_twin, random_ids, tiny_checkpoint
+from train.grpo import completion_logps
+
+P, C, T = 5, 6, 0.7
+
+
+def batch():
+    ids = random_ids(3, P + C, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0           # a left-padded prompt
+    mask[1, P + 3:] = 0       # a completion that stopped early
+    mask[2, P + 1:] = 0
+    return ids, mask
+
+
+def reference(hf, ids, mask):
+    """log_softmax(logits / T) at the completion positions, and the entropy there; 0 off the mask."""
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # our left-padding positions, given to transformers
+    logits = hf(ids, attention_mask=mask, position_ids=positions).logits[:, P - 1:-1] / T
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    keep = mask[:, P:].to(logp.dtype)
+    return logp * keep, entropy * keep
+
+
+@pytest.mark.parametrize("chunk_tokens", [4, 256])
+def test_completion_logps_match_transformers_log_softmax(tmp_path, chunk_tokens):
+    path, hf = tiny_checkpoint(tmp_path / "tiny", tie_word_embeddings=False, seed=2)
+    ours = load(path, dtype=torch.float32)
+    twin = float64_twin(hf)
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(0)
+    w_logp, w_ent = torch.randn(3, C, generator=g), torch.randn(3, C, generator=g)
+    logp, ent = completion_logps(ours, ids, mask, P, T, chunk_tokens=chunk_tokens)
+    ref = [reference(m, ids, mask) for m in (hf, twin)]
+    assert logp.shape == ent.shape == (3, C)
+    assert_close_to_reference(logp, ref[0][0], ref[1][0], what="log-probs")
+    assert_close_to_reference(ent, ref[0][1], ref[1][1], what="entropies")
+    assert torch.equal(logp[1, 3:], torch.zeros(3)), "0 off the completion mask"
+    for out, model in [((logp, ent), None), (ref[0], hf), (ref[1], twin)]:
+        ((out[0] * w_logp.to(out[0])).sum() + (out[1] * w_ent.to(out[1])).sum()).backward()
+    assert_grads_close(ours, hf, twin)
+
+
+def test_no_grad_and_bad_arguments(tmp_path):
+    path, _ = tiny_checkpoint(tmp_path / "tiny", seed=1)
+    ours = load(path, dtype=torch.float32)
+    ids, mask = batch()
+    with torch.no_grad():
+        logp, _ = completion_logps(ours, ids, mask, P)
+    assert not logp.requires_grad and (logp <= 0).all()
+    with pytest.raises(ValueError, match="n_prompt=0"):
+        completion_logps(ours, ids, mask, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        completion_logps(ours, ids, mask, P, temperature=0.0)
