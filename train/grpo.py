@@ -3,6 +3,7 @@ sampling): group advantages, the clipped policy loss and its metrics, as TRL 1.1
 defines them (trl/trainer/grpo_trainer.py: _generate_and_score_completions for the advantages,
 _compute_loss for the loss and metrics).
 
+    per_function = reward_table(functions, prompts, completions, **columns)   # [B*G, F], None -> NaN
     rewards = weighted_rewards(per_function, weights)            # [B*G]; NaN: no function scored it
     advantages = group_advantages(rewards, G, "group")           # [B*G]
     logps, entropies = completion_logps(model, ids, mask, n_prompt, temperature)   # [B, C] each
@@ -22,7 +23,8 @@ and the loss normalises Σ mask·ℓ by loss_type (TRL 1.16's definitions, per m
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -43,6 +45,29 @@ def nanstd(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     correction = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan"), dtype=var.dtype))
     std = torch.sqrt(var * correction)
     return std.squeeze(dim) if dim is not None else std
+
+
+def reward_table(functions: Sequence[Callable], prompts: Sequence, completions: Sequence,
+                 completion_ids: Optional[Sequence] = None, **columns) -> torch.Tensor:
+    """[N, F] fp32 rewards of N completions by F reward functions (None -> NaN), as TRL calls them:
+    fn(prompts=..., completions=..., completion_ids=..., **columns) -> N floats or Nones.
+
+    A completion that no function scored (all None) gets a warning naming it, as TRL logs one.
+    """
+    table = torch.zeros(len(completions), len(functions))
+    for j, fn in enumerate(functions):
+        name = getattr(fn, "__name__", type(fn).__name__)
+        out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if len(out) != len(completions):
+            raise ValueError(f"reward function {name!r} returned {len(out)} rewards for {len(completions)} "
+                             "completions: it must return one per completion")
+        table[:, j] = torch.tensor([float("nan") if r is None else float(r) for r in out], dtype=torch.float32)
+    unscored = torch.isnan(table).all(1)
+    if len(functions) and unscored.any():
+        i = int(unscored.nonzero()[0])
+        warnings.warn(f"every reward function returned None for completion {i} (prompt {prompts[i]!r:.80}, "
+                      f"completion {completions[i]!r:.80}): it gets advantage 0", stacklevel=2)
+    return table
 
 
 def weighted_rewards(per_function: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -12,8 +12,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from tests.helpers import assert_close_to_reference, max_rel_err
-from train.grpo import LOSS_TYPES, group_advantages, grpo_loss, weighted_rewards
+from tests.helpers import assert_close_to_reference
+from train.grpo import LOSS_TYPES, group_advantages, grpo_loss, reward_table, weighted_rewards
 
 pytest.importorskip("trl")
 
@@ -137,4 +137,35 @@ def test_bad_arguments_are_named():
         grpo_loss(logps, None, None, adv, mask)
     with pytest.raises(ValueError, match="G=4"):
         group_advantages(torch.zeros(6), 4)
-    assert max_rel_err(torch.ones(1), torch.ones(1)) == 0
+
+
+def test_defaults_are_trl_grpo_configs():
+    import inspect
+
+    from trl import GRPOConfig
+
+    fields = GRPOConfig.__dataclass_fields__
+    params = inspect.signature(grpo_loss).parameters
+    for ours_name, trl_name in [("loss_type", "loss_type"), ("importance_sampling_level", "importance_sampling_level"),
+                                ("epsilon", "epsilon"), ("epsilon_high", "epsilon_high"), ("beta", "beta")]:
+        assert params[ours_name].default == fields[trl_name].default, ours_name
+    assert inspect.signature(group_advantages).parameters["scale_rewards"].default == fields["scale_rewards"].default
+
+
+def test_reward_table_calls_functions_as_trl_and_warns_on_unscored():
+    def length(prompts, completions, completion_ids=None, **columns):
+        return [None if c == "skip" else float(len(c)) for c in completions]
+
+    def has_answer(prompts, completions, completion_ids=None, answer=None, **columns):
+        return [None if a is None else float(a in c) for c, a in zip(completions, answer)]
+
+    with pytest.warns(UserWarning, match="completion 2"):
+        table = reward_table([length, has_answer], ["p"] * 3, ["a7", "b", "skip"], answer=["7", "8", None])
+    assert torch.equal(torch.isnan(table), torch.tensor([[False, False], [False, False], [True, True]]))
+    assert table[:2].tolist() == [[2.0, 1.0], [1.0, 0.0]]
+
+    def three(prompts, completions, completion_ids=None, **columns):
+        return [1.0, 1.0, 1.0]
+
+    with pytest.raises(ValueError, match="'three' returned 3 rewards for 2 completions"):
+        reward_table([three], ["p"] * 2, ["a", "b"])
