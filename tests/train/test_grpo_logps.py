@@ -1,6 +1,7 @@
 """train.grpo.completion_logps: per-token log-probs and entropies of completion tokens through
 our chunked head, against log_softmax(transformers' logits / T) on the same tiny random Qwen2
-(values and parameter gradients, floors from its float64 twin)."""
+(values and parameter gradients, floors from its float64 twin), against TRL 1.16's own fused
+head (what GRPOTrainer scores completions with), and the head never sees more than one chunk."""
 
 from __future__ import annotations
 
@@ -42,7 +43,11 @@ def test_completion_logps_match_transformers_log_softmax(tmp_path, chunk_tokens)
     ids, mask = batch()
     g = torch.Generator().manual_seed(0)
     w_logp, w_ent = torch.randn(3, C, generator=g), torch.randn(3, C, generator=g)
+    rows_seen = []
+    hook = ours.lm_head.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
     logp, ent = completion_logps(ours, ids, mask, P, T, chunk_tokens=chunk_tokens)
+    hook.remove()
+    assert max(rows_seen) <= chunk_tokens and sum(rows_seen) == int(mask[:, P:].sum()), "one chunk at a time"
     ref = [reference(m, ids, mask) for m in (hf, twin)]
     assert logp.shape == ent.shape == (3, C)
     assert_close_to_reference(logp, ref[0][0], ref[1][0], what="log-probs")
@@ -64,3 +69,28 @@ def test_no_grad_and_bad_arguments(tmp_path):
         completion_logps(ours, ids, mask, 0)
     with pytest.raises(ValueError, match="temperature"):
         completion_logps(ours, ids, mask, P, temperature=0.0)
+
+
+def test_completion_logps_match_trl_fused_head(tmp_path):
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    path, hf = tiny_checkpoint(tmp_path / "tiny", tie_word_embeddings=False, seed=5)
+    ours = load(path, dtype=torch.float32)
+    twin = float64_twin(hf)
+    ids, mask = batch()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    # GRPOTrainer._get_per_token_logps_and_entropies: labels = ids off the mask and the prompt -100,
+    # log-probs and entropies of the last C positions of the fused head's output
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :P] = -100
+    trl = []
+    for model in (hf, twin):
+        add_fused_lm_head(model, temperature=T, outputs=("log_probs", "entropy"))
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels, fused_lm_head=True)
+        trl.append((out.log_probs[:, -C:], out.entropy[:, -C:]))
+    with torch.no_grad():
+        logp, ent = completion_logps(ours, ids, mask, P, T)
+    assert_close_to_reference(logp, trl[0][0], trl[1][0], what="log-probs vs TRL")
+    assert_close_to_reference(ent, trl[0][1], trl[1][1], what="entropies vs TRL")
