@@ -78,7 +78,8 @@ def weighted_rewards(per_function: torch.Tensor, weights: Optional[torch.Tensor]
     mean and std.
     """
     if per_function.dim() != 2:
-        raise ValueError(f"per_function rewards must be [completions, functions], got shape {tuple(per_function.shape)}")
+        raise ValueError("per_function rewards must be [completions, functions], "
+                         f"got shape {tuple(per_function.shape)}")
     F_ = per_function.shape[1]
     weights = torch.ones(F_) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if weights.shape != (F_,):
@@ -144,7 +145,8 @@ def grpo_loss(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
     if importance_sampling_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: expected one of {IMPORTANCE_LEVELS}")
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: "
+                         f"expected one of {IMPORTANCE_LEVELS}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs the reference's log-probs (ref_logps)")
     if loss_type == "dr_grpo" and not max_completion_length:

@@ -15,8 +15,6 @@ import torch
 from tests.helpers import assert_close_to_reference
 from train.grpo import LOSS_TYPES, group_advantages, grpo_loss, reward_table, weighted_rewards
 
-pytest.importorskip("trl")
-
 B, C, MAX_LEN = 6, 7, 9
 
 
@@ -38,6 +36,7 @@ def fixed_inputs(seed=0, beta=0.0, iterations=1):
 
 def trl_loss(logps, old, ref, adv, mask, entropies, loss_type, level, beta, grad_accum, n_items):
     """GRPOTrainer._compute_loss on a stub holding the attributes it reads (one process)."""
+    pytest.importorskip("trl")
     from trl import GRPOTrainer
 
     logps = logps.clone().requires_grad_(True)
@@ -98,6 +97,7 @@ def test_grpo_loss_gradient_and_metrics_match_trl(loss_type, level, beta, iterat
 
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 def test_group_advantages_match_trl(scale_rewards):
+    pytest.importorskip("trl")
     from trl.trainer.utils import nanstd
 
     G = 4
@@ -127,6 +127,13 @@ def test_group_advantages_match_trl(scale_rewards):
     assert got[8] == 0.0, "an unscorable completion has no advantage"
 
 
+def test_a_group_of_one_has_zero_std():
+    rewards = torch.tensor([0.5, 2.0, -1.0])
+    # TRL: with num_generations == 1, std_rewards = zeros; each completion is its own group's mean
+    assert torch.equal(group_advantages(rewards, 1, "group"), torch.zeros(3))
+    assert torch.allclose(group_advantages(rewards, 3, "none"), rewards - rewards.mean())
+
+
 def test_bad_arguments_are_named():
     logps, _, _, adv, mask, _ = fixed_inputs()
     with pytest.raises(ValueError, match="loss_type='ppo'"):
@@ -142,6 +149,7 @@ def test_bad_arguments_are_named():
 def test_defaults_are_trl_grpo_configs():
     import inspect
 
+    pytest.importorskip("trl")
     from trl import GRPOConfig
 
     fields = GRPOConfig.__dataclass_fields__
