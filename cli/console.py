@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from models.qwen import CHAT_STOP_IDS
-from models.qwen.safe_load import loads_json
+from fileio.safe_load import loads_json
 
 
 def log(msg: str = "") -> None:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from lora.delta.io import DeltaError
 from models.qwen import CheckpointError, ConfigError
-from models.qwen.safe_load import read_json
+from fileio.safe_load import read_json
 
 from . import outdir
 from .errors import EXIT_USAGE, UsageError, one_line

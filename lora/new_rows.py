@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.qwen.module_tree import replace_module
-from models.qwen.safetensors_file import write_tensors
+from fileio.safetensors_file import write_tensors
 
 NEW_ROWS_FILE = "new_token_rows.safetensors"
 PATHS = {"embed": "model.embed_tokens", "head": "lm_head"}

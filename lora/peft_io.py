@@ -35,8 +35,8 @@ from safetensors import safe_open
 from torch import nn
 
 from models.qwen import whole
-from models.qwen.atomic import atomic_directory
-from models.qwen.safetensors_file import write_tensors
+from fileio.atomic import atomic_directory
+from fileio.safetensors_file import write_tensors
 
 from . import fused_experts
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError, LoRAConfig, read_peft_config
@@ -65,7 +65,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
 
     base_model_name_or_path defaults to where the model was loaded from (`model.name_or_path`).
     tokenizer: also write its files (so the adapter directory is self-contained). The directory
-    is written whole and renamed into place (models.qwen.atomic), so a crash never leaves half
+    is written whole and renamed into place (fileio.atomic), so a crash never leaves half
     an adapter under `path`.
     """
     config: Optional[LoRAConfig] = config_of(model)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from models.qwen.safe_load import loads_json
+from fileio.safe_load import loads_json
 
 PathLike = Union[str, os.PathLike]
 

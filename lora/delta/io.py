@@ -27,11 +27,11 @@ from safetensors import safe_open
 
 from models.qwen import CheckpointError, ConfigError, QwenConfig
 from models.qwen.checkpoint import SAFE_INDEX, checkpoint_files
-from models.qwen.atomic import OWNER_FILES
-from models.qwen.folder import FOLDER_FILES
-from models.qwen.hashing import sha256_file
-from models.qwen.safe_load import loads_json, read_json
-from models.qwen.safetensors_file import DTYPES as ST_DTYPES
+from fileio.atomic import OWNER_FILES
+from fileio.folder import FOLDER_FILES
+from fileio.hashing import sha256_file
+from fileio.safe_load import loads_json, read_json
+from fileio.safetensors_file import DTYPES as ST_DTYPES
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from models.qwen.atomic import atomic_directory
+from fileio.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
 
 from .combine import check_compatible

@@ -18,10 +18,10 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from models.qwen import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
-from models.qwen.atomic import atomic_directory
+from fileio.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
-from models.qwen.hashing import sha256_file
-from models.qwen.safe_load import read_json
+from fileio.hashing import sha256_file
+from fileio.safe_load import read_json
 
 from .combine import Plan, Term, check_compatible, run_plan
 from .groups import group_scales, module_group, special_row_plan

@@ -28,15 +28,15 @@ import torch
 from torch import nn
 
 from . import whole
-from .atomic import OWNER_FILES, atomic_directory
+from fileio.atomic import OWNER_FILES, atomic_directory
 from .config import QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
-from .folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
-from .safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
+from fileio.folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
+from fileio.safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
 from .moe import SharedExpertGate
-from .safe_load import loads_json, read_json
+from fileio.safe_load import loads_json, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -150,7 +150,7 @@ def checked_config(path: Union[str, os.PathLike]) -> QwenConfig:
 
 def iter_tensors(files: list[Path], skip: Optional[Callable[[str], bool]] = None
                  ) -> Iterator[tuple[str, Optional[torch.Tensor], Path]]:
-    """Yield (key, tensor, file) one tensor at a time (models.qwen.safetensors_file.read_tensors;
+    """Yield (key, tensor, file) one tensor at a time (fileio.safetensors_file.read_tensors;
     tensor None, unread, for a key `skip` accepts)."""
     for file in files:
         for key, tensor in read_tensors(file, skip):
@@ -553,10 +553,10 @@ def save(
     those of `tokenizer` (anything with `save_pretrained(dir)`), else copies of the ones in the
     directory the model was loaded from; a model with neither is written with a warning, since
     transformers would then build a useless tokenizer for it. Processor files of that directory
-    (models.qwen.folder.PROCESSOR_FILES) are always copied. dtype: cast floating tensors.
+    (fileio.folder.PROCESSOR_FILES) are always copied. dtype: cast floating tensors.
     state_dict: the tensors to write (default: the model's own; e.g. a LoRA model's base,
     `lora.base_state_dict(model)`). keep: entries of an existing `path` carried over
-    (models.qwen.atomic.OWNER_FILES: the lock and run.json of the script writing it).
+    (fileio.atomic.OWNER_FILES: the lock and run.json of the script writing it).
 
     A model loaded from a Qwen3.5 vision-language checkpoint is written whole, as that checkpoint
     was (models/qwen/whole.py): its architecture and config, the text tensors under its names,

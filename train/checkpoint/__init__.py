@@ -2,7 +2,7 @@
 a checkpoint holds (state.py). See each module's docstring."""
 
 from models.qwen import CheckpointError
-from models.qwen.atomic import atomic_directory
+from fileio.atomic import atomic_directory
 
 from .files import load_tensors, optimizer_from_files, optimizer_to_files, read_json, save_tensors, write_json
 from .state import Checkpoint, copy_into, rng_name, write_checkpoint

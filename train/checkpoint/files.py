@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from models.qwen import CheckpointError
-from models.qwen import safe_load
-from models.qwen.safetensors_file import write_tensors
+from fileio import safe_load
+from fileio.safetensors_file import write_tensors
 
 
 def write_json(path: Path, obj: Any) -> None:

