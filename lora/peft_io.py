@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from models.qwen import whole
 from fileio.atomic import atomic_directory
-from fileio.safetensors_file import write_tensors
+from fileio.errors import CheckpointError
+from fileio.safetensors_file import load_tensors, write_tensors
+from models.qwen import whole
 
 from . import fused_experts
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError, LoRAConfig, read_peft_config
@@ -150,10 +150,9 @@ def read_adapter_tensors(path: Union[str, os.PathLike]) -> dict[str, torch.Tenso
             )
         raise AdapterError(f"{file}: not found (a PEFT adapter directory holds {WEIGHTS_NAME})")
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
+        return load_tensors(file)
+    except CheckpointError as e:  # a header the format forbids, a truncated file (names the file)
+        raise AdapterError(str(e)) from None
 
 
 def load(
