@@ -27,16 +27,17 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 import torch
 from torch import nn
 
-from . import whole
 from fileio.atomic import OWNER_FILES, atomic_directory
+from fileio.folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
+from fileio.safe_load import loads_json, read_json
+from fileio.safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
+
+from . import whole
 from .config import QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
-from fileio.folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
-from fileio.safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
 from .moe import SharedExpertGate
-from fileio.safe_load import loads_json, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -504,13 +505,33 @@ def parse_size(size: Union[int, str]) -> int:
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
+def checkpoint_names(model: nn.Module) -> set[str]:
+    """The tensor names of `model`'s checkpoint layout: the state-dict keys of a fresh model of its
+    config (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return set(Qwen(model.config).state_dict())
+
+
+def foreign_name(names: Iterator[str], known: set[str]) -> Optional[str]:
+    """The first of `names` that the layout `known` does not hold (a quantised weight's statistics,
+    `<weight>.absmax` and the like, belong to their weight; a recomputed rotary buffer to none)."""
+    for name in names:
+        if name.endswith("rotary_emb.inv_freq") or name in known:
+            continue
+        if ".weight." in name and name.split(".weight.", 1)[0] + ".weight" in known:
+            continue
+        return name
+    return None
+
+
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors of `model`: tied head dropped, LoRA refused, contiguous CPU copies."""
-    names = [n for n, _ in model.named_parameters()]
-    if any(".lora_" in n for n in names):
+    """Checkpoint tensors of `model`: exactly the names of its checkpoint layout (any other
+    tensor, an adapter's say, is refused by name), tied head dropped, contiguous CPU copies."""
+    bad = foreign_name(iter(model.state_dict()), checkpoint_names(model))
+    if bad is not None:
         raise ValueError(
-            "the model still holds LoRA adapters: call lora.merge(model) before save(), "
-            "or lora.save(model, dir) to write the adapter alone"
+            f"{bad} is not a parameter of a {model.config.model_type} checkpoint: merge adapters first "
+            "(lora.merge(model)) before save(), or save them with lora.save(model, dir)"
         )
     state = model.state_dict()
     tied = getattr(model, "is_tied", False)
@@ -620,9 +641,10 @@ def _write_shards(state: dict, tmp: Path, max_bytes: int, streamed: bool) -> Non
 
 
 def _checked_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    bad = next((k for k in state if ".lora_" in k), None)
+    bad = foreign_name(iter(state), checkpoint_names(model))
     if bad is not None:
-        raise ValueError(f"state_dict holds the adapter tensor {bad!r}: pass the base model's tensors")
+        raise ValueError(f"state_dict holds {bad!r}, not a tensor of a {model.config.model_type} checkpoint: "
+                         "pass the base model's tensors (lora.base_state_dict(model))")
     tied = getattr(model, "is_tied", False)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()
             if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
