@@ -11,8 +11,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from models.qwen import CHAT_STOP_IDS
 from fileio.safe_load import loads_json
+from models.qwen import CHAT_STOP_IDS
 
 
 def log(msg: str = "") -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from fileio.atomic import LOCK_FILE, RUN_FILE
-from fileio.safe_load import loads_json, read_json
 from fileio.folder import FOLDER_FILES
+from fileio.safe_load import loads_json, read_json
 
 from .errors import UsageError
 

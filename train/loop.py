@@ -45,8 +45,8 @@ from torch import nn
 
 import lora
 from data import pad_collate
-from models.qwen import CheckpointError, ENDOFTEXT_ID
 from fileio.atomic import recover_all
+from models.qwen import CheckpointError, ENDOFTEXT_ID
 from models.qwen.config import dtype_from_name
 from quant import NF4Linear
 

@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.qwen import CheckpointError
 from fileio.atomic import atomic_directory
+from models.qwen import CheckpointError
 
 from .files import load_tensors, optimizer_from_files, read_json, save_tensors, write_json
 from .store import STATE_FILE, file_sizes

@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
-from models.qwen import CheckpointError
 from fileio.atomic import recover_all, remove_tree
+from models.qwen import CheckpointError
 
 from .files import read_json
 
