@@ -41,7 +41,7 @@ class RunFailure(QwenTuneError):
     bad_input = False
 
 
-# OS errors that come from the user's input (a path that is not there, not readable, not text).
+# Python's own errors that come from the user's input (a path that is not there, not readable, not text).
 BAD_INPUT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                        UnicodeDecodeError)
 
@@ -49,7 +49,7 @@ BAD_INPUT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
 def exit_code(error: BaseException) -> Optional[int]:
     """EXIT_USAGE (2) or EXIT_FAILURE (1) for an error printed as one line; None for a bug (a
     traceback). Every error of the library derives from QwenTuneError, whose `bad_input` says
-    which; of the others, the OS errors above are bad input and any other OSError or running out
+    which; of the others, BAD_INPUT_OS_ERRORS are bad input and any other OSError or running out
     of memory a run-time failure."""
     import torch
 
