@@ -21,7 +21,7 @@ import sys
 from importlib.machinery import ModuleSpec, PathFinder
 
 # The dependency order of the design (a package imports only packages to its left).
-ORDER = ("models", "quant", "lora", "data", "train", "cli", "demo", "examples")
+ORDER = ("fileio", "models", "quant", "lora", "data", "train", "cli", "demo", "examples")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # site-packages, or the project root (pip install -e .)
 _claimed: set[str] = set()

@@ -70,7 +70,7 @@ def layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def write_checkpoint(root: Path, cfg: dict, shards: int = 1) -> int:
     """Random bf16 checkpoint in `root` (std 0.02), written layer by layer; returns its bytes."""
     import torch
-    from safetensors.torch import save_file
+    from fileio.safetensors_file import write_tensors
 
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -90,7 +90,7 @@ def write_checkpoint(root: Path, cfg: dict, shards: int = 1) -> int:
         tensors = {}
         for k, shape in chunk:
             tensors[k] = torch.ones(shape, dtype=torch.bfloat16) if "norm" in k else rand(shape)
-        save_file(tensors, str(root / fname), metadata={"format": "pt"})
+        write_tensors(tensors, str(root / fname), metadata={"format": "pt"})
         total += sum(t.numel() * 2 for t in tensors.values())
         weight_map.update({k: fname for k in tensors})
         del tensors

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora.delta.io import SafetensorsStreamWriter  # noqa: E402
+from fileio.safetensors_file import SafetensorsWriter, file_slices  # noqa: E402
 from models.qwen import Qwen, QwenConfig  # noqa: E402
 from models.qwen.checkpoint import parse_size  # noqa: E402
 
@@ -62,7 +62,8 @@ def write_family(root: Path, cfg: QwenConfig, shard_bytes: int, seed: int = 0) -
                 json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
     g = torch.Generator().manual_seed(seed)
     for name, shard in zip(names, shards):
-        writers = {r: SafetensorsStreamWriter(root / r / name, [(k, torch.bfloat16, s) for k, s in shard]) for r in roles}
+        writers = {r: SafetensorsWriter(root / r / name, [(k, torch.bfloat16, s) for k, s in shard],
+                                        metadata={"format": "pt"}, fsync=True) for r in roles}
         for k, s in shard:
             base = torch.randn(s, generator=g) * 0.02 if len(s) > 1 else 1.0 + 0.1 * torch.randn(s, generator=g)
             writers["base"].write(k, base.bfloat16())
@@ -111,14 +112,11 @@ def child(code: str, *args: str) -> dict:
 
 def check_some_tensors(root: Path, keys: list[str]) -> float:
     """max |out - (target + chat - base)| over `keys`, closed form in float32 then cast to bf16."""
-    from safetensors import safe_open
-
     def get(role: str, key: str) -> torch.Tensor:
         d = root / role
         idx = d / "model.safetensors.index.json"
         name = json.loads(idx.read_text())["weight_map"][key] if idx.exists() else "model.safetensors"
-        with safe_open(str(d / name), "pt") as f:
-            return f.get_tensor(key)
+        return file_slices(d / name)[key].read()
 
     worst = 0.0
     for k in keys:

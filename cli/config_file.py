@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from models.qwen.safe_load import loads_json, loads_yaml, read_json
+from fileio.safe_load import loads_json, loads_yaml, read_json
 
 from .errors import UsageError
 

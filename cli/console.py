@@ -11,8 +11,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fileio.safe_load import loads_json
 from models.qwen import CHAT_STOP_IDS
-from models.qwen.safe_load import loads_json
 
 
 def log(msg: str = "") -> None:

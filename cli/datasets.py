@@ -64,7 +64,7 @@ def held_out_questions(path: Path, n: int) -> list[str]:
     """The first `n` user questions of a messages/alpaca .jsonl file (for sample answers)."""
     import json
 
-    from models.qwen.safe_load import loads_json
+    from fileio.safe_load import loads_json
 
     out = []
     with open(path, encoding="utf-8") as f:

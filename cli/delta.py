@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fileio.safe_load import read_json
 from lora.delta.io import DeltaError
 from models.qwen import CheckpointError, ConfigError
-from models.qwen.safe_load import read_json
 
 from . import outdir
 from .errors import EXIT_USAGE, UsageError, one_line

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from fileio.errors import QwenTuneError
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -29,41 +31,35 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a tool it killed
 
 
-class UsageError(Exception):
+class UsageError(QwenTuneError):
     """Bad input or a refusal: printed as one line, exit code 2."""
 
 
-class RunFailure(Exception):
+class RunFailure(QwenTuneError):
     """A failure at run time that is not the user's input: printed as one line, exit code 1."""
 
-
-def _bad_input() -> tuple[type, ...]:
-    from data import DataError
-    from lora import AdapterError
-    from lora.delta.io import DeltaError
-    from models.qwen import CheckpointError, ConfigError
-    from models.qwen.chat_template import ChatTemplateError
-    from models.qwen.tokenizer import TokenizerError
-    from train.report import ReportError
-
-    errors = (UsageError, CheckpointError, ConfigError, DataError, AdapterError, DeltaError, TokenizerError,
-              ChatTemplateError, ReportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-              PermissionError, UnicodeDecodeError)
-    try:
-        from models.qwen.export import ExportError
-    except ImportError:   # the optional gguf package is not installed
-        return errors
-    return errors + (ExportError,)
+    bad_input = False
 
 
-def _failures() -> tuple[type, ...]:
+# Python's own errors that come from the user's input (a path that is not there, not readable, not text).
+BAD_INPUT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                       UnicodeDecodeError)
+
+
+def exit_code(error: BaseException) -> Optional[int]:
+    """EXIT_USAGE (2) or EXIT_FAILURE (1) for an error printed as one line; None for a bug (a
+    traceback). Every error of the library derives from QwenTuneError, whose `bad_input` says
+    which; of the others, BAD_INPUT_OS_ERRORS are bad input and any other OSError or running out
+    of memory a run-time failure."""
     import torch
-    from safetensors import SafetensorError
 
-    from train import NonFiniteError, NothingTrainsError
-
-    return (RunFailure, NonFiniteError, NothingTrainsError, SafetensorError, OSError, MemoryError,
-            torch.OutOfMemoryError)
+    if isinstance(error, QwenTuneError):
+        return EXIT_USAGE if error.bad_input else EXIT_FAILURE
+    if isinstance(error, BAD_INPUT_OS_ERRORS):
+        return EXIT_USAGE
+    if isinstance(error, (OSError, MemoryError, torch.OutOfMemoryError)):
+        return EXIT_FAILURE
+    return None
 
 
 def one_line(error: BaseException) -> str:
@@ -151,14 +147,14 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
         else:
             _release_outputs()
         raise SystemExit(EXIT_CODES[stop.signal])
-    except _bad_input() as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+    except Exception as e:
+        failed = exit_code(e)
+        if failed is None:
+            raise   # a bug in the library: the traceback
+        what = "error" if failed == EXIT_USAGE else "failed"
+        print(f"{prog}: {what}: {one_line(e)}", file=sys.stderr, flush=True)
         _release_outputs()
-        raise SystemExit(EXIT_USAGE)
-    except _failures() as e:
-        print(f"{prog}: failed: {one_line(e)}", file=sys.stderr, flush=True)
-        _release_outputs()
-        raise SystemExit(EXIT_FAILURE)
+        raise SystemExit(failed)
     try:
         sys.stdout.flush()   # what main() left buffered may still meet a closed pipe
     except BrokenPipeError:

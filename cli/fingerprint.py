@@ -5,7 +5,7 @@ changed in place (same paths, other content): recorded in run.json under "inputs
      "--data": {path: sha256, ...}, "--eval-data": {path: sha256}}
 
 The model folder's small files (config, tokenizer, chat template, index) are hashed whole; its
-safetensors files by their header and sampled blocks (models/qwen/hashing.py: ~1 MiB read per
+safetensors files by their header and sampled blocks (fileio/hashing.py: ~1 MiB read per
 file, so a 15 GB checkpoint costs milliseconds). Data files are hashed whole (the token cache
 reads them whole anyway).
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from models.qwen.atomic import LOCK_FILE, RUN_FILE
-from models.qwen.hashing import sampled_digest, sha256_file
+from fileio.atomic import LOCK_FILE, RUN_FILE
+from fileio.hashing import sampled_digest, sha256_file
 
 WHOLE_LIMIT = 64 << 20   # files up to 64 MiB are hashed whole; larger ones by samples
 

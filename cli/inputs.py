@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from models.qwen.safe_load import read_json
+from fileio.safe_load import read_json
 
 from .errors import UsageError
 

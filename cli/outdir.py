@@ -24,9 +24,9 @@ import socket
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from models.qwen.atomic import LOCK_FILE, RUN_FILE
-from models.qwen.safe_load import loads_json, read_json
-from models.qwen.folder import FOLDER_FILES
+from fileio.atomic import LOCK_FILE, RUN_FILE
+from fileio.folder import FOLDER_FILES
+from fileio.safe_load import loads_json, read_json
 
 from .errors import UsageError
 

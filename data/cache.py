@@ -20,9 +20,9 @@ from typing import Optional
 
 import numpy as np
 
-from models.qwen.atomic import dir_mode
-from models.qwen.hashing import sha256_file
-from models.qwen.safe_load import read_json
+from fileio.atomic import dir_mode
+from fileio.hashing import sha256_file
+from fileio.safe_load import read_json
 
 CACHE_VERSION = 1
 ENV_VAR = "QWEN_TUNE_CACHE"

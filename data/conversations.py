@@ -43,7 +43,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from models.qwen.safe_load import loads_json
+from fileio.safe_load import loads_json
 
 from .errors import DataError
 

@@ -11,10 +11,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from fileio.errors import QwenTuneError
 ON_ERROR = ("raise", "skip")
 
 
-class DataError(ValueError):
+class DataError(QwenTuneError, ValueError):
     """Bad training data: names the file, line and field, and what was expected.
 
     reason: a short category ("malformed-json", "missing-field", "not-utf8", "empty",

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from models.qwen.safe_load import loads_json
+from fileio.safe_load import loads_json
 
 from .errors import DataError, InputReport
 

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from data import cache_root
-from models.qwen.safe_load import read_json
+from fileio.safe_load import read_json
 
 BASE_SHAPE = dict(
     vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=4,

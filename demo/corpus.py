@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from data import cache_root
-from models.qwen.atomic import dir_mode
-from models.qwen.safe_load import read_json
+from fileio.atomic import dir_mode
+from fileio.safe_load import read_json
 
 BUILDER_VERSION = 2
 

@@ -35,7 +35,7 @@ from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, log
 from cli.errors import UsageError, run_main
 from demo import settings as demo_settings
-from models.qwen.safe_load import read_json
+from fileio.safe_load import read_json
 
 DEFAULT_EVAL_OUT = paths.RUNS / "eval"
 DEFAULT_RESIDUAL_OUT = paths.RUNS / "residual"

@@ -25,7 +25,7 @@ from pathlib import Path
 from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
-from models.qwen.atomic import atomic_directory
+from fileio.atomic import atomic_directory
 from models.qwen.tokenizer import load_tokenizer
 
 DEFAULT_OUT = paths.RUNS / "extend-vocab"

@@ -21,9 +21,9 @@ import torch
 from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
+from fileio.safe_load import read_json
 from models.qwen import QwenConfig
 from models.qwen.config import dtype_name_short
-from models.qwen.safe_load import read_json
 from models.qwen.tokenizer import load_tokenizer
 
 DRIFT_PROMPTS = (

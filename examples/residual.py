@@ -25,8 +25,8 @@ from pathlib import Path
 from cli import flags, paths
 from cli.delta import add_residual_args, run_residual
 from cli.errors import UsageError, run_main
+from fileio.safe_load import read_json
 from models.qwen import CHAT_STOP_IDS
-from models.qwen.safe_load import read_json
 
 HERE = Path(__file__).resolve().parent
 DEMO_QUESTION = "What does `json.dumps` do?"

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from models.qwen.safe_load import read_json
+from fileio.errors import QwenTuneError
+from fileio.safe_load import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -18,7 +19,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 Targets = Union[str, list[str], tuple[str, ...]]
 
 
-class AdapterError(ValueError):
+class AdapterError(QwenTuneError, ValueError):
     """An adapter directory, file or key that cannot be used as it is (names what is wrong)."""
 
 

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.qwen.cpu_fast_paths import LORA_GRAD_X, LORA_GRAD_Y, LORA_X, LORA_Y, cast_shared, scratch
+from models.qwen.cpu_fast_paths import cast_shared, scratch
+
+# Slots of `scratch` (models.qwen.cpu_fast_paths): one buffer each, reused by every call of that slot on a thread.
+LORA_X = "lora.x"             # the fp32 cast of a LoRA layer's input (cast_shared)
+LORA_Y = "lora.y"             # the fp32 sum base_out + update
+LORA_GRAD_Y = "lora.grad_y"   # the fp32 upcast of the incoming gradient
+LORA_GRAD_X = "lora.grad_x"   # the fp32 gradient of the input before its cast back
 
 
 def lora_update(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,

@@ -31,11 +31,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
+from fileio.safetensors_file import load_tensors, write_tensors
 from models.qwen.module_tree import replace_module
-from models.qwen.safetensors_file import write_tensors
 
 NEW_ROWS_FILE = "new_token_rows.safetensors"
 PATHS = {"embed": "model.embed_tokens", "head": "lm_head"}
@@ -200,9 +199,7 @@ def save_new_rows(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     state = new_rows_state_dict(model)
-    tmp = root / f".{NEW_ROWS_FILE}.tmp"
-    write_tensors(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, root / NEW_ROWS_FILE)
+    write_tensors(state, root / NEW_ROWS_FILE, metadata={"format": "pt"})  # renamed into place when complete
     return root / NEW_ROWS_FILE
 
 
@@ -213,7 +210,7 @@ def load_new_rows(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     file = Path(path) / NEW_ROWS_FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not found (written by vocab.save_new_rows)")
-    state = load_file(str(file))
+    state = load_tensors(file)
     if "ids" not in state or PATHS["embed"] not in state:
         raise ValueError(f"{file}: expected tensors 'ids' and {PATHS['embed']!r}, got {sorted(state)}")
     ids = state["ids"].long()

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from fileio.atomic import atomic_directory
+from fileio.errors import CheckpointError
+from fileio.safetensors_file import load_tensors, write_tensors
 from models.qwen import whole
-from models.qwen.atomic import atomic_directory
 from models.qwen.families import model_family
-from models.qwen.safetensors_file import write_tensors
 
 from . import fused_experts
 from .config import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError, LoRAConfig, read_peft_config
@@ -66,7 +66,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
 
     base_model_name_or_path defaults to where the model was loaded from (`model.name_or_path`).
     tokenizer: also write its files (so the adapter directory is self-contained). The directory
-    is written whole and renamed into place (models.qwen.atomic), so a crash never leaves half
+    is written whole and renamed into place (fileio.atomic), so a crash never leaves half
     an adapter under `path`.
     """
     config: Optional[LoRAConfig] = config_of(model)
@@ -152,10 +152,9 @@ def read_adapter_tensors(path: Union[str, os.PathLike]) -> dict[str, torch.Tenso
             )
         raise AdapterError(f"{file}: not found (a PEFT adapter directory holds {WEIGHTS_NAME})")
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
+        return load_tensors(file)
+    except CheckpointError as e:  # a header the format forbids, a truncated file (names the file)
+        raise AdapterError(str(e)) from None
 
 
 def load(

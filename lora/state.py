@@ -61,6 +61,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's tensors under their checkpoint names, without the adapters (what
-    `models.qwen.save(model, dir, state_dict=...)` writes for the base of a LoRA model)."""
-    adapter = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
+    `models.qwen.save(model, dir, state_dict=...)` writes for the base of a LoRA model): the
+    trainable copies of modules_to_save are left out too (their originals keep their names)."""
+    adapter = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".modules_to_save.")
     return {k: v for k, v in model.state_dict().items() if not any(a in f"{k}." for a in adapter)}

@@ -50,6 +50,10 @@ class TrainableCopy(FlattenedBase):
     def active(self) -> nn.Module:
         return self.modules_to_save if self.adapters_enabled else self.original_module
 
+    def live_module(self) -> nn.Module:
+        """models.qwen.module_tree.RunsInPlace: the model looks through us to the module we run."""
+        return self.active
+
     @property
     def weight(self) -> torch.Tensor:
         """The weight the forward uses (lets `model.is_tied`-style checks see through us)."""

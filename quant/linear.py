@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.qwen.cpu_fast_paths import NF4_WEIGHT, scratch, upcast_matmul_dtype
+from models.qwen.cpu_fast_paths import scratch, upcast_matmul_dtype
 
 from . import backend
 from .nf4 import NF4Tensor, quantize
 from .serialization import STAT_SUFFIXES, hf_quantization_config, nf4_from_state, nf4_to_state
+
+# The slot of `scratch` (models.qwen.cpu_fast_paths) holding a dequantised NF4 weight, one per weight shape.
+NF4_WEIGHT = "nf4 {shape}"
 
 
 class _NF4MatMul(torch.autograd.Function):

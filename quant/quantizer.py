@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from models.qwen.safe_load import read_json
+from fileio.safe_load import read_json
 
 from .linear import NF4Linear
 from .nf4 import quantize

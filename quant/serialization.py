@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from models.qwen.safe_load import loads_json
+from fileio.safe_load import loads_json
 
 from .nf4 import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, NF4Tensor
 

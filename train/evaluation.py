@@ -265,10 +265,10 @@ def load_candidate(candidate: Candidate, dtype: str = "fp32", device: str = "cpu
 
 def load_tokenizer(*dirs: Optional[Path], cache: Optional[dict] = None):
     """models.qwen.tokenizer.load_tokenizer, cached by source (every candidate of one base shares it)."""
-    from models.qwen.tokenizer import TOKENIZER_FILES, load_tokenizer as load
+    from fileio.folder import holds_tokenizer
+    from models.qwen.tokenizer import load_tokenizer as load
 
-    source = next((Path(d) for d in dirs if d is not None and any((Path(d) / n).is_file() for n in TOKENIZER_FILES)),
-                  None)
+    source = next((Path(d) for d in dirs if holds_tokenizer(d)), None)
     key = str(source.resolve()) if source is not None else None
     if cache is None or key not in cache:
         tok, _ = load(source)

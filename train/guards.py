@@ -18,11 +18,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fileio.errors import QwenTuneError
 from models.qwen.moe import SparseMoeBlock
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(QwenTuneError, FloatingPointError):
     """A NaN/Inf loss or gradient; names the step, the micro-batch and the first bad parameter."""
+
+    bad_input = False
 
     def __init__(self, step: int, micro_batch: int, micro_batches: int, what: str,
                  parameter: Optional[str] = None, skipped_in_a_row: int = 0):
@@ -33,8 +36,10 @@ class NonFiniteError(FloatingPointError):
         super().__init__(f"non-finite {what} at {where}{param}{tail}")
 
 
-class NothingTrainsError(RuntimeError):
+class NothingTrainsError(QwenTuneError, RuntimeError):
     """After the first optimizer step a trainable parameter had no/non-finite grad or LoRA B did not move."""
+
+    bad_input = False
 
 
 def first_nonfinite(model: nn.Module) -> Optional[str]:

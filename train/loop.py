@@ -47,8 +47,8 @@ from torch import nn
 
 import lora
 from data import pad_collate
+from fileio.atomic import recover_all
 from models.qwen import CheckpointError, ENDOFTEXT_ID
-from models.qwen.atomic import recover_all
 from models.qwen.config import dtype_from_name
 from quant import NF4Linear
 
@@ -520,14 +520,14 @@ class Trainer:
         """[(tensors, meta)] of capture_rng_state() for every rank, on rank 0 ([] elsewhere)."""
         import json
 
-        from safetensors.torch import load, save
+        from fileio.safetensors_file import tensors_from_bytes, tensors_to_bytes
 
         tensors, meta = capture_rng_state()
         if not self.dist.enabled:
             return [(tensors, meta)]
-        blobs = self.dist.gather_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
+        blobs = self.dist.gather_bytes(tensors_to_bytes(tensors))
         metas = self.dist.gather_bytes(json.dumps(meta).encode("utf-8"))
-        return [(load(b), json.loads(m)) for b, m in zip(blobs, metas)]
+        return [(tensors_from_bytes(b), json.loads(m)) for b, m in zip(blobs, metas)]
 
     def load_checkpoint(self, path: os.PathLike) -> None:
         """Restore the whole run state from a checkpoint directory (resume). Anything missing,

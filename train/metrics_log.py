@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from models.qwen.safe_load import loads_json
+from fileio.safe_load import loads_json
 
 from .tensorboard import EventWriter
 

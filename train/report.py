@@ -10,12 +10,13 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from models.qwen.safe_load import loads_json
+from fileio.errors import QwenTuneError
+from fileio.safe_load import loads_json
 
 PathLike = Union[str, os.PathLike]
 
 
-class ReportError(ValueError):
+class ReportError(QwenTuneError, ValueError):
     """Bad evaluation input: names the file, line, key or directory and what was expected."""
 
 

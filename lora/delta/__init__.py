@@ -8,7 +8,7 @@
     res = extract_lora("out/delta", 16, "out/adapter")    # PEFT adapter of the best rank-16 approximation
     print(delta_report(chat, base).table())               # ||delta|| / ||W|| per layer and group
 
-All operations read one row chunk of one tensor at a time from memory-mapped safetensors,
+All operations read one row chunk of one tensor at a time from the safetensors shards,
 compute in float32 (float64 for float32 inputs), cast once to the output dtype and append
 to output shards laid out like the target's; the output directory appears atomically with a
 manifest.json (inputs and their sha256, scales, skipped tensors). Inputs are never modified.
@@ -17,13 +17,13 @@ CLI: `python -m lora.delta --help`.
 
 from .combine import ARCH_FIELDS, check_compatible
 from .groups import GROUPS, layer_index, module_group
-from .io import Checkpoint, DeltaError, SafetensorsStreamWriter
+from .io import DeltaError, ModelFolder
 from .lowrank import Extraction, extract_lora, low_rank
 from .ops import apply, diff, instruction_residual, task_arithmetic
 from .report import DeltaReport, delta_report
 
 __all__ = [
     "diff", "apply", "instruction_residual", "task_arithmetic", "extract_lora", "delta_report",
-    "DeltaReport", "Extraction", "DeltaError", "Checkpoint", "SafetensorsStreamWriter", "GROUPS",
+    "DeltaReport", "Extraction", "DeltaError", "ModelFolder", "GROUPS",
     "module_group", "layer_index", "low_rank", "check_compatible", "ARCH_FIELDS",
 ]

@@ -23,9 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
+from fileio.safetensors_file import SafetensorsWriter
 from models.qwen.checkpoint import SAFE_INDEX
 
-from .io import HEAD, Checkpoint, DeltaError, SafetensorsStreamWriter, TensorInfo, write_json
+from .io import HEAD, DeltaError, ModelFolder, TensorInfo, write_json
 
 # Architecture fields that must agree between inputs. vocab_size is checked through the
 # embedding and head shapes, so that the error names the tensor.
@@ -42,8 +43,8 @@ DEFAULT_CHUNK_BYTES = 64 << 20  # float64 bytes of one row chunk of the accumula
 class Term:
     """c(key) * (plus - minus); minus None means just c(key) * plus."""
 
-    plus: Checkpoint
-    minus: Optional[Checkpoint]
+    plus: ModelFolder
+    minus: Optional[ModelFolder]
     coef: Callable[[str], float]
 
 
@@ -51,15 +52,15 @@ class Term:
 class Plan:
     """What to compute. `layout` fixes the output's tensor names, shards and default dtypes."""
 
-    layout: Checkpoint
-    anchor: Optional[Checkpoint]
+    layout: ModelFolder
+    anchor: Optional[ModelFolder]
     terms: list[Term]
     dtype: Optional[torch.dtype] = None  # cast floating outputs to this (default: layout's dtype per tensor)
     # key -> {row: checkpoint whose row replaces the combined row} (special-token rows)
-    row_overrides: dict[str, dict[int, Checkpoint]] = field(default_factory=dict)
+    row_overrides: dict[str, dict[int, ModelFolder]] = field(default_factory=dict)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
-    def inputs(self) -> list[Checkpoint]:
+    def inputs(self) -> list[ModelFolder]:
         out = [self.anchor] if self.anchor is not None else []
         for t in self.terms:
             out.append(t.plus)
@@ -70,7 +71,7 @@ class Plan:
         return out
 
 
-def check_compatible(checkpoints: list[Checkpoint], check_dtypes: list[Checkpoint] = ()) -> None:
+def check_compatible(checkpoints: list[ModelFolder], check_dtypes: list[ModelFolder] = ()) -> None:
     """Architectures, tied-ness, tensor names, shapes (vocabulary rows included) must agree;
     dtypes too among `check_dtypes`. Errors name the field or tensor and both inputs."""
     ref = checkpoints[0]
@@ -132,7 +133,7 @@ def run_plan(plan: Plan, tmp: Path) -> dict:
             info = layout.tensors[key]
             dtype = plan.dtype if (plan.dtype is not None and info.dtype.is_floating_point) else info.dtype
             entries.append((key, dtype, info.shape))
-        writer = SafetensorsStreamWriter(tmp / file.name, entries)
+        writer = SafetensorsWriter(tmp / file.name, entries, metadata={"format": "pt"}, fsync=True)
         try:
             for key, dtype, shape in entries:
                 how = _write_tensor(plan, readers, key, dtype, shape, writer)
@@ -148,7 +149,7 @@ def run_plan(plan: Plan, tmp: Path) -> dict:
     return {"tensors": len(weight_map), "copied": copied, "compute_dtypes": sorted(used_dtypes)}
 
 
-def _write_tensor(plan: Plan, readers: list[Checkpoint], key: str, dtype, shape, writer) -> str:
+def _write_tensor(plan: Plan, readers: list[ModelFolder], key: str, dtype, shape, writer) -> str:
     infos = [ck.info(key) for ck in readers]
     if not dtype.is_floating_point:
         # Integer tensors (none in Qwen) cannot be scaled: carry the layout's values.

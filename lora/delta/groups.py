@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .io import EMBED, HEAD, Checkpoint, DeltaError
+from .io import EMBED, HEAD, DeltaError, ModelFolder
 
 GROUPS = ("attention", "mlp", "embeddings", "norms")
 
@@ -56,12 +56,12 @@ UNTRAINED_RATIO = 0.1  # a row whose norm is below 10% of a typical row's is unt
 REFERENCE_ROWS = 8192  # typical rows: the first ones, the most frequent byte/BPE tokens
 
 
-def row_norms(ck: Checkpoint, key: str, rows: list[int]) -> torch.Tensor:
+def row_norms(ck: ModelFolder, key: str, rows: list[int]) -> torch.Tensor:
     """L2 norms (float64) of the given rows of tensor `key`."""
     return torch.stack([ck.read(key, r, r + 1)[0].double().norm() for r in rows])
 
 
-def reference_norm(ck: Checkpoint, key: str, exclude: set[int]) -> float:
+def reference_norm(ck: ModelFolder, key: str, exclude: set[int]) -> float:
     """Median row norm over the first REFERENCE_ROWS rows (skipping `exclude`)."""
     n = min(ck.info(key).shape[0], REFERENCE_ROWS)
     norms = ck.read(key, 0, n).double().norm(dim=1)
@@ -69,7 +69,7 @@ def reference_norm(ck: Checkpoint, key: str, exclude: set[int]) -> float:
     return float(norms[keep].median()) if keep.any() else 0.0
 
 
-def untrained_rows(ck: Checkpoint, key: str, ids: list[int]) -> list[int]:
+def untrained_rows(ck: ModelFolder, key: str, ids: list[int]) -> list[int]:
     """Rows among `ids` whose norm is below UNTRAINED_RATIO x the median norm of ordinary rows.
 
     Untrained rows (tokens the model never saw, e.g. ChatML tokens in a base model) are left
@@ -83,10 +83,10 @@ def untrained_rows(ck: Checkpoint, key: str, ids: list[int]) -> list[int]:
 def special_row_plan(
     mode: str,
     ids: list[int],
-    chat: Checkpoint,
-    base: Checkpoint,
-    target: Checkpoint,
-) -> tuple[dict[str, dict[int, Checkpoint]], list[dict]]:
+    chat: ModelFolder,
+    base: ModelFolder,
+    target: ModelFolder,
+) -> tuple[dict[str, dict[int, ModelFolder]], list[dict]]:
     """Which rows of the embedding / head take the chat model's values.
 
     mode "never": none. "always": every id in `ids`. "auto" (default of `instruction_residual`):
@@ -98,7 +98,7 @@ def special_row_plan(
     """
     if mode not in ("auto", "always", "never"):
         raise DeltaError(f"special_rows={mode!r}: expected 'auto', 'always' or 'never'")
-    overrides: dict[str, dict[int, Checkpoint]] = {}
+    overrides: dict[str, dict[int, ModelFolder]] = {}
     records: list[dict] = []
     if mode == "never" or not ids:
         return overrides, records

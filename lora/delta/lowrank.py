@@ -23,12 +23,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from models.qwen.atomic import atomic_directory
+from fileio.atomic import atomic_directory
+from fileio.safetensors_file import SafetensorsWriter
 from models.qwen.config import dtype_from_name, dtype_name
 
 from .combine import check_compatible
 from .groups import layer_index
-from .io import Checkpoint, DeltaError, PathLike, SafetensorsStreamWriter, check_output_path, write_json
+from .io import DeltaError, ModelFolder, PathLike, check_output_path, write_json
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LINEAR = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.weight$")
@@ -64,12 +65,12 @@ class _DeltaSource:
         if isinstance(delta, (tuple, list)):
             if len(delta) != 2:
                 raise DeltaError("extract_lora: delta must be a delta directory or a (new, old) pair of model directories")
-            self.new, self.old = Checkpoint(delta[0], "new"), Checkpoint(delta[1], "old")
+            self.new, self.old = ModelFolder(delta[0], "new"), ModelFolder(delta[1], "old")
             check_compatible([self.new, self.old])
             self.layout = self.new
             self.base_name = str(self.old.root)
         else:
-            self.new, self.old = Checkpoint(delta, "delta"), None
+            self.new, self.old = ModelFolder(delta, "delta"), None
             if not self.new.is_delta:
                 raise DeltaError(
                     f"{self.new.root}: not a delta checkpoint (manifest.json output 'delta'); "
@@ -79,7 +80,7 @@ class _DeltaSource:
             inputs = (self.new.manifest or {}).get("inputs", {})
             self.base_name = inputs.get("b", {}).get("path", "")
 
-    def inputs(self) -> list[Checkpoint]:
+    def inputs(self) -> list[ModelFolder]:
         return [self.new] + ([self.old] if self.old else [])
 
     def get(self, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -193,7 +194,7 @@ def extract_lora(
 
     with atomic_directory(out, fsync=False) as tmp:
         entries = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-        writer = SafetensorsStreamWriter(tmp / ADAPTER_WEIGHTS, entries)
+        writer = SafetensorsWriter(tmp / ADAPTER_WEIGHTS, entries, metadata={"format": "pt"}, fsync=True)
         try:
             for k, v in tensors.items():
                 writer.write(k, v)

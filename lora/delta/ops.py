@@ -17,15 +17,16 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from fileio.atomic import atomic_directory
+from fileio.folder import FOLDER_FILES
+from fileio.hashing import sha256_file
+from fileio.safe_load import read_json
 from models.qwen import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
-from models.qwen.atomic import atomic_directory
 from models.qwen.config import dtype_from_name, dtype_name
-from models.qwen.hashing import sha256_file
-from models.qwen.safe_load import read_json
 
 from .combine import Plan, Term, check_compatible, run_plan
 from .groups import group_scales, module_group, special_row_plan
-from .io import MANIFEST, TOKENIZER_FILES, Checkpoint, DeltaError, PathLike, check_output_path, write_json
+from .io import MANIFEST, DeltaError, ModelFolder, PathLike, check_output_path, write_json
 
 IM_END = "<|im_end|>"
 
@@ -40,7 +41,7 @@ def _dtype(dtype) -> Optional[torch.dtype]:
     return d
 
 
-def _inputs_record(checkpoints: Sequence[Checkpoint], hash_inputs: bool) -> dict:
+def _inputs_record(checkpoints: Sequence[ModelFolder], hash_inputs: bool) -> dict:
     rec = {}
     for ck in checkpoints:
         entry = {"path": str(ck.root.resolve())}
@@ -60,7 +61,7 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
     write_json(tmp / MANIFEST, manifest)
 
 
-def _copy_config(src: Checkpoint, tmp: Path, dtype: Optional[torch.dtype], **updates) -> None:
+def _copy_config(src: ModelFolder, tmp: Path, dtype: Optional[torch.dtype], **updates) -> None:
     cfg = dict(src.raw_config)
     if dtype is not None:
         cfg["torch_dtype"] = cfg["dtype"] = dtype_name(dtype)
@@ -68,9 +69,9 @@ def _copy_config(src: Checkpoint, tmp: Path, dtype: Optional[torch.dtype], **upd
     write_json(tmp / "config.json", cfg)
 
 
-def _copy_model_files(src: Checkpoint, tmp: Path) -> None:
+def _copy_model_files(src: ModelFolder, tmp: Path) -> None:
     """generation_config.json and tokenizer files of `src`, as they are."""
-    for name in ("generation_config.json",) + TOKENIZER_FILES:
+    for name in ("generation_config.json",) + FOLDER_FILES:
         if (src.root / name).exists():
             shutil.copy2(src.root / name, tmp / name)
 
@@ -98,7 +99,7 @@ def diff(
     The directory holds a copy of a's config.json and a manifest with output "delta", which
     `apply`, `task_arithmetic`, `extract_lora` and `delta_report` recognise.
     """
-    ca, cb = Checkpoint(a, "a"), Checkpoint(b, "b")
+    ca, cb = ModelFolder(a, "a"), ModelFolder(b, "b")
     out = Path(out)
     dt = _dtype(dtype)
     check_compatible([ca, cb], check_dtypes=[ca, cb] if check_dtypes else [])
@@ -136,7 +137,7 @@ def apply(
     the target's layout, dtype (unless `dtype`), config, generation config and tokenizer.
     Tensors matched by `skip` (glob patterns) or by a zero scale are copied from the target.
     """
-    ct, cd = Checkpoint(target, "target"), Checkpoint(delta, "delta")
+    ct, cd = ModelFolder(target, "target"), ModelFolder(delta, "delta")
     if not cd.is_delta:
         raise DeltaError(
             f"{cd.root}: not a delta checkpoint (its manifest.json does not say output 'delta'); "
@@ -207,11 +208,11 @@ def task_arithmetic(
         if not math.isfinite(w):
             raise DeltaError(f"task_arithmetic: weight {i} is {w}, expected a finite number")
         ws.append(w)
-    cds = [Checkpoint(d, f"delta {i}") for i, d in enumerate(deltas)]
+    cds = [ModelFolder(d, f"delta {i}") for i, d in enumerate(deltas)]
     for cd in cds:
         if not cd.is_delta:
             raise DeltaError(f"{cd.root} ({cd.role}): not a delta checkpoint (write deltas with lora.delta.diff)")
-    cb = Checkpoint(base, "base") if base is not None else None
+    cb = ModelFolder(base, "base") if base is not None else None
     out = Path(out)
     dt = _dtype(dtype)
     every = ([cb] if cb else []) + cds
@@ -272,7 +273,7 @@ def instruction_residual(
     generation_config.json, and eos <|im_end|> in config.json, generation_config.json and
     tokenizer_config.json; the rest of config.json is the target's.
     """
-    cb, cc, ct = Checkpoint(base, "base"), Checkpoint(chat, "chat"), Checkpoint(target, "target")
+    cb, cc, ct = ModelFolder(base, "base"), ModelFolder(chat, "chat"), ModelFolder(target, "target")
     out = Path(out)
     dt = _dtype(dtype)
     check_compatible([ct, cb, cc], check_dtypes=[ct, cb, cc] if check_dtypes else [])
@@ -299,12 +300,12 @@ def instruction_residual(
     return out
 
 
-def write_chat_files(chat: Checkpoint, target: Checkpoint, tmp: Path, dtype: Optional[torch.dtype]) -> list[str]:
+def write_chat_files(chat: ModelFolder, target: ModelFolder, tmp: Path, dtype: Optional[torch.dtype]) -> list[str]:
     """config.json (target's, eos <|im_end|>), the chat model's generation config and tokenizer
     files with eos <|im_end|>. Returns warnings (e.g. no chat template found) for the manifest."""
     warnings: list[str] = []
     _copy_config(target, tmp, dtype, eos_token_id=IM_END_ID)
-    for name in TOKENIZER_FILES:
+    for name in FOLDER_FILES:
         if (chat.root / name).exists():
             shutil.copy2(chat.root / name, tmp / name)
     gen_src = chat.root / "generation_config.json"

@@ -14,7 +14,7 @@ from typing import Union
 
 from .combine import DEFAULT_CHUNK_BYTES, check_compatible
 from .groups import GROUPS, layer_index, module_group
-from .io import Checkpoint, DeltaError, PathLike
+from .io import DeltaError, ModelFolder, PathLike
 
 
 @dataclass
@@ -88,13 +88,13 @@ class DeltaReport:
         return Path(path)
 
 
-def delta_report(new: Union[PathLike, Checkpoint], old: PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> DeltaReport:
+def delta_report(new: Union[PathLike, ModelFolder], old: PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> DeltaReport:
     """Relative change of every tensor of `new` with respect to `old` (a model).
 
     `new` may be a model (delta = new - old) or a delta directory written by `diff`
     (delta = its tensors, with `old` the model it is relative to, e.g. the base).
     """
-    cn, co = Checkpoint(new, "new"), Checkpoint(old, "old")
+    cn, co = ModelFolder(new, "new"), ModelFolder(old, "old")
     if co.is_delta:
         raise DeltaError(f"{co.root} (old): is a delta; the reference must be a model")
     check_compatible([cn, co])

@@ -40,6 +40,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from fileio.errors import QwenTuneError
+
 # The chat template of Qwen2.5-*-Instruct (tokenizer_config.json "chat_template"), verbatim.
 QWEN25_CHAT_TEMPLATE = (
     '{%- if tools %}\n'
@@ -125,7 +127,7 @@ MARK_END = "\U000f0001"
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(QwenTuneError, ValueError):
     """A conversation or template that cannot be rendered (names the message, key or template)."""
 
 

@@ -27,15 +27,16 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 import torch
 from torch import nn
 
+from fileio.atomic import OWNER_FILES, atomic_directory
+from fileio.folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
+from fileio.safe_load import loads_json, read_json
+from fileio.safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
+
 from . import whole
-from .atomic import OWNER_FILES, atomic_directory
 from .config import QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
-from .folder import PROCESSOR_FILES, TOKENIZER_FILES, VOCABULARY_FILES, copy_folder_files
-from .safetensors_file import entry_nbytes, read_header, read_tensors, write_streamed, write_tensors
 from .model import Qwen
 from .module_tree import replace_module
-from .safe_load import loads_json, read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -149,7 +150,7 @@ def checked_config(path: Union[str, os.PathLike]) -> QwenConfig:
 
 def iter_tensors(files: list[Path], skip: Optional[Callable[[str], bool]] = None
                  ) -> Iterator[tuple[str, Optional[torch.Tensor], Path]]:
-    """Yield (key, tensor, file) one tensor at a time (models.qwen.safetensors_file.read_tensors;
+    """Yield (key, tensor, file) one tensor at a time (fileio.safetensors_file.read_tensors;
     tensor None, unread, for a key `skip` accepts)."""
     for file in files:
         for key, tensor in read_tensors(file, skip):
@@ -397,13 +398,33 @@ def parse_size(size: Union[int, str]) -> int:
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
+def checkpoint_names(model: nn.Module) -> set[str]:
+    """The tensor names of `model`'s checkpoint layout: the state-dict keys of a fresh model of its
+    config (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return set(Qwen(model.config).state_dict())
+
+
+def foreign_name(names: Iterator[str], known: set[str]) -> Optional[str]:
+    """The first of `names` that the layout `known` does not hold (a quantised weight's statistics,
+    `<weight>.absmax` and the like, belong to their weight; a recomputed rotary buffer to none)."""
+    for name in names:
+        if name.endswith("rotary_emb.inv_freq") or name in known:
+            continue
+        if ".weight." in name and name.split(".weight.", 1)[0] + ".weight" in known:
+            continue
+        return name
+    return None
+
+
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors of `model`: tied head dropped, LoRA refused, contiguous CPU copies."""
-    names = [n for n, _ in model.named_parameters()]
-    if any(".lora_" in n for n in names):
+    """Checkpoint tensors of `model`: exactly the names of its checkpoint layout (any other
+    tensor, an adapter's say, is refused by name), tied head dropped, contiguous CPU copies."""
+    bad = foreign_name(iter(model.state_dict()), checkpoint_names(model))
+    if bad is not None:
         raise ValueError(
-            "the model still holds LoRA adapters: call lora.merge(model) before save(), "
-            "or lora.save(model, dir) to write the adapter alone"
+            f"{bad} is not a parameter of a {model.config.model_type} checkpoint: merge adapters first "
+            "(lora.merge(model)) before save(), or save them with lora.save(model, dir)"
         )
     state = model.state_dict()
     tied = getattr(model, "is_tied", False)
@@ -446,10 +467,10 @@ def save(
     those of `tokenizer` (anything with `save_pretrained(dir)`), else copies of the ones in the
     directory the model was loaded from; a model with neither is written with a warning, since
     transformers would then build a useless tokenizer for it. Processor files of that directory
-    (models.qwen.folder.PROCESSOR_FILES) are always copied. dtype: cast floating tensors.
+    (fileio.folder.PROCESSOR_FILES) are always copied. dtype: cast floating tensors.
     state_dict: the tensors to write (default: the model's own; e.g. a LoRA model's base,
     `lora.base_state_dict(model)`). keep: entries of an existing `path` carried over
-    (models.qwen.atomic.OWNER_FILES: the lock and run.json of the script writing it).
+    (fileio.atomic.OWNER_FILES: the lock and run.json of the script writing it).
 
     A model loaded from a Qwen3.5 vision-language checkpoint is written whole, as that checkpoint
     was (models/qwen/whole.py): its architecture and config, the text tensors under its names,
@@ -513,9 +534,10 @@ def _write_shards(state: dict, tmp: Path, max_bytes: int, streamed: bool) -> Non
 
 
 def _checked_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    bad = next((k for k in state if ".lora_" in k), None)
+    bad = foreign_name(iter(state), checkpoint_names(model))
     if bad is not None:
-        raise ValueError(f"state_dict holds the adapter tensor {bad!r}: pass the base model's tensors")
+        raise ValueError(f"state_dict holds {bad!r}, not a tensor of a {model.config.model_type} checkpoint: "
+                         "pass the base model's tensors (lora.base_state_dict(model))")
     tied = getattr(model, "is_tied", False)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()
             if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}

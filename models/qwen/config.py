@@ -19,7 +19,7 @@ import torch
 
 from .errors import ConfigError  # noqa: F401  (re-exported)
 from .rope import check_rope_scaling
-from .safe_load import read_json
+from fileio.safe_load import read_json
 from .special_tokens import ENDOFTEXT_ID
 
 if TYPE_CHECKING:

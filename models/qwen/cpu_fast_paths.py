@@ -24,13 +24,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# Slots of `scratch`: one buffer each, reused by every call of that slot on a thread.
-LORA_X = "lora.x"             # the fp32 cast of a LoRA layer's input (cast_shared)
-LORA_Y = "lora.y"             # the fp32 sum base_out + update
-LORA_GRAD_Y = "lora.grad_y"   # the fp32 upcast of the incoming gradient
-LORA_GRAD_X = "lora.grad_x"   # the fp32 gradient of the input before its cast back
-NF4_WEIGHT = "nf4 {shape}"    # a dequantised NF4 weight, one slot per weight shape
-
 # Rows of fp32 softmax done at a time by the chunked loss on CPU: 8 x 151936 x 4 B = 4.9 MB stays
 # in cache, so its upcast, softmax and downcast passes run at cache speed instead of DRAM speed.
 CPU_SOFTMAX_ROWS = 8
@@ -40,7 +33,8 @@ _local = threading.local()
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str) -> torch.Tensor:
     """An uninitialised contiguous tensor `shape`, valid until the next call with the same
-    (slot, dtype, device) on this thread. For temporaries that are used at once and kept by
+    (slot, dtype, device) on this thread. A slot is a name its user owns (a module constant of the
+    package that uses it, e.g. "<package>.<what>"). For temporaries that are used at once and kept by
     nobody (never return one to a caller, never save one for backward).
 
     Each slot holds one buffer that grows to the largest request and is reused for smaller

@@ -1,11 +1,9 @@
-"""The two errors of model files, used by every package: a file that cannot be loaded as it is,
-and a configuration value that cannot be used. Both name the file and the key."""
+"""The errors of model files: a file that cannot be loaded as it is (fileio's CheckpointError,
+re-exported: models.qwen.CheckpointError is public), and a configuration value that cannot be
+used. Both name the file and the key."""
+
+from fileio.errors import CheckpointError, QwenTuneError  # noqa: F401  (public: models.qwen.CheckpointError)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint (model, adapter, training state) that cannot be loaded as it is: names the
-    file and the tensor or key."""
-
-
-class ConfigError(ValueError):
+class ConfigError(QwenTuneError, ValueError):
     """A configuration that cannot be used: a config.json key, a training option (names it)."""

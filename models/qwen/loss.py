@@ -175,7 +175,7 @@ class _LinearLogProbsPerRow(torch.autograd.Function):
     hidden [N, H], weight [V, H], targets [N], rows [N] (the batch row of each position).
     Same arithmetic as _LinearCrossEntropySum, but the incoming gradient now differs per row,
     so the head weight's gradient cannot be formed during the forward pass. When only the
-    hidden states need a gradient (LoRA: the head is frozen), forward keeps d(-log p_i)/d
+    hidden states need a gradient (adapters: the head is frozen), forward keeps d(-log p_i)/d
     hidden_i [N, H] (the size of the hidden states) and backward scales it by each row's
     gradient: no second pass over the head. When the head trains, backward recomputes each
     chunk's logits.

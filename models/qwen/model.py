@@ -36,6 +36,7 @@ from .layers import RMSNorm, SwiGLU
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
+from .module_tree import RunsInPlace
 from .moe import SharedExpertMoeBlock, SparseMoeBlock, TopKRouter, collect_router_logits, load_balancing_loss
 from .qwen35 import ZeroCentredRMSNorm
 from .rope import RotaryEmbedding
@@ -196,7 +197,7 @@ class Qwen(nn.Module):
         return self
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "Qwen":
-        """Recompute each decoder block in backward (non-reentrant; LoRA/NF4-safe)."""
+        """Recompute each decoder block in backward (non-reentrant; safe with adapter and 4-bit layers)."""
         self.gradient_checkpointing = enabled
         return self
 
@@ -292,10 +293,11 @@ class Qwen(nn.Module):
         per_row: ([B] loss sums, [B] counts) instead of scalars, one per row of labels.
         """
         head = self.lm_head
-        # A trainable copy of the head (lora's modules_to_save) exposes the live module as
-        # `.active`: unwrap it so the fused chunked loss still applies (it returns the
-        # weight gradient as well when the head trains).
-        head = getattr(head, "active", head)
+        # A wrapper of the head (a trainable copy) declares the module it runs (module_tree.RunsInPlace):
+        # look through it so the fused chunked loss still applies (it returns the weight gradient
+        # as well when the head trains).
+        if isinstance(head, RunsInPlace):
+            head = head.live_module()
         device_type = hidden.device.type
         if type(head) in (nn.Linear, Linear) and head.bias is None:
             weight = head.weight

@@ -26,7 +26,7 @@ from typing import Optional
 from torch import nn
 
 from .errors import CheckpointError
-from .safetensors_file import FileSlice, file_slices
+from fileio.safetensors_file import FileSlice, file_slices
 
 TEXT_PREFIX = "model.language_model."
 # Keys of a nested config that transformers reads at the top level, not from text_config.

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("models", "quant", "lora", "data", "train", "cli", "demo", "examples")
+OURS = ("fileio", "models", "quant", "lora", "data", "train", "cli", "demo", "examples")
 # What a normal install is built from (setup.cfg's packages and py_modules, and the files it reads).
 SOURCES = (*OURS, "_qwen_tune.py", "setup.cfg", "pyproject.toml", "README.md")
 

@@ -109,3 +109,23 @@ def test_merge_casts_once_from_fp32(ckpt_dirs):
     merged = model.model.layers[0].self_attn.q_proj.weight
     assert merged.dtype == torch.bfloat16
     assert torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize("copies", [None, ["lm_head"]])
+def test_save_refuses_a_model_with_adapters_naming_the_tensor_and_the_remedy(ckpt_dirs, tmp_path, copies):
+    """models.qwen.save writes only the tensors of the checkpoint layout: an adapter's (or a
+    trainable copy's) is refused by name, pointing at lora.merge / lora.save; merged, it saves."""
+    from models.qwen import load, save
+
+    model = load_ours(ckpt_dirs[False])
+    lora.inject(model, r=4, alpha=8, modules_to_save=copies)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\..*(lora_A|modules_to_save)\.weight is not a parameter "
+                                         r"of a qwen2 checkpoint: merge adapters first \(lora\.merge"):
+        save(model, tmp_path / "refused")
+    with pytest.raises(ValueError, match=r"state_dict holds .*: pass the base model's tensors"):
+        save(model, tmp_path / "refused", state_dict=model.state_dict())
+    assert not (tmp_path / "refused").exists()
+    save(model, tmp_path / "base", state_dict=lora.base_state_dict(model))
+    lora.merge(model)
+    save(model, tmp_path / "merged")
+    assert set(load(tmp_path / "merged").state_dict()) == set(load(tmp_path / "base").state_dict())

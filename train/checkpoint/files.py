@@ -3,23 +3,21 @@
     save_tensors(tmp / "optimizer.safetensors", tensors); write_json(tmp / "state.json", meta)
     tensors, meta = optimizer_to_files(optimizer); optimizer.load_state_dict(optimizer_from_files(tensors, meta))
 
-Every read names the file (and the key) that is missing or damaged: a CheckpointError, never
-a KeyError or a traceback from the safetensors library.
+Every read names the file (and the key) that is missing or damaged: a CheckpointError (from
+fileio's checked reader), never a KeyError or a traceback.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from models.qwen import CheckpointError
-from models.qwen import safe_load
-from models.qwen.safetensors_file import write_tensors
+from fileio import safe_load
+from fileio.errors import CheckpointError
+from fileio.safetensors_file import load_tensors as read_tensor_file, write_tensors
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -36,25 +34,15 @@ def read_json(path: Path) -> Any:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file of CPU-contiguous tensors; shared storage is cloned (safetensors refuses it)."""
-    out, seen = {}, set()
-    for k, v in tensors.items():
-        v = v.detach().to("cpu").contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel() > 0:
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
-    write_tensors(out, path)
+    """safetensors file of the tensors (any device, views sharing storage included: each is
+    written as its own contiguous CPU bytes)."""
+    write_tensors(tensors, path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
-    try:
-        return load_file(os.fspath(path))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return read_tensor_file(path)   # a damaged file: a CheckpointError naming it
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from fileio.atomic import atomic_directory
 from models.qwen import CheckpointError
-from models.qwen.atomic import atomic_directory
 
 from ..phases import PHASES
 from .files import load_tensors, optimizer_from_files, read_json, save_tensors, write_json

@@ -5,7 +5,7 @@ best, and cleaning up after a crash.
     prune_checkpoints(root, keep_last=2, best=best_checkpoint(root))
     recover_checkpoints(root)                   # on start: undo what a crash left behind
 
-A checkpoint directory exists under its final name only once it is complete (models.qwen.atomic):
+A checkpoint directory exists under its final name only once it is complete (fileio.atomic):
 it is staged as `.tmp-step-N-<pid>` and renamed into place, and it lists its files and their
 sizes in state.json (written last). Pruning renames a directory to `.del-step-N-<pid>` before
 deleting it, so a kill mid-delete never leaves a half-deleted `step-N`. A `step-N` whose files do
@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
+from fileio.atomic import recover_all, remove_tree
 from models.qwen import CheckpointError
-from models.qwen.atomic import recover_all, remove_tree
 
 from .files import read_json
 

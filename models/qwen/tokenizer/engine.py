@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import tiktoken
 
-from ..hashing import sha256_file
+from fileio.hashing import sha256_file
 
 
 class SharedRanks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fileio.errors import QwenTuneError
 
-class TokenizerError(ValueError):
+class TokenizerError(QwenTuneError, ValueError):
     """Tokenizer files or tokens that cannot be used (names the file, line or key and what was expected)."""

@@ -1,4 +1,4 @@
-"""models/qwen/safe_load.py: the one JSON and YAML loader. Ordinary documents parse exactly as
+"""fileio/safe_load.py: the one JSON and YAML loader. Ordinary documents parse exactly as
 the json and yaml modules parse them (the reference); nesting past MAX_DEPTH, numbers past
 Python's digit limit and YAML alias bombs are one error with the line, fast."""
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from models.qwen.safe_load import MAX_DEPTH, NestingError, loads_json, loads_yaml, read_json
+from fileio.safe_load import MAX_DEPTH, NestingError, loads_json, loads_yaml, read_json
 
 DOCUMENTS = ['{"a": [1, 2.5, null, true, "x\\"]["], "b": {"c": {}}}', "[]", '"text"', "1e400",
              "[" * MAX_DEPTH + "]" * MAX_DEPTH]   # exactly at the cap
