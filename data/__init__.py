@@ -22,11 +22,12 @@ import _qwen_tune
 _qwen_tune.claim(__name__)  # our sibling packages, not a user's same-named files (see _qwen_tune)
 
 from .cache import cache_root
-from .collate import IGNORE_INDEX, PackedSFTDataset, pad_collate
-from .cpt import Corpus, Documents, PackedDataset, load_corpus, pack_documents, split_for_encoding, tokenize_file
+from .collate import IGNORE_INDEX, pad_collate
+from .cpt import Corpus, Documents, load_corpus, split_for_encoding, tokenize_file
 from .errors import DataError, InputReport
 from .loader import DataLoader
 from .mix import MixedDataset
+from .packing import PackedDataset, PackedSFTDataset, pack_block, pack_documents
 from .preference import (
     PREFERENCE_FORMATS,
     EncodedPair,
@@ -55,7 +56,7 @@ from . import vocab
 
 __all__ = [
     "cache_root", "IGNORE_INDEX", "PackedSFTDataset", "pad_collate", "Corpus", "Documents", "PackedDataset",
-    "load_corpus", "pack_documents", "split_for_encoding", "tokenize_file", "DataError", "InputReport", "DataLoader",
+    "load_corpus", "pack_documents", "pack_block", "split_for_encoding", "tokenize_file", "DataError", "InputReport", "DataLoader",
     "MixedDataset", "FORMATS", "Conversation", "EncodedChat", "SFTDataset", "Subset", "check_roles", "detect_format",
     "encode_chat", "encode_chat_detailed", "to_conversation", "to_messages", "find_files", "vocab", "PREFERENCE_FORMATS",
     "EncodedPair", "PreferenceDataset", "detect_preference_format", "encode_pair", "pairs_from_sft",
