@@ -1,4 +1,4 @@
-"""Batching: right padding, and packing several SFT samples into one block.
+"""Batching: right padding (packing several samples into one block: data/packing.py).
 
 Batches handed to the training loop are dicts of LongTensors [B, T]: ``input_ids``,
 ``labels`` and, when the items carry them, ``position_ids`` and ``document_ids``;
@@ -7,14 +7,11 @@ Batches handed to the training loop are dicts of LongTensors [B, T]: ``input_ids
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-import numpy as np
 import torch
 
 from models.qwen import ENDOFTEXT_ID, IGNORE_INDEX
-
-from .errors import DataError
 
 
 def pad_collate(
@@ -53,64 +50,3 @@ def pad_collate(
             mask[b, :n] = 1
         out["attention_mask"] = mask
     return out
-
-
-class PackedSFTDataset(torch.utils.data.Dataset):
-    """Several SFT samples per block of `block_size` tokens, with document masking.
-
-    Samples are placed greedily in dataset order (a sample that does not fit starts a new
-    block); each block is padded to block_size with `pad_id` (label -100, a document id of its
-    own). Items: input_ids, labels, position_ids (restart at 0 per sample), document_ids
-    (0, 1, ... per sample): LongTensors [block_size]. With document masking the loss of a block
-    is the sum of its samples' losses.
-    """
-
-    def __init__(self, dataset, block_size: int, pad_id: int = ENDOFTEXT_ID):
-        self.dataset = dataset
-        self.block_size = int(block_size)
-        self.pad_id = pad_id
-        lengths = dataset.lengths()
-        too_long = np.nonzero(lengths > block_size)[0]
-        if len(too_long):
-            i = int(too_long[0])
-            raise DataError(f"sample {i} has {int(lengths[i])} tokens, more than block_size={block_size} (set max_len <= block_size)", "too-long")
-        self.blocks: List[List[int]] = []
-        used = block_size + 1
-        for i, n in enumerate(lengths.tolist()):
-            if used + n > block_size:
-                self.blocks.append([])
-                used = 0
-            self.blocks[-1].append(i)
-            used += n
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def lengths(self) -> np.ndarray:
-        return np.full(len(self.blocks), self.block_size, dtype=np.int64)
-
-    def fill_ratio(self) -> float:
-        """Fraction of block tokens that are real (not padding)."""
-        return float(self.dataset.lengths().sum()) / (len(self.blocks) * self.block_size)
-
-    def __getitem__(self, b: int) -> Dict[str, torch.Tensor]:
-        T = self.block_size
-        ids = torch.full((T,), self.pad_id, dtype=torch.long)
-        labels = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
-        pos = torch.zeros(T, dtype=torch.long)
-        doc = torch.zeros(T, dtype=torch.long)
-        at = 0
-        members = self.blocks[b]
-        for d, i in enumerate(members):
-            item = self.dataset[i]
-            n = item["input_ids"].shape[0]
-            ids[at : at + n] = item["input_ids"]
-            labels[at : at + n] = item["labels"]
-            labels[at] = IGNORE_INDEX  # never predict a sample's first token from the previous one
-            pos[at : at + n] = torch.arange(n)
-            doc[at : at + n] = d
-            at += n
-        if at < T:
-            pos[at:] = torch.arange(T - at)
-            doc[at:] = len(members)
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": doc}

@@ -1,18 +1,11 @@
-"""Continued pretraining data: tokenise a corpus once (cached, memory-mapped), split it by
-document, and pack it into fixed-length blocks with per-document ids and positions.
+"""Continued pretraining data: tokenise a corpus once (cached, memory-mapped) and split it by
+document; packing the documents into blocks is data/packing.py's.
 
     corpus = load_corpus(["papers/", "notes.jsonl.gz"], tok)        # tokens cached as uint32
     train_docs, val_docs = corpus.split(val_fraction=0.01, seed=0)  # held-out documents
-    train = pack_documents(train_docs, block_size=2048)             # PackedDataset
-    train[0]  # {"input_ids", "labels", "position_ids", "document_ids"}: LongTensors [block_size]
+    train = data.pack_documents(train_docs, block_size=2048)        # PackedDataset (data/packing.py)
 
-Every document is followed by <|endoftext|> (151643); there is no BOS. With document masking
-(the default) each block carries document ids (0, 1, ... per fragment of a document inside
-the block) and positions restarting at 0 at every fragment, and the label of each fragment's
-first token is -100: predicting a document's first token from the previous document is the
-one cross-document term, and dropping it makes the loss of a block exactly the sum of the
-losses of its fragments run on their own. document_mask=False gives plain concatenation
-(input_ids and labels only, labels = input_ids).
+Every document is followed by <|endoftext|> (151643); there is no BOS.
 """
 
 from __future__ import annotations
@@ -20,12 +13,9 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-
-from models.qwen import IGNORE_INDEX
 
 from .cache import CacheWriter, TokenFile, cache_key, cache_root, open_cache
 from .errors import DataError, InputReport, check_on_error
@@ -225,79 +215,3 @@ def load_corpus(
     """Find the files under `paths` (see data.sources.find_files) and tokenise each (cached)."""
     files = find_files(paths, glob)
     return Corpus([tokenize_file(f, tokenizer, text_field, on_error, cache_dir, num_threads, progress) for f in files])
-
-
-class PackedDataset(torch.utils.data.Dataset):
-    """Fixed-length blocks over the concatenation of documents (each ending with eos).
-
-    Block b covers tokens [b*T, (b+1)*T) of the concatenation; the tail shorter than T is
-    dropped (`dropped_tokens`). Items: dicts of LongTensors [T]: input_ids, labels and, with
-    document_mask, position_ids and document_ids (see the module docstring).
-    """
-
-    def __init__(self, documents: Union[Documents, Corpus], block_size: int, document_mask: bool = True):
-        if isinstance(documents, Corpus):
-            documents = documents.documents()
-        if block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {block_size}")
-        self.documents = documents
-        self.block_size = int(block_size)
-        self.document_mask = document_mask
-        lengths = documents.lengths()
-        self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        total = int(self._starts[-1])
-        self.n_blocks = total // self.block_size
-        self.dropped_tokens = total - self.n_blocks * self.block_size
-        if self.n_blocks == 0:
-            raise DataError(
-                f"corpus too small: {total} tokens in {len(documents)} documents, fewer than one block of {block_size}",
-                "too-small",
-            )
-
-    def __len__(self) -> int:
-        return self.n_blocks
-
-    def lengths(self) -> np.ndarray:
-        """Tokens per item (all blocks are full): for mixing by token budget."""
-        return np.full(self.n_blocks, self.block_size, dtype=np.int64)
-
-    def block_tokens(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [T], fragment index int64 [T]) of block b."""
-        if not 0 <= b < self.n_blocks:
-            raise IndexError(f"block {b} out of range [0, {self.n_blocks})")
-        T = self.block_size
-        lo = b * T
-        k = int(np.searchsorted(self._starts, lo, side="right")) - 1
-        ids = np.empty(T, dtype=np.int64)
-        frag = np.empty(T, dtype=np.int64)
-        pos, f = 0, 0
-        while pos < T:
-            d0 = int(self._starts[k])
-            take_from = lo + pos - d0
-            doc = self.documents.doc(k)
-            n = min(len(doc) - take_from, T - pos)
-            ids[pos : pos + n] = doc[take_from : take_from + n]
-            frag[pos : pos + n] = f
-            pos += n
-            f += 1
-            k += 1
-        return ids, frag
-
-    def __getitem__(self, b: int) -> Dict[str, torch.Tensor]:
-        ids, frag = self.block_tokens(int(b))
-        labels = ids.copy()
-        item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-        if self.document_mask:
-            starts = np.ones(len(frag), dtype=bool)
-            starts[1:] = frag[1:] != frag[:-1]
-            labels[starts] = IGNORE_INDEX
-            idx = np.arange(len(frag))
-            first = np.maximum.accumulate(np.where(starts, idx, 0))
-            item["position_ids"] = torch.from_numpy(idx - first)
-            item["document_ids"] = torch.from_numpy(frag)
-        return item
-
-
-def pack_documents(documents: Union[Documents, Corpus], block_size: int, document_mask: bool = True) -> PackedDataset:
-    """Pack documents into blocks of `block_size` tokens (see PackedDataset)."""
-    return PackedDataset(documents, block_size, document_mask)

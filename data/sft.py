@@ -12,8 +12,11 @@ Labels are -100 everywhere except every assistant turn as rendered, through its 
 <|im_end|> (option: the last assistant turn only): for Qwen3 that includes the think block,
 for tool calling the <tool_call> blocks; tool results, system and user turns and the role
 headers are never supervised. So the last supervised label of every sample is <|im_end|>
-(151645). The turns are found as models/qwen/tokenizer/chat.py describes; a template whose
-output does not show them is an error naming the record.
+(151645). Which tokens are assistant tokens is the tokenizer's to say (its assistant mask,
+`apply_chat_template(..., return_assistant_mask=True)`, as models/qwen/tokenizer/chat.py
+describes and as transformers masks); this module only turns that mask into labels and adds
+the last-turn and truncation policy. A template whose output does not show the turns is an
+error naming the record.
 
 Chat-template variables (enable_thinking, preserve_thinking, ...): the run's
 `chat_template_kwargs`, overridden key by key by a record's own "chat_template_kwargs".
@@ -84,15 +87,22 @@ def _last_run_only(mask: List[int]) -> List[int]:
     return [0] * start + mask[start:end] + [0] * (len(mask) - end)
 
 
+def labels_from_mask(ids: Sequence[int], mask: Sequence[int], last_turn_only: bool = False) -> List[int]:
+    """Labels [L] from the tokenizer's assistant mask [L] (1 = assistant token): the id where
+    the mask is 1, else -100; with last_turn_only, only the last assistant turn keeps its ids."""
+    if last_turn_only:
+        mask = _last_run_only(list(mask))
+    return [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
 def _encode(conv: Conversation, tok, last_turn_only: bool, where: str, template_kwargs: Mapping[str, Any]):
+    """(ids, labels) of a conversation: the tokenizer says which ids are assistant tokens."""
     try:
         ids, mask = tok.apply_chat_template(conv.messages, tools=conv.tools, tokenize=True,
                                             return_assistant_mask=True, **template_kwargs)
     except ChatTemplateError as err:
         raise DataError(f"{where}: {err}", "template") from None
-    if last_turn_only:
-        mask = _last_run_only(mask)
-    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    return ids, labels_from_mask(ids, mask, last_turn_only)
 
 
 def run_template_kwargs(chat_template_kwargs: Optional[Mapping[str, Any]], enable_thinking: Optional[bool] = None

@@ -85,10 +85,8 @@ def ensure_base(path: Path, tok, corpus, say: Callable[[str], None] = print) -> 
 
 
 def _pretrain_base(path: Path, tok, corpus, say: Callable[[str], None]) -> Path:
-    from data import vocab
+    from data import cpt_datasets, vocab
     from models.qwen import CHAT_STOP_IDS, IM_START_ID, Qwen, QwenConfig, save
-
-    from cli.datasets import cpt_datasets
 
     p = PRETRAIN
     tokens = p["steps"] * p["batch_size"] * p["block_size"]
@@ -102,6 +100,7 @@ def _pretrain_base(path: Path, tok, corpus, say: Callable[[str], None]) -> Path:
     t0 = time.perf_counter()
     seed_everything(p["seed"])
     full_cfg = QwenConfig(**BASE_SHAPE)
+    # No barrier here: ensure_base already runs this on rank 0 alone, the other ranks waiting.
     train_ds, held_out, info = cpt_datasets([corpus.general], tok, block_size=p["block_size"], eval_fraction=0.02,
                                             seed=p["seed"])
     say(f"  data: {info}")

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from cli import flags, inputs, outdir, runtime
 from cli.console import Timer, generate_text, list_outputs, log, note, print_training_curve
-from cli.datasets import cpt_datasets
 from cli.errors import run_main
+from data import cpt_datasets
 from demo import settings as demo_settings
 from models.qwen import ENDOFTEXT_ID
 from models.qwen.tokenizer import load_tokenizer
+from train import distributed
 
 
 def build_parser() -> flags.Parser:
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     # ---- data (tokenised before the model loads: a bad file is reported in seconds, not after a 7B load)
     train_ds, eval_ds, info = cpt_datasets(data_paths, tok, block_size=args.block_size, eval_fraction=args.eval_fraction,
                                            seed=args.seed, text_field=args.text_field,
-                                           document_mask=not args.no_document_mask)
+                                           document_mask=not args.no_document_mask,
+                                           main_process_first=distributed.main_process_first)
     log(f"data: {info}")
 
     # ---- model

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
-from cli.datasets import held_out_questions
 from cli.errors import UsageError, run_main
+from data import held_out_questions, preference_collate, preference_datasets
 from demo import settings as demo_settings
 from models.qwen.tokenizer import load_tokenizer
 
@@ -95,19 +95,11 @@ def main(argv=None) -> int:
     runtime.check_vocab(model_dir, tok)
 
     # ---- data (encoded before the model loads)
-    from data.preference import PreferenceDataset, preference_collate
-
-    options = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, chat_template_kwargs=args.chat_template_kwargs)
-    full = PreferenceDataset([str(p) for p in data_paths], tok, **options)
-    if eval_path is not None:
-        train_ds = full
-        eval_ds = PreferenceDataset([str(eval_path)], tok, **options)
-    elif args.eval_fraction > 0 and len(full) > 1:
-        train_ds, eval_ds = full.split(args.eval_fraction, seed=args.seed)
-    else:
-        train_ds, eval_ds = full, None
-    log(f"data: {len(train_ds)} training pairs ({full.report.summary()})"
-        + (f", {len(eval_ds)} held-out pairs" if eval_ds is not None else ""))
+    train_ds, eval_ds, info = preference_datasets(data_paths, tok, max_len=args.max_len,
+                                                  max_prompt_len=args.max_prompt_len, eval_path=eval_path,
+                                                  eval_fraction=args.eval_fraction, seed=args.seed,
+                                                  chat_template_kwargs=args.chat_template_kwargs)
+    log(f"data: {info}")
     questions = held_out_questions(questions_from, args.sample_questions) if questions_from else []
 
     # ---- model: a fresh adapter on the SFT model, whose adapters-off self is the reference

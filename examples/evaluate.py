@@ -203,16 +203,6 @@ def default_stages() -> tuple[list, list]:
     return found, missing
 
 
-def held_out_documents(path: Path, tok, fraction: float, seed: int) -> list:
-    """The held-out documents (token ids, eos included) of the corpus file `path`, split as the
-    training scripts split it: `data.load_corpus(...).split(fraction, seed)`."""
-    from data import load_corpus
-
-    corpus = load_corpus([str(path)], tok, progress=sys.stderr.isatty())
-    _, held = corpus.split(fraction, seed=seed)
-    return [held.doc(k) for k in range(len(held))]
-
-
 def _run_setting(run_dir: Path, key: str, default=None):
     """A setting recorded in a run's run.json (what cpt.py/sft.py were run with), or default."""
     return outdir.run_settings(run_dir).get(key, default)
@@ -222,6 +212,7 @@ def default_data(args, tok) -> dict:
     """Held-out text and questions of the embedded default: the documents cpt.py held out of
     the domain corpus (its --eval-fraction and --seed, read from runs/cpt/run.json), the ones
     the demo base's pretraining held out of the general corpus, and the held-out Q/A set."""
+    from data import cpt_held_out_documents
     from demo import corpus as demo_corpus
     from demo.base_model import PRETRAIN
 
@@ -236,8 +227,8 @@ def default_data(args, tok) -> dict:
     general_fraction = 0.02   # demo.base_model's held-out share of the general corpus
     general_seed = PRETRAIN["seed"]
     return {
-        "domain": held_out_documents(corpus.domain, tok, fraction, seed),
-        "general": held_out_documents(corpus.general, tok, general_fraction, general_seed),
+        "domain": cpt_held_out_documents([corpus.domain], tok, eval_fraction=fraction, seed=seed),
+        "general": cpt_held_out_documents([corpus.general], tok, eval_fraction=general_fraction, seed=general_seed),
         "instructions": corpus.sft_eval,
         "info": {
             "domain": f"{corpus.domain} (held out: --eval-fraction {fraction:g}, --seed {seed}, as cpt.py)",

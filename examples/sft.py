@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from cli import flags, inputs, outdir, paths, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
-from cli.datasets import held_out_questions, sft_datasets
 from cli.errors import run_main
+from data import held_out_questions, sft_datasets
 from demo import settings as demo_settings
 from models.qwen.tokenizer import load_tokenizer
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     runtime.check_vocab(model_dir, tok)
 
     # ---- data (encoded before the model loads: a bad line is reported in seconds, not after a 7B load)
-    train_ds, eval_ds, info = sft_datasets(data_paths, eval_path, tok, max_len=args.max_len,
+    train_ds, eval_ds, info = sft_datasets(data_paths, tok, max_len=args.max_len, eval_path=eval_path,
                                            eval_fraction=args.eval_fraction, seed=args.seed, fmt=args.format,
                                            chat_template_kwargs=args.chat_template_kwargs)
     log(f"data: {info}")

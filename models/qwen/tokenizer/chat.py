@@ -2,23 +2,24 @@
 
 `Tokenizer.apply_chat_template` renders the template (`models/qwen/chat_template.py`), then:
 
-1. Ids (`encode_chat`). Every added token the template wrote is its id (control and text
+1. Ids (`encode_rendered`). Every added token the template wrote is its id (control and text
    tokens alike), as transformers' tokenizer encodes a rendered chat. Special-token text that
    came from the caller's strings was wrapped in markers before rendering
    (`chat_template.mark_special_text`); those pieces are encoded as plain text, exactly as
    transformers' ``encode_marked_chat`` does for ``sanitize_control_tokens=True`` (each piece
    between markers encoded on its own, after a "\\n" that is then dropped).
 
-2. The assistant mask (`assistant_spans`, `mask_of`). Method: the ChatML structure of the
-   rendered text, read from the control-token ids (so text typed by a user is never mistaken
-   for structure). Every ``<|im_start|>ROLE\\n ... <|im_end|>`` is a turn; a turn whose role
-   line is exactly ``assistant`` is an assistant turn, and its span runs from after the role
-   line through its ``<|im_end|>``: the whole turn as rendered (Qwen3's think block, tool calls)
-   and nothing else. The number of such turns must equal the number of assistant messages,
-   turns may not nest or be left open (except the generation prompt), and any other shape is
-   an error: a template whose structure does not show the assistant turns is refused rather
-   than guessed at. A token is supervised when it overlaps a span, the rule transformers uses
-   for ``{% generation %}`` spans.
+2. The assistant mask (`assistant_spans`, `mask_of`), the one owner of which tokens are
+   assistant tokens (data/sft.py only turns this mask into labels). Method: the ChatML
+   structure of the rendered text, read from the control-token ids (so text typed by a user is
+   never mistaken for structure). Every ``<|im_start|>ROLE\\n ... <|im_end|>`` is a turn; a
+   turn whose role line is exactly ``assistant`` is an assistant turn, and its span runs from
+   after the role line through its ``<|im_end|>``: the whole turn as rendered (Qwen3's think
+   block, tool calls) and nothing else. The number of such turns must equal the number of
+   assistant messages, turns may not nest or be left open (except the generation prompt), and
+   any other shape is an error: a template whose structure does not show the assistant turns is
+   refused rather than guessed at. A token is supervised when it overlaps a span, the rule
+   transformers uses for ``{% generation %}`` spans.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _encode_after_newline(tok, piece: str, start: int, allowed: FrozenSet[str]) 
     return encode_runs(tok, piece, start, allowed)
 
 
-def encode_chat(tok, rendered: str, marked: bool) -> List[Run]:
+def encode_rendered(tok, rendered: str, marked: bool) -> List[Run]:
     """The ids of a rendered chat as runs; `marked`: special-token text from inputs carries markers."""
     controls = frozenset(tok.control_tokens)
     if not marked:

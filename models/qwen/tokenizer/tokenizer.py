@@ -38,7 +38,7 @@ from ..chat_template import (
 )
 from .added_tokens import AddedToken, AddedTokenMatcher
 from .bpe_files import load_tiktoken_ranks, tokenizer_json
-from .chat import assistant_spans, encode_chat, mask_of
+from .chat import assistant_spans, encode_rendered, mask_of
 from .directory import read_directory, tokenizer_config, write_directory
 from .engine import SharedRanks, bpe_encoding, shared_ranks_of_file
 from .errors import TokenizerError
@@ -469,7 +469,7 @@ class Tokenizer:
             documents = mark_special_text(documents, specials)
             variables = {**self.special_tokens_map, **mark_special_text(kwargs, specials)}
         rendered = _render_chat(template, chat, tool_list, documents, add_generation_prompt, variables, source)
-        runs = encode_chat(self, rendered, marked)
+        runs = encode_rendered(self, rendered, marked)
         ids = [i for run in runs for i in run.ids]
         if not return_assistant_mask:
             return ids
