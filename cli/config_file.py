@@ -2,18 +2,19 @@
 
 Our names are the flags without dashes (`lora-r: 16` or `lora_r: 16`). A LLaMA-Factory recipe
 (`llamafactory-cli train qwen_lora_sft.yaml`, recognised by its keys) runs unchanged: its keys
-are translated below, and every key is either honoured or named in one line on stderr (an
+are translated (the translations in cli/llama_factory.py, which key sets which option in
+cli/options.py), and every key is either honoured or named in one line on stderr (an
 unknown key in a file of our own names is an error: it is a typo). A bad value names the
 file and its key, not the flag it became.
 
 A recipe's settings take the defaults of the convention it comes from, as `llamafactory-cli`
 would run it: what the recipe leaves out is LLaMA-Factory 0.9.5's / HF TrainingArguments'
-default (`LF_DEFAULTS`, declared with each option in cli/options.py: lora_rank 8, lora_alpha twice the rank, lora_dropout 0, lora_target
-all, learning_rate 5e-5, lr_scheduler_type linear, no warm-up, weight_decay 0, max_grad_norm
-1.0, num_train_epochs 3, per_device_train_batch_size 8, gradient_accumulation_steps 1, seed
-42, logging_steps and save_steps 500, cutoff_len 2048, val_size 0), not this script's. Flags
-on the command line still win. As in HF's Trainer, max_steps > 0 wins over num_train_epochs
-and warmup_steps > 0 over warmup_ratio.
+default (`LF_DEFAULTS`, declared with each option in cli/options.py: lora_rank 8, lora_alpha
+twice the rank, lora_dropout 0, lora_target all, learning_rate 5e-5, lr_scheduler_type linear,
+no warm-up, weight_decay 0, max_grad_norm 1.0, num_train_epochs 3, per_device_train_batch_size
+8, gradient_accumulation_steps 1, seed 42, logging_steps and save_steps 500, cutoff_len 2048,
+val_size 0), not this script's. Flags on the command line still win. As in HF's Trainer,
+max_steps > 0 wins over num_train_epochs and warmup_steps > 0 over warmup_ratio.
 """
 
 from __future__ import annotations

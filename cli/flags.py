@@ -234,7 +234,9 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if args.fsdp and args.qlora:
         raise UsageError("--fsdp with --qlora: FSDP2 cannot shard NF4 weights; use DDP (the default) for QLoRA")
     if args.finetuning == "full-then-lora" and args.full_fraction is None:
-        args.full_fraction = 0.5
+        from .options import FULL_FRACTION
+
+        args.full_fraction = FULL_FRACTION
 
 
 def lora_targets(text: str):

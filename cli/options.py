@@ -30,6 +30,11 @@ FINETUNING = ("lora", "full", "full-then-lora")
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 TRAINING_STAGES = ("cpt", "sft", "dpo")
+# What a training run uses where the option stays unset (None, so that "not given" can be told):
+# the warm-up when neither --warmup-steps nor --warmup-ratio is given, and the share of the steps
+# trained in full with --finetuning full-then-lora. The length is the stage's `recommended` epochs.
+WARMUP_RATIO = 0.03
+FULL_FRACTION = 0.5
 _UNSET = object()   # Option.lf_default when LLaMA-Factory's default is not ours to apply
 
 
@@ -94,9 +99,10 @@ class Option:
 
 @dataclass(frozen=True)
 class Stage:
-    """One script's options. `recommended`: the stage's own values of shared options (lr and
-    lora_alpha as defaults; epochs, the length a run takes when neither --epochs nor --max-steps
-    is given). `embedded`: the values the embedded default (no --model) runs with, in the order
+    """One script's options. `recommended`: the stage's own values of shared options: the
+    default of each (lr, lora_alpha), or for one of a pair, whose parsed value stays None when
+    not given (epochs), what a run takes when neither of the pair is given (named in --help).
+    `embedded`: the values the embedded default (no --model) runs with, in the order
     the --help epilog lists them. `lf_stage`: the stage a LLaMA-Factory recipe's `stage` key is
     checked against (None: any)."""
 
@@ -113,8 +119,11 @@ class Stage:
                 raise ValueError(f"{self.prog}: {key!r} is not one of its options")
         resolved = []
         for o in self.options:
-            if o.name in self.recommended and o.name != "epochs":
-                o = replace(o, default=self.recommended[o.name])
+            value = self.recommended.get(o.name)
+            if value is not None and o.rival is None:
+                o = replace(o, default=value)
+            elif value is not None:
+                o = replace(o, help=f"{o.help} (default: {value:g})")
             if o.name in self.embedded:
                 o = replace(o, embedded=self.embedded[o.name])
             resolved.append(o)
@@ -141,7 +150,7 @@ _OVERWRITE = Option("--overwrite", action="store_true",
                     help="replace an --out these scripts wrote earlier (never a folder they did not write)")
 
 
-def _training(stage: str, epochs: float) -> tuple[Option, ...]:
+def _training(stage: str) -> tuple[Option, ...]:
     """The options every training stage shares; `stage` picks the data options and defaults."""
     g = "model and data"
     data: tuple[Option, ...]
@@ -176,7 +185,8 @@ def _training(stage: str, epochs: float) -> tuple[Option, ...]:
                lf=(LF("finetuning_type", lf.finetuning_type),),
                help="train LoRA adapters, every parameter, or every parameter first and then adapters"),
         Option("--full-fraction", type=flags.open_ratio, group="fine-tuning mode",
-               help="with --finetuning full-then-lora: the fraction of the steps trained in full (default: 0.5)"),
+               help=f"with --finetuning full-then-lora: the fraction of the steps trained in full "
+                    f"(default: {FULL_FRACTION:g})"),
         Option("--qlora", action="store_true", group="fine-tuning mode", lf=(LF("quantization_bit", lf.quantization_bit),),
                help="quantise the frozen base to NF4 (QLoRA; LoRA only)"),
         Option("--fsdp", action="store_true", group="fine-tuning mode",
@@ -203,11 +213,11 @@ def _training(stage: str, epochs: float) -> tuple[Option, ...]:
         Option("--warmup-steps", type=flags.non_negative_int, group="optimisation", rival="warmup_ratio",
                lf=(LF("warmup_steps", positive=True),), lf_default=0,
                help="linear warm-up steps from lr 0, as HF's schedules; wins over --warmup-ratio "
-                    "(default: --warmup-ratio 0.03)"),
+                    f"(default: --warmup-ratio {WARMUP_RATIO:g})"),
         Option("--warmup-ratio", type=flags.ratio, group="optimisation", rival="warmup_steps",
                lf=(LF("warmup_ratio", positive=True),), help="linear warm-up as a fraction of all steps"),
         Option("--epochs", type=flags.positive_float, group="optimisation", rival="max_steps",
-               lf=(LF("num_train_epochs"),), lf_default=3.0, help=f"passes over the data (default: {epochs:g})"),
+               lf=(LF("num_train_epochs"),), lf_default=3.0, help="passes over the data"),
         Option("--max-steps", type=flags.positive_int, group="optimisation", rival="epochs",
                lf=(LF("max_steps", positive=True),),
                help="optimizer steps; wins over --epochs when both are given, as HF's max_steps"),
@@ -266,7 +276,7 @@ def _chat_outputs(sample_questions: int) -> tuple[Option, ...]:
 
 
 CPT = Stage("cpt.py", options=(
-    *_training("cpt", epochs=2.0),
+    *_training("cpt"),
     Option("--text-field", default="text", help="field holding the text in .jsonl data"),
     Option("--no-document-mask", action="store_true",
            help="let attention cross document boundaries inside a packed block (plain concatenation)"),
@@ -279,7 +289,7 @@ CPT = Stage("cpt.py", options=(
                   lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20), lf_stage="cpt")
 
 SFT = Stage("sft.py", options=(
-    *_training("sft", epochs=1.0),
+    *_training("sft"),
     Option("--format", choices=("auto", "messages", "alpaca", "sharegpt"), default="auto", help="format of --data lines"),
     *_chat_outputs(sample_questions=3),
 ), recommended=dict(lr=5e-5, lora_alpha=32.0, epochs=1.0),   # SFT: lr 5e-5, alpha = 2r, 1 epoch
@@ -288,7 +298,7 @@ SFT = Stage("sft.py", options=(
 
 _PREFERENCE = "preference objective"
 DPO = Stage("dpo.py", options=(
-    *_training("dpo", epochs=1.0),
+    *_training("dpo"),
     Option("--loss", choices=("sigmoid", "ipo", "simpo", "orpo"), default="sigmoid", group=_PREFERENCE,
            lf=(LF("pref_loss", lf.pref_loss),), help="sigmoid (DPO), ipo, or the reference-free simpo / orpo"),
     Option("--beta", type=flags.positive_float, default=0.1, group=_PREFERENCE, lf=(LF("pref_beta"),),

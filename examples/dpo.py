@@ -77,11 +77,11 @@ def main(argv=None) -> int:
     # ---- data (encoded before the model loads)
     from data.preference import PreferenceDataset, preference_collate
 
-    options = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, chat_template_kwargs=args.chat_template_kwargs)
-    full = PreferenceDataset([str(p) for p in data_paths], tok, **options)
+    encoding = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, chat_template_kwargs=args.chat_template_kwargs)
+    full = PreferenceDataset([str(p) for p in data_paths], tok, **encoding)
     if eval_path is not None:
         train_ds = full
-        eval_ds = PreferenceDataset([str(eval_path)], tok, **options)
+        eval_ds = PreferenceDataset([str(eval_path)], tok, **encoding)
     elif args.eval_fraction > 0 and len(full) > 1:
         train_ds, eval_ds = full.split(args.eval_fraction, seed=args.seed)
     else:

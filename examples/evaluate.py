@@ -26,7 +26,6 @@ are listed as missing, with the command that makes them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -169,7 +168,7 @@ def _run_setting(run_dir: Path, key: str, default=None):
     return outdir.run_settings(run_dir).get(key, default)
 
 
-def default_data(args, tok) -> dict:
+def default_data(args, given: frozenset[str], tok) -> dict:
     """Held-out text and questions of the embedded default: the documents cpt.py held out of
     the domain corpus (its --eval-fraction and --seed, read from runs/cpt/run.json), the ones
     the demo base's pretraining held out of the general corpus, and the held-out Q/A set."""
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
 
         tok, _ = load_tokenizer(candidates[0].adapter_dir, candidates[0].model_dir)
         if embedded and not (args.domain_data or args.general_data or args.instructions):
-            held = default_data(args, tok)
+            held = default_data(args, given, tok)
             domain, general = held["domain"], held["general"]
             instructions = read_instructions(held["instructions"], limit=args.max_instructions)
             data_info = held["info"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cli import flags, inputs, options, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
 from models.qwen.atomic import atomic_directory

@@ -13,12 +13,11 @@ writes a GGUF file for llama.cpp / Ollama (see examples/export.py).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from cli import flags, inputs, options, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
 from models.qwen import QwenConfig
