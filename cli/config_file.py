@@ -2,18 +2,19 @@
 
 Our names are the flags without dashes (`lora-r: 16` or `lora_r: 16`). A LLaMA-Factory recipe
 (`llamafactory-cli train qwen_lora_sft.yaml`, recognised by its keys) runs unchanged: its keys
-are translated below, and every key is either honoured or named in one line on stderr (an
+are translated (the translations in cli/llama_factory.py, which key sets which option in
+cli/options.py), and every key is either honoured or named in one line on stderr (an
 unknown key in a file of our own names is an error: it is a typo). A bad value names the
 file and its key, not the flag it became.
 
 A recipe's settings take the defaults of the convention it comes from, as `llamafactory-cli`
 would run it: what the recipe leaves out is LLaMA-Factory 0.9.5's / HF TrainingArguments'
-default (`LF_DEFAULTS`: lora_rank 8, lora_alpha twice the rank, lora_dropout 0, lora_target
-all, learning_rate 5e-5, lr_scheduler_type linear, no warm-up, weight_decay 0, max_grad_norm
-1.0, num_train_epochs 3, per_device_train_batch_size 8, gradient_accumulation_steps 1, seed
-42, logging_steps and save_steps 500, cutoff_len 2048, val_size 0), not this script's. Flags
-on the command line still win. As in HF's Trainer, max_steps > 0 wins over num_train_epochs
-and warmup_steps > 0 over warmup_ratio.
+default (`LF_DEFAULTS`, declared with each option in cli/options.py: lora_rank 8, lora_alpha
+twice the rank, lora_dropout 0, lora_target all, learning_rate 5e-5, lr_scheduler_type linear,
+no warm-up, weight_decay 0, max_grad_norm 1.0, num_train_epochs 3, per_device_train_batch_size
+8, gradient_accumulation_steps 1, seed 42, logging_steps and save_steps 500, cutoff_len 2048,
+val_size 0), not this script's. Flags on the command line still win. As in HF's Trainer,
+max_steps > 0 wins over num_train_epochs and warmup_steps > 0 over warmup_ratio.
 """
 
 from __future__ import annotations
@@ -22,36 +23,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from fileio.safe_load import loads_json, loads_yaml, read_json
+from fileio.safe_load import loads_json, loads_yaml
 
+from . import options
 from .errors import UsageError
+from .llama_factory import LF_HARMLESS, Pairs, Translation
 
-# LLaMA-Factory's `stage` -> the script that runs it.
-LF_STAGES = {"pt": "cpt", "sft": "sft", "dpo": "dpo"}
-# Keys that change nothing here (we always use SDPA, never remote code, ...).
-LF_HARMLESS = {
-    "do_train", "do_eval", "flash_attn", "trust_remote_code", "preprocessing_num_workers",
-    "dataloader_num_workers", "overwrite_cache", "plot_loss", "ddp_timeout", "per_device_eval_batch_size",
-    "eval_strategy", "evaluation_strategy", "save_strategy", "logging_dir", "disable_tqdm",
-    "double_quantization", "save_only_model", "bf16_full_eval",
-    "ddp_find_unused_parameters", "upcast_layernorm",
-    "run_name", "logging_first_step", "save_safetensors",
-}
-# HF `optim` names that are the AdamW this library runs (fp32 states, decoupled weight decay).
-ADAMW_OPTIMS = {"adamw_torch", "adamw_torch_fused", "adamw_hf"}
-# What a LLaMA-Factory recipe runs with where it sets nothing (LLaMA-Factory 0.9.5's
-# hparams and HF TrainingArguments' defaults), as our dests; lora_alpha is 2 x the rank.
-LF_DEFAULTS = {
-    "lora_r": 8, "lora_dropout": 0.0, "lora_targets": "all-linear", "lr": 5e-5, "lr_scheduler": "linear",
-    "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "epochs": 3.0, "batch_size": 8, "grad_accum": 1,
-    "seed": 42, "log_every": 500, "save_every": 500, "max_len": 2048, "block_size": 2048, "eval_fraction": 0.0,
-}
-# A default left out when the recipe sets the other of its pair (warmup_steps would win over it).
-LF_RIVALS = {"warmup_steps": "warmup_ratio", "epochs": "max_steps"}
-# Chat templates of LLaMA-Factory that mean "Qwen's ChatML": we render the model's own template.
-LF_QWEN_TEMPLATES = {"qwen", "qwen3", "qwen3_nothink", "qwen2_vl", "default", "empty", "chatml"}
+# The LLaMA-Factory keys and what a recipe runs with where it is silent, generated from the
+# options' declarations (cli/options.py): key -> translation, the keys whose value may be a list,
+# dest -> LLaMA-Factory's / HF's default, and dest -> the other of its pair (a default of one is
+# left out when the recipe sets the other: warmup_steps would win over warmup_ratio).
+LF_KEYS: dict[str, Translation] = options.lf_keys()
+LF_LIST_KEYS: frozenset[str] = options.lf_list_keys()
+LF_DEFAULTS: dict[str, Any] = options.lf_defaults()
+LF_RIVALS: dict[str, str] = options.lf_rivals()
 
 
 def load_config_file(path: str) -> dict:
@@ -220,13 +207,6 @@ def _checked(action: argparse.Action, value: Any, file: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------------- LLaMA-Factory keys
-Pairs = list[tuple[Optional[str], Any]]
-
-
-# The LLaMA-Factory keys whose value may be a list (the others take one scalar).
-LF_LIST_KEYS = {"lora_target", "report_to", "dataset", "eval_dataset"}
-
-
 def _translated(key: str, value: Any, values: dict, path: str, stage: Optional[str]) -> Pairs:
     """LF_KEYS[key]'s (dest, value) pairs, a value of the wrong shape or type named with its key."""
     scalar = value is None or isinstance(value, (str, int, float, bool))
@@ -241,208 +221,3 @@ def _translated(key: str, value: Any, values: dict, path: str, stage: Optional[s
         raise UsageError(f"--config {path}: key {key!r}: {value!r} is not a valid value ({e})") from None
 
 
-def _same(dest: str) -> Callable[..., Pairs]:
-    return lambda value, values, path, stage: [(dest, value)]
-
-
-def _positive_or_off(dest: str) -> Callable[..., Pairs]:
-    # HF TrainingArguments use -1 / 0 for "not set"
-    return lambda value, values, path, stage: [(dest, value)] if isinstance(value, (int, float)) and value > 0 else []
-
-
-def _stage(value, values, path, stage) -> Pairs:
-    mine = LF_STAGES.get(value)
-    if mine is None:
-        raise UsageError(f"--config {path}: stage {value!r} is not supported (expected one of {sorted(LF_STAGES)})")
-    if stage is not None and mine != stage:
-        raise UsageError(f"--config {path}: stage {value!r} is run by examples/{mine}.py, not by {stage}.py")
-    return []
-
-
-def _finetuning_type(value, values, path, stage) -> Pairs:
-    if value not in ("lora", "full"):
-        raise UsageError(f"--config {path}: finetuning_type {value!r} is not supported (expected lora or full)")
-    return [("finetuning", value)]
-
-
-def _lora_target(value, values, path, stage) -> Pairs:
-    names = value if isinstance(value, list) else [t.strip() for t in str(value).split(",")]
-    return [("lora_targets", "all-linear" if names in (["all"], ["all-linear"]) else ",".join(names))]
-
-
-def _scheduler(value, values, path, stage) -> Pairs:
-    if value in ("cosine", "linear", "constant", "constant_with_warmup"):
-        return [("lr_scheduler", value)]
-    return [(None, f"{value!r} (schedules here: cosine, linear, constant, constant_with_warmup)")]
-
-
-def _cutoff_len(value, values, path, stage) -> Pairs:
-    return [("block_size" if stage == "cpt" else "max_len", value)]
-
-
-def _precision(value, values, path, stage) -> Pairs:
-    # bf16 / fp16 / pure_bf16: true picks that dtype; all of them false means fp32 (seed 004's fallback)
-    chosen = [k for k in ("bf16", "pure_bf16", "fp16") if values.get(k) is True]
-    if chosen:
-        return [("dtype", "fp16" if chosen[0] == "fp16" else "bf16")]
-    return [("dtype", "fp32")]
-
-
-def _quantization_bit(value, values, path, stage) -> Pairs:
-    if value in (None, 0):
-        return []
-    if int(value) != 4:
-        raise UsageError(f"--config {path}: quantization_bit {value}: only 4-bit NF4 (QLoRA) is supported")
-    return [("qlora", True)]
-
-
-def _val_size(value, values, path, stage) -> Pairs:
-    if isinstance(value, (int, float)) and 0 <= value < 1:
-        return [("eval_fraction", value)]
-    return [(None, f"{value!r} (a fraction in [0, 1) here)")]
-
-
-def _report_to(value, values, path, stage) -> Pairs:
-    # HF's names: "all" / a list; only TensorBoard is written here (metrics.jsonl always)
-    names = value if isinstance(value, list) else [value]
-    chosen = "tensorboard" if any(n in ("tensorboard", "all") for n in names) else "none"
-    skipped = [(None, f"{n} (only tensorboard is written here)") for n in names
-               if n not in ("tensorboard", "none", None)]
-    return [("report_to", chosen)] + skipped
-
-
-def _bool(key: str, value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise UsageError(f"--config {path}: key {key!r}: expected true or false, got {value!r}")
-    return value
-
-
-def _gradient_checkpointing_off(value, values, path, stage) -> Pairs:
-    return [("no_grad_checkpointing", _bool("disable_gradient_checkpointing", value, path))]
-
-
-def _gradient_checkpointing(value, values, path, stage) -> Pairs:
-    if "disable_gradient_checkpointing" in values:   # LLaMA-Factory's own switch decides
-        return []
-    return [("no_grad_checkpointing", not _bool("gradient_checkpointing", value, path))]
-
-
-def _only(*accepted: Any, note: str) -> Callable[..., Pairs]:
-    """A key honoured only with one of `accepted` (what this library always does); else named."""
-    return lambda value, values, path, stage: [] if value in accepted else [(None, f"{value!r} ({note})")]
-
-
-def _optim(value, values, path, stage) -> Pairs:
-    if value in ADAMW_OPTIMS:
-        return []
-    return [(None, f"{value} is not supported; training with AdamW (fp32 states)")]
-
-
-def _overwrite(value, values, path, stage) -> Pairs:
-    return [("overwrite", _bool("overwrite_output_dir", value, path))]
-
-
-def _resume(value, values, path, stage) -> Pairs:
-    return [("resume", True)] if value else []
-
-
-def _template(value, values, path, stage) -> Pairs:
-    if value in LF_QWEN_TEMPLATES:
-        return []   # the model's own chat template is rendered, as the model is served
-    return [(None, f"{value!r} (the model's own chat template is used)")]
-
-
-def _datasets(value, values, path, stage) -> Pairs:
-    return [("data", dataset_files(value, values, path))]
-
-
-def _eval_dataset(value, values, path, stage) -> Pairs:
-    files = dataset_files(value, values, path)
-    if len(files) != 1:
-        return [(None, f"{value!r} (one held-out file here)")]
-    return [("eval_data", files[0])]
-
-
-def _pref_loss(value, values, path, stage) -> Pairs:
-    return [("loss", value)]
-
-
-def dataset_files(value: Any, values: dict, path: str) -> list[str]:
-    """LLaMA-Factory `dataset` names -> files, through `dataset_dir`/dataset_info.json (a name may
-    also be a file path)."""
-    names = value if isinstance(value, list) else [n.strip() for n in str(value).split(",") if n.strip()]
-    base = Path(path).parent
-    folder = Path(values.get("dataset_dir", "data"))
-    folder = folder if folder.is_absolute() else (base / folder if (base / folder).is_dir() else folder)
-    info_file = folder / "dataset_info.json"
-    info = {}
-    if info_file.is_file():
-        try:
-            info = read_json(info_file, UsageError, dict)
-        except UsageError as e:
-            raise UsageError(f"--config {path}: dataset_dir: {e}") from None
-    files = []
-    for name in names:
-        entry = info.get(name)
-        if isinstance(entry, dict) and entry.get("file_name"):
-            files.append(str(folder / entry["file_name"]))
-        elif (folder / name).exists():
-            files.append(str(folder / name))
-        elif Path(name).exists():
-            files.append(name)
-        else:
-            where = f"{info_file}" if info_file.is_file() else f"{folder} (no dataset_info.json there)"
-            raise UsageError(f"--config {path}: dataset {name!r} is not in {where}; give a file path or a "
-                             "dataset_info.json entry with file_name (hub datasets are not downloaded)")
-    return files
-
-
-LF_KEYS: dict[str, Callable[..., Pairs]] = {
-    "model_name_or_path": _same("model"),
-    "stage": _stage,
-    "finetuning_type": _finetuning_type,
-    "lora_rank": _same("lora_r"),
-    "lora_alpha": _same("lora_alpha"),
-    "lora_dropout": _same("lora_dropout"),
-    "lora_target": _lora_target,
-    "use_rslora": _same("use_rslora"),
-    "use_dora": _same("use_dora"),
-    "learning_rate": _same("lr"),
-    "num_train_epochs": _same("epochs"),
-    "max_steps": _positive_or_off("max_steps"),
-    "per_device_train_batch_size": _same("batch_size"),
-    "gradient_accumulation_steps": _same("grad_accum"),
-    "lr_scheduler_type": _scheduler,
-    "warmup_ratio": _positive_or_off("warmup_ratio"),
-    "warmup_steps": _positive_or_off("warmup_steps"),
-    "max_grad_norm": _same("max_grad_norm"),
-    "weight_decay": _same("weight_decay"),
-    "cutoff_len": _cutoff_len,
-    "bf16": _precision,
-    "fp16": _precision,
-    "pure_bf16": _precision,
-    "output_dir": _same("out"),
-    "overwrite_output_dir": _overwrite,
-    "resume_from_checkpoint": _resume,
-    "save_steps": _positive_or_off("save_every"),
-    "save_total_limit": _positive_or_off("keep_last"),
-    "logging_steps": _positive_or_off("log_every"),
-    "eval_steps": _positive_or_off("eval_every"),
-    "val_size": _val_size,
-    "seed": _same("seed"),
-    "quantization_bit": _quantization_bit,
-    "disable_gradient_checkpointing": _gradient_checkpointing_off,
-    "gradient_checkpointing": _gradient_checkpointing,
-    "optim": _optim,
-    "quantization_method": _only("bitsandbytes", "bnb", note="NF4 through our own kernels"),
-    "quantization_type": _only("nf4", note="only NF4 here"),
-    "report_to": _report_to,
-    "dataset": _datasets,
-    "dataset_dir": lambda value, values, path, stage: [],   # read by `dataset`
-    "eval_dataset": _eval_dataset,
-    "template": _template,
-    "pref_beta": _same("beta"),
-    "pref_loss": _pref_loss,
-    "simpo_gamma": _same("simpo_gamma"),
-    "dpo_label_smoothing": _same("label_smoothing"),
-}

@@ -20,6 +20,7 @@ from models.qwen import CheckpointError, ConfigError
 from . import outdir
 from .errors import EXIT_USAGE, UsageError, one_line
 from .flags import Parser, finite_float as _finite, positive_int as _positive_int
+from .options import RESIDUAL_OPTIONS, add_options
 
 
 class OneLineParser(Parser):
@@ -41,21 +42,8 @@ def _model_dir(flag: str, value: Optional[str]) -> Path:
 
 
 def add_residual_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", help="base model directory (the model the chat model was tuned from)")
-    p.add_argument("--chat", help="chat/instruct model directory (tokenizer and chat template come from here)")
-    p.add_argument("--target", help="model to add the residual to (e.g. the continued-pretrained base)")
-    p.add_argument("--out", help="output directory (written atomically)")
-    p.add_argument("--scale", type=_finite, default=1.0, help="residual scale s: target + s * (chat - base) (default 1.0)")
-    for group in ("attention", "mlp", "embeddings", "norms"):
-        p.add_argument(f"--{group}-scale", type=_finite, default=None,
-                       help=f"extra factor for {group} tensors (multiplies --scale; default 1)")
-    p.add_argument("--skip-embeddings", action="store_true", help="leave embeddings and head as in the target")
-    p.add_argument("--skip", action="append", default=[], metavar="GLOB",
-                   help="tensor-name glob left as in the target (repeatable)")
-    p.add_argument("--special-rows", choices=("auto", "always", "never"), default="auto",
-                   help="take the chat model's <|im_start|>/<|im_end|> rows: when untrained in base/target (auto), "
-                        "always, or never")
-    _common(p)
+    """The residual's options (declared once in cli/options.py, shared with examples/residual.py)."""
+    add_options(p, RESIDUAL_OPTIONS)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,8 @@
-"""The argparse layer: one-line errors, value types, and the flag groups the stages share.
+"""The argparse layer: one-line errors, value types, parsing with provenance.
 
-    p = new_parser("cpt.py", __doc__, embedded=demo_settings.CPT)
-    add_training_flags(p, stage="cpt")        # model/data, fine-tuning mode, LoRA, optimisation, ...
-    args = parse_args(p, argv)                # --config values fill what the command line did not give
-    given(args)                               # the dests set explicitly (command line or --config)
+    p = options.parser("cpt", __doc__)        # the stage's declared options (cli/options.py)
+    args, given = parse(p, argv, stage="cpt") # --config values fill what the command line did not give
+    "lr" in given                             # set explicitly (command line or --config)
 
 Flags are never abbreviated (`--max-step 5` is an error, not `--max-steps 5`). `--help` prints
 each default once, as the script really uses it, and the embedded default's value where it
@@ -16,27 +15,11 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
-from . import paths
 from .errors import EXIT_USAGE, UsageError
 
-STAGES = ("cpt", "sft", "dpo")
-FINETUNING = ("lora", "full", "full-then-lora")
-DTYPES = ("bf16", "fp16", "fp32")
-SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
-DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT}
-DEFAULT_MODEL = {"cpt": "the embedded demo model", "sft": f"{paths.MERGED_OUT}, merge.py's output",
-                 "dpo": f"{paths.SFT_OUT / 'merged'}, sft.py's output"}
 SEED_MAX = 2**32 - 1   # numpy's (and HF set_seed's) seed range
-# Recommended settings per stage (practitioners' ranges): CPT lr 1e-4 and alpha = r, SFT lr 5e-5
-# and alpha = 2r, DPO a low lr; 2 CPT epochs, 1 SFT / DPO epoch.
-STAGE_DEFAULTS = {
-    "cpt": dict(lr=1e-4, lora_alpha=16.0, epochs=2.0),
-    "sft": dict(lr=5e-5, lora_alpha=32.0, epochs=1.0),
-    "dpo": dict(lr=5e-6, lora_alpha=32.0, epochs=1.0),
-}
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (argparse's default prints the usage block first), no
@@ -155,6 +138,19 @@ def open_ratio(text: str) -> float:
     return value
 
 
+def shard_size(text: str) -> int:
+    """--max-shard-size as bytes ('5GB', '500MB' or a byte count), checked before anything loads."""
+    from models.qwen.checkpoint import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a byte count > 0, got {text!r}")
+    return size
+
+
 def template_kwargs(text: str) -> dict:
     """--chat-template-kwargs value: a JSON object of chat-template variables."""
     import json
@@ -175,145 +171,37 @@ def template_kwargs(text: str) -> dict:
 template_kwargs.takes_mapping = True  # --config gives it as a mapping (cli/config_file.py)
 
 
-# ---------------------------------------------------------------------- shared flag groups
-def add_training_flags(p: Parser, stage: str) -> None:
-    """The flags every training stage shares, with the stage's own defaults."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    d = STAGE_DEFAULTS[stage]
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", metavar="DIR", help="HF-format Qwen checkpoint directory (config.json + safetensors) "
-                                                  f"(default: {DEFAULT_MODEL[stage]})")
-    if stage == "cpt":
-        g.add_argument("--data", metavar="PATH", nargs="+",
-                       help="text corpus: .txt/.jsonl/.jsonl.gz files or directories")
-        g.add_argument("--block-size", type=int_at_least(2), default=2048, help="tokens per packed training block")
-    else:
-        what = "SFT file(s): messages (with tools), alpaca or ShareGPT" if stage == "sft" else \
-            "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)"
-        g.add_argument("--data", metavar="FILE.jsonl", nargs="+", help=what)
-        g.add_argument("--eval-data", metavar="FILE.jsonl", help="held-out file (default: a split of --data)")
-        g.add_argument("--max-len", type=int_at_least(2), default=1024, help="longest sample in tokens")
-    g.add_argument("--eval-fraction", type=ratio, default=0.05,
-                   help="fraction of documents/samples held out for evaluation")
-    g.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT[stage]),
-                   help="output directory (adapter/, checkpoints/, metrics.jsonl, run.json)")
-
-    g = p.add_argument_group("fine-tuning mode")
-    g.add_argument("--finetuning", choices=FINETUNING, default="lora",
-                   help="train LoRA adapters, every parameter, or every parameter first and then adapters")
-    g.add_argument("--full-fraction", type=open_ratio, default=None,
-                   help="with --finetuning full-then-lora: the fraction of the steps trained in full (default: 0.5)")
-    g.add_argument("--qlora", action="store_true", help="quantise the frozen base to NF4 (QLoRA; LoRA only)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP)")
-
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=non_negative_float, default=d["lora_alpha"], help="LoRA alpha (scale = alpha/r)")
-    g.add_argument("--lora-dropout", type=ratio, default=0.05, help="dropout on the LoRA input")
-    g.add_argument("--lora-targets", default="all-linear",
-                   help="'all-linear' or comma-separated module names (q_proj,k_proj,...)")
-    g.add_argument("--use-rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r) (rsLoRA)")
-    g.add_argument("--use-dora", action="store_true", help="weight-decomposed adapters (DoRA)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate")
-    # Both of a pair may be given (a LLaMA-Factory recipe often does): as in HF's Trainer, the
-    # step count wins.
-    g.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="linear warm-up steps from lr 0, as HF's schedules; wins over --warmup-ratio "
-                        "(default: --warmup-ratio 0.03)")
-    g.add_argument("--warmup-ratio", type=ratio, default=None, help="linear warm-up as a fraction of all steps")
-    g.add_argument("--epochs", type=positive_float, default=None, help=f"passes over the data (default: {d['epochs']:g})")
-    g.add_argument("--max-steps", type=positive_int, default=None,
-                   help="optimizer steps; wins over --epochs when both are given, as HF's max_steps")
-    g.add_argument("--lr-scheduler", choices=SCHEDULES, default="cosine",
-                   help="after the warm-up: cosine or linear decay to 0, or constant")
-    g.add_argument("--batch-size", type=positive_int, default=1, help="micro-batch per process")
-    g.add_argument("--grad-accum", type=positive_int, default=16, help="micro-batches per optimizer step")
-    g.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="decoupled weight decay")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="compute dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are slower)")
-    g.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations instead of recomputing")
-    g.add_argument("--seed", type=seed, default=0, help="seed of initialisation, dropout and data order")
-
-    g = p.add_argument_group("evaluation, checkpoints and logging")
-    g.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps (default: at the end)")
-    g.add_argument("--save-every", type=positive_int, default=None, help="checkpoint every N steps (default: at the end)")
-    g.add_argument("--keep-last", type=positive_int, default=2, help="checkpoints kept (plus the best by eval loss)")
-    g.add_argument("--log-every", type=positive_int, default=None,
-                   help="without a terminal: a progress line every N steps (default: about 20 lines per run)")
-    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
-                   help="also write TensorBoard event files under --out/runs (metrics.jsonl is always written)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete the earlier run in --out (only a folder these scripts wrote) and start over")
-    add_config_flag(p)
-
-
-def add_chat_output_flags(p: Parser, sample_questions: int) -> None:
-    """What a chat stage (sft.py, dpo.py) writes besides the adapter, the held-out answers it
-    shows before and after training, and the chat-template variables it renders with."""
-    p.add_argument("--no-merge", action="store_true", help="write only adapter/, not merged/")
-    p.add_argument("--sample-questions", type=non_negative_int, default=sample_questions,
-                   help="held-out questions answered before/after")
-    p.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens per sample answer")
-    add_chat_template_flag(p)
-
-
-def add_chat_template_flag(p: Parser) -> None:
-    """--chat-template-kwargs: variables for the chat template, for every chat this run renders."""
-    p.add_argument("--chat-template-kwargs", metavar="JSON", type=template_kwargs, default=None,
-                   help="chat-template variables as a JSON object, e.g. '{\"enable_thinking\": false}' or "
-                        "'{\"preserve_thinking\": true}' (a record's own \"chat_template_kwargs\" win)")
-
-
-def add_config_flag(p: Parser) -> None:
-    p.add_argument("--config", metavar="FILE",
-                   help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or "
-                        "LLaMA-Factory's keys: what such a recipe leaves out takes LLaMA-Factory's / HF's "
-                        "defaults, e.g. lora_rank 8, lora_alpha 2 x rank, lr 5e-5 linear, seed 42); flags on "
-                        "the command line win")
-
-
-def add_overwrite_flag(p: Parser) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an --out these scripts wrote earlier (never a folder they did not write)")
-
-
 # ---------------------------------------------------------------------- parsing
-class Args(argparse.Namespace):
-    """The parsed flags; which of them were given explicitly is kept outside vars(args) (so it
-    never reaches run.json or a run's identity): read it with `given(args)`."""
+class Parsed(NamedTuple):
+    """What `parse` returns: the flags' values, and which of them the user set.
 
-    __slots__ = ("_given_dests",)
+    args: the namespace of every option (what run.json and a run's identity record).
+    given: the dests set explicitly, on the command line in any spelling argparse accepts
+    (`--lr 1e-3`, `--lr=1e-3`) or by --config; a default or an embedded-default value is never
+    in it. It lives beside the namespace, never in it, so it never reaches run.json.
+    """
+
+    args: argparse.Namespace
+    given: frozenset[str]
 
 
-def given(args: argparse.Namespace) -> frozenset[str]:
-    """The dests set explicitly, on the command line (in any spelling argparse accepted) or by
-    --config; empty for a namespace that `parse_args` did not make."""
-    return getattr(args, "_given_dests", frozenset())
+def parse(p: Parser, argv: Optional[Sequence[str]] = None, stage: Optional[str] = None) -> Parsed:
+    """Parse flags; values from --config fill in what the command line did not give. `stage`:
+    the training stage a LLaMA-Factory recipe's `stage` key must name (None: any).
 
-
-def parse_args(p: Parser, argv: Optional[Sequence[str]] = None, stage: Optional[str] = None) -> Args:
-    """Parse flags; values from --config fill in what the command line did not give.
-
-    `given(args)` is what argparse itself parsed: the same argv parsed once more with every
-    default suppressed, so an attribute present then was set by a token, whatever its spelling
+    `given` is what argparse itself parsed: the same argv parsed once more with every default
+    suppressed, so an attribute present then was set by a token, whatever its spelling
     (--max-steps=5, a --config key). The conflict checks and the embedded default's settings use
     it (a default never conflicts, and a flag the user gave always beats the embedded default).
     """
     from .config_file import config_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv, namespace=Args())
+    args = p.parse_args(argv)
     if args.config:
         argv = config_argv(p, args.config, args, explicit_dests(p, argv), stage=stage) + argv
-        args = p.parse_args(argv, namespace=Args())   # config values pass the same types and choices
-    args._given_dests = frozenset(explicit_dests(p, argv))
-    return args
+        args = p.parse_args(argv)   # config values pass the same types and choices
+    return Parsed(args, frozenset(explicit_dests(p, argv)))
 
 
 def explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -346,7 +234,9 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if args.fsdp and args.qlora:
         raise UsageError("--fsdp with --qlora: FSDP2 cannot shard NF4 weights; use DDP (the default) for QLoRA")
     if args.finetuning == "full-then-lora" and args.full_fraction is None:
-        args.full_fraction = 0.5
+        from .options import FULL_FRACTION
+
+        args.full_fraction = FULL_FRACTION
 
 
 def lora_targets(text: str):

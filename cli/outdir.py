@@ -275,12 +275,12 @@ def claim_training_run(args, stage: str, model_dir: Path, data: Sequence[Path], 
     """The common start of a training stage, once its inputs are known: the adapter targets
     checked on the model's shape, the stage's default length and dtype filled in, and --out
     claimed for this run (identity: the flags, the model and the data). Returns --out."""
-    from . import flags, inputs, runtime
+    from . import flags, inputs, options, runtime
 
     if args.finetuning != "full" and (Path(model_dir) / "config.json").is_file():
         inputs.check_lora_targets(model_dir, flags.lora_targets(args.lora_targets))
     if args.epochs is None and args.max_steps is None:
-        args.epochs = flags.STAGE_DEFAULTS[stage]["epochs"]
+        args.epochs = options.recommended_epochs(stage)
     args.dtype = runtime.compute_dtype(args.dtype)
     identity = run_identity(args, {
         "stage": stage, "model": str(Path(model_dir).resolve()), "data": [str(Path(p).resolve()) for p in data],

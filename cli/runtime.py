@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from . import options
 from .errors import UsageError
 from .flags import lora_targets
 
@@ -128,7 +129,7 @@ def train_config(args: argparse.Namespace, out: Path):
 
     return TrainConfig(
         out_dir=str(out), lr=args.lr, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
-        warmup_ratio=None if args.warmup_steps is not None else (0.03 if args.warmup_ratio is None else args.warmup_ratio),
+        warmup_ratio=None if args.warmup_steps is not None else (options.WARMUP_RATIO if args.warmup_ratio is None else args.warmup_ratio),
         epochs=args.epochs if args.max_steps is None else None, max_steps=args.max_steps,   # HF: max_steps wins
         batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay, dtype=args.dtype,

@@ -2,7 +2,9 @@
 
     corpus.py      Python's own documentation as the corpus: "general" and "domain" text, SFT pairs
     base_model.py  the small Qwen2-architecture base, pretrained once on the general text and cached
-    settings.py    the stage flags the demo model runs with (--help shows them)
+
+The flag values the demo model runs with are declared with each stage's options
+(cli/options.py, `Stage.embedded`; --help shows them).
 """
 
 import _qwen_tune

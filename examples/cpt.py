@@ -18,33 +18,21 @@ Next: python examples/merge.py; python examples/sft.py; python examples/generate
 from __future__ import annotations
 
 
-from cli import flags, inputs, outdir, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, generate_text, list_outputs, log, note, print_training_curve
 from cli.errors import run_main
 from data import cpt_datasets
-from demo import settings as demo_settings
 from models.qwen import ENDOFTEXT_ID
 from models.qwen.tokenizer import load_tokenizer
 from train import distributed
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("cpt.py", __doc__, epilog=demo_settings.describe(demo_settings.CPT),
-                         embedded=demo_settings.CPT)
-    flags.add_training_flags(p, stage="cpt")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
-    p.add_argument("--no-document-mask", action="store_true",
-                   help="let attention cross document boundaries inside a packed block (plain concatenation)")
-    p.add_argument("--sample-prompt", default="The json module",
-                   help="prompt of the completion printed before and after training")
-    p.add_argument("--sample-tokens", type=flags.positive_int, default=40, help="tokens of that completion")
-    p.add_argument("--sample-temperature", type=flags.non_negative_float, default=0.8,
-                   help="sampling temperature of that completion (0 = greedy; top-p 0.9, seed 0 either way)")
-    return p
+    return options.parser("cpt", __doc__)
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv, stage="cpt")
+    args, given = flags.parse(build_parser(), argv, stage="cpt")
     flags.check_training_flags(args)
     timer = Timer()
 
@@ -56,7 +44,7 @@ def main(argv=None) -> int:
         from demo import base_model
 
         model_dir = base_model.base_dir()
-        changed = demo_settings.apply(args, demo_settings.CPT)
+        changed = options.apply_embedded(args, given, "cpt")
     else:
         model_dir = inputs.check_model_dir(args.model)
     corpus = None
@@ -138,7 +126,7 @@ def main(argv=None) -> int:
     if args.finetuning == "full":
         log(f"\nnext: python examples/sft.py --model {out / 'model'}   (instruction SFT on the trained model)")
     else:
-        extra = "" if "out" not in flags.given(args) else f" --adapter {out / 'adapter'}"
+        extra = "" if "out" not in given else f" --adapter {out / 'adapter'}"
         log(f"\nnext: python examples/merge.py{extra}   (merges the adapter into its base model)")
     return 0
 

@@ -24,38 +24,18 @@ the answer to a different question), so held-out reward accuracy and margin rise
 from __future__ import annotations
 
 
-from cli import flags, inputs, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, paths, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
 from cli.errors import UsageError, run_main
 from data import held_out_questions, preference_collate, preference_datasets
-from demo import settings as demo_settings
 from models.qwen.tokenizer import load_tokenizer
 
-LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
-
-
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("dpo.py", __doc__, epilog=demo_settings.describe(demo_settings.DPO),
-                         embedded=demo_settings.DPO)
-    flags.add_training_flags(p, stage="dpo")
-    g = p.add_argument_group("preference objective")
-    g.add_argument("--loss", choices=LOSSES, default="sigmoid",
-                   help="sigmoid (DPO), ipo, or the reference-free simpo / orpo")
-    g.add_argument("--beta", type=flags.positive_float, default=0.1, help="β: strength of the preference")
-    g.add_argument("--label-smoothing", type=flags.ratio, default=0.0,
-                   help="ε of conservative DPO / SimPO: the share of pairs assumed mislabelled")
-    g.add_argument("--simpo-gamma", type=flags.non_negative_float, default=0.5, help="SimPO's target reward margin γ")
-    g.add_argument("--reference", choices=("adapters", "precomputed"), default="adapters",
-                   help="DPO / IPO reference: the model with adapters disabled at every step, or its log-probs "
-                        "computed once before training")
-    g.add_argument("--max-prompt-len", type=flags.positive_int, default=None,
-                   help="tokens the prompt keeps when a pair is too long (default: half of --max-len)")
-    flags.add_chat_output_flags(p, sample_questions=2)
-    return p
+    return options.parser("dpo", __doc__)
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv, stage="dpo")
+    args, given = flags.parse(build_parser(), argv, stage="dpo")
     flags.check_training_flags(args)
     if args.finetuning != "lora":
         raise UsageError(f"--finetuning {args.finetuning}: the reference model of DPO is the model with its adapters "
@@ -79,7 +59,7 @@ def main(argv=None) -> int:
         data_paths, questions_from = [train_pairs], corpus.sft_eval
     from demo.base_model import is_demo_shape
 
-    changed = demo_settings.apply(args, demo_settings.DPO) if is_demo_shape(model_dir) else []
+    changed = options.apply_embedded(args, given, "dpo") if is_demo_shape(model_dir) else []
     if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
         raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
                          "(the answers need at least one token)")

@@ -26,70 +26,20 @@ are listed as missing, with the command that makes them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
-from cli import flags, inputs, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, paths, runtime
 from cli.console import Timer, log
 from cli.errors import UsageError, run_main
-from demo import settings as demo_settings
 from fileio.safe_load import read_json
 
-DEFAULT_EVAL_OUT = paths.RUNS / "eval"
 DEFAULT_RESIDUAL_OUT = paths.RUNS / "residual"
-DEMO_EVAL = demo_settings.EVAL
-
-
-class _AppendEntry(argparse.Action):
-    """--model and --adapter append (kind, value) to one list, keeping their order."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        entries = list(getattr(namespace, "entries", None) or [])
-        entries.append((self.dest, values))
-        namespace.entries = entries
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("evaluate.py", __doc__, epilog=demo_settings.describe(DEMO_EVAL), embedded=DEMO_EVAL)
-    g = p.add_argument_group("what to compare (rows, in order; the first is the reference)")
-    g.add_argument("--model", metavar="[NAME=]DIR", action=_AppendEntry, dest="model",
-                   help="an HF-format Qwen model directory (repeatable)")
-    g.add_argument("--adapter", metavar="[NAME=]DIR[@BASE]", action=_AppendEntry, dest="adapter",
-                   help="a LoRA adapter on its base (adapter_config.json's base_model_name_or_path, or @BASE)")
-    g.add_argument("--metrics", metavar="NAME=FILE", action="append", default=[],
-                   help="metrics.jsonl of the run behind row NAME, for the loss plot (default: found next "
-                        "to the adapter / model directory)")
-    g = p.add_argument_group("held-out data")
-    g.add_argument("--domain-data", metavar="PATH", nargs="+",
-                   help="held-out domain text: .txt (one document per file) / .jsonl(.gz) files or directories")
-    g.add_argument("--general-data", metavar="PATH", nargs="+", help="general text (the forgetting check)")
-    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl data")
-    g.add_argument("--instructions", metavar="FILE.jsonl", help="held-out instructions (messages/alpaca/ShareGPT)")
-    g.add_argument("--max-tokens", type=flags.positive_int, default=None,
-                   help="use only the first N tokens of each text set (default: all)")
-    g.add_argument("--max-instructions", type=flags.positive_int, default=None, help="use only the first N instructions")
-    flags.add_chat_template_flag(g)
-    g = p.add_argument_group("measurement")
-    g.add_argument("--max-length", type=flags.int_at_least(2), default=None,
-                   help="perplexity window in tokens (default: min(2048, the first model's max positions))")
-    g.add_argument("--stride", type=flags.positive_int, default=None, help="step between windows (default: half)")
-    g.add_argument("--batch-size", type=flags.positive_int, default=8, help="windows per forward pass")
-    g.add_argument("--max-new-tokens", type=flags.positive_int, default=64, help="greedy answer budget")
-    g.add_argument("--gen-batch-size", type=flags.positive_int, default=8, help="prompts decoded together")
-    g.add_argument("--forgetting-threshold", type=flags.non_negative_float, default=0.10,
-                   help="flag general-text perplexity rising by more than this fraction over the first row")
-    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="compute dtype (default bf16 on a GPU, fp32 on CPU)")
-    g.add_argument("--qlora", action="store_true",
-                   help="load the base of every --adapter row in NF4, as it was trained with QLoRA")
-    g.add_argument("--eval-fraction", type=flags.ratio, default=0.05,
-                   help="embedded default only: the held-out fraction of the domain documentation "
-                        "(default: what runs/cpt/run.json records)")
-    p.add_argument("--out", metavar="DIR", default=str(DEFAULT_EVAL_OUT), help="where report.md/.json go")
-    flags.add_config_flag(p)
-    return p
+    return options.parser("evaluate", __doc__)
 
 
 # ---------------------------------------------------------------------- rows from flags
@@ -208,7 +158,7 @@ def _run_setting(run_dir: Path, key: str, default=None):
     return outdir.run_settings(run_dir).get(key, default)
 
 
-def default_data(args, tok) -> dict:
+def default_data(args, given: frozenset[str], tok) -> dict:
     """Held-out text and questions of the embedded default: the documents cpt.py held out of
     the domain corpus (its --eval-fraction and --seed, read from runs/cpt/run.json), the ones
     the demo base's pretraining held out of the general corpus, and the held-out Q/A set."""
@@ -218,7 +168,7 @@ def default_data(args, tok) -> dict:
 
     corpus = demo_corpus.build()
     fraction, seed = args.eval_fraction, 0
-    if "eval_fraction" not in flags.given(args):
+    if "eval_fraction" not in given:
         try:
             fraction = float(_run_setting(paths.CPT_OUT, "eval_fraction", fraction))
             seed = int(_run_setting(paths.CPT_OUT, "seed", seed))
@@ -251,7 +201,7 @@ def user_documents(paths, flag: str, tok, text_field: str) -> list:
 
 # ---------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv)
+    args, given = flags.parse(build_parser(), argv)
     timer = Timer()
     from models.qwen.tokenizer import TokenizerError
     from train.evaluation import EvalSettings, compare_models, read_instructions
@@ -265,9 +215,7 @@ def main(argv=None) -> int:
         if not candidates:
             raise UsageError("no stage of the embedded-default run found (looked for "
                              + "; ".join(m["reason"] for m in missing) + "); run python examples/cpt.py first")
-        for key, value in DEMO_EVAL.items():
-            if key not in flags.given(args):
-                setattr(args, key, value)
+        options.apply_embedded(args, given, "evaluate")
     else:
         candidates = candidates_from_flags(entries, args.metrics, args.qlora)
         if not (args.domain_data or args.general_data or args.instructions):
@@ -280,7 +228,7 @@ def main(argv=None) -> int:
 
         tok, _ = load_tokenizer(candidates[0].adapter_dir, candidates[0].model_dir)
         if embedded and not (args.domain_data or args.general_data or args.instructions):
-            held = default_data(args, tok)
+            held = default_data(args, given, tok)
             domain, general = held["domain"], held["general"]
             instructions = read_instructions(held["instructions"], limit=args.max_instructions)
             data_info = held["info"]
@@ -320,7 +268,7 @@ def main(argv=None) -> int:
         log("== qwen-tune evaluation ==")
         if embedded:
             log("embedded default: the stages of the default pipeline found under runs/ "
-                  f"(settings: {', '.join(f'--{k.replace(chr(95), chr(45))} {getattr(args, k)}' for k in DEMO_EVAL)})")
+                  f"(settings: {', '.join(f'--{k.replace(chr(95), chr(45))} {getattr(args, k)}' for k in options.EVALUATE.embedded)})")
         log(f"rows: {', '.join(c.name for c in candidates)} (reference: {candidates[0].name})")
         for m in missing:
             log(f"missing stage {m['name']}: {m['reason']}")

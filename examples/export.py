@@ -17,26 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from cli import flags, inputs, paths
+from cli import flags, inputs, options, paths
 from cli.console import Timer, log
 from cli.errors import UsageError, run_main
 
-DEFAULT_MODELS = (paths.DPO_OUT / "merged", paths.SFT_OUT / "merged")   # the latest stage first
-DEFAULT_GGUF_DIR = paths.RUNS / "gguf"
-TYPES = ("f16", "bf16", "q8_0")
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("export.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help="HF-format model directory (default: the latest stage's merged "
-                                                  f"model: {' else '.join(map(str, DEFAULT_MODELS))})")
-    p.add_argument("--gguf", metavar="OUT.gguf", help=f"output file ({DEFAULT_GGUF_DIR}/model-TYPE.gguf when not given)")
-    p.add_argument("--type", choices=TYPES, default="f16", help="type of the weight matrices in the file")
-    p.add_argument("--name", help="model name stored in the file and suggested to `ollama create` "
-                                  "(when not given: the model directory's name, and the file's for Ollama)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file and its Modelfile")
-    flags.add_config_flag(p)
-    return p
+    return options.parser("export", __doc__)
 
 
 def check_model(path: Optional[str]) -> Path:
@@ -45,7 +33,7 @@ def check_model(path: Optional[str]) -> Path:
         return inputs.check_model_dir(path)
     latest = paths.latest_tuned(merged_only=True)
     if latest is None:
-        raise UsageError(f"--model: not given, and neither {' nor '.join(map(str, DEFAULT_MODELS))} exists; run "
+        raise UsageError(f"--model: not given, and neither {' nor '.join(map(str, options.EXPORT_MODELS))} exists; run "
                          f"examples/sft.py first (it writes the merged model there) or pass --model DIR")
     stage, model, _ = latest
     log(f"no --model: the latest stage's merged model, {stage} ({model})")
@@ -74,10 +62,10 @@ def check_out(out: Path, modelfile: Path, model: Path, overwrite: bool, export) 
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv)
+    args = flags.parse(build_parser(), argv).args
     timer = Timer()
     model = check_model(args.model)
-    out = Path(args.gguf) if args.gguf else DEFAULT_GGUF_DIR / f"model-{args.type}.gguf"
+    out = Path(args.gguf) if args.gguf else options.EXPORT_DIR / f"model-{args.type}.gguf"
     try:
         from models.qwen import export
     except ImportError as e:

@@ -22,40 +22,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cli import flags, inputs, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
 from fileio.atomic import atomic_directory
 from models.qwen.tokenizer import load_tokenizer
 
-DEFAULT_OUT = paths.RUNS / "extend-vocab"
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("extend_vocab.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help="HF-format Qwen checkpoint to give the new tokens rows "
-                                                  "(default: none, the tokenizer alone is extended)")
-    p.add_argument("--data", metavar="PATH", nargs="+",
-                   help="domain corpus: .txt/.jsonl/.jsonl.gz files or directories (default: the embedded "
-                        "Python-documentation domain corpus)")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl records")
-    p.add_argument("--max-chars", type=flags.positive_int, default=None,
-                   help="use only the first documents, up to about this many characters")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--tokens", metavar="FILE", help="UTF-8 file of tokens to add, one per line (no mining); "
-                                                    "a leading space is part of the token")
-    g.add_argument("--token", metavar="TEXT", action="append", help="a token to add (repeatable; no mining)")
-    p.add_argument("--max-tokens", type=flags.positive_int, default=32, help="most tokens mining proposes")
-    p.add_argument("--min-frequency", type=flags.positive_int, default=20,
-                   help="occurrences a mined token needs in the corpus")
-    p.add_argument("--sp-model-type", choices=("unigram", "bpe"), default="unigram", help="sentencepiece model")
-    p.add_argument("--sp-vocab-size", type=flags.positive_int, default=4000, help="sentencepiece pieces to train")
-    p.add_argument("--rank", choices=("per_occurrence", "saving"), default="per_occurrence",
-                   help="order of candidates: tokens saved per occurrence, or estimated total saving")
-    p.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT), help="output directory")
-    flags.add_overwrite_flag(p)
-    flags.add_config_flag(p)
-    return p
+    return options.parser("extend_vocab", __doc__)
 
 
 def read_token_file(path: str) -> list[str]:
@@ -113,7 +89,7 @@ def read_corpus(args) -> tuple[list[str], str]:
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv)
+    args = flags.parse(build_parser(), argv).args
     timer = Timer()
     model_dir = inputs.check_model_dir(args.model) if args.model else None
     data = inputs.check_data_paths(args.data) if args.data else []

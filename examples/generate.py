@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from cli import flags, inputs, paths, runtime
+from cli import flags, inputs, options, paths, runtime
 from cli.console import chat_ids, generate_text, log
 from cli.errors import UsageError, run_main
 from models.qwen import CHAT_STOP_IDS, ENDOFTEXT_ID
@@ -30,27 +30,7 @@ DEMO_QUESTIONS = (
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("generate.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help=f"model directory (default: the latest stage's: {paths.DPO_OUT}/merged, "
-                                                  f"else {paths.SFT_OUT}/merged, else {paths.MERGED_OUT})")
-    p.add_argument("--adapter", metavar="DIR",
-                   help="LoRA adapter directory (default with the default model: the latest stage's adapter/ when "
-                        "it has no merged/ or with --compare)")
-    p.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="prompt or user message; repeat for several (default: demo questions)")
-    p.add_argument("--mode", choices=("chat", "completion"), default="chat", help="chat template or raw completion")
-    p.add_argument("--system", default=None, help="system message in chat mode (default: the template's)")
-    flags.add_chat_template_flag(p)
-    p.add_argument("--compare", action="store_true", help="answer with the base (no adapter) and the tuned model")
-    p.add_argument("--max-new-tokens", type=flags.positive_int, default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=flags.non_negative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=flags.non_negative_int, default=0, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=flags.unit_interval, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--seed", type=flags.seed, default=0, help="sampling seed")
-    p.add_argument("--qlora", action="store_true", help="load the base in NF4 (as it was trained with QLoRA)")
-    p.add_argument("--dtype", choices=flags.DTYPES, default=None, help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
-    flags.add_config_flag(p)
-    return p
+    return options.parser("generate", __doc__)
 
 
 def resolve(args):
@@ -70,7 +50,7 @@ def resolve(args):
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv)
+    args = flags.parse(build_parser(), argv).args
     model_dir, adapter = resolve(args)
 
     import lora

@@ -13,12 +13,11 @@ writes a GGUF file for llama.cpp / Ollama (see examples/export.py).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from cli import flags, inputs, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, list_outputs, log
 from cli.errors import UsageError, run_main
 from fileio.safe_load import read_json
@@ -35,35 +34,7 @@ DRIFT_PROMPTS = (
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("merge.py", __doc__)
-    p.add_argument("--model", metavar="DIR", help="base model directory (default: the base recorded by the adapter's run)")
-    p.add_argument("--adapter", metavar="DIR", default=str(paths.CPT_OUT / "adapter"), help="PEFT-format adapter directory")
-    p.add_argument("--out", metavar="DIR", default=str(paths.MERGED_OUT), help="output model directory")
-    p.add_argument("--into", choices=("original", "nf4"), default="original",
-                   help="merge into the original 16-bit weights, or into the dequantised NF4 weights")
-    p.add_argument("--qlora", action="store_true",
-                   help="the adapter was trained on an NF4 base (default: what the adapter's run.json records)")
-    p.add_argument("--dtype", choices=flags.DTYPES, default=None, help="dtype of the written weights (default: the base's)")
-    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
-                   help="largest safetensors shard ('5GB', '500MB' or bytes)")
-    p.add_argument("--gguf", choices=("f16", "bf16", "q8_0"), default=None,
-                   help="also write OUT/model-<type>.gguf (+ an Ollama Modelfile)")
-    flags.add_overwrite_flag(p)
-    flags.add_config_flag(p)
-    return p
-
-
-def shard_size(text: str) -> int:
-    """--max-shard-size as bytes, checked before anything loads."""
-    from models.qwen.checkpoint import parse_size
-
-    try:
-        size = parse_size(text)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a byte count > 0, got {text!r}")
-    return size
+    return options.parser("merge", __doc__)
 
 
 def resolve_base(args, adapter: Path, run: dict) -> Path:
@@ -86,9 +57,9 @@ def resolve_base(args, adapter: Path, run: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv)
+    args, given = flags.parse(build_parser(), argv)
     timer = Timer()
-    if "adapter" not in flags.given(args) and not Path(args.adapter).is_dir():
+    if "adapter" not in given and not Path(args.adapter).is_dir():
         raise UsageError(f"--adapter: not given and {args.adapter} does not exist; run examples/cpt.py first "
                          "(it writes the adapter there), or pass --adapter DIR")
     adapter = inputs.check_adapter_dir(args.adapter)
@@ -157,7 +128,7 @@ def main(argv=None) -> int:
         log(f"GGUF ({args.gguf}): {gguf}, with an Ollama Modelfile beside it (ollama create NAME -f {out / 'Modelfile'})")
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
-    nxt = "" if "out" not in flags.given(args) else f" --model {out}"
+    nxt = "" if "out" not in given else f" --model {out}"
     log(f"\nnext: python examples/sft.py{nxt}   (instruction SFT on the merged model)")
     return 0
 

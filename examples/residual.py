@@ -17,13 +17,12 @@ ChatML with the result and shows that generation stops at <|im_end|>.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from cli import flags, paths
-from cli.delta import add_residual_args, run_residual
+from cli import flags, options, paths
+from cli.delta import run_residual
 from cli.errors import UsageError, run_main
 from fileio.safe_load import read_json
 from models.qwen import CHAT_STOP_IDS
@@ -33,17 +32,14 @@ DEMO_QUESTION = "What does `json.dumps` do?"
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("residual.py", __doc__)
-    add_residual_args(p)
-    flags.add_config_flag(p)
-    return p
+    return options.parser("residual", __doc__)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         return embedded_default()
-    args = flags.parse_args(build_parser(), argv)
+    args = flags.parse(build_parser(), argv).args
     args.command = "residual"
     return run_residual(args)
 
@@ -79,8 +75,8 @@ def embedded_default() -> int:
         _run([sys.executable, str(HERE / "merge.py"), "--model", str(base), "--adapter", str(sft_out / "adapter"),
               "--out", str(chat), "--overwrite"])
     out = paths.RUNS / "residual"
-    args = flags.parse_args(build_parser(), ["--base", str(base), "--chat", str(chat), "--target", str(target),
-                                             "--out", str(out)])
+    args = flags.parse(build_parser(), ["--base", str(base), "--chat", str(chat), "--target", str(target),
+                                             "--out", str(out)]).args
     args.command = "residual"
     run_residual(args)
     manifest = read_json(out / "manifest.json", UsageError, dict)

@@ -20,26 +20,19 @@ With no --data, the SFT set is built from Python's own documentation: questions 
 from __future__ import annotations
 
 
-from cli import flags, inputs, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, paths, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
 from cli.errors import run_main
 from data import held_out_questions, sft_datasets
-from demo import settings as demo_settings
 from models.qwen.tokenizer import load_tokenizer
 
 
 def build_parser() -> flags.Parser:
-    p = flags.new_parser("sft.py", __doc__, epilog=demo_settings.describe(demo_settings.SFT),
-                         embedded=demo_settings.SFT)
-    flags.add_training_flags(p, stage="sft")
-    p.add_argument("--format", choices=("auto", "messages", "alpaca", "sharegpt"), default="auto",
-                   help="format of --data lines")
-    flags.add_chat_output_flags(p, sample_questions=3)
-    return p
+    return options.parser("sft", __doc__)
 
 
 def main(argv=None) -> int:
-    args = flags.parse_args(build_parser(), argv, stage="sft")
+    args, given = flags.parse(build_parser(), argv, stage="sft")
     flags.check_training_flags(args)
     timer = Timer()
 
@@ -55,7 +48,7 @@ def main(argv=None) -> int:
         data_paths, eval_path = [corpus.sft_train], corpus.sft_eval
     from demo.base_model import is_demo_shape
 
-    changed = demo_settings.apply(args, demo_settings.SFT) if is_demo_shape(model_dir) else []
+    changed = options.apply_embedded(args, given, "sft") if is_demo_shape(model_dir) else []
     out = outdir.claim_training_run(args, "sft", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 2: instruction SFT ({'QLoRA' if args.qlora else args.finetuning}) ==")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cli import flags
+from cli import flags, options
 from cli.errors import UsageError
 
 # LLaMA-Factory's examples/train_lora/qwen2_5_lora_sft.yaml shape, with seed 004's settings.
@@ -57,9 +57,7 @@ ddp_timeout: 180000000
 
 
 def _parse(argv, stage):
-    p = flags.new_parser(f"{stage}.py", "test")
-    flags.add_training_flags(p, stage=stage)
-    return flags.parse_args(p, argv, stage=stage)
+    return flags.parse(options.parser(stage, "test"), argv, stage=stage).args
 
 
 def test_llamafactory_recipe_maps_onto_our_flags(tmp_path, capsys):

@@ -6,25 +6,27 @@ import json
 
 import pytest
 
-from cli import flags, runtime
+from cli import flags, options, runtime
 from cli.errors import UsageError
 
 
+def _parsed(argv, stage="cpt") -> flags.Parsed:
+    parsed = flags.parse(options.parser(stage, "test"), argv, stage=stage)
+    flags.check_training_flags(parsed.args)
+    return parsed
+
+
 def _parse(argv, stage="cpt"):
-    p = flags.new_parser(f"{stage}.py", "test")
-    flags.add_training_flags(p, stage=stage)
-    args = flags.parse_args(p, argv, stage=stage)
-    flags.check_training_flags(args)
-    return args
+    return _parsed(argv, stage).args
 
 
 def test_config_file_fills_flags_and_command_line_wins(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lora-r: 8\nlr: 3.0e-4\nqlora: true\ndata: [a.txt, b.txt]\nmax_steps: 7\n", encoding="utf-8")
-    args = _parse(["--config", str(cfg), "--lr", "1e-3"])
+    args, given = _parsed(["--config", str(cfg), "--lr", "1e-3"])
     assert (args.lora_r, args.lr, args.qlora, args.data, args.max_steps) == (8, 1e-3, True, ["a.txt", "b.txt"], 7)
-    assert {"lora_r", "lr", "qlora", "data", "max_steps"} <= flags.given(args)
-    assert "_given_dests" not in vars(args)   # provenance never reaches run.json
+    assert {"lora_r", "lr", "qlora", "data", "max_steps"} <= given
+    assert not any(k.startswith("_") for k in vars(args))   # provenance never reaches run.json
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"batch_size": 3, "no-grad-checkpointing": True}), encoding="utf-8")
     args = _parse(["--config", str(js)])
@@ -64,8 +66,8 @@ def test_steps_win_over_epochs_and_ratio_as_in_hf(tmp_path):
 def test_given_is_what_argparse_parsed():
     """`--max-steps=5` counts as given (a spelling argv string matching would miss); a prefix of a
     flag is refused, never read as the flag."""
-    args = _parse(["--max-steps=5", "--lora-r", "4"])
-    assert {"max_steps", "lora_r"} <= flags.given(args) and "lr" not in flags.given(args)
+    given = _parsed(["--max-steps=5", "--lora-r", "4"]).given
+    assert {"max_steps", "lora_r"} <= given and "lr" not in given
     with pytest.raises(SystemExit) as e:
         _parse(["--max-step", "5"])
     assert e.value.code == 2
@@ -92,28 +94,26 @@ def test_help_prints_no_empty_default_and_each_default_once():
     """What --help must never show (that each shown default is the one a run uses is
     tests/examples/test_cli.py::test_help_shows_the_defaults_a_run_uses)."""
     for stage in ("cpt", "sft", "dpo"):
-        p = flags.new_parser(f"{stage}.py", "test")
-        flags.add_training_flags(p, stage=stage)
+        p = options.parser(stage, "test")
         text = " ".join(p.format_help().split())   # argparse wraps lines at the terminal width
         assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
         assert text.count("--warmup-ratio 0.03") == 1   # stated once, under --warmup-steps
 
 
 def test_flags_given_in_any_spelling_beat_the_embedded_default(tmp_path):
-    """demo.settings fills only what the user did not give: `--max-steps=5`, a --config key, and
-    a LLaMA-Factory recipe's own defaults (the recipe's convention) all stay."""
-    from demo import settings
-
-    args = _parse(["--max-steps=5", "--lr", "1e-3"], stage="sft")
-    settings.apply(args, settings.SFT)
-    assert (args.max_steps, args.lr, args.batch_size) == (5, 1e-3, settings.SFT["batch_size"])
+    """The embedded default fills only what the user did not give: `--max-steps=5`, a --config key,
+    and a LLaMA-Factory recipe's own defaults (the recipe's convention) all stay."""
+    embedded = options.SFT.embedded
+    args, given = _parsed(["--max-steps=5", "--lr", "1e-3"], stage="sft")
+    options.apply_embedded(args, given, "sft")
+    assert (args.max_steps, args.lr, args.batch_size) == (5, 1e-3, embedded["batch_size"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_steps: 7\n", encoding="utf-8")
-    args = _parse(["--config", str(cfg)], stage="sft")
-    settings.apply(args, settings.SFT)
+    args, given = _parsed(["--config", str(cfg)], stage="sft")
+    options.apply_embedded(args, given, "sft")
     assert args.max_steps == 7
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stage: sft\nmax_steps: 3\n", encoding="utf-8")
-    args = _parse(["--config", str(recipe)], stage="sft")
-    settings.apply(args, settings.SFT)
+    args, given = _parsed(["--config", str(recipe)], stage="sft")
+    options.apply_embedded(args, given, "sft")
     assert (args.max_steps, args.lora_r, args.lora_alpha, args.batch_size, args.lr) == (3, 8, 16.0, 8, 5e-5)

@@ -165,7 +165,7 @@ def test_every_chat_stage_checks_the_flag(script, value, needle, capsys):
     from cli import flags
 
     with pytest.raises(SystemExit) as exit_:
-        flags.parse_args(load_script(script).build_parser(), ["--chat-template-kwargs", value])
+        flags.parse(load_script(script).build_parser(), ["--chat-template-kwargs", value])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1
     assert "--chat-template-kwargs" in lines[0] and needle in lines[0]
@@ -188,9 +188,9 @@ def test_config_file_gives_the_kwargs_as_a_mapping(tmp_path):
     sft = load_script("sft.py")
     config = tmp_path / "run.yaml"
     config.write_text("chat_template_kwargs:\n  preserve_thinking: true\n  enable_thinking: false\n", encoding="utf-8")
-    args = flags.parse_args(sft.build_parser(), ["--config", str(config)], stage="sft")
+    args = flags.parse(sft.build_parser(), ["--config", str(config)], stage="sft").args
     assert args.chat_template_kwargs == {"preserve_thinking": True, "enable_thinking": False}
-    args = flags.parse_args(sft.build_parser(), ["--config", str(config), "--chat-template-kwargs", "{}"], stage="sft")
+    args = flags.parse(sft.build_parser(), ["--config", str(config), "--chat-template-kwargs", "{}"], stage="sft").args
     assert args.chat_template_kwargs == {}  # the command line wins
 
 

@@ -100,13 +100,11 @@ def test_llamafactory_recipe_runs_with_its_own_defaults_and_hf_semantics(tmp_pat
 def test_command_line_beats_the_recipe_and_its_defaults(tmp_path, base):
     """--lora-r on the command line with a recipe that has no lora_alpha: alpha follows the
     convention of the recipe (2 x the rank in use)."""
-    from cli import flags
+    from cli import flags, options
 
     cfg = tmp_path / "r.yaml"
     cfg.write_text(f"model_name_or_path: {base}\nstage: pt\nfinetuning_type: lora\n", encoding="utf-8")
-    p = flags.new_parser("cpt.py", "test")
-    flags.add_training_flags(p, stage="cpt")
-    args = flags.parse_args(p, ["--config", str(cfg), "--lora-r", "4"], stage="cpt")
+    args = flags.parse(options.parser("cpt", "test"), ["--config", str(cfg), "--lora-r", "4"], stage="cpt").args
     assert (args.lora_r, args.lora_alpha, args.lr, args.lr_scheduler, args.epochs) == (4, 8.0, 5e-5, "linear", 3.0)
 
 
