@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from models.qwen.safe_load import read_json
+from fileio.safe_load import read_json
 
 from .errors import UsageError
 
