@@ -94,7 +94,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
                 "drops these; this library loads the adapter as it is", stacklevel=2,
             )
     family = model_family(model)
-    if config.use_rslora and family is not None and family.peft_rslora_expert_scale_bug and any(
+    if config.use_rslora and family is not None and family.peft_doubles_expert_alpha and any(
             EXPERT_PROJECTION.search(n) for n in adapted):
         warnings.warn(
             "PEFT (0.21) loads Qwen3-MoE expert adapters trained with rsLoRA at the wrong scale: converting them "

@@ -5,7 +5,7 @@ module whose name equals an entry or ends with "." + entry; a regex must match t
 module name. Qwen-7B v1 names are aliases, because our loader maps v1 checkpoints onto the
 Qwen2 names: c_attn -> q/k/v_proj, w1 -> up_proj, w2 -> gate_proj, mlp.c_proj -> down_proj,
 attn.c_proj -> o_proj (bare c_proj -> both); the v1 family declares them
-(models/qwen/families/v1.py LORA_ALIASES).
+(models/qwen/families/v1.py MODULE_ALIASES).
 
 Qwen3-MoE: each expert's projections are linears of their own (`mlp.experts.{e}.gate_proj`,
 as the published checkpoints name them), so "all-linear" and the suffixes gate_proj / up_proj /
@@ -31,7 +31,7 @@ from typing import Union
 from torch import nn
 
 from models.qwen.families import keeps_16bit
-from models.qwen.families.v1 import LORA_ALIASES as V1_ALIASES  # (lora.V1_ALIASES: public)
+from models.qwen.families.v1 import MODULE_ALIASES as V1_ALIASES  # (lora.V1_ALIASES: public)
 from models.qwen.moe import TopKRouter
 
 from .layer import LoRALinear, is_linear

@@ -68,11 +68,12 @@ class Family:
     default_attention_bias: bool = True  # attention_bias when a QwenConfig is built without one
     o_proj_bias: bool = True  # o_proj has a bias when attention_bias does (Qwen2: q/k/v only)
     # PEFT (lora/peft_io.py, lora/fused_experts.py): routed-expert adapters written in PEFT's fused
-    # layout; shared-expert / dense-MLP adapters written as target_parameters; PEFT loads rsLoRA
-    # expert adapters at the wrong scale.
+    # layout; shared-expert / dense-MLP adapters written as target_parameters; PEFT converts
+    # expert adapters onto fused experts with gate_up_proj's alpha doubled (facts about PEFT's
+    # handling of this family's checkpoint, read by lora/; models/qwen holds no adapter code).
     peft_fused_experts: bool = False
     peft_parameter_targets: bool = False
-    peft_rslora_expert_scale_bug: bool = False
+    peft_doubles_expert_alpha: bool = False
     gguf_architecture: Optional[str] = None
     gguf_refusal: str = ""
 

@@ -23,7 +23,7 @@ class Qwen3MoeFamily(Qwen3Family):
     gguf_architecture = "qwen3moe"
     # PEFT 0.21 converts Qwen3-MoE expert adapters onto transformers' fused experts with
     # gate_up_proj's alpha doubled, which is wrong for rsLoRA (lora/peft_io.py warns).
-    peft_rslora_expert_scale_bug = True
+    peft_doubles_expert_alpha = True
 
     def extra_known_keys(self) -> set:
         return {*MOE_DEFAULTS, "num_experts", "num_local_experts", "mlp_only_layers"}

@@ -5,7 +5,8 @@ Fused `c_attn` with bias, `intermediate_size` twice the MLP width, `kv_channels`
 as `qwen2` (QwenConfig.source_format "qwen-v1"): its tensors are renamed onto the Qwen2 module
 names on load (`map_v1_tensor`, c_attn split into q/k/v), `save` writes a Qwen2 checkpoint, a
 v1 PEFT adapter is renamed the same way (lora/v1_adapter.py, with `ADAPTER_RENAMES`) and the v1
-module names are LoRA target aliases (`LORA_ALIASES`, lora/targets.py).
+module names map onto the Qwen2 modules they became (`MODULE_ALIASES`; lora/targets.py accepts
+them as target names).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ FUSED_QKV = "attn.c_attn"
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 
-# v1 module names as LoRA targets on a model with Qwen2 names: c_attn -> q/k/v_proj, w1 ->
+# v1 module names and the Qwen2 modules each became: c_attn -> q/k/v_proj, w1 ->
 # up_proj, w2 -> gate_proj, mlp.c_proj -> down_proj, attn.c_proj -> o_proj (bare c_proj -> both).
-LORA_ALIASES: dict[str, tuple[str, ...]] = {
+MODULE_ALIASES: dict[str, tuple[str, ...]] = {
     "c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "w1": ("mlp.up_proj",),
