@@ -420,13 +420,13 @@ def foreign_name(names: Iterator[str], known: set[str]) -> Optional[str]:
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint tensors of `model`: exactly the names of its checkpoint layout (any other
     tensor, an adapter's say, is refused by name), tied head dropped, contiguous CPU copies."""
-    bad = foreign_name(iter(model.state_dict()), checkpoint_names(model))
+    state = model.state_dict()
+    bad = foreign_name(iter(state), checkpoint_names(model))
     if bad is not None:
         raise ValueError(
             f"{bad} is not a parameter of a {model.config.model_type} checkpoint: merge adapters first "
             "(lora.merge(model)) before save(), or save them with lora.save(model, dir)"
         )
-    state = model.state_dict()
     tied = getattr(model, "is_tied", False)
     if tied:
         state.pop("lm_head.weight", None)
