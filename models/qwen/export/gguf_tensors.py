@@ -34,10 +34,12 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, check_counts, checkpoint_files
 from fileio.safetensors_file import read_header as read_safetensors_header
+
+from ..checkpoint import CheckpointError, check_counts, checkpoint_files
 from ..config import ConfigError, QwenConfig
 from ..model import Qwen
+from ..whole import TEXT_PREFIX, our_name
 from .errors import ExportError
 from .gguf_hybrid import gguf_name_of, hybrid_items, hybrid_tensors
 
@@ -77,7 +79,6 @@ class TensorPlan:
         return self.numel // block * size
 
 
-TEXT_MODEL_PREFIX = "model.language_model."   # where a vision-language checkpoint keeps its text model
 
 def gguf_architecture(config: QwenConfig) -> "gguf.MODEL_ARCH":
     """The gguf package's architecture of the config's family (Family.gguf_architecture, which
@@ -176,8 +177,8 @@ def text_model_items(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, An
     converter's text GGUF holds it: `model.language_model.*` as `model.*`, `lm_head.*` as it is;
     the vision tower (llama.cpp writes it to a separate --mmproj file) and the MTP head left out."""
     for name, value in items:
-        if name.startswith(TEXT_MODEL_PREFIX):
-            yield "model." + name[len(TEXT_MODEL_PREFIX):], value
+        if name.startswith(TEXT_PREFIX):
+            yield our_name(name), value
         elif name.startswith("lm_head."):
             yield name, value
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import QwenConfig, default_layer_types, dtype_from_name, dtype_name
 from ..errors import ConfigError
-from ..whole import TEXT_PREFIX
+from ..whole import TEXT_PREFIX, our_name
 from . import Family, check_architectures, common_hf, need, register
 
 LINEAR_ATTENTION_KEYS = (
@@ -126,8 +126,8 @@ class HybridFamily(Family):
         nested = self.nested(cfg)
         if self.outside_text(key, nested):
             return None
-        if nested and key.startswith(TEXT_PREFIX):
-            key = "model." + key[len(TEXT_PREFIX):]
+        if nested:
+            key = our_name(key)
         return super().checkpoint_pairs(key, tensor, cfg, file)  # (lm_head.weight; else reported unexpected)
 
 
