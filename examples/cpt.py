@@ -48,11 +48,16 @@ def main(argv=None) -> int:
     else:
         model_dir = inputs.check_model_dir(args.model)
     corpus = None
-    if data_paths is None:
+    if data_paths is None or embedded:
         from demo import corpus as demo_corpus
 
         corpus = demo_corpus.build()
+    if data_paths is None:
         data_paths = [corpus.domain]
+    if embedded:
+        # The run records the content of its model folder (run.json), so the embedded base must exist
+        # first: on a fresh machine it is pretrained here, once, and cached.
+        base_model.ensure_base(model_dir, load_tokenizer(None)[0], corpus, log)
     out = outdir.claim_training_run(args, "cpt", model_dir, data_paths)
 
     # ---- what will happen
@@ -62,7 +67,7 @@ def main(argv=None) -> int:
             "Python's own documentation")
         if changed:
             log(f"  demo settings (flags you give win): {' '.join(changed)}")
-    if corpus is not None:
+    if not args.data:
         st = corpus.stats
         log(f"corpus: Python {st['python']} standard library docs at {st['stdlib']}")
         log(f"  domain  (CPT data)      : {st['domain_documents']} documents, {st['domain_chars']:,} chars -> {corpus.domain}")
@@ -83,8 +88,6 @@ def main(argv=None) -> int:
     log(f"data: {info}")
 
     # ---- model
-    if embedded:
-        base_model.ensure_base(model_dir, tok, corpus or demo_corpus.build(), log)
     model = runtime.load_model(model_dir, args.dtype, qlora=args.qlora)
     lora_settings = runtime.prepare_for_training(model, args)
     trainable, total = runtime.parameter_counts(model)

@@ -96,3 +96,20 @@ def test_interrupted_pretraining_continues_where_it_stopped(tmp_path, tiny_recip
     assert calls["n"] == 40   # 13 before the stop + 27 after: nothing trained twice
     a, b = load(path, dtype=torch.float32).state_dict(), load(whole, dtype=torch.float32).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cpt_with_no_arguments_on_a_fresh_machine_pretrains_the_base_first(tmp_path, tiny_recipe, monkeypatch):
+    """`python examples/cpt.py` with an empty cache: the run records its model folder's content,
+    so the base is pretrained before the output folder is claimed (it used to fail with "No such
+    file or directory: .../pydocs-base-..." on every fresh machine)."""
+    from demo import corpus as demo_corpus
+    from examples import cpt
+
+    tiny = corpus(tmp_path)
+    monkeypatch.setattr(demo_corpus, "build", lambda: tiny)
+    monkeypatch.chdir(tmp_path)
+    assert not base_model.base_dir().exists()
+    assert cpt.main(["--data", str(tiny.domain), "--block-size", "16", "--max-steps", "1", "--sample-tokens", "1"]) == 0
+    run = json.loads((tmp_path / "runs" / "cpt" / "run.json").read_text(encoding="utf-8"))
+    assert (base_model.base_dir() / "config.json").is_file()
+    assert any(name.endswith("config.json") for name in run["inputs"]["--model"])
