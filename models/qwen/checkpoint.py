@@ -159,7 +159,7 @@ def iter_tensors(files: list[Path], skip: Optional[Callable[[str], bool]] = None
 
 # ---------------------------------------------------------------------- load
 def _is_ignored(key: str) -> bool:
-    # Old exports carry the RoPE table as a buffer; it is recomputed, never read.
+    # Old exports carry the RoPE table as a buffer; it is recomputed, never read, never written.
     return key.endswith("rotary_emb.inv_freq")
 
 
@@ -409,7 +409,7 @@ def foreign_name(names: Iterator[str], known: set[str]) -> Optional[str]:
     """The first of `names` that the layout `known` does not hold (a quantised weight's statistics,
     `<weight>.absmax` and the like, belong to their weight; a recomputed rotary buffer to none)."""
     for name in names:
-        if name.endswith("rotary_emb.inv_freq") or name in known:
+        if _is_ignored(name) or name in known:
             continue
         if ".weight." in name and name.split(".weight.", 1)[0] + ".weight" in known:
             continue
@@ -430,12 +430,7 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     tied = getattr(model, "is_tied", False)
     if tied:
         state.pop("lm_head.weight", None)
-    out = {}
-    for k, v in state.items():
-        if k.endswith("rotary_emb.inv_freq"):
-            continue
-        out[k] = v.detach().to("cpu").contiguous()
-    return out
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if not _is_ignored(k)}
 
 
 def _shards(state: dict, max_bytes: int) -> list[dict]:
@@ -540,7 +535,7 @@ def _checked_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
                          "pass the base model's tensors (lora.base_state_dict(model))")
     tied = getattr(model, "is_tied", False)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()
-            if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")}
+            if not _is_ignored(k) and not (tied and k == "lm_head.weight")}
 
 
 def generation_config(model: Qwen) -> dict:

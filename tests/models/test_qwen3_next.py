@@ -24,7 +24,7 @@ from models.qwen import ConfigError, Qwen, QwenConfig, load, save
 from models.qwen.moe import SharedExpertGate, SharedExpertMoeBlock, TopKRouter
 from models.qwen.families.qwen3_next import FusedGatedDeltaNet
 from quant import NF4Quantizer
-from tests.helpers import assert_close_to_reference, assert_grads_close, float64_twin, max_rel_err, random_ids
+from tests.helpers import assert_close_to_reference, assert_grads_close, float64_twin, random_ids
 from tests.models.test_moe import nf4_round_trip_decoder
 from tests.models.test_qwen35 import _randomise_small_parameters
 
