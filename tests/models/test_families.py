@@ -23,9 +23,9 @@ _QWEN35_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=2
 # A config.json of each family, in the form its published checkpoints have (tiny shapes).
 CONFIG_JSON = {
     "qwen2": [dict(_COMMON, architectures=["Qwen2ForCausalLM"], model_type="qwen2", intermediate_size=160,
-                   rope_theta=1_000_000.0, use_sliding_window=False)],
+                   rope_theta=1_000_000.0, use_sliding_window=False, sliding_window=131072, max_window_layers=21)],
     "qwen3": [dict(_COMMON, architectures=["Qwen3ForCausalLM"], model_type="qwen3", intermediate_size=160,
-                   head_dim=32, attention_bias=False,
+                   head_dim=32, attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=2,
                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512})],
     "qwen3_moe": [dict(_COMMON, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", intermediate_size=160,
                        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,

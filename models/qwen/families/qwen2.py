@@ -88,9 +88,10 @@ class Qwen2Family(Family):
             rope_theta=cfg.rope_theta,
             # transformers v5 reads rope_parameters; v4 reads rope_theta. Write both.
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+            # Sliding-window attention is off (from_hf refuses it on); its inert sizes come back as given.
             use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=cfg.num_hidden_layers,
+            sliding_window=cfg.extra.get("sliding_window"),
+            max_window_layers=cfg.extra.get("max_window_layers", cfg.num_hidden_layers),
             torch_dtype=cfg.torch_dtype,
         )
         if cfg.rope_scaling:
