@@ -22,6 +22,12 @@ CUDA = pytest.param(
 )
 DEVICES = ["cpu", CUDA]
 
+
+def child_threads() -> str:
+    """OMP_NUM_THREADS for a script a test runs in a subprocess: the test process's own torch
+    thread count (tests/conftest.py: 2 in a serial run, one worker's share under pytest-xdist)."""
+    return os.environ.get("TEST_TORCH_THREADS", "2")
+
 # Small odd shapes: GQA (4 query heads over 2 KV heads), an MLP width that is not a
 # multiple of the hidden size, and a vocabulary large enough to hold Qwen's special ids is
 # not needed for logits tests, so keep it small.

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import child_threads
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[a-z]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
@@ -113,7 +115,7 @@ def project(tmp_path_factory):
 
 
 def run_block(body: str, lang: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", QWEN_TUNE_CACHE=str(cwd / ".cache"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=child_threads(), QWEN_TUNE_CACHE=str(cwd / ".cache"))
     if lang == "python":
         return subprocess.run([sys.executable, "-c", body], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=600)

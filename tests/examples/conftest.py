@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import child_threads
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 
 def run_script(name: str, *args: str, cwd=None, cache=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """python examples/<name> args... in a subprocess (2 threads, isolated cache root)."""
+    """python examples/<name> args... in a subprocess (the tests' thread count, isolated cache root)."""
     env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env["OMP_NUM_THREADS"] = child_threads()
     env["PYTHONUNBUFFERED"] = "1"
     if cache is not None:
         env["QWEN_TUNE_CACHE"] = str(cache)

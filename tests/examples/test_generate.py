@@ -12,7 +12,7 @@ import pytest
 
 from tests.examples.conftest import EXAMPLES, ROOT, run_script
 from tests.examples.test_evaluate import QWEN_VOCAB, _peft_adapter
-from tests.helpers import hf_model, save_hf_model
+from tests.helpers import child_threads, hf_model, save_hf_model
 
 SHORT = ("--max-new-tokens", "3")
 
@@ -57,7 +57,7 @@ def test_empty_prompt_generates(runs, mode):
 def test_a_closed_pipe_ends_quietly(runs):
     """`generate.py | head -3`: the reader goes away; the script stops with no message and the
     status a shell gives a tool killed by SIGPIPE (141), not `failed: Broken pipe` (1)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=child_threads(), PYTHONUNBUFFERED="1")
     prompts = [a for i in range(20) for a in ("--prompt", f"question {i}")]
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / "generate.py"), "--model", "runs/sft/merged",
                              "--max-new-tokens", "16", *prompts], cwd=runs, env=env,

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.examples.conftest import EXAMPLES, ROOT, assert_usage_error, run_script, tree_digest
-from tests.helpers import tiny_checkpoint
+from tests.helpers import child_threads, tiny_checkpoint
 
 TEXTS = [f"Sockets carry bytes between processes number {i}; the json module encodes objects. " * 4 for i in range(12)]
 # Metrics that measure the machine, not the run.
@@ -44,7 +44,7 @@ def cpt_args(inputs, out, *extra):
 
 
 def env(inputs):
-    e = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", QWEN_TUNE_CACHE=str(inputs["cache"]))
+    e = dict(os.environ, OMP_NUM_THREADS=child_threads(), PYTHONUNBUFFERED="1", QWEN_TUNE_CACHE=str(inputs["cache"]))
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
