@@ -151,6 +151,8 @@ def gemm_cases(cfg, batch: int, seq: int, r: int) -> list[tuple[str, int, int, i
                   (f"{name} grad W", dout, T, din, "tn")]
     cases += [(f"head fwd ({chunk} rows)", chunk, d, V, "linear"), ("head grad h", chunk, V, d, "mm"),
               ("head grad W", V, chunk, d, "tn"),
+              # the same head product with 1024 rows per chunk: what a larger chunk (more memory) would buy
+              ("head fwd (1024 rows)", 1024, d, V, "linear"), ("head grad h (1024 rows)", 1024, V, d, "mm"),
               (f"LoRA x.A (r={r})", T, d, r, "linear"), ("LoRA (x.A).B", T, r, cfg.intermediate_size, "linear")]
     return cases
 
@@ -267,10 +269,12 @@ def _region(event) -> str:
     return ""
 
 
-def breakdown(prof, cfg, r: int) -> dict[str, list[float]]:
-    """{category: [self ms, FLOPs]} over the profiled steps (module docstring, part 3)."""
+def breakdown(prof, cfg, r: int) -> tuple[dict[str, list[float]], dict[str, dict[str, list[float]]]]:
+    """({category: [self ms, FLOPs]}, {category: {op and shapes: [self ms, FLOPs, calls]}}) over the
+    profiled step (module docstring, part 3)."""
     V = cfg.vocab_size
     cats: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    ops: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0]))
     for e in prof.events():
         if e.name.startswith("mfu.") or e.device_type != torch.autograd.DeviceType.CPU:
             continue
@@ -288,7 +292,10 @@ def breakdown(prof, cfg, r: int) -> dict[str, list[float]]:
                 cat = "GEMM: LoRA (fp32)"
             else:
                 cat = "GEMM: block projections"
-            cats[cat][1] += gemm_flops(name, shapes)
+            fl = gemm_flops(name, shapes)
+            cats[cat][1] += fl
+            key = f"{name} {[list(x) for x in shapes if x]}"
+            ops[cat][key][1] += fl
         elif ATTENTION.search(name):
             cat = "attention (SDPA fwd, recompute, bwd)"
         elif region == "mfu.head_loss":
@@ -298,7 +305,10 @@ def breakdown(prof, cfg, r: int) -> dict[str, list[float]]:
         else:
             cat = "elementwise: norm, RoPE, SwiGLU, residual"
         cats[cat][0] += ms
-    return cats
+        key = key if name in GEMM_OPS and region != "mfu.optimizer" else name
+        ops[cat][key][0] += ms
+        ops[cat][key][2] += 1
+    return cats, ops
 
 
 def run_mode(args, path: Path, mode: str, peak: float) -> dict:
@@ -310,7 +320,7 @@ def run_mode(args, path: Path, mode: str, peak: float) -> dict:
     data = vs_hf.batches(argparse.Namespace(batch=args.batch, seq=args.seq, steps=args.warmup + args.steps + 1),
                          cfg.vocab_size)
     data = [x.to(args.device) for x in data]
-    times, opt_times = [], []
+    times = []
     for i, ids in enumerate(data[:-1]):
         _sync(args.device)
         t = time.perf_counter()
@@ -327,7 +337,7 @@ def run_mode(args, path: Path, mode: str, peak: float) -> dict:
             t = time.perf_counter()
             step(data[-1])
             result["profiled_s"] = time.perf_counter() - t
-        result["cats"] = breakdown(prof, cfg, args.r)
+        result["cats"], result["ops"] = breakdown(prof, cfg, args.r)
     del model, step
     return result
 
@@ -358,6 +368,12 @@ def report(res: dict, peak: float, args) -> None:
         extra = f"{fl / 1e9:9.1f}{rate / 1e9:10.1f}{rate / peak:9.0%}" if fl else ""
         print(f"{cat:44}{ms:9.1f}{ms / wall:8.1%}{extra}")
     print(f"{'Python, autograd, profiler (wall - op time)':44}{wall - total:9.1f}{(wall - total) / wall:8.1%}")
+    print(f"\nthe {args.top} largest ops of each category (self ms; GEMMs: FLOP rate; calls in the step):")
+    for cat, (ms, _) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {cat}")
+        for key, (op_ms, fl, calls) in sorted(res["ops"][cat].items(), key=lambda kv: -kv[1][0])[: args.top]:
+            rate = f"{fl / (op_ms / 1e3) / 1e9:8.1f} GFLOP/s" if fl and op_ms else " " * 16
+            print(f"    {op_ms:9.1f} ms {rate} {calls:6d}x  {key[:100]}")
     gemm_fl = sum(v[1] for v in cats.values())
     print(f"GEMM FLOPs the profiler saw: {gemm_fl / 1e9:.1f} G, the formula's hardware count {f['hardware'] / 1e9:.1f} G "
           f"(attention runs in SDPA's kernel, which the profiler does not count: {f['attention'] * 4 / 3 / 1e9:.1f} G "
@@ -381,6 +397,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=8, help="timed rounds per GEMM shape (best counts)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--top", type=int, default=4, help="ops listed per category of the breakdown")
     p.add_argument("--peak-only", action="store_true")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--cache", default=os.environ.get("QWEN_TUNE_CACHE", str(Path.home() / ".cache" / "qwen-tune")))
