@@ -142,7 +142,7 @@ print("GRPO model:", path)
 ' "$model" || return $?
     fi
     run "$PY" examples/grpo.py --model "$model" --data "$work/prompts.jsonl" --reward accuracy \
-        --num-generations 4 --max-completion-length 64 --batch-size 8 --grad-accum 1 --max-steps 2 \
+        --num-generations 4 --max-completion-length 64 --batch-size 8 --grad-accum 1 --max-steps 2 --no-merge \
         --out "$work/run"
 }
 

@@ -17,7 +17,10 @@ Three parts, printed in this order:
 2. The step: vs_hf.py's model and settings (random bf16 weights of --shape, LoRA r=16 all-linear
    or full fine-tuning, gradient checkpointing on, train.AdamW), median of --steps timed steps
    after --warmup; its model FLOPs (`step_flops`, formula below); MFU = FLOPs / step time / peak.
-   HFU counts the checkpointing's recomputed forward too.
+   HFU counts the checkpointing's recomputed forward too. On the CPU each GEMM and each step is
+   also timed in process CPU time, and "MFU (CPU time)" divides the two: with --threads 1 that is
+   the figure of an idle core even on a shared host (a descheduled thread's wait is not counted;
+   shared caches and memory bandwidth still are), the number to compare across runs there.
 3. The gap: one more step under torch.profiler, each op's self time put in one category (GEMMs
    of the blocks, LoRA's GEMMs, attention, copies and casts, other elementwise work, the head's
    GEMMs, the loss's softmax passes, the optimizer) with each GEMM category's FLOPs and rate;
@@ -111,8 +114,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_gemm(fn, flops: float, device: str, reps: int, budget_s: float = 2.0) -> float:
-    """Best FLOP/s of `reps` timed rounds of fn() (a round repeats fn until it takes >= 5 ms)."""
+def time_gemm(fn, flops: float, device: str, reps: int, budget_s: float = 2.0, cpu: bool = False):
+    """Best FLOP/s of `reps` timed rounds of fn() (a round repeats fn until it takes >= 5 ms).
+    cpu=True: (best wall rate, best rate per CPU-second of this process), see `main`'s --threads note."""
     fn()
     _sync(device)
     t = time.perf_counter()
@@ -120,19 +124,20 @@ def time_gemm(fn, flops: float, device: str, reps: int, budget_s: float = 2.0) -
     _sync(device)
     once = max(time.perf_counter() - t, 1e-6)
     inner = max(1, int(0.005 / once))
-    best, spent = 0.0, 0.0
+    best, best_cpu, spent = 0.0, 0.0, 0.0
     for _ in range(reps):
         _sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(inner):
             fn()
         _sync(device)
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         spent += dt
         best = max(best, flops * inner / dt)
+        best_cpu = max(best_cpu, flops * inner / max(dc, 1e-6))
         if spent > budget_s:
             break
-    return best
+    return (best, best_cpu) if cpu else best
 
 
 def gemm_cases(cfg, batch: int, seq: int, r: int) -> list[tuple[str, int, int, int, str]]:
@@ -163,7 +168,7 @@ def peak_table(cfg, batch: int, seq: int, r: int, device: str, reps: int, square
     for n in squares:
         rows.append((f"square {n}", (n, n, n), "mm"))
     rows += [(label, (m, k, n), kind) for label, m, k, n, kind in gemm_cases(cfg, batch, seq, r)]
-    out, peak = [], 0.0
+    out, peak, peak_cpu = [], 0.0, 0.0
     for label, (m, k, n), kind in rows:
         rates = {}
         for dtype in (torch.bfloat16, torch.float32):
@@ -180,11 +185,12 @@ def peak_table(cfg, batch: int, seq: int, r: int, device: str, reps: int, square
                 a = torch.randn(m, k, device=device, dtype=dtype, generator=g)
                 b = torch.randn(k, n, device=device, dtype=dtype, generator=g)
                 fn = lambda a=a, b=b: a @ b  # noqa: E731
-            rates[dtype] = time_gemm(fn, 2.0 * m * k * n, device, reps)
+            rates[dtype], rates[(dtype, "cpu")] = time_gemm(fn, 2.0 * m * k * n, device, reps, cpu=True)
             del a, b
         peak = max(peak, rates[torch.bfloat16])
+        peak_cpu = max(peak_cpu, rates[(torch.bfloat16, "cpu")])
         out.append((label, (m, k, n), rates))
-    return out, peak
+    return out, peak, peak_cpu
 
 
 def onednn_kernel() -> str:
@@ -320,17 +326,18 @@ def run_mode(args, path: Path, mode: str, peak: float) -> dict:
     data = vs_hf.batches(argparse.Namespace(batch=args.batch, seq=args.seq, steps=args.warmup + args.steps + 1),
                          cfg.vocab_size)
     data = [x.to(args.device) for x in data]
-    times = []
+    times, cpu_times = [], []
     for i, ids in enumerate(data[:-1]):
         _sync(args.device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(ids)
         _sync(args.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     step_s = statistics.median(times)
     flops = step_flops(cfg, args.batch, args.seq, mode, r=args.r)
-    result = dict(mode=mode, step_s=step_s, times=times, flops=flops, mfu=flops["model"] / step_s / peak,
+    result = dict(mode=mode, step_s=step_s, times=times, cpu_s=statistics.median(cpu_times), flops=flops, mfu=flops["model"] / step_s / peak,
                   hfu=flops["hardware"] / step_s / peak)
     if args.device == "cpu" and not args.no_profile:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -415,18 +422,30 @@ def main() -> None:
     elif dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     squares = (2048, 4096) if dev == "cpu" else (4096, 8192)
-    rows, peak = peak_table(cfg, args.batch, args.seq, args.r, dev, args.reps, squares)
+    rows, peak, peak_cpu = peak_table(cfg, args.batch, args.seq, args.r, dev, args.reps, squares)
     print(f"\nGEMM rates, best of {args.reps} (GFLOP/s; fp32 without TF32 on CUDA)")
-    print(f"{'GEMM':30}{'m x k x n':>22}{'bf16':>10}{'fp32':>10}")
+    cpu_cols = dev == "cpu"
+    print(f"{'GEMM':30}{'m x k x n':>22}{'bf16':>10}{'fp32':>10}"
+          + (f"{'bf16/CPU-s':>12}{'fp32/CPU-s':>12}" if cpu_cols else ""))
     for label, (m, k, n), rates in rows:
-        print(f"{label:30}{f'{m} x {k} x {n}':>22}{rates[torch.bfloat16] / 1e9:10.1f}{rates[torch.float32] / 1e9:10.1f}")
-    print(f"peak bf16 GEMM rate (best of the table): {peak / 1e9:.1f} GFLOP/s")
+        print(f"{label:30}{f'{m} x {k} x {n}':>22}{rates[torch.bfloat16] / 1e9:10.1f}{rates[torch.float32] / 1e9:10.1f}"
+              + (f"{rates[(torch.bfloat16, 'cpu')] / 1e9:12.1f}{rates[(torch.float32, 'cpu')] / 1e9:12.1f}"
+                 if cpu_cols else ""))
+    print(f"peak bf16 GEMM rate (best of the table): {peak / 1e9:.1f} GFLOP/s"
+          + (f"; per CPU-second of this process: {peak_cpu / 1e9:.1f} GFLOP/CPU-s" if cpu_cols else ""))
     if args.peak_only:
         return
     path = vs_hf.checkpoint_dir(args.shape, Path(args.cache))
     results = [run_mode(args, path, mode, peak) for mode in args.modes]
     for res in results:
         report(res, peak, args)
+        if cpu_cols:
+            # CPU time: what waiting for a busy core does not count. With --threads 1 this is the
+            # idle machine's one-core figure whatever shares the host (cache and memory bandwidth
+            # still shared); with more threads it also counts their spin-waits.
+            f = res["flops"]["model"]
+            print(f"per CPU-second: step {res['cpu_s']:.3f} CPU-s, {f / res['cpu_s'] / 1e9:.1f} GFLOP/CPU-s against "
+                  f"{peak_cpu / 1e9:.1f}:  MFU (CPU time) {f / res['cpu_s'] / peak_cpu:.1%}")
     # The peak once more after the steps: how much the host's speed moved during the run.
     again = max(time_gemm(lambda: F.linear(a, b), 2.0 * m * k * n, dev, args.reps)
                 for (m, k, n) in [rows[0][1]]
@@ -434,7 +453,9 @@ def main() -> None:
                               torch.randn(n, k, device=dev, dtype=torch.bfloat16))])
     print(f"\n{rows[0][0]} bf16 again after the steps: {again / 1e9:.1f} GFLOP/s (before: "
           f"{rows[0][2][torch.bfloat16] / 1e9:.1f}); summary: " + ", ".join(
-              f"{r['mode']} MFU {r['mfu']:.1%} (HFU {r['hfu']:.1%})" for r in results))
+              f"{r['mode']} MFU {r['mfu']:.1%} (HFU {r['hfu']:.1%}"
+              + (f", by CPU time {r['flops']['model'] / r['cpu_s'] / peak_cpu:.1%}" if cpu_cols else "") + ")"
+              for r in results))
 
 
 if __name__ == "__main__":
