@@ -80,9 +80,11 @@ def _per_token(cfg, n: int, opts: MemoryOptions) -> tuple[float, float]:
     final = (4 + a) * d                                             # final norm's saved input, d loss / d hidden
     layer = _layer_bytes_per_token(cfg, a, share)
     L = cfg.num_hidden_layers
+    # Backward of the MLP holds the gradients of its four [intermediate] tensors beside them.
+    mlp_grads = 4 * a * cfg.intermediate_size * share
     if opts.checkpointing:
-        return L * a * d + rope + final, layer + 3 * a * d
-    return L * layer + rope + final, 3 * a * d
+        return L * a * d + rope + final, layer + mlp_grads + 3 * a * d
+    return L * layer + rope + final, mlp_grads + 3 * a * d
 
 
 def predict_saved_bytes(cfg, seq: int, opts: MemoryOptions = MemoryOptions()) -> int:
@@ -96,7 +98,8 @@ def predict_activation_bytes(cfg, seq: int, opts: MemoryOptions) -> int:
 
     With checkpointing: every layer's input [T, hidden] is kept, plus the final norm and the
     loss's gradient of the hidden states; the peak comes while one layer is recomputed and its
-    backward runs (that layer's saved tensors + three [T, hidden] gradients) or during the loss
+    backward runs (that layer's saved tensors, the MLP's gradients, three [T, hidden] gradients;
+    a tiled MLP: one tile of its part) or during the loss
     (one chunk of logits in the head's dtype and its fp32 scratch). Without: every layer's saved
     tensors at once.
     """
