@@ -239,6 +239,14 @@ def _training(stage: str) -> tuple[Option, ...]:
                lf=(LF("disable_gradient_checkpointing", lf.gradient_checkpointing_off),
                    LF("gradient_checkpointing", lf.gradient_checkpointing)),
                help="keep activations instead of recomputing"),
+        Option("--long-context-tile", type=flags.non_negative_int, default=4096, group="optimisation",
+               help="in a forward of more than --long-context-from tokens: tokens per MLP tile and queries "
+                    "per block of masked attention (exact, recomputed in backward; 0: off)"),
+        Option("--long-context-from", type=flags.non_negative_int, default=8192, group="optimisation",
+               help="tokens per forward (batch x length) above which the long-context tiling switches on"),
+        Option("--offload-activations", action="store_true", group="optimisation",
+               help="with gradient checkpointing on a GPU: keep each layer's saved input in pinned CPU "
+                    "memory until backward (refused on a CPU)"),
         Option("--seed", type=flags.seed, default=0, group="optimisation", lf=(LF("seed"),), lf_default=42,
                help="seed of initialisation, dropout and data order"),
 

@@ -85,6 +85,23 @@ def lora_settings(args: argparse.Namespace):
                            target_modules=lora_targets(args.lora_targets))
 
 
+def configure_long_context(model, args: argparse.Namespace) -> None:
+    """--long-context-tile / --long-context-from / --offload-activations -> model.long_context."""
+    lc = getattr(model, "long_context", None)
+    if lc is None:
+        return
+    lc.mlp_tile = lc.attention_tile = args.long_context_tile
+    lc.auto_from = args.long_context_from
+    if args.offload_activations:
+        if model.device.type == "cpu":
+            raise UsageError("--offload-activations needs the model on a GPU: on the CPU the layer inputs "
+                             "already live in CPU memory")
+        if args.no_grad_checkpointing:
+            raise UsageError("--offload-activations offloads what gradient checkpointing keeps: "
+                             "drop --no-grad-checkpointing")
+    lc.offload_inputs = bool(args.offload_activations)
+
+
 def prepare_for_training(model, args: argparse.Namespace):
     """Seed, switch gradient checkpointing, and make the --finetuning mode's parameters trainable.
 
@@ -96,6 +113,7 @@ def prepare_for_training(model, args: argparse.Namespace):
 
     seed_everything(args.seed)
     model.enable_gradient_checkpointing(not args.no_grad_checkpointing)
+    configure_long_context(model, args)
     if args.finetuning == "full":
         return None
     settings = lora_settings(args)

@@ -105,6 +105,36 @@ def build_attention_mask(
     return allowed
 
 
+class BlockedMask:
+    """The mask of build_attention_mask(T, 0, document_ids=..., attention_mask=...) never built
+    whole: attention runs `tile` queries at a time, each block over the keys up to its last query
+    (causality), with the [B, 1, tile, keys] part of the mask built for that block alone.
+
+    Exact: a query's softmax is over the same keys as with the whole mask (the keys after the
+    block are masked for it anyway). Memory O(tile x T) instead of O(T^2) for the mask; no KV cache.
+    """
+
+    def __init__(self, tile: int, *, document_ids: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None):
+        if tile <= 0:
+            raise ValueError(f"BlockedMask: tile must be positive, got {tile}")
+        self.tile = tile
+        self.document_ids = document_ids
+        self.attention_mask = attention_mask.bool() if attention_mask is not None else None
+
+    def block(self, start: int, end: int, device) -> torch.Tensor:
+        """Boolean mask [B or 1, 1, end - start, end] of queries start..end-1 over keys 0..end-1."""
+        q_pos = torch.arange(start, end, device=device)[:, None]
+        k_pos = torch.arange(end, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None]
+        if self.document_ids is not None:
+            d = self.document_ids
+            allowed = allowed & (d[:, start:end, None] == d[:, None, :end])[:, None]
+        if self.attention_mask is not None:
+            allowed = allowed & self.attention_mask[:, None, None, :end]
+        return allowed | (k_pos == q_pos)[None, None]  # as build_attention_mask: a query sees itself
+
+
 def sdpa_broadcasts_kv_heads(q: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
     """Whether SDPA gets the KV heads as they are (`enable_gqa=True`) rather than expanded to
     the query heads first. q [B, H, T, D]; mask as passed to SDPA.
@@ -171,6 +201,13 @@ class Attention(nn.Module):
         """Causal SDPA of q [B, H, T, D] over k, v [B, kvH, T, D] (appended to the cache, if
         any) -> [B, T, H * D], the input of o_proj."""
         B, _, T, _ = q.shape
+        if isinstance(mask, BlockedMask):
+            if cache is not None:
+                raise ValueError("a blocked attention mask is for training-time forwards, not a KV cache")
+            blocks = [self._sdpa(q[:, :, s : s + mask.tile], k[:, :, : s + mask.tile], v[:, :, : s + mask.tile],
+                                 mask.block(s, min(s + mask.tile, T), q.device), False)
+                      for s in range(0, T, mask.tile)]
+            return torch.cat(blocks, dim=2).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         past = 0
         if cache is not None:
             past = cache.length
@@ -180,10 +217,14 @@ class Attention(nn.Module):
         is_causal = mask is None and past == 0 and T > 1
         if mask is None and past > 0 and T > 1:
             mask = build_attention_mask(T, past, attention_mask=torch.ones(B, past + T, device=q.device))
+        out = self._sdpa(q, k, v, mask, is_causal)
+        return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+
+    def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        """SDPA of q [B, H, t, D] over k, v [B, kvH, s, D] -> [B, H, t, D] (KV heads broadcast or expanded)."""
         gqa = self.num_kv_heads != self.num_heads
         if gqa and not sdpa_broadcasts_kv_heads(q, mask):
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)

@@ -11,6 +11,9 @@ import torch
 from .attention import KVCache
 from .model import Qwen
 
+# Prompt tokens per prefill forward (generate's prefill_chunk).
+PREFILL_CHUNK = 2048
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -52,6 +55,7 @@ def generate(
     pad_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     stream: Optional[Callable[[torch.Tensor], None]] = None,
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
 ) -> torch.Tensor:
     """Continue `input_ids` [B, T] by up to `max_new_tokens`; returns [B, T + n].
 
@@ -61,6 +65,10 @@ def generate(
     row stops at its first eos id (default: the config's eos); after that it is filled with
     `pad_id` (default: the first eos id). `stream(ids [B])` is called with
     every new column, for printing tokens as they come.
+
+    prefill_chunk: a prompt longer than this goes into the cache that many tokens at a time
+    (chunked prefill), so the prompt's activations, attention masks and logits are never held
+    for all T positions at once (only the last chunk reaches the head); None or 0: one pass.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -85,6 +93,15 @@ def generate(
     eos_t = torch.tensor(eos, device=device) if eos else None
     step_ids = input_ids
     try:
+        if prefill_chunk and T > prefill_chunk:
+            last = (T - 1) // prefill_chunk * prefill_chunk  # the final chunk goes through the loop below
+            for s in range(0, last, prefill_chunk):
+                e = s + prefill_chunk
+                model.hidden_states(input_ids[:, s:e], position_ids=positions[:, s:e] if positions is not None else None,
+                                    attention_mask=mask[:, :e] if mask is not None else None, cache=cache)
+            step_ids = input_ids[:, last:]
+            if positions is not None:
+                positions = positions[:, last:]
         for step in range(max_new_tokens):
             logits = model(step_ids, position_ids=positions, attention_mask=mask, cache=cache)[:, -1]
             nxt = sample_next(logits, temperature, top_k, top_p, generator)

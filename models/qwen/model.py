@@ -23,6 +23,7 @@ and linear-attention class a layer gets is the family's (`config.family`, models
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, build_attention_mask
+from .attention import BlockedMask, KVCache, build_attention_mask
 from .config import LINEAR_ATTENTION, QwenConfig, merge_eos
-from .layers import RMSNorm, SwiGLU
+from .errors import ConfigError
+from .layers import RMSNorm, SwiGLU, tiled
 from .linear import Linear
 from .linear_attention import GatedDeltaNet, GatedRMSNorm
 from .loss import IGNORE_INDEX, linear_cross_entropy, linear_log_probs
@@ -79,16 +81,58 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         self.mlp = make_mlp(config, layer_idx)
 
-    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, document_ids=None, padding_mask=None):
+    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, document_ids=None, padding_mask=None,
+                mlp_tile: int = 0):
         """mask: the attention mask (full attention); document_ids / padding_mask [B, T]: what
-        linear attention needs instead (document starts, padding tokens to ignore)."""
+        linear attention needs instead (document starts, padding tokens to ignore). mlp_tile > 0:
+        a dense MLP runs that many tokens at a time (layers.tiled; MoE blocks run whole)."""
         h = self.input_layernorm(x)
         if self.layer_type == LINEAR_ATTENTION:
             h = self.linear_attn(h, cache, document_ids=document_ids, padding_mask=padding_mask)
         else:
             h = self.self_attn(h, cos, sin, mask, cache)
         h = x + h
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h_norm = self.post_attention_layernorm(h)
+        if mlp_tile > 0 and isinstance(self.mlp, SwiGLU):
+            return h + tiled(self.mlp, h_norm, mlp_tile)
+        return h + self.mlp(h_norm)
+
+
+@dataclass
+class LongContext:
+    """How a forward keeps activation memory linear in its length (Qwen.long_context).
+
+    A forward of more than `auto_from` tokens (batch x length; 0: every forward) without a KV
+    cache runs each dense MLP `mlp_tile` tokens at a time (layers.tiled: the [T, intermediate]
+    activations never exist whole) and, when it needs a mask (packed documents, padding), builds
+    that mask `attention_tile` queries at a time instead of [T, T] (attention.BlockedMask; the
+    plain causal case never builds one). Both are exact: the same sums on fewer rows, recomputed in
+    backward. 0 switches a tiling off. Below `auto_from` nothing changes (no recompute, no
+    speed cost at training lengths).
+
+    offload_inputs: with gradient checkpointing on a GPU, the layer inputs checkpointing keeps
+    ([B, T, hidden] per layer) wait in pinned CPU memory until backward needs them. Refused on
+    the CPU, where they already are in CPU memory.
+    """
+
+    mlp_tile: int = 4096
+    attention_tile: int = 4096
+    auto_from: int = 8192
+    offload_inputs: bool = False
+
+    def applies(self, n_tokens: int) -> bool:
+        return n_tokens > self.auto_from
+
+
+def offload_context(device: torch.device, enabled: bool):
+    """The context that moves tensors saved for backward to CPU memory (pinned on a GPU) while
+    `enabled`; a null context otherwise. Refuses a CPU device (see LongContext.offload_inputs)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        raise ConfigError("offload of activations (--offload-activations) needs the model on a GPU: "
+                          "on the CPU the layer inputs already live in CPU memory")
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
 class QwenBackbone(nn.Module):
@@ -140,6 +184,7 @@ class Qwen(nn.Module):
         self.model = QwenBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.long_context = LongContext()
         # generation_config.json as loaded (written back by save, with eos/pad from the config),
         # and the directory the model was loaded from (None for a model built in memory).
         self.generation_config: dict = {}
@@ -268,9 +313,15 @@ class Qwen(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = build_attention_mask(
-            T, past, document_ids=document_ids, attention_mask=attention_mask, device=input_ids.device
-        )
+        lc = self.long_context
+        long = cache is None and lc.applies(B * T)
+        if long and lc.attention_tile > 0 and (document_ids is not None or attention_mask is not None):
+            mask = BlockedMask(lc.attention_tile, document_ids=document_ids, attention_mask=attention_mask)
+        else:
+            mask = build_attention_mask(
+                T, past, document_ids=document_ids, attention_mask=attention_mask, device=input_ids.device
+            )
+        mlp_tile = lc.mlp_tile if long else 0
         # Linear attention takes the padding of the new tokens instead of a mask (one new
         # token is never padding).
         padding_mask = attention_mask[:, -T:] if attention_mask is not None and T > 1 else None
@@ -278,11 +329,13 @@ class Qwen(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, h.dtype if not torch.is_autocast_enabled(h.device.type)
                                          else torch.get_autocast_dtype(h.device.type))
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer in self.model.layers:
-            if use_ckpt:
-                h = checkpoint(layer, h, cos, sin, mask, None, document_ids, padding_mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache, document_ids, padding_mask)
+        with offload_context(h.device, use_ckpt and lc.offload_inputs):
+            for layer in self.model.layers:
+                if use_ckpt:
+                    h = checkpoint(layer, h, cos, sin, mask, None, document_ids, padding_mask, mlp_tile,
+                                   use_reentrant=False)
+                else:
+                    h = layer(h, cos, sin, mask, cache, document_ids, padding_mask, mlp_tile)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(h)

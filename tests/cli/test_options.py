@@ -12,23 +12,24 @@ from cli import flags, options
 OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main before cli/options.py
     "cpt": set("""
         batch_size block_size data dtype epochs eval_every eval_fraction finetuning fsdp full_fraction
-        grad_accum keep_last log_every lora_alpha lora_dropout lora_r lora_targets lr lr_scheduler
-        max_grad_norm max_steps model no_document_mask no_grad_checkpointing out overwrite qlora report_to
+        grad_accum keep_last log_every long_context_from long_context_tile lora_alpha lora_dropout lora_r
+        lora_targets lr lr_scheduler max_grad_norm max_steps model no_document_mask offload_activations no_grad_checkpointing out overwrite qlora report_to
         resume sample_prompt sample_temperature sample_tokens save_every seed text_field use_dora use_rslora
         warmup_ratio warmup_steps weight_decay
     """.split()),
     "sft": set("""
         batch_size chat_template_kwargs data dtype epochs eval_data eval_every eval_fraction finetuning
-        format fsdp full_fraction grad_accum keep_last log_every lora_alpha lora_dropout lora_r lora_targets
-        lr lr_scheduler max_grad_norm max_len max_steps model no_grad_checkpointing no_merge out overwrite
+        format fsdp full_fraction grad_accum keep_last log_every long_context_from long_context_tile
+        lora_alpha lora_dropout lora_r lora_targets lr lr_scheduler max_grad_norm max_len max_steps model
+        no_grad_checkpointing no_merge offload_activations out overwrite
         qlora report_to resume sample_questions sample_tokens save_every seed use_dora use_rslora
         warmup_ratio warmup_steps weight_decay
     """.split()),
     "dpo": set("""
         batch_size beta chat_template_kwargs data dtype epochs eval_data eval_every eval_fraction finetuning
-        fsdp full_fraction grad_accum keep_last label_smoothing log_every lora_alpha lora_dropout lora_r
-        lora_targets loss lr lr_scheduler max_grad_norm max_len max_prompt_len max_steps model
-        no_grad_checkpointing no_merge out overwrite qlora reference report_to resume sample_questions
+        fsdp full_fraction grad_accum keep_last label_smoothing log_every long_context_from
+        long_context_tile lora_alpha lora_dropout lora_r lora_targets loss lr lr_scheduler max_grad_norm
+        max_len max_prompt_len max_steps model no_grad_checkpointing no_merge offload_activations out overwrite qlora reference report_to resume sample_questions
         sample_tokens save_every seed simpo_gamma use_dora use_rslora warmup_ratio warmup_steps weight_decay
     """.split()),
     "merge": set("""
