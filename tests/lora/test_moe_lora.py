@@ -168,7 +168,7 @@ def test_unrouted_experts_get_zero_gradients(tmp_path):
     ours.train()
     ids = random_ids(1, 3, seed=5)  # 3 tokens, one expert each: at least 3 of 6 experts idle per layer
     ours(ids, labels=ids).backward()
-    idle = [n for n, p in ours.named_parameters() if p.requires_grad and not p.grad.any() and "lora_A" in n]
+    idle = [n for n, p in ours.named_parameters() if p.requires_grad and not p.grad.any() and "lora_B" in n]
     assert len(idle) >= 3 * 3 * ours.config.num_hidden_layers  # >= 3 idle experts x 3 projections per layer ...
     assert all(".mlp.experts." in n for n in idle)
     check_gradients_present(ours, step=1)  # ... and yet every trainable parameter has a gradient
