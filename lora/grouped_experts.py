@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.qwen.moe import SparseMoeBlock, group_offsets, grouped_mm
+from models.qwen.cpu_fast_paths import cast_shared, scratch
+from models.qwen.moe import SparseMoeBlock, group_offsets, grouped_mm, grouped_product
 
+from .fused_update import LORA_GRAD_Y, LORA_X, LORA_Y
 from .layer import LoRALinear, is_linear
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -66,10 +68,8 @@ def _stacked_base(layers: list, dtype: torch.dtype) -> torch.Tensor:
     return out.to(dtype)
 
 
-def _project(x: torch.Tensor, layers: list, kind: str, offsets: torch.Tensor,
-             x_cast: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each expert's projection of its rows of x [M, in] -> [M, out] (x's dtype). x_cast: x already
-    in the adapters' dtype (gate and up share one cast)."""
+def _project(x: torch.Tensor, layers: list, kind: str, offsets: torch.Tensor) -> torch.Tensor:
+    """Each expert's projection of its rows of x [M, in] -> [M, out] (x's dtype)."""
     first = layers[0]
     bases = [m.base_layer if isinstance(m, LoRALinear) else m for m in layers]
     if any(b.bias is not None for b in bases):
@@ -81,11 +81,47 @@ def _project(x: torch.Tensor, layers: list, kind: str, offsets: torch.Tensor,
         return out.to(x.dtype)
     A = torch.stack([m.lora_A.weight for m in layers])  # [E, r, in]
     B = torch.stack([m.lora_B.weight for m in layers])  # [E, out, r]
-    xd = x_cast if x_cast is not None and x_cast.dtype == A.dtype else x.to(A.dtype)
-    if isinstance(first.lora_dropout, nn.Dropout):
-        xd = first.lora_dropout(xd)
-    update = grouped_mm(grouped_mm(xd, A, offsets), B, offsets)
-    return (out.to(A.dtype) + update * first.scale).to(out.dtype)
+    xd = x
+    if isinstance(first.lora_dropout, nn.Dropout) and first.lora_dropout.p > 0:
+        xd = first.lora_dropout(x.to(A.dtype))  # after the cast, as PEFT (and lora_update)
+    return _GroupedLoRAUpdate.apply(out, xd, A, B, offsets, first.scale)
+
+
+class _GroupedLoRAUpdate(torch.autograd.Function):
+    """y = round(base_out + scale · (x·A_eᵀ)·B_eᵀ) per expert's rows, the adapter math in A's dtype:
+    lora/fused_update.py's _LoRAUpdate for all experts at once. Saves x in its own dtype (bf16) and
+    x·Aᵀ [M, r]; the fp32 cast of x is CPU scratch shared by gate and up, in forward and backward.
+    base_out [M, out], x [M, in], A [E, r, in], B [E, out, r]."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, A, B, offsets, scale: float):
+        x32 = cast_shared(x, A.dtype, LORA_X)
+        xa = grouped_product(x32, A.transpose(-2, -1), offsets)  # [M, r]
+        ctx.save_for_backward(x, xa, A, B, offsets)
+        ctx.scale = scale
+        update = grouped_product(xa, B.transpose(-2, -1), offsets)  # [M, out]
+        if base_out.dtype == A.dtype:
+            return update.mul_(scale).add_(base_out)
+        y = scratch(tuple(base_out.shape), A.dtype, base_out.device, LORA_Y).copy_(base_out)
+        return y.add_(update, alpha=scale).to(base_out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, A, B, offsets = ctx.saved_tensors
+        need_base, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        g = grad_y.contiguous()
+        if g.dtype != A.dtype:
+            g = scratch(tuple(g.shape), A.dtype, g.device, LORA_GRAD_Y).copy_(g)
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = grouped_product(g.t(), xa, offsets).mul_(ctx.scale)  # [E, out, r]
+        if need_x or need_A:
+            g_xa = grouped_product(g, B, offsets).mul_(ctx.scale)  # [M, r]
+            if need_A:
+                grad_A = grouped_product(g_xa.t(), cast_shared(x, A.dtype, LORA_X), offsets)  # [E, r, in]
+            if need_x:
+                grad_x = grouped_product(g_xa, A, offsets).to(x.dtype)
+        return (grad_y if need_base else None), grad_x, grad_A, grad_B, None, None
 
 
 def expert_kernel(block: SparseMoeBlock, rows: torch.Tensor, counts: list) -> Optional[torch.Tensor]:
@@ -99,7 +135,6 @@ def expert_kernel(block: SparseMoeBlock, rows: torch.Tensor, counts: list) -> Op
     if any(k is None for k in kinds.values()):
         return None
     offsets = group_offsets(counts, rows.device)
-    x_cast = rows.float() if "adapted" in (kinds["gate_proj"], kinds["up_proj"]) else None
-    gate = _project(rows, layers["gate_proj"], kinds["gate_proj"], offsets, x_cast)
-    up = _project(rows, layers["up_proj"], kinds["up_proj"], offsets, x_cast)
+    gate = _project(rows, layers["gate_proj"], kinds["gate_proj"], offsets)
+    up = _project(rows, layers["up_proj"], kinds["up_proj"], offsets)
     return _project(F.silu(gate) * up, layers["down_proj"], kinds["down_proj"], offsets)

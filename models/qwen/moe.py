@@ -271,9 +271,10 @@ def _aligned(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _mm_grouped(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b[e] for b [E, K, N] (groups along M), or a [K, M] @ b [M, N] per group along M
-    (-> [E, K, N]); torch._grouped_mm where its stride rule holds, else a padded bmm."""
+def grouped_product(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """No autograd: a [M, K] @ b[e] for b [E, K, N] (groups of rows of a), or a [K, M] @ b [M, N]
+    summed per group of M (-> [E, K, N], a weight gradient); torch._grouped_mm where its stride
+    rule holds, else a padded bmm. For custom backward passes (grouped_mm, lora's grouped update)."""
     if _aligned(a, b):
         try:
             return torch._grouped_mm(a, b, offs=offsets)
@@ -283,7 +284,7 @@ def _mm_grouped(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 def _padded_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """_mm_grouped as one bmm over segments zero-padded to the largest group."""
+    """grouped_product as one bmm over segments zero-padded to the largest group."""
     E = offsets.numel()
     ends = offsets.long()
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
@@ -310,7 +311,7 @@ class _GroupedMM(torch.autograd.Function):
         ctx.compute, ctx.x_dtype, ctx.w_dtype = compute, x.dtype, weight.dtype
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, weight if need_x else None, offsets)
-        out = _mm_grouped(x.to(compute), weight.to(compute).transpose(-2, -1), offsets)
+        out = grouped_product(x.to(compute), weight.to(compute).transpose(-2, -1), offsets)
         return out.to(x.dtype)
 
     @staticmethod
@@ -319,9 +320,9 @@ class _GroupedMM(torch.autograd.Function):
         g = grad.contiguous().to(ctx.compute)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _mm_grouped(g, weight.to(ctx.compute), offsets).to(ctx.x_dtype)
+            grad_x = grouped_product(g, weight.to(ctx.compute), offsets).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _mm_grouped(g.t(), x.to(ctx.compute), offsets).to(ctx.w_dtype)
+            grad_w = grouped_product(g.t(), x.to(ctx.compute), offsets).to(ctx.w_dtype)
         return grad_x, grad_w, None
 
 
