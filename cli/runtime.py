@@ -125,6 +125,14 @@ def prepare_for_training(model, args: argparse.Namespace):
     return settings
 
 
+def adapter_coverage(model) -> Optional[str]:
+    """The one-line report of what the adapters cover ("LoRA on 4 attention + 3×64 expert matrices
+    per layer (...)"; routed experts left without one are named), or None without adapters."""
+    import lora
+
+    return lora.coverage(model) if lora.adapter_modules(model) else None
+
+
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -98,6 +98,9 @@ def main(argv=None) -> int:
         log(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} targets={args.lora_targets}"
             + ("" if args.finetuning == "lora" else f" (injected after {args.full_fraction:g} of the steps)"))
     log(f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+    coverage = runtime.adapter_coverage(model)
+    if coverage:
+        log(coverage)
 
     # ---- before, train, after
     trainer = runtime.build_trainer(model, args, out, train_ds, eval_ds, lora_config=lora_settings, tokenizer=tok, say=log)

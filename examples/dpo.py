@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     trainable, total = runtime.parameter_counts(model)
     log(f"model: {model_dir}, dtype {args.dtype}{', base in NF4' if args.qlora else ''}; LoRA r={args.lora_r} "
         f"alpha={args.lora_alpha:g}: {trainable:,} trainable of {total:,} parameters")
+    coverage = runtime.adapter_coverage(model)
+    if coverage:
+        log(coverage)
 
     from train.preference import PreferenceObjective, precompute_reference_logps
 

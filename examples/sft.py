@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     log(f"model: {model_dir}, dtype {args.dtype}{', base in NF4' if args.qlora else ''}; "
         + (f"LoRA r={args.lora_r} alpha={args.lora_alpha:g}: " if args.finetuning != "full" else "")
         + f"{trainable:,} trainable of {total:,} parameters")
+    coverage = runtime.adapter_coverage(model)
+    if coverage:
+        log(coverage)
 
     # ---- before, train, after
     chat_tok = tok.set_eos("<|im_end|>")   # the saved outputs stop at <|im_end|>

@@ -12,6 +12,7 @@ from torch import nn
 
 from models.qwen.module_tree import replace_module
 
+from . import grouped_experts
 from .config import LoRAConfig
 from .layer import LoRALinear, is_nf4_linear
 from .targets import ALL_LINEAR, peft_target_modules, resolve_targets
@@ -89,6 +90,7 @@ def inject(
         base = model.get_submodule(name)
         replace_module(model, name, LoRALinear(base, r, alpha, dropout, rslora, dora, dtype))
     _wrap_modules_to_save(model, save_names, share_tied=True)
+    grouped_experts.install(model)
     return model
 
 
@@ -130,6 +132,7 @@ def inject_modules(model: nn.Module, modules: Sequence[str], config: LoRAConfig,
             base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora, dtype
         )
         replace_module(model, name, layer)
+    grouped_experts.install(model)
     return model
 
 

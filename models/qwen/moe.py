@@ -17,6 +17,11 @@ transformers): it is never quantised and never an "all-linear" LoRA target.
 The experts run grouped: the (token, slot) pairs are sorted by expert and each expert runs once,
 on the contiguous rows routed to it (one GEMM per projection per expert; never a loop over
 tokens). SharedExpertMoeBlock (Qwen3.5-MoE) reuses the routing and dispatch as they are.
+
+`expert_kernel` lets the package that wraps the expert linears (the adapters of lora/) run all
+experts of the block at once on the grouped rows, as grouped GEMMs (`grouped_mm`): a function
+(block, rows [M, hidden], counts) -> [M, hidden], or None when it does not apply (then the
+per-expert loop runs).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +94,10 @@ class SparseMoeBlock(nn.Module):
     Each token's output is sum over its k experts of weight_j * expert_j(x).
     """
 
+    # (block, rows grouped by expert [M, hidden], counts: rows per expert) -> [M, hidden], or None
+    # (not applicable: the per-expert loop runs). Set per block by whoever wraps the experts' linears.
+    expert_kernel: Optional[Callable[["SparseMoeBlock", torch.Tensor, list], Optional[torch.Tensor]]] = None
+
     def __init__(self, config):
         super().__init__()
         self.num_experts = config.num_experts
@@ -120,6 +129,11 @@ class SparseMoeBlock(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()  # the layer's one host sync
         grouped = _GroupRows.apply(h, order, inverse, k)  # [N*k, hidden], expert 0's rows first
+        kernel = self.expert_kernel
+        out = kernel(self, grouped, counts) if kernel is not None and N else None
+        if out is not None:
+            y = _UngroupRows.apply(out, inverse, order).view(N, k, -1)
+            return _WeightedSlotSum.apply(y, weights)
         # An expert no token reached still runs, on zero rows, when it holds trainable weights: its
         # gradient is then an honest zero instead of None (the trainer checks that every trainable
         # parameter got one; DDP needs every one used). Inference skips it.
@@ -233,6 +247,83 @@ class _UngroupRows(torch.autograd.Function):
     def backward(ctx, grad):
         (order,) = ctx.saved_tensors
         return grad.index_select(0, order), None, None
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, in] (rows grouped by expert), weight [E, out, in], offsets int32 [E] (cumulative row
+    counts, last = M) -> [M, out]: rows offsets[e-1]:offsets[e] times weight[e]ᵀ, all experts in one
+    op each way (forward, grad of x, grad of weight). Each group is the product F.linear gives it
+    (bf16: accumulated in fp32, rounded once; through fp32 kernels where bf16_linear would be); an
+    expert with no rows gets an exactly zero weight gradient. Saves x only when weight needs a
+    gradient and weight only when x does (a frozen base keeps its stacked weight, not its input).
+    """
+    return _GroupedMM.apply(x, weight, offsets)
+
+
+def group_offsets(counts: Sequence[int], device) -> torch.Tensor:
+    """Rows per expert -> the int32 end offsets grouped_mm takes."""
+    return torch.tensor(list(counts), dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm's kernel wants 16-byte aligned data and strides (but the unit one)."""
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+               for t in tensors)
+
+
+def grouped_product(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """No autograd: a [M, K] @ b[e] for b [E, K, N] (groups of rows of a), or a [K, M] @ b [M, N]
+    summed per group of M (-> [E, K, N], a weight gradient); torch._grouped_mm where its stride
+    rule holds, else a padded bmm. For custom backward passes (grouped_mm, lora's grouped update)."""
+    if _aligned(a, b):
+        try:
+            return torch._grouped_mm(a, b, offs=offsets)
+        except RuntimeError:  # a layout this build's kernel refuses: the padded form below
+            pass
+    return _padded_mm(a, b, offsets)
+
+
+def _padded_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_product as one bmm over segments zero-padded to the largest group."""
+    E = offsets.numel()
+    ends = offsets.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    counts = ends - starts
+    cap = max(int(counts.max()), 1)
+    M = int(ends[-1])
+    seg = torch.repeat_interleave(torch.arange(E, device=a.device), counts)
+    slot = seg * cap + (torch.arange(M, device=a.device) - starts[seg])  # row -> its padded place
+    if b.dim() == 3:  # a [M, K], b [E, K, N] -> [M, N]
+        padded = a.new_zeros(E * cap, a.shape[1]).index_copy_(0, slot, a[:M]).view(E, cap, -1)
+        return torch.bmm(padded, b).view(E * cap, -1).index_select(0, slot)
+    # a [K, M], b [M, N] -> [E, K, N]
+    pa = a.new_zeros(E * cap, a.shape[0]).index_copy_(0, slot, a.t()[:M]).view(E, cap, -1)
+    pb = b.new_zeros(E * cap, b.shape[1]).index_copy_(0, slot, b[:M]).view(E, cap, -1)
+    return torch.bmm(pa.transpose(1, 2), pb)
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, offsets):
+        from .cpu_fast_paths import upcast_matmul_dtype
+
+        compute = upcast_matmul_dtype(x, weight) or x.dtype
+        ctx.compute, ctx.x_dtype, ctx.w_dtype = compute, x.dtype, weight.dtype
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None, offsets)
+        out = grouped_product(x.to(compute), weight.to(compute).transpose(-2, -1), offsets)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, offsets = ctx.saved_tensors
+        g = grad.contiguous().to(ctx.compute)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_product(g, weight.to(ctx.compute), offsets).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_product(g.t(), x.to(ctx.compute), offsets).to(ctx.w_dtype)
+        return grad_x, grad_w, None
 
 
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:

@@ -11,7 +11,7 @@ import torch
 
 import lora
 from models.qwen import load
-from models.qwen.moe import SparseMoeBlock, TopKRouter
+from models.qwen.moe import TopKRouter
 from quant import NF4Quantizer
 from tests.helpers import assert_grads_match, assert_logits_match, hf_model, max_rel_err, random_ids, save_hf_model
 
@@ -158,7 +158,7 @@ def test_loss_and_gradients_match_peft(pair, tmp_path):
 
 def test_unrouted_experts_get_zero_gradients(tmp_path):
     """An expert no token reached still gets a gradient (zeros), so the trainer's first-step check
-    passes and DDP sees every parameter used; inference does not run it."""
+    passes and DDP sees every parameter used."""
     from train.guards import check_gradients_present
 
     ref = hf_model("qwen3_moe", num_experts_per_tok=1)
@@ -167,20 +167,12 @@ def test_unrouted_experts_get_zero_gradients(tmp_path):
     lora.inject(ours, r=R, alpha=ALPHA)
     ours.train()
     ids = random_ids(1, 3, seed=5)  # 3 tokens, one expert each: at least 3 of 6 experts idle per layer
-    calls = []
-    for block in [b for b in ours.modules() if isinstance(b, SparseMoeBlock)]:
-        for expert in block.experts:
-            expert.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     ours(ids, labels=ids).backward()
-    assert calls.count(0) >= 3 * ours.config.num_hidden_layers
-    idle = [n for n, p in ours.named_parameters() if p.requires_grad and not p.grad.any() and "lora_A" in n]
-    assert idle  # some experts were idle ...
+    idle = [n for n, p in ours.named_parameters() if p.requires_grad and not p.grad.any() and "lora_B" in n]
+    assert len(idle) >= 3 * 3 * ours.config.num_hidden_layers  # >= 3 idle experts x 3 projections per layer ...
+    assert all(".mlp.experts." in n for n in idle)
     check_gradients_present(ours, step=1)  # ... and yet every trainable parameter has a gradient
     lora.check_gradients(ours)
-    calls.clear()
-    with torch.no_grad():
-        ours(ids)
-    assert 0 not in calls
 
 
 def test_qlora_experts_merge_into_the_16_bit_weights(pair, tmp_path):

@@ -184,10 +184,10 @@ def test_unrouted_experts_pass_the_first_step_check_and_train(tmp_path):
     from models.qwen.moe import SparseMoeBlock
 
     model = tiny_moe(tmp_path)
-    rows = []   # tokens each expert received, forward by forward
+    rows = []   # tokens each expert received, forward by forward (the router's choices: the experts run grouped)
     for block in [m for m in model.modules() if isinstance(m, SparseMoeBlock)]:
-        for expert in block.experts:
-            expert.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+        block.gate.register_forward_hook(
+            lambda m, a, o: rows.extend(torch.bincount(o[2].reshape(-1), minlength=m.weight.shape[0]).tolist()))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     summary = Trainer(model, cfg(tmp_path / "o", batch_size=1, grad_accum=1, max_steps=3), data(n=3)).fit()
     assert summary["steps"] == 3
