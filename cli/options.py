@@ -332,7 +332,7 @@ REWARD = Stage("reward.py", options=(
     _CHAT_TEMPLATE,
 ), recommended=dict(lr=1e-4, lora_alpha=32.0, epochs=1.0),   # TRL RewardConfig: lr 1e-4, 1 epoch
     embedded=dict(max_len=256, batch_size=4, grad_accum=2, max_steps=40, lr=2e-3, warmup_steps=4,
-                  lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20), lf_stage="rm")
+                  lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20), lf_stage="reward")   # LLaMA-Factory: stage rm
 
 
 # ---------------------------------------------------------------------- the other scripts
