@@ -9,7 +9,7 @@ An `Option` is one flag: its name, parse function (a cli.flags type), default, h
 embedded default's value, and the LLaMA-Factory keys (`LF`) that set it, with LLaMA-Factory's
 default where a recipe is silent. The training options are declared once (`_training`) and
 each training stage adds its own; a `Stage` records its recommended values (lr, LoRA alpha,
-epochs: cpt 1e-4 / 16 / 2, sft 5e-5 / 32 / 1, dpo 5e-6 / 32 / 1) and its embedded-default
+epochs: cpt 1e-4 / 16 / 2, sft 5e-5 / 32 / 1, dpo 5e-6 / 32 / 1, reward 1e-4 / 32 / 1) and its embedded-default
 values (the tiny demo model on 2 CPU cores), written into its options.
 
 From the table: `parser(stage)` (argparse), `Stage.keys` (the --config keys: each option's
@@ -29,7 +29,7 @@ from . import flags, llama_factory as lf, paths
 FINETUNING = ("lora", "full", "full-then-lora")
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
-TRAINING_STAGES = ("cpt", "sft", "dpo")
+TRAINING_STAGES = ("cpt", "sft", "dpo", "reward")
 # What a training run uses where the option stays unset (None, so that "not given" can be told):
 # the warm-up when neither --warmup-steps nor --warmup-ratio is given, and the share of the steps
 # trained in full with --finetuning full-then-lora. The length is the stage's `recommended` epochs.
@@ -137,8 +137,9 @@ class Stage:
 
 # ---------------------------------------------------------------------- the training options
 _DEFAULT_MODEL = {"cpt": "the embedded demo model", "sft": f"{paths.MERGED_OUT}, merge.py's output",
-                  "dpo": f"{paths.SFT_OUT / 'merged'}, sft.py's output"}
-_DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT}
+                  "dpo": f"{paths.SFT_OUT / 'merged'}, sft.py's output",
+                  "reward": f"{paths.SFT_OUT / 'merged'}, sft.py's output"}
+_DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT, "reward": paths.REWARD_OUT}
 _CONFIG = Option("--config", metavar="FILE",
                  help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or LLaMA-Factory's "
                       "keys: what such a recipe leaves out takes LLaMA-Factory's / HF's defaults, e.g. lora_rank 8, "
@@ -163,7 +164,8 @@ def _training(stage: str) -> tuple[Option, ...]:
         )
     else:
         what = "SFT file(s): messages (with tools), alpaca or ShareGPT" if stage == "sft" else \
-            "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)"
+            "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)" + \
+            (", optional margin" if stage == "reward" else "")
         data = (
             Option("--data", metavar="FILE.jsonl", nargs="+", group=g, help=what,
                    lf=(LF("dataset", lf.datasets, lists=True),)),
@@ -326,6 +328,21 @@ DPO = Stage("dpo.py", options=(
                   lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20, beta=0.1), lf_stage="dpo")
 
 
+_REWARD = "reward model"
+REWARD = Stage("reward.py", options=(
+    *_training("reward"),
+    Option("--center-rewards-coefficient", type=flags.non_negative_float, group=_REWARD,
+           help="c of TRL's RewardTrainer: adds c x mean((r_chosen + r_rejected)^2), keeping rewards centred on 0 "
+                "(default: off; 0.01 is the value of the paper TRL cites)"),
+    Option("--max-prompt-len", type=flags.positive_int, group=_REWARD,
+           help="tokens the prompt keeps when a pair is too long (default: half of --max-len)"),
+    Option("--no-merge", action="store_true", help="write only adapter/, not merged/"),
+    _CHAT_TEMPLATE,
+), recommended=dict(lr=1e-4, lora_alpha=32.0, epochs=1.0),   # TRL RewardConfig: lr 1e-4, 1 epoch
+    embedded=dict(max_len=256, batch_size=4, grad_accum=2, max_steps=40, lr=2e-3, warmup_steps=4,
+                  lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20), lf_stage="reward")   # LLaMA-Factory: stage rm
+
+
 # ---------------------------------------------------------------------- the other scripts
 class AppendEntry(argparse.Action):
     """evaluate.py's --model and --adapter append (kind, value) to one list, `entries`, keeping
@@ -476,7 +493,7 @@ RESIDUAL_OPTIONS = (
 )
 RESIDUAL = Stage("residual.py", options=(*RESIDUAL_OPTIONS, _CONFIG))
 
-STAGES: dict[str, Stage] = {"cpt": CPT, "sft": SFT, "dpo": DPO, "evaluate": EVALUATE, "merge": MERGE,
+STAGES: dict[str, Stage] = {"cpt": CPT, "sft": SFT, "dpo": DPO, "reward": REWARD, "evaluate": EVALUATE, "merge": MERGE,
                             "generate": GENERATE, "export": EXPORT, "extend_vocab": EXTEND_VOCAB, "residual": RESIDUAL}
 
 

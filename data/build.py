@@ -135,13 +135,16 @@ def sft_datasets(paths: Sequence[PathLike], tokenizer, *, max_len: int, eval_pat
 
 def preference_datasets(paths: Sequence[PathLike], tokenizer, *, max_len: int, max_prompt_len: Optional[int] = None,
                         eval_path: Optional[PathLike] = None, eval_fraction: float = 0.0, seed: int = 0,
-                        chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> StageData:
+                        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                        keep_tail: bool = False) -> StageData:
     """Preference pairs (DPO & co.): (train pairs, held-out pairs or None, info).
 
     Pairs are encoded by data.PreferenceDataset (items: chosen / rejected input_ids and labels
-    [L <= max_len]); held out as in sft_datasets.
+    [L <= max_len], and "margin" where the records have TRL's margin column); held out as in
+    sft_datasets. keep_tail: rows are whole rendered conversations (a reward model's input).
     """
-    options = dict(max_len=max_len, max_prompt_len=max_prompt_len, chat_template_kwargs=chat_template_kwargs)
+    options = dict(max_len=max_len, max_prompt_len=max_prompt_len, chat_template_kwargs=chat_template_kwargs,
+                   keep_tail=keep_tail)
     full = PreferenceDataset([str(p) for p in paths], tokenizer, **options)
     train, held_out = _split_or_file(full, eval_path, eval_fraction, seed,
                                      lambda p: PreferenceDataset(p, tokenizer, **options))

@@ -212,8 +212,9 @@ class EncodedPair:
 
 
 def _render(prompt: List[Message], response: Message, tokenizer, system: Optional[str], where: str,
-            options: Mapping[str, Any]):
-    """(ids, labels) of prompt + response, labels on the final assistant turn only, cut after it.
+            options: Mapping[str, Any], keep_tail: bool = False):
+    """(ids, labels) of prompt + response, labels on the final assistant turn only, cut after it
+    (keep_tail: not cut; what the template renders after the turn stays, unlabelled).
     system: the default system prompt, for a prompt that has none; options: tools and template variables."""
     if system is not None and (not prompt or prompt[0]["role"] != "system"):
         prompt = [{"role": "system", "content": system}] + list(prompt)
@@ -227,17 +228,19 @@ def _render(prompt: List[Message], response: Message, tokenizer, system: Optiona
     start = end
     while start > 0 and mask[start - 1]:
         start -= 1
-    ids = list(ids[:end])
-    return ids, [IGNORE_INDEX] * start + ids[start:end]
+    labels = [IGNORE_INDEX] * start + list(ids[start:end])
+    if keep_tail:
+        return list(ids), labels + [IGNORE_INDEX] * (len(ids) - end)
+    return list(ids[:end]), labels
 
 
 def _first_scored(labels: Sequence[int]) -> int:
     return next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
 
 
-def _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, options) -> EncodedPair:
-    c_ids, c_labels = _render(prompt, chosen, tokenizer, system, where, options)
-    r_ids, r_labels = _render(prompt, rejected, tokenizer, system, where, options)
+def _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, options, keep_tail=False) -> EncodedPair:
+    c_ids, c_labels = _render(prompt, chosen, tokenizer, system, where, options, keep_tail)
+    r_ids, r_labels = _render(prompt, rejected, tokenizer, system, where, options, keep_tail)
     # The shared prompt ends where the first response starts (a response starting with "\n"
     # may merge with the header's "\n" into one scored token, so take the earlier start).
     start = min(_first_scored(c_labels), _first_scored(r_labels))
@@ -259,6 +262,7 @@ def encode_pair(
     where: str = "record",
     chat_template_kwargs: Optional[Mapping[str, Any]] = None,
     tools: Optional[List[Dict[str, Any]]] = None,
+    keep_tail: bool = False,
 ) -> EncodedPair:
     """Encode one pair (see the module docstring for labels and truncation).
 
@@ -266,11 +270,13 @@ def encode_pair(
     chat_template_kwargs: template variables (enable_thinking, preserve_thinking, ...); tools: the
     JSON schemas offered to the model (OpenAI style), as in SFT.
     max_prompt_len: the prompt is not cut below this many tokens (default max_len // 2).
+    keep_tail: keep what the template renders after the response (unlabelled): the whole rendered
+    conversation, as TRL's RewardTrainer tokenizes it (a reward model scores its last token).
     """
     check_roles(prompt + [chosen], where)
     check_roles(prompt + [rejected], where)
     kw = dict(chat_template_kwargs or {}, tools=tools)
-    enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, kw)
+    enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, kw, keep_tail)
     if max_len is None or enc.row_length <= max_len:
         return enc
     full_length = enc.row_length
@@ -283,7 +289,7 @@ def encode_pair(
     while len(enc.prompt_ids) > target and len(prompt) - first > 1:
         prompt = prompt[:first] + prompt[first + 2:]
         dropped += 1
-        enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, kw)
+        enc = _encode_untruncated(prompt, chosen, rejected, tokenizer, system, where, kw, keep_tail)
     # 1b. cut the start of the last user message, keeping at least min_prompt_tokens of it
     if len(enc.prompt_ids) > target:
         content = prompt[-1]["content"]
@@ -294,7 +300,7 @@ def encode_pair(
             keep = max(min_prompt_tokens, keep - (len(enc.prompt_ids) - target))
             text = tokenizer.decode(content_ids[len(content_ids) - keep:], errors="ignore")  # never half a character
             trial = prompt[:-1] + [{"role": "user", "content": with_text(content, part, text)}]
-            enc = _encode_untruncated(trial, chosen, rejected, tokenizer, system, where, kw)
+            enc = _encode_untruncated(trial, chosen, rejected, tokenizer, system, where, kw, keep_tail)
             cut = len(content_ids) - keep
     # 2. both responses to the same budget, keeping their start
     budget = max(0, max_len - len(enc.prompt_ids))
@@ -311,6 +317,16 @@ def encode_pair(
         setattr(enc, f"{side}_labels", labels)
     enc.history_turns_dropped, enc.prompt_tokens_cut, enc.response_tokens_cut = dropped, cut, response_cut
     return enc
+
+
+def _margin(record: Mapping[str, Any], where: str) -> Optional[float]:
+    """A record's optional "margin" (TRL's RewardTrainer column): a finite number, or None when absent."""
+    if not isinstance(record, Mapping) or "margin" not in record:
+        return None
+    value = record["margin"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise DataError(f"{where}: field 'margin' must be a finite number, got {json.dumps(value)[:40]}", "bad-field")
+    return float(value)
 
 
 # ---------------------------------------------------------------------- dataset
@@ -334,6 +350,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         glob: Optional[str] = None,
         min_prompt_tokens: int = 8,
         chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+        keep_tail: bool = False,
     ):
         check_on_error(on_error)
         if max_len is not None and max_len < 2:
@@ -342,15 +359,18 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_prompt_len must be in [0, max_len={max_len}), got {max_prompt_len}")
         self.report = InputReport()
         self.pairs: List[Tuple[np.ndarray, ...]] = []
+        margins: List[Optional[float]] = []
         for path in find_files(paths, glob):
             for lineno, record in iter_jsonl(path, self.report, on_error):
                 where = f"{path}:{lineno}"
                 try:
+                    margin = _margin(record, where)
                     prompt, chosen, rejected = to_preference(record, where=where)
                     kwargs = run_template_kwargs(chat_template_kwargs) | template_kwargs_of(record, where)
                     enc = encode_pair(prompt, chosen, rejected, tokenizer, max_len=max_len, max_prompt_len=max_prompt_len,
                                       system=system, min_prompt_tokens=min_prompt_tokens, where=where,
-                                      chat_template_kwargs=kwargs, tools=parse_tools(record.get("tools"), where))
+                                      chat_template_kwargs=kwargs, tools=parse_tools(record.get("tools"), where),
+                                      keep_tail=keep_tail)
                 except DataError as err:
                     self.report.handle(err, on_error)
                     continue
@@ -359,10 +379,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     if n:
                         self.report.truncated[kind] += 1
                 self.report.kept += 1
+                margins.append(margin)
                 self.pairs.append(tuple(np.asarray(x, dtype=np.int64) for x in (
                     enc.prompt_ids, enc.chosen_ids, enc.chosen_labels, enc.rejected_ids, enc.rejected_labels)))
         if not self.pairs:
             raise DataError(f"{paths}: no usable preference pairs ({self.report.summary()})", "empty")
+        # TRL's optional "margin" column: items carry it when any record has one (0 where absent).
+        self.margins = (np.asarray([m or 0.0 for m in margins], dtype=np.float32)
+                        if any(m is not None for m in margins) else None)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -370,12 +394,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         prompt, c_ids, c_labels, r_ids, r_labels = self.pairs[i]
         unscored = np.full(len(prompt), IGNORE_INDEX, dtype=np.int64)
-        return {
+        item = {
             "chosen_input_ids": torch.from_numpy(np.concatenate([prompt, c_ids])),
             "chosen_labels": torch.from_numpy(np.concatenate([unscored, c_labels])),
             "rejected_input_ids": torch.from_numpy(np.concatenate([prompt, r_ids])),
             "rejected_labels": torch.from_numpy(np.concatenate([unscored, r_labels])),
         }
+        if self.margins is not None:
+            item["margin"] = torch.tensor(float(self.margins[i]))
+        return item
 
     def lengths(self) -> np.ndarray:
         """Tokens of each pair's longer row."""
@@ -398,7 +425,8 @@ def preference_collate(
 
     input_ids / labels / attention_mask: LongTensors [2B, T], right-padded with `pad_id`, label
     -100 and mask 0. Items carrying precomputed reference log-probs (REFERENCE_FIELDS, scalars)
-    add "ref_chosen_logps" / "ref_rejected_logps": float32 [B].
+    add "ref_chosen_logps" / "ref_rejected_logps": float32 [B]; items carrying a "margin" add
+    "margin": float32 [B].
     """
     if not items:
         raise ValueError("preference_collate: empty batch")
@@ -413,6 +441,11 @@ def preference_collate(
     if all(carried):
         for key in REFERENCE_FIELDS:
             batch[key] = torch.stack([torch.as_tensor(it[key], dtype=torch.float32).reshape(()) for it in items])
+    with_margin = ["margin" in it for it in items]
+    if any(with_margin) and not all(with_margin):
+        raise ValueError("preference_collate: some items carry a margin and others do not")
+    if all(with_margin):
+        batch["margin"] = torch.stack([torch.as_tensor(it["margin"], dtype=torch.float32).reshape(()) for it in items])
     return batch
 
 

@@ -83,6 +83,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_pat
         base_model_name_or_path = getattr(model, "name_or_path", None)
         base_model_name_or_path = str(base_model_name_or_path) if base_model_name_or_path else None
     peft_config = config.to_peft(base_model_name_or_path)
+    # A model says what PEFT task it is (a sequence classifier: SEQ_CLS, which PEFT loads over
+    # AutoModelForSequenceClassification); a causal LM says nothing.
+    peft_config["task_type"] = getattr(model, "peft_task_type", peft_config["task_type"])
     adapted = list(adapter_modules(model))
     if any(EXPERT_PROJECTION.search(n) for n in adapted):
         peft_config["lora_dropout"] = 0.0  # see the module docstring

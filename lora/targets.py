@@ -37,7 +37,7 @@ from models.qwen.moe import TopKRouter
 from .layer import LoRALinear, is_linear
 
 ALL_LINEAR = "all-linear"
-OUTPUT_HEADS = ("lm_head",)
+OUTPUT_HEADS = ("lm_head", "score")   # the LM head; a sequence classifier's head (PEFT: modules_to_save)
 
 _REGEX_CHARS = set("^$*+?{}[]\\|()")
 

@@ -37,6 +37,7 @@ from .config import QwenConfig, dtype_from_name, dtype_name, merge_eos
 from .errors import CheckpointError, ConfigError
 from .model import Qwen
 from .module_tree import replace_module
+from .score import QwenForSequenceClassification, is_sequence_classifier
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -231,11 +232,13 @@ def load(
 
     cfg.extra.pop("quantization_config", None)
     check_counts(root, cfg, files)
+    # A ...ForSequenceClassification folder (a reward model): the decoder and its `score` head.
+    model_class = QwenForSequenceClassification if is_sequence_classifier(raw_config) else Qwen
     with torch.device("meta"):
-        model = Qwen(cfg)
+        model = model_class(cfg)
     linears = quantizable_linears(model) if quantizer else {}
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    tied = cfg.tie_word_embeddings
+    tied = cfg.tie_word_embeddings and model_class is Qwen
     if tied:
         expected.pop("lm_head.weight", None)
     pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # module -> suffix -> tensor
@@ -402,7 +405,8 @@ def checkpoint_names(model: nn.Module) -> set[str]:
     """The tensor names of `model`'s checkpoint layout: the state-dict keys of a fresh model of its
     config (built on the meta device: no memory, no init)."""
     with torch.device("meta"):
-        return set(Qwen(model.config).state_dict())
+        layout = QwenForSequenceClassification if isinstance(model, QwenForSequenceClassification) else Qwen
+        return set(layout(model.config).state_dict())
 
 
 def foreign_name(names: Iterator[str], known: set[str]) -> Optional[str]:
@@ -492,6 +496,8 @@ def save(
         hf["tie_word_embeddings"] = bool(getattr(model, "is_tied", cfg.tie_word_embeddings))
         if source is not None:
             hf = source.hf_config(hf)
+        if isinstance(model, QwenForSequenceClassification):
+            hf = model.hf_config(hf)
         qconfs = [m.hf_quantization_config for m in model.modules() if getattr(m, "hf_quantization_config", None)]
         if qconfs:
             hf["quantization_config"] = qconfs[0]

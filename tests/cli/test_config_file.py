@@ -96,7 +96,8 @@ def test_command_line_wins_over_llamafactory_keys(tmp_path):
 
 @pytest.mark.parametrize("text, needle", [
     ("stage: dpo\n", "stage 'dpo' is run by examples/dpo.py, not by sft.py"),
-    ("stage: rm\n", "stage 'rm' is not supported"),
+    ("stage: ppo\n", "stage 'ppo' is not supported"),
+    ("stage: rm\n", "stage 'rm' is run by examples/reward.py, not by sft.py"),
     ("stage: sft\nfinetuning_type: freeze\n", "finetuning_type 'freeze' is not supported"),
     ("stage: sft\nquantization_bit: 8\n", "quantization_bit 8: only 4-bit"),
     ("stage: sft\ndataset: nowhere\n", "dataset 'nowhere' is not in"),

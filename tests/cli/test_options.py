@@ -32,6 +32,13 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
         max_len max_prompt_len max_steps model no_grad_checkpointing no_merge offload_activations out overwrite qlora reference report_to resume sample_questions
         sample_tokens save_every seed simpo_gamma use_dora use_rslora warmup_ratio warmup_steps weight_decay
     """.split()),
+    "reward": set("""
+        batch_size center_rewards_coefficient chat_template_kwargs data dtype epochs eval_data eval_every
+        eval_fraction finetuning fsdp full_fraction grad_accum keep_last log_every lora_alpha lora_dropout lora_r
+        lora_targets lr lr_scheduler max_grad_norm max_len max_prompt_len max_steps model no_grad_checkpointing
+        no_merge out overwrite qlora report_to resume save_every seed use_dora use_rslora warmup_ratio
+        warmup_steps weight_decay
+    """.split()),
     "merge": set("""
         adapter dtype gguf into max_shard_size model out overwrite qlora
     """.split()),
@@ -102,10 +109,10 @@ def test_generated_llama_factory_keys_are_the_old_ones():
     assert config_file.LF_RIVALS == {"warmup_steps": "warmup_ratio", "epochs": "max_steps"}
 
 
-@pytest.mark.parametrize("stage", ["cpt", "sft", "dpo"])
+@pytest.mark.parametrize("stage", ["cpt", "sft", "dpo", "reward"])
 def test_a_config_key_and_its_llama_factory_alias_reach_the_same_option(stage, tmp_path):
     (tmp_path / "a.txt").write_text("x", encoding="utf-8")
-    lf_stage = {"cpt": "pt"}.get(stage, stage)
+    lf_stage = {"cpt": "pt", "reward": "rm"}.get(stage, stage)
     checked = set()
     for o in options.STAGES[stage].options:
         for alias in o.lf:
@@ -147,7 +154,7 @@ def test_a_flag_in_any_spelling_beats_the_embedded_default_which_beats_the_stage
 
 def test_stage_recommendations_are_the_defaults_and_help_shows_them_once():
     for stage, (lr, alpha, epochs) in {"cpt": (1e-4, 16.0, 2.0), "sft": (5e-5, 32.0, 1.0),
-                                       "dpo": (5e-6, 32.0, 1.0)}.items():
+                                       "dpo": (5e-6, 32.0, 1.0), "reward": (1e-4, 32.0, 1.0)}.items():
         args, _ = _parse(stage, [])
         assert (args.lr, args.lora_alpha, options.recommended_epochs(stage)) == (lr, alpha, epochs)
         text = " ".join(options.parser(stage, "test").format_help().split())

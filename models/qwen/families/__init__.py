@@ -76,6 +76,9 @@ class Family:
     peft_doubles_expert_alpha: bool = False
     gguf_architecture: Optional[str] = None
     gguf_refusal: str = ""
+    # transformers' sequence-classification class of the family (score head on the last non-pad
+    # token: models/qwen/score.py); None where transformers has none.
+    sequence_classification: Optional[str] = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -206,9 +209,11 @@ def common_hf(cfg: "QwenConfig") -> dict:
 
 
 def check_architectures(raw: dict, source: str, allowed: str, model_type: Optional[str] = None) -> None:
-    """Every entry of config.json's `architectures` is `allowed` (the family's class)."""
+    """Every entry of config.json's `architectures` is `allowed` (the family's class) or that
+    family's sequence-classification class."""
+    classifiers = {f.architecture: f.sequence_classification for f in FAMILIES.values() if f.sequence_classification}
     for arch in raw.get("architectures") or []:
-        if arch != allowed:
+        if arch != allowed and arch != classifiers.get(allowed):
             where = f" for model_type {model_type!r}" if model_type else ""
             raise ConfigError(f"{source}: architecture {arch!r} is not supported{where} (expected {allowed!r})")
 

@@ -28,6 +28,7 @@ class Qwen2Family(Family):
     name = "qwen2"
     model_type = "qwen2"
     architecture = "Qwen2ForCausalLM"
+    sequence_classification = "Qwen2ForSequenceClassification"
     o_proj_bias = False  # Qwen2's attention bias is on q/k/v only
     gguf_architecture = "qwen2"
     qwen3_attention = False  # Qwen3: no qkv bias by default, RMSNorm on q and k per head

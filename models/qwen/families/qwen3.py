@@ -15,6 +15,7 @@ class Qwen3Family(Qwen2Family):
     name = "qwen3"
     model_type = "qwen3"
     architecture = "Qwen3ForCausalLM"
+    sequence_classification = "Qwen3ForSequenceClassification"
     o_proj_bias = True
     gguf_architecture = "qwen3"
     qwen3_attention = True

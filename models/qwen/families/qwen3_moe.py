@@ -19,6 +19,7 @@ class Qwen3MoeFamily(Qwen3Family):
     name = "qwen3_moe"
     model_type = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
+    sequence_classification = "Qwen3MoeForSequenceClassification"
     moe = True
     gguf_architecture = "qwen3moe"
     # PEFT 0.21 converts Qwen3-MoE expert adapters onto transformers' fused experts with

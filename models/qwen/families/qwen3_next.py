@@ -166,6 +166,7 @@ class Qwen3NextFamily(HybridFamily):
     name = MODEL_TYPE
     model_type = MODEL_TYPE
     architecture = ARCHITECTURE
+    sequence_classification = "Qwen3NextForSequenceClassification"
     moe = True
     shared_expert = True
     gguf_architecture = "qwen3next"
