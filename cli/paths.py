@@ -8,6 +8,7 @@ CPT_OUT = RUNS / "cpt"
 MERGED_OUT = RUNS / "cpt-merged"
 SFT_OUT = RUNS / "sft"
 DPO_OUT = RUNS / "dpo"
+GRPO_OUT = RUNS / "grpo"
 
 # The tuned stages in order, latest first: (stage, its --out, the base its adapter goes on).
 TUNED_STAGES = (("dpo", DPO_OUT, SFT_OUT / "merged"), ("sft", SFT_OUT, MERGED_OUT))
