@@ -1,7 +1,8 @@
-"""examples/grpo.py end to end on a tiny model (text prompts, a FILE.py:NAME reward): the same
-command twice samples the same completions (completions.jsonl) and trains the same adapter; the
-run under torchrun (2 CPU processes, 1 x 2 completions each) equals the one-process run (2 x 2);
-bad input exits 2 with one line."""
+"""examples/grpo.py end to end on a tiny model (text prompts, a FILE.py:NAME reward): its outputs
+(completions.jsonl rows, TRL-named metrics, the adapter); the run under torchrun (2 CPU processes,
+1 x 2 completions each) equals the one-process run (2 x 2): the same completions, metrics and
+adapter; bad input is a one-line usage error (exit 2). (The same command twice sampling the same
+completions: tests/train/test_grpo_step.py, in-process.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.examples.conftest import EXAMPLES, ROOT, assert_usage_error, run_script
+from tests.examples.conftest import EXAMPLES, ROOT, run_script
 from tests.helpers import tiny_checkpoint
 
 REWARD = '''
@@ -69,22 +70,17 @@ def first(setup):
     return grpo(setup, setup[3] / "first")
 
 
-def test_same_command_twice_samples_the_same_completions(setup, first):
-    second = grpo(setup, setup[3] / "second")
-    text = (first / "completions.jsonl").read_text()
-    assert text == (second / "completions.jsonl").read_text()
-    rows = [json.loads(line) for line in text.splitlines()]
+def test_outputs(first):
+    rows = [json.loads(line) for line in (first / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4 and {r["step"] for r in rows} == {1, 2}
     assert set(rows[0]) == {"step", "prompt", "completion", "completion_ids", "rewards", "reward", "advantage"}
     assert all(r["reward"] == pytest.approx(r["rewards"]["even_share"]) for r in rows)
-    assert metrics(first) == metrics(second)
+    assert all(len(r["completion_ids"]) <= 4 and r["prompt"].startswith("Count to") for r in rows)
     row = metrics(first)[-1]
     for key in ("reward", "reward_std", "rewards/even_share/mean", "completions/mean_length",
                 "completions/clipped_ratio", "clip_ratio/region_mean", "loss", "lr"):
         assert key in row, key
-    a = load_file(first / "adapter" / "adapter_model.safetensors")
-    b = load_file(second / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (first / "adapter" / "adapter_config.json").is_file()
 
 
 def test_torchrun_two_processes_equal_one(setup, first):
@@ -101,11 +97,26 @@ def test_torchrun_two_processes_equal_one(setup, first):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
-def test_bad_input_exits_2_with_one_line(setup):
+@pytest.mark.parametrize("flags, needles", [
+    (["--batch-size", "3", "--grad-accum", "1", "--num-generations", "2"], ["--batch-size 3", "--num-generations 2",
+                                                                           "multiple"]),
+    (["--reward", "nonsense"], ["--reward", "nonsense", "FILE.py:NAME"]),
+    (["--reward", "missing.py:fn"], ["--reward", "no file missing.py"]),
+    (["--finetuning", "full", "--beta", "0.04"], ["--finetuning full", "--beta"]),
+])
+def test_bad_input_is_a_one_line_usage_error(setup, flags, needles):
+    """In-process (no subprocess): main() raises UsageError (run_main prints it as one line, exit 2)
+    before it loads the model or claims --out."""
+    from cli.errors import UsageError, exit_code
+    from examples.grpo import main
+
     model, prompts, reward, tmp = setup
-    proc = run_script("grpo.py", "--model", model, "--data", prompts, "--reward", reward, "--out", tmp / "bad",
-                      "--batch-size", "3", "--grad-accum", "1", "--num-generations", "2", cache=tmp / "cache")
-    assert_usage_error(proc, "--batch-size 3", "--num-generations 2", "multiple")
-    proc = run_script("grpo.py", "--model", model, "--data", prompts, "--reward", "nonsense", "--out", tmp / "bad",
-                      cache=tmp / "cache")
-    assert_usage_error(proc, "--reward", "nonsense", "FILE.py:NAME")
+    args = ["--model", str(model), "--data", str(prompts), "--out", str(tmp / "bad")]
+    if "--reward" not in flags:
+        args += ["--reward", reward]
+    with pytest.raises(UsageError) as e:
+        main(args + flags)
+    assert exit_code(e.value) == 2 and "\n" not in str(e.value)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+    assert not (tmp / "bad").exists()

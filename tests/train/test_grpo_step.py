@@ -127,10 +127,14 @@ def test_a_run_learns(tmp_path):
     assert first < 0.4 and last > first + 0.3, rewards
 
 
-def test_resume_mid_generation_is_bit_exact(tmp_path):
-    """μ = 2: steps 3 and 4 train on generation 1; a checkpoint after step 3 carries it."""
+def test_same_run_twice_samples_the_same_completions_and_resume_mid_generation_is_bit_exact(tmp_path):
+    """The same run twice: the same completions.jsonl and weights. μ = 2: steps 3 and 4 train on
+    generation 1; a checkpoint after step 3 carries it, and the resumed run equals the whole one."""
     path, _ = tiny_checkpoint(tmp_path / "tiny", seed=2)
     whole_model, whole_rows = run(path, tmp_path / "whole", steps=4, mu=2, save_every=3)
+    again_model, _ = run(path, tmp_path / "again", steps=4, mu=2, save_every=3)
+    assert (tmp_path / "again" / "completions.jsonl").read_text() == (tmp_path / "whole" / "completions.jsonl").read_text()
+    assert all(torch.equal(a, b) for a, b in zip(whole_model.state_dict().values(), again_model.state_dict().values()))
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "whole", part)
     shutil.rmtree(part / "checkpoints" / "step-4")
