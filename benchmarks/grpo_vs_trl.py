@@ -101,7 +101,7 @@ def run_trl(args, model_dir: Path, adapter: Path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
-    from trl.trainer.utils import nanstd, selective_log_softmax
+    from trl.trainer.utils import entropy_from_logits, nanstd, selective_log_softmax
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype])
     cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear")
@@ -116,7 +116,7 @@ def run_trl(args, model_dir: Path, adapter: Path):
     def per_token(m, input_ids, attention_mask, logits_to_keep, **kw):
         logits = m(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1).logits
         logits = logits[:, :-1][:, -logits_to_keep:] / 1.0
-        return selective_log_softmax(logits, input_ids[:, -logits_to_keep:]), None, None
+        return selective_log_softmax(logits, input_ids[:, -logits_to_keep:]), entropy_from_logits(logits), None
 
     acc = types.SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t,
                                 gather_for_metrics=lambda t: t)
