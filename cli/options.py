@@ -29,7 +29,7 @@ from . import flags, llama_factory as lf, paths
 FINETUNING = ("lora", "full", "full-then-lora")
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
-TRAINING_STAGES = ("cpt", "sft", "dpo", "reward")
+TRAINING_STAGES = ("cpt", "sft", "dpo", "reward", "grpo")
 # What a training run uses where the option stays unset (None, so that "not given" can be told):
 # the warm-up when neither --warmup-steps nor --warmup-ratio is given, and the share of the steps
 # trained in full with --finetuning full-then-lora. The length is the stage's `recommended` epochs.
@@ -138,8 +138,10 @@ class Stage:
 # ---------------------------------------------------------------------- the training options
 _DEFAULT_MODEL = {"cpt": "the embedded demo model", "sft": f"{paths.MERGED_OUT}, merge.py's output",
                   "dpo": f"{paths.SFT_OUT / 'merged'}, sft.py's output",
-                  "reward": f"{paths.SFT_OUT / 'merged'}, sft.py's output"}
-_DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT, "reward": paths.REWARD_OUT}
+                  "reward": f"{paths.SFT_OUT / 'merged'}, sft.py's output",
+                  "grpo": f"{paths.DPO_OUT / 'merged'}, dpo.py's output, else {paths.SFT_OUT / 'merged'}"}
+_DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT, "reward": paths.REWARD_OUT,
+                "grpo": paths.GRPO_OUT}
 _CONFIG = Option("--config", metavar="FILE",
                  help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or LLaMA-Factory's "
                       "keys: what such a recipe leaves out takes LLaMA-Factory's / HF's defaults, e.g. lora_rank 8, "
@@ -163,16 +165,18 @@ def _training(stage: str) -> tuple[Option, ...]:
                    lf_default=2048, help="tokens per packed training block"),
         )
     else:
-        what = "SFT file(s): messages (with tools), alpaca or ShareGPT" if stage == "sft" else \
-            "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)" + \
-            (", optional margin" if stage == "reward" else "")
+        what = {"sft": "SFT file(s): messages (with tools), alpaca or ShareGPT",
+                "grpo": "prompts: a 'prompt' column (text or messages); the other columns go to the rewards"}.get(
+            stage, "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)"
+            + (", optional margin" if stage == "reward" else ""))
         data = (
             Option("--data", metavar="FILE.jsonl", nargs="+", group=g, help=what,
                    lf=(LF("dataset", lf.datasets, lists=True),)),
             Option("--eval-data", metavar="FILE.jsonl", group=g, help="held-out file (default: a split of --data)",
                    lf=(LF("eval_dataset", lf.eval_dataset, lists=True),)),
             Option("--max-len", type=flags.int_at_least(2), default=1024, group=g, lf=(LF("cutoff_len", lf.cutoff_len),),
-                   lf_default=2048, help="longest sample in tokens"),
+                   lf_default=2048, help="longest prompt in tokens (longer ones keep their end)" if stage == "grpo"
+                   else "longest sample in tokens"),
         )
     return (
         Option("--model", metavar="DIR", group=g, lf=(LF("model_name_or_path"),),
@@ -326,6 +330,45 @@ DPO = Stage("dpo.py", options=(
 ), recommended=dict(lr=5e-6, lora_alpha=32.0, epochs=1.0),   # DPO: a low lr, 1 epoch
     embedded=dict(max_len=256, batch_size=4, grad_accum=2, max_steps=40, lr=5e-3, warmup_steps=4,
                   lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20, beta=0.1), lf_stage="dpo")
+
+_GRPO = "GRPO (TRL GRPOConfig's names)"
+_GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
+GRPO = Stage("grpo.py", options=(
+    *_training("grpo"),
+    Option("--reward", metavar="FN", action="append", dest="reward", group=_GRPO,
+           help="a reward: 'accuracy' (answer column, math normalisation), 'format' (<think>..</think><answer>..</answer>), "
+                "FILE.py:NAME (a TRL-style function), or a reward-model folder; repeatable (default: the demo's)"),
+    Option("--reward-weights", metavar="W", nargs="+", type=flags.finite_float, group=_GRPO,
+           help="one weight per --reward (default: 1 each)"),
+    Option("--num-generations", type=flags.int_at_least(2), default=8, group=_GRPO,
+           help="G: completions per prompt (the group of the advantages)"),
+    Option("--max-completion-length", type=flags.positive_int, default=256, group=_GRPO,
+           help="tokens a completion may have (then it is clipped)"),
+    Option("--temperature", type=flags.positive_float, default=1.0, group=_GRPO, help="sampling temperature"),
+    Option("--top-p", type=flags.unit_interval, default=1.0, group=_GRPO, help="nucleus sampling mass"),
+    Option("--top-k", type=flags.non_negative_int, default=0, group=_GRPO, help="top-k sampling (0: off)"),
+    Option("--beta", type=flags.non_negative_float, default=0.0, group=_GRPO,
+           help="KL coefficient against the reference (the model with its adapters disabled); 0: no KL term"),
+    Option("--epsilon", type=flags.positive_float, default=0.2, group=_GRPO, help="clipping ε (lower bound 1 - ε)"),
+    Option("--epsilon-high", type=flags.positive_float, group=_GRPO, help="upper clipping bound 1 + ε_high (default: ε)"),
+    Option("--loss-type", choices=_GRPO_LOSSES, default="dapo", group=_GRPO,
+           help="loss normalisation: dapo (tokens of the whole batch, TRL's default), grpo, dr_grpo, bnpo"),
+    Option("--importance-sampling-level", choices=("token", "sequence"), default="token", group=_GRPO,
+           help="token ratios, or one ratio per sequence (GSPO)"),
+    Option("--scale-rewards", choices=("group", "batch", "none"), default="group", group=_GRPO,
+           help="advantages divided by the group's std, the batch's, or not at all (Dr. GRPO)"),
+    Option("--num-iterations", type=flags.positive_int, default=1, group=_GRPO,
+           help="μ: optimizer steps per generation (with the old log-probs)"),
+    Option("--log-completions", action="store_true", group=_GRPO,
+           help="write every completion, its rewards and advantage to --out/completions.jsonl"),
+    Option("--sample-prompts", type=flags.non_negative_int, default=16,
+           help="held-out prompts whose greedy completions' mean reward is printed before and after"),
+    Option("--no-merge", action="store_true", help="write only adapter/, not merged/"),
+    _CHAT_TEMPLATE,
+), recommended=dict(lr=1e-6, lora_alpha=32.0, epochs=1.0),   # GRPOConfig: lr 1e-6
+    embedded=dict(max_len=64, batch_size=8, grad_accum=2, max_steps=30, lr=2e-3, warmup_steps=0,
+                  lora_r=16, lora_alpha=32.0, save_every=10, num_generations=8, max_completion_length=24,
+                  temperature=0.7, top_k=50, beta=0.0))
 
 
 _REWARD = "reward model"
@@ -493,7 +536,8 @@ RESIDUAL_OPTIONS = (
 )
 RESIDUAL = Stage("residual.py", options=(*RESIDUAL_OPTIONS, _CONFIG))
 
-STAGES: dict[str, Stage] = {"cpt": CPT, "sft": SFT, "dpo": DPO, "reward": REWARD, "evaluate": EVALUATE, "merge": MERGE,
+STAGES: dict[str, Stage] = {"cpt": CPT, "sft": SFT, "dpo": DPO, "reward": REWARD, "grpo": GRPO, "evaluate": EVALUATE,
+                            "merge": MERGE,
                             "generate": GENERATE, "export": EXPORT, "extend_vocab": EXTEND_VOCAB, "residual": RESIDUAL}
 
 

@@ -32,8 +32,8 @@ from .errors import UsageError
 
 WRITER = "qwen-tune"
 # The entries each kind of output folder may hold (what --overwrite may delete).
-TRAINING_OUTPUTS = (RUN_FILE, LOCK_FILE, "metrics.jsonl", "train_config.json", "adapter", "checkpoints", "merged",
-                    "model", "runs", ".tmp-*", ".old-*", ".del-*", ".*.tmp")
+TRAINING_OUTPUTS = (RUN_FILE, LOCK_FILE, "metrics.jsonl", "completions.jsonl", "train_config.json", "adapter",
+                    "checkpoints", "merged", "model", "runs", ".tmp-*", ".old-*", ".del-*", ".*.tmp")
 MODEL_OUTPUTS = (RUN_FILE, LOCK_FILE, "config.json", "generation_config.json", "model.safetensors",
                  "model-*-of-*.safetensors", "model.safetensors.index.json", "report.txt", "manifest.json",
                  "new_rows.safetensors", "vocab_report.*", "*.gguf", "Modelfile",

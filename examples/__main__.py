@@ -16,6 +16,7 @@ STAGES = {
     "sft": "stage 2: instruction SFT (chat template, tool calling)",
     "dpo": "stage 3: preference alignment (DPO, IPO, SimPO, ORPO)",
     "reward": "stage 3: a reward model (Bradley-Terry on preference pairs) for GRPO",
+    "grpo": "stage 4: RL with verifiable rewards (GRPO, DAPO, Dr. GRPO, GSPO)",
     "generate": "chat with, or complete text from, a model (+ adapter)",
     "export": "write a merged model as GGUF for llama.cpp / Ollama",
     "evaluate": "held-out perplexity, answers and forgetting of several models",

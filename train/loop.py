@@ -148,6 +148,9 @@ class Trainer:
         self.autocast_dtype = self._precision()
         self.scaler = DynamicLossScaler(enabled=cfg.dtype == "fp16")
         self.on_micro_batch: Optional[Callable[[int, int], None]] = None
+        # A source of each step's micro-batches instead of the sampler (e.g. GRPO's generations);
+        # see `BatchSource`. Set it before fit().
+        self.batch_source: Optional[BatchSource] = None
         self.metrics = MetricsLog(self.out / "metrics.jsonl",
                                   tensorboard_dir=self.out / "runs" if cfg.report_to == "tensorboard" else None)
 
@@ -316,8 +319,11 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self.collate([self.train_dataset[i] for i in self.sampler.next_batch()])
-                   for _ in range(cfg.grad_accum)]
+        if self.batch_source is not None:
+            batches = self.batch_source.batches(step)
+        else:
+            batches = [self.collate([self.train_dataset[i] for i in self.sampler.next_batch()])
+                       for _ in range(cfg.grad_accum)]
         self.micro_step += len(batches)
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -342,6 +348,8 @@ class Trainer:
             return self._bad_step(step, -1, "gradient", lr)
 
         first_update = self._checked_phase != self.phase   # first update of this phase in this process
+        if first_update and self.batch_source is not None and not self.batch_source.gradient_expected():
+            first_update = False   # e.g. GRPO with every advantage 0: a zero gradient is right; check a later step
         if first_update:
             check_gradients_present(model, step)
             before = lora_b_snapshot(model)
@@ -353,7 +361,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.bad_in_a_row = 0
-        return self._stats(step, result.loss_sum / result.count, lr, grad_norm, result, t0)
+        stats = self._stats(step, result.loss_sum / result.count, lr, grad_norm, result, t0)
+        if self.batch_source is not None:
+            stats.update(self.batch_source.step_metrics())
+        return stats
 
     def accumulate(self, batches: Sequence[dict], step: int) -> StepResult:
         """Forward+backward every micro-batch, leaving in .grad the gradient of
@@ -494,6 +505,7 @@ class Trainer:
         opt_tensors, opt_meta = ckpt.optimizer_to_files(self.optimizer)
         opt_tensors = self.dist.full_tensors(opt_tensors)
         rng_states = self._gather_rng_states()
+        extra = self._gather_source_states()
         with self.dist.full_parameters(self.model, trainable_only=True):
             if self.dist.is_main:
                 named = dict(self.model.named_parameters())
@@ -503,7 +515,7 @@ class Trainer:
                     trainable={n: p for n, p in named.items() if p.requires_grad},
                     frozen=frozen if self.plan.saves_base(self.phase) else None,
                     adapter_model=self.model if lora.has_adapters(self.model) else None,
-                    optimizer=(opt_tensors, opt_meta), rng_states=rng_states,
+                    optimizer=(opt_tensors, opt_meta), rng_states=rng_states, extra=extra,
                     state={
                         "step": self.step, "micro_step": self.micro_step, "total_steps": self.total_steps,
                         "warmup": self.warmup, "next_lr": self.lr_at(min(self.step, self.total_steps)),
@@ -528,6 +540,15 @@ class Trainer:
         blobs = self.dist.gather_bytes(tensors_to_bytes(tensors))
         metas = self.dist.gather_bytes(json.dumps(meta).encode("utf-8"))
         return [(tensors_from_bytes(b), json.loads(m)) for b, m in zip(blobs, metas)]
+
+    def _gather_source_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{source-rank{r}.safetensors: the batch source's state on rank r}, on rank 0 ({} elsewhere)."""
+        if self.batch_source is None:
+            return {}
+        from fileio.safetensors_file import tensors_from_bytes, tensors_to_bytes
+
+        blobs = self.dist.gather_bytes(tensors_to_bytes(self.batch_source.state_tensors()))
+        return {f"source-rank{r}.safetensors": tensors_from_bytes(b) for r, b in enumerate(blobs)}
 
     def load_checkpoint(self, path: os.PathLike) -> None:
         """Restore the whole run state from a checkpoint directory (resume). Anything missing,
@@ -569,6 +590,9 @@ class Trainer:
                 raise CheckpointError(f"{path / ckpt.rng_name(self.dist.rank)}.*: bad RNG state ({e})") from None
         else:  # a rank the checkpointed run did not have (resumed on more processes)
             torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, found.step))
+        if self.batch_source is not None:
+            name = f"source-rank{self.dist.rank}.safetensors"
+            self.batch_source.load_state_tensors(found.tensors(name) if found.has(name) else {}, found.step)
         self.step, self.micro_step = found.step, int(state["micro_step"])
         self.bad_in_a_row, self.skipped_steps = int(state["bad_in_a_row"]), int(state["skipped_steps"])
         self.evals = list(state.get("evals", []))
@@ -610,6 +634,28 @@ class Trainer:
                 paths = save_final(self.model, self.out, self.cfg.mode, tokenizer=self.tokenizer)
         self.dist.barrier()
         return paths
+
+
+class BatchSource:
+    """What Trainer.batch_source is: each step's micro-batches made by the caller (GRPO generates
+    them) instead of drawn by the sampler, with a state that checkpoints carry.
+
+    batches(step) -> grad_accum collated micro-batches of this process for 1-based `step`;
+    step_metrics() -> {name: float} added to the step's metrics row; state_tensors() -> tensors
+    saved with a checkpoint (this rank's); load_state_tensors(tensors, step) restores them on
+    resume ({} when the checkpoint holds none); gradient_expected() -> False when this step's
+    batches rightly give a zero gradient (the first-update checks then wait for a later step).
+    """
+
+    def batches(self, step: int) -> list[dict]: ...
+
+    def step_metrics(self) -> dict[str, float]: ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None: ...
+
+    def gradient_expected(self) -> bool: ...
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:

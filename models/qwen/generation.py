@@ -4,7 +4,7 @@ sampling."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -20,9 +20,12 @@ def sample_next(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
 ) -> torch.Tensor:
-    """Pick one token per row. logits [B, V] -> ids [B]. temperature 0 = argmax."""
+    """Pick one token per row. logits [B, V] -> ids [B]. temperature 0 = argmax.
+
+    generator: one torch.Generator for the batch, or a sequence of B, one per row (row i's draw
+    then depends on its own generator only, not on which other rows share the batch)."""
     logits = logits.float()
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
@@ -38,6 +41,10 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -53,7 +60,7 @@ def generate(
     *,
     attention_mask: Optional[torch.Tensor] = None,
     pad_id: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     stream: Optional[Callable[[torch.Tensor], None]] = None,
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
 ) -> torch.Tensor:
@@ -63,7 +70,7 @@ def generate(
     one token per step (its recurrence). Batches of different prompt lengths are left-padded
     with `attention_mask` [B, T] (1 = real token; padding never enters a recurrent state). A
     row stops at its first eos id (default: the config's eos); after that it is filled with
-    `pad_id` (default: the first eos id). `stream(ids [B])` is called with
+    `pad_id` (default: the first eos id). `generator`: see sample_next. `stream(ids [B])` is called with
     every new column, for printing tokens as they come.
 
     prefill_chunk: a prompt longer than this goes into the cache that many tokens at a time

@@ -41,8 +41,10 @@ def rng_name(rank: int) -> str:
 
 def write_checkpoint(final: Path, *, trainable: dict[str, torch.Tensor], frozen: Optional[dict[str, torch.Tensor]],
                      adapter_model: Optional[nn.Module], optimizer: tuple[dict, dict],
-                     rng_states: list[tuple[dict, dict]], state: dict[str, Any]) -> Path:
-    """Write the checkpoint directory `final` atomically (see the module docstring)."""
+                     rng_states: list[tuple[dict, dict]], state: dict[str, Any],
+                     extra: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> Path:
+    """Write the checkpoint directory `final` atomically (see the module docstring). `extra`:
+    more tensor files, {file name: tensors} (e.g. a batch source's per-rank state)."""
     with atomic_directory(final) as tmp:
         save_tensors(tmp / "trainable.safetensors", trainable)
         if frozen is not None:
@@ -56,6 +58,8 @@ def write_checkpoint(final: Path, *, trainable: dict[str, torch.Tensor], frozen:
         for r, (tensors, meta) in enumerate(rng_states):
             save_tensors(tmp / f"{rng_name(r)}.safetensors", tensors)
             write_json(tmp / f"{rng_name(r)}.json", meta)
+        for name, tensors in (extra or {}).items():
+            save_tensors(tmp / name, tensors)
         write_json(tmp / STATE_FILE, {**state, "files": file_sizes(tmp)})
     return final
 
