@@ -15,6 +15,7 @@ STAGES = {
     "merge": "fold an adapter into its base model's 16-bit weights",
     "sft": "stage 2: instruction SFT (chat template, tool calling)",
     "dpo": "stage 3: preference alignment (DPO, IPO, SimPO, ORPO)",
+    "kto": "stage 3 from unpaired feedback: KTO, unpaired APO-zero",
     "generate": "chat with, or complete text from, a model (+ adapter)",
     "export": "write a merged model as GGUF for llama.cpp / Ollama",
     "evaluate": "held-out perplexity, answers and forgetting of several models",
