@@ -83,6 +83,11 @@ def config_argv(p: argparse.ArgumentParser, path: str, args: argparse.Namespace,
     (`args` their values), which the file does not override."""
     values = load_config_file(path)
     actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    # Another convention's name of one of our options (TRL's KTOConfig max_length: max_len) is
+    # read as that option, unless the file also sets it by our name.
+    for key, dest in getattr(p, "config_aliases", {}).items():
+        if key in values and dest not in {_dest(k) for k in values}:
+            values[dest] = values.pop(key)
     if is_llama_factory(values, actions):
         settings, ignored = _llama_factory_settings(values, actions, path, stage, args, given)
     else:

@@ -20,7 +20,7 @@ Pairs = list[tuple[Optional[str], Any]]
 Translation = Callable[[Any, dict, str, Optional[str]], Pairs]   # (value, all values, file, stage) -> pairs
 
 # LLaMA-Factory's `stage` -> the script that runs it.
-LF_STAGES = {"pt": "cpt", "sft": "sft", "dpo": "dpo", "rm": "reward"}
+LF_STAGES = {"pt": "cpt", "sft": "sft", "dpo": "dpo", "rm": "reward", "kto": "kto"}
 # Keys that change nothing here (we always use SDPA, never remote code, ...).
 LF_HARMLESS = {
     "do_train", "do_eval", "flash_attn", "trust_remote_code", "preprocessing_num_workers",

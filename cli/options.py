@@ -29,7 +29,7 @@ from . import flags, llama_factory as lf, paths
 FINETUNING = ("lora", "full", "full-then-lora")
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
-TRAINING_STAGES = ("cpt", "sft", "dpo", "reward", "grpo")
+TRAINING_STAGES = ("cpt", "sft", "dpo", "reward", "grpo", "kto")
 # What a training run uses where the option stays unset (None, so that "not given" can be told):
 # the warm-up when neither --warmup-steps nor --warmup-ratio is given, and the share of the steps
 # trained in full with --finetuning full-then-lora. The length is the stage's `recommended` epochs.
@@ -104,17 +104,19 @@ class Stage:
     not given (epochs), what a run takes when neither of the pair is given (named in --help).
     `embedded`: the values the embedded default (no --model) runs with, in the order
     the --help epilog lists them. `lf_stage`: the stage a LLaMA-Factory recipe's `stage` key is
-    checked against (None: any)."""
+    checked against (None: any). `config_aliases`: other --config keys -> the option they set (TRL's
+    config names, e.g. KTOConfig's max_length for max_len)."""
 
     prog: str
     options: tuple[Option, ...]
     recommended: dict = field(default_factory=dict)
     embedded: dict = field(default_factory=dict)
     lf_stage: Optional[str] = None
+    config_aliases: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [o.name for o in self.options]
-        for key in set(self.recommended) | set(self.embedded):
+        for key in set(self.recommended) | set(self.embedded) | set(self.config_aliases.values()):
             if key not in names:
                 raise ValueError(f"{self.prog}: {key!r} is not one of its options")
         resolved = []
@@ -139,9 +141,10 @@ class Stage:
 _DEFAULT_MODEL = {"cpt": "the embedded demo model", "sft": f"{paths.MERGED_OUT}, merge.py's output",
                   "dpo": f"{paths.SFT_OUT / 'merged'}, sft.py's output",
                   "reward": f"{paths.SFT_OUT / 'merged'}, sft.py's output",
-                  "grpo": f"{paths.DPO_OUT / 'merged'}, dpo.py's output, else {paths.SFT_OUT / 'merged'}"}
+                  "grpo": f"{paths.DPO_OUT / 'merged'}, dpo.py's output, else {paths.SFT_OUT / 'merged'}",
+                  "kto": f"{paths.SFT_OUT / 'merged'}, sft.py's output"}
 _DEFAULT_OUT = {"cpt": paths.CPT_OUT, "sft": paths.SFT_OUT, "dpo": paths.DPO_OUT, "reward": paths.REWARD_OUT,
-                "grpo": paths.GRPO_OUT}
+                "grpo": paths.GRPO_OUT, "kto": paths.KTO_OUT}
 _CONFIG = Option("--config", metavar="FILE",
                  help="YAML or JSON file of flag values (our flag names, e.g. lora-r or lora_r, or LLaMA-Factory's "
                       "keys: what such a recipe leaves out takes LLaMA-Factory's / HF's defaults, e.g. lora_rank 8, "
@@ -166,7 +169,9 @@ def _training(stage: str) -> tuple[Option, ...]:
         )
     else:
         what = {"sft": "SFT file(s): messages (with tools), alpaca or ShareGPT",
-                "grpo": "prompts: a 'prompt' column (text or messages); the other columns go to the rewards"}.get(
+                "grpo": "prompts: a 'prompt' column (text or messages); the other columns go to the rewards",
+                "kto": "unpaired rows: prompt + completion + label (TRL), messages + label (LLaMA-Factory), "
+                       "or preference pairs (unpaired: chosen -> label true, rejected -> false)"}.get(
             stage, "preference pairs: prompt/messages + chosen + rejected (TRL or LLaMA-Factory format)"
             + (", optional margin" if stage == "reward" else ""))
         data = (
@@ -384,6 +389,29 @@ REWARD = Stage("reward.py", options=(
 ), recommended=dict(lr=1e-4, lora_alpha=32.0, epochs=1.0),   # TRL RewardConfig: lr 1e-4, 1 epoch
     embedded=dict(max_len=256, batch_size=4, grad_accum=2, max_steps=40, lr=2e-3, warmup_steps=4,
                   lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20), lf_stage="reward")   # LLaMA-Factory: stage rm
+# TRL 1.16 KTOConfig (and HF TrainingArguments) names that --config reads for our options; its
+# own names beta, desirable_weight, undesirable_weight and loss_type are our option names.
+_TRL_KTO_NAMES = dict(max_length="max_len", max_prompt_length="max_prompt_len", learning_rate="lr",
+                      per_device_train_batch_size="batch_size", gradient_accumulation_steps="grad_accum",
+                      num_train_epochs="epochs")
+_KTO = "KTO objective (TRL KTOConfig's names)"
+KTO = Stage("kto.py", options=(
+    *_training("kto"),
+    Option("--loss-type", choices=("kto", "apo_zero_unpaired"), default="kto", group=_KTO,
+           help="kto (with the KL baseline from mismatched pairs) or apo_zero_unpaired (no KL term)"),
+    Option("--beta", type=flags.positive_float, default=0.1, group=_KTO, lf=(LF("pref_beta"),),
+           help="β: how far the policy may move from the reference"),
+    Option("--desirable-weight", type=flags.positive_float, default=1.0, group=_KTO, lf=(LF("kto_chosen_weight"),),
+           help="weight of the desirable rows' losses (to balance unequal numbers of the two labels)"),
+    Option("--undesirable-weight", type=flags.positive_float, default=1.0, group=_KTO,
+           lf=(LF("kto_rejected_weight"),), help="weight of the undesirable rows' losses"),
+    Option("--max-prompt-len", type=flags.positive_int, group=_KTO,
+           help="tokens the prompt keeps when a row is too long (default: half of --max-len)"),
+    *_chat_outputs(sample_questions=2),
+), recommended=dict(lr=5e-6, lora_alpha=32.0, epochs=1.0, batch_size=8, grad_accum=2),   # KTO needs B > 1
+    embedded=dict(max_len=256, batch_size=8, grad_accum=1, max_steps=40, lr=5e-3, warmup_steps=4,
+                  lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20, beta=0.1),
+    lf_stage="kto", config_aliases=_TRL_KTO_NAMES)
 
 
 # ---------------------------------------------------------------------- the other scripts
@@ -536,8 +564,8 @@ RESIDUAL_OPTIONS = (
 )
 RESIDUAL = Stage("residual.py", options=(*RESIDUAL_OPTIONS, _CONFIG))
 
-STAGES: dict[str, Stage] = {"cpt": CPT, "sft": SFT, "dpo": DPO, "reward": REWARD, "grpo": GRPO, "evaluate": EVALUATE,
-                            "merge": MERGE,
+STAGES: dict[str, Stage] = {"cpt": CPT, "sft": SFT, "dpo": DPO, "reward": REWARD, "grpo": GRPO, "kto": KTO,
+                            "evaluate": EVALUATE, "merge": MERGE,
                             "generate": GENERATE, "export": EXPORT, "extend_vocab": EXTEND_VOCAB, "residual": RESIDUAL}
 
 
@@ -564,6 +592,7 @@ def parser(stage: str, description: Optional[str]) -> flags.Parser:
     p = flags.new_parser(s.prog, description, epilog=describe_embedded(s.embedded) if s.embedded else None,
                          embedded=s.embedded)
     add_options(p, s.options)
+    p.config_aliases = dict(s.config_aliases)   # read by cli/config_file.py
     return p
 
 

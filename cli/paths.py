@@ -10,6 +10,7 @@ SFT_OUT = RUNS / "sft"
 DPO_OUT = RUNS / "dpo"
 REWARD_OUT = RUNS / "rm"
 GRPO_OUT = RUNS / "grpo"
+KTO_OUT = RUNS / "kto"
 
 # The tuned stages in order, latest first: (stage, its --out, the base its adapter goes on).
 TUNED_STAGES = (("dpo", DPO_OUT, SFT_OUT / "merged"), ("sft", SFT_OUT, MERGED_OUT))

@@ -11,6 +11,7 @@
     report = data.vocab.mine_tokens(texts, tok)                        # domain tokens (see data/vocab)
     pairs = data.PreferenceDataset("pairs.jsonl", tok, max_len=1024)   # DPO pairs (see data/preference)
     batch = data.preference_collate([pairs[0], pairs[1]])              # chosen rows, then rejected rows
+    rows = data.KTODataset("feedback.jsonl", tok, max_len=1024)        # KTO's unpaired rows (see data/kto)
     train, held_out, info = data.sft_datasets(paths, tok, max_len=1024)  # a stage's data (data/build.py)
 
 Batches are dicts of LongTensors [B, T]: input_ids, labels, and optionally position_ids,
@@ -27,6 +28,7 @@ from .build import (
     cpt_datasets,
     cpt_held_out_documents,
     held_out_questions,
+    kto_datasets,
     preference_datasets,
     sft_datasets,
 )
@@ -34,6 +36,7 @@ from .cache import cache_root
 from .collate import IGNORE_INDEX, pad_collate
 from .cpt import Corpus, Documents, load_corpus, split_for_encoding, tokenize_file
 from .errors import DataError, InputReport
+from .kto import KTO_FORMATS, KTODataset, detect_kto_format, kto_collate, to_unpaired, unpair
 from .loader import DataLoader
 from .mix import MixedDataset
 from .packing import PackedDataset, PackedSFTDataset, pack_block, pack_documents
@@ -70,5 +73,6 @@ __all__ = [
     "encode_chat", "encode_chat_detailed", "to_conversation", "to_messages", "find_files", "vocab", "PREFERENCE_FORMATS",
     "EncodedPair", "PreferenceDataset", "detect_preference_format", "encode_pair", "pairs_from_sft",
     "preference_collate", "to_preference", "StageData", "cpt_datasets", "cpt_held_out_documents", "sft_datasets",
-    "preference_datasets", "held_out_questions",
+    "preference_datasets", "held_out_questions", "kto_datasets", "KTO_FORMATS", "KTODataset", "detect_kto_format",
+    "kto_collate", "to_unpaired", "unpair",
 ]

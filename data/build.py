@@ -5,6 +5,7 @@ examples' "data" step; usable from Python without the cli).
     train, held_out, info = data.cpt_datasets(["corpus/"], tok, block_size=2048, eval_fraction=0.05, seed=0)
     train, held_out, info = data.sft_datasets(["chat.jsonl"], tok, max_len=1024, eval_fraction=0.05, seed=0)
     train, held_out, info = data.preference_datasets(["pairs.jsonl"], tok, max_len=1024, eval_path="val.jsonl")
+    train, held_out, info = data.kto_datasets(["feedback.jsonl"], tok, max_len=1024, eval_fraction=0.05)
     docs = data.cpt_held_out_documents(["corpus/"], tok, eval_fraction=0.05, seed=0)   # cpt_datasets' held out
     questions = data.held_out_questions("val.jsonl", 3)                               # first user messages
 
@@ -33,13 +34,14 @@ from fileio.safe_load import loads_json
 
 from .cpt import Corpus, Documents, load_corpus
 from .errors import DataError
+from .kto import KTODataset
 from .packing import pack_documents
 from .preference import PreferenceDataset
 from .sft import SFTDataset
 from .sources import PathLike
 
 __all__ = ["StageData", "cpt_datasets", "cpt_held_out_documents", "sft_datasets", "preference_datasets",
-           "held_out_questions"]
+           "kto_datasets", "held_out_questions"]
 
 
 class StageData(NamedTuple):
@@ -150,6 +152,24 @@ def preference_datasets(paths: Sequence[PathLike], tokenizer, *, max_len: int, m
                                      lambda p: PreferenceDataset(p, tokenizer, **options))
     info = (f"{len(train)} training pairs ({full.report.summary()})"
             + (f", {len(held_out)} held-out pairs" if held_out is not None else ""))
+    return StageData(train, held_out, info)
+
+
+def kto_datasets(paths: Sequence[PathLike], tokenizer, *, max_len: int, max_prompt_len: Optional[int] = None,
+                 eval_path: Optional[PathLike] = None, eval_fraction: float = 0.0, seed: int = 0,
+                 chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> StageData:
+    """Unpaired preference rows (KTO): (train rows, held-out rows or None, info).
+
+    Rows (TRL's prompt/completion/label, LLaMA-Factory's messages + label, or preference pairs,
+    unpaired) are encoded by data.KTODataset (items: input_ids, labels [L <= max_len],
+    prompt_length, label); held out as in sft_datasets (a split of rows).
+    """
+    options = dict(max_len=max_len, max_prompt_len=max_prompt_len, chat_template_kwargs=chat_template_kwargs)
+    full = KTODataset([str(p) for p in paths], tokenizer, **options)
+    train, held_out = _split_or_file(full, eval_path, eval_fraction, seed, lambda p: KTODataset(p, tokenizer, **options))
+    labels = [bool(train[i]["label"]) for i in range(len(train))]
+    info = (f"{len(train)} training rows, {sum(labels)} desirable / {len(labels) - sum(labels)} undesirable "
+            f"({full.report.summary()})" + (f", {len(held_out)} held-out rows" if held_out is not None else ""))
     return StageData(train, held_out, info)
 
 

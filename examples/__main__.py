@@ -17,6 +17,7 @@ STAGES = {
     "dpo": "stage 3: preference alignment (DPO, IPO, SimPO, ORPO)",
     "reward": "stage 3: a reward model (Bradley-Terry on preference pairs) for GRPO",
     "grpo": "stage 4: RL with verifiable rewards (GRPO, DAPO, Dr. GRPO, GSPO)",
+    "kto": "stage 3 from unpaired feedback: KTO, unpaired APO-zero",
     "generate": "chat with, or complete text from, a model (+ adapter)",
     "export": "write a merged model as GGUF for llama.cpp / Ollama",
     "evaluate": "held-out perplexity, answers and forgetting of several models",

@@ -434,7 +434,7 @@ class Trainer:
 
     def _stats(self, step, loss, lr, grad_norm, result: StepResult, t0, **extra) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - t0, 1e-9)
-        means = {k: v / result.count for k, v in result.metrics.items()} if result.count else {}
+        means = self._metric_means(result.metrics, result.count) if result.count else {}
         return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, self.objective.count_name: result.count,
                 "tokens": result.tokens, "tokens_per_s": result.tokens / elapsed, "epoch": self.sampler.epoch,
                 "micro_step": self.micro_step, "phase": self.phase, **means, **peak_memory(self.device), **extra}
@@ -478,7 +478,13 @@ class Trainer:
             raise ValueError(f"evaluate(): the eval_dataset holds no {self.objective.unit}")
         loss = loss_sum / count
         counted = "tokens" if isinstance(self.objective, LanguageModelLoss) else self.objective.count_name
-        return {"loss": loss, "ppl": perplexity_of(loss), counted: count, **{k: v / count for k, v in metrics.items()}}
+        return {"loss": loss, "ppl": perplexity_of(loss), counted: count, **self._metric_means(metrics, count)}
+
+    def _metric_means(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """The logged values of metric sums over `count` units: each sum / count, or the
+        objective's own `metric_means(sums, count)` where it has one (KTO: means over each label)."""
+        own = getattr(self.objective, "metric_means", None)
+        return own(sums, count) if own is not None else {k: v / count for k, v in sums.items()}
 
     def _evaluate_and_log(self) -> float:
         result = self.evaluate()

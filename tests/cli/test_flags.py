@@ -93,7 +93,7 @@ def test_full_then_lora_defaults_to_half_the_steps():
 def test_help_prints_no_empty_default_and_each_default_once():
     """What --help must never show (that each shown default is the one a run uses is
     tests/examples/test_cli.py::test_help_shows_the_defaults_a_run_uses)."""
-    for stage in ("cpt", "sft", "dpo"):
+    for stage in ("cpt", "sft", "dpo", "kto"):
         p = options.parser(stage, "test")
         text = " ".join(p.format_help().split())   # argparse wraps lines at the terminal width
         assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text

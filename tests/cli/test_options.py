@@ -48,6 +48,13 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
         sample_prompts save_every scale_rewards seed temperature top_k top_p use_dora use_rslora warmup_ratio
         warmup_steps weight_decay
     """.split()),
+    "kto": set("""
+        batch_size beta chat_template_kwargs data desirable_weight dtype epochs eval_data eval_every eval_fraction
+        finetuning fsdp full_fraction grad_accum keep_last log_every lora_alpha lora_dropout lora_r lora_targets
+        loss_type lr lr_scheduler max_grad_norm max_len max_prompt_len max_steps model no_grad_checkpointing
+        no_merge out overwrite qlora report_to resume sample_questions sample_tokens save_every seed
+        undesirable_weight use_dora use_rslora warmup_ratio warmup_steps weight_decay
+    """.split()),
     "merge": set("""
         adapter dtype gguf into max_shard_size model out overwrite qlora
     """.split()),
@@ -74,8 +81,8 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
 }
 OLD_LF_KEYS = set("""
     bf16 cutoff_len dataset dataset_dir disable_gradient_checkpointing dpo_label_smoothing eval_dataset
-    eval_steps finetuning_type fp16 gradient_accumulation_steps gradient_checkpointing learning_rate
-    logging_steps lora_alpha lora_dropout lora_rank lora_target lr_scheduler_type max_grad_norm
+    eval_steps finetuning_type fp16 gradient_accumulation_steps gradient_checkpointing kto_chosen_weight
+    kto_rejected_weight learning_rate logging_steps lora_alpha lora_dropout lora_rank lora_target lr_scheduler_type max_grad_norm
     max_steps model_name_or_path num_train_epochs optim output_dir overwrite_output_dir
     per_device_train_batch_size pref_beta pref_loss pure_bf16 quantization_bit quantization_method
     quantization_type report_to resume_from_checkpoint save_steps save_total_limit seed simpo_gamma
@@ -87,7 +94,8 @@ ALIAS_VALUES = {
     "lora_dropout": 0.2, "use_rslora": True, "use_dora": True, "lr": 3e-4, "warmup_steps": 3, "warmup_ratio": 0.2,
     "epochs": 1.5, "max_steps": 9, "batch_size": 2, "grad_accum": 3, "max_grad_norm": 0.5, "weight_decay": 0.1,
     "seed": 7, "eval_every": 4, "save_every": 6, "keep_last": 3, "log_every": 2, "beta": 0.3, "label_smoothing": 0.1,
-    "simpo_gamma": 0.7, "loss": "ipo", "block_size": 64, "max_len": 64,
+    "simpo_gamma": 0.7, "loss": "ipo", "block_size": 64, "max_len": 64, "desirable_weight": 1.3,
+    "undesirable_weight": 0.8,
 }
 # The value each of those LLaMA-Factory keys is written with in a recipe (where it differs).
 LF_VALUES = {"dataset": "a.txt", "val_size": 0.1, "cutoff_len": 64}
@@ -118,7 +126,7 @@ def test_generated_llama_factory_keys_are_the_old_ones():
     assert config_file.LF_RIVALS == {"warmup_steps": "warmup_ratio", "epochs": "max_steps"}
 
 
-@pytest.mark.parametrize("stage", ["cpt", "sft", "dpo", "reward"])
+@pytest.mark.parametrize("stage", ["cpt", "sft", "dpo", "reward", "kto"])
 def test_a_config_key_and_its_llama_factory_alias_reach_the_same_option(stage, tmp_path):
     (tmp_path / "a.txt").write_text("x", encoding="utf-8")
     lf_stage = {"cpt": "pt", "reward": "rm"}.get(stage, stage)
@@ -168,3 +176,22 @@ def test_stage_recommendations_are_the_defaults_and_help_shows_them_once():
         assert (args.lr, args.lora_alpha, options.recommended_epochs(stage)) == (lr, alpha, epochs)
         text = " ".join(options.parser(stage, "test").format_help().split())
         assert text.count(f"passes over the data (default: {epochs:g})") == 1
+
+
+def test_kto_reads_trl_kto_config_names(tmp_path):
+    """A TRL KTOConfig's keys (its own names and the TrainingArguments ones it sets) reach our
+    options, with our stage defaults for the rest (not LLaMA-Factory's)."""
+    (tmp_path / "kto.yaml").write_text("beta: 0.2\ndesirable_weight: 1.5\nundesirable_weight: 0.7\n"
+                                        "loss_type: apo_zero_unpaired\nmax_length: 512\nmax_prompt_length: 128\n"
+                                        "learning_rate: 1.0e-6\nper_device_train_batch_size: 4\n"
+                                        "gradient_accumulation_steps: 8\nnum_train_epochs: 2\n", encoding="utf-8")
+    args, given = _parse("kto", ["--config", str(tmp_path / "kto.yaml")])
+    assert (args.beta, args.desirable_weight, args.undesirable_weight, args.loss_type) == (0.2, 1.5, 0.7,
+                                                                                           "apo_zero_unpaired")
+    assert (args.max_len, args.max_prompt_len, args.lr, args.batch_size, args.grad_accum, args.epochs) == (
+        512, 128, 1e-6, 4, 8, 2.0)
+    assert args.lora_r == 16   # ours, not LLaMA-Factory's lora_rank 8
+    (tmp_path / "lf.yaml").write_text("stage: kto\npref_beta: 0.3\nkto_chosen_weight: 1.2\n"
+                                      "kto_rejected_weight: 0.9\n", encoding="utf-8")
+    args, _ = _parse("kto", ["--config", str(tmp_path / "lf.yaml")])
+    assert (args.beta, args.desirable_weight, args.undesirable_weight, args.lora_r) == (0.3, 1.2, 0.9, 8)

@@ -230,7 +230,8 @@ def test_qwen_tune_entry_point_runs_each_stage():
 
     listing = run("--help")
     assert listing.returncode == 0
-    for stage in ("cpt", "merge", "sft", "dpo", "generate", "export", "evaluate", "residual", "extend_vocab", "delta"):
+    for stage in ("cpt", "merge", "sft", "dpo", "kto", "generate", "export", "evaluate", "residual", "extend_vocab",
+                  "delta"):
         assert f"  {stage}" in listing.stdout
     assert "--finetuning" in run("sft", "--help").stdout
     proc = run("dpo", "--model", "/nonexistent")
