@@ -38,6 +38,7 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
         lora_targets lr lr_scheduler max_grad_norm max_len max_prompt_len max_steps model no_grad_checkpointing
         no_merge out overwrite qlora report_to resume save_every seed use_dora use_rslora warmup_ratio
         warmup_steps weight_decay
+        long_context_from long_context_tile offload_activations
     """.split()),
     "grpo": set("""
         batch_size beta chat_template_kwargs data dtype epochs epsilon epsilon_high eval_data eval_every
@@ -47,6 +48,7 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
         num_generations num_iterations out overwrite qlora report_to resume reward reward_weights
         sample_prompts save_every scale_rewards seed temperature top_k top_p use_dora use_rslora warmup_ratio
         warmup_steps weight_decay
+        long_context_from long_context_tile offload_activations
     """.split()),
     "kto": set("""
         batch_size beta chat_template_kwargs data desirable_weight dtype epochs eval_data eval_every eval_fraction
@@ -54,6 +56,7 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
         loss_type lr lr_scheduler max_grad_norm max_len max_prompt_len max_steps model no_grad_checkpointing
         no_merge out overwrite qlora report_to resume sample_questions sample_tokens save_every seed
         undesirable_weight use_dora use_rslora warmup_ratio warmup_steps weight_decay
+        long_context_from long_context_tile offload_activations
     """.split()),
     "merge": set("""
         adapter dtype gguf into max_shard_size model out overwrite qlora
