@@ -64,7 +64,7 @@ def test_every_block_is_run_parsed_or_skipped_with_a_reason():
     assert RUN, "no runnable blocks found: the fence pattern is broken"
     skipped = sorted(f"{f}:{lang}" for f, _, lang, _, s in BLOCKS if s and not s.startswith("file:"))
     # The blocks that cannot run here, each with its reason in the file (a new one shows up here).
-    assert len(skipped) <= 9, skipped
+    assert len(skipped) <= 12, skipped   # +3: the reward, GRPO and KTO real-model commands
 
 
 def test_the_readme_test_command_is_what_ci_runs():
