@@ -3,6 +3,7 @@ model, an adapter given as --model, an empty data file all end in one line namin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -114,3 +115,42 @@ def jsonl_data(args) -> tuple[list[Path], Optional[Path]]:
     data = check_data_paths(args.data, files_only=True)
     held_out = check_data_paths([args.eval_data], flag="--eval-data")[0] if args.eval_data else None
     return data, held_out
+
+
+@dataclass
+class PairInputs:
+    """What a stage trained on preference pairs (dpo, kto, reward) starts from."""
+
+    model_dir: Path
+    data_paths: list[Path]
+    eval_path: Optional[Path]
+    demo_questions: Optional[Path]   # the demo's held-out SFT questions (None with --data)
+    changed: list[str]               # the embedded-default settings applied (the model is the demo's shape)
+
+
+def pair_inputs(args, given, stage: str) -> PairInputs:
+    """--model (default: sft.py's merged output) and --data (default: pairs derived from the demo's
+    SFT set), checked; the embedded default's settings applied when the model has the demo's shape."""
+    from demo.base_model import is_demo_shape
+
+    from . import options, paths
+
+    model_dir = model_dir_or_default(args.model, paths.SFT_OUT / "merged", "examples/sft.py")
+    demo_questions = None
+    if args.data:
+        data_paths, eval_path = jsonl_data(args)
+    else:
+        from demo import corpus as demo_corpus
+
+        corpus = demo_corpus.build()
+        train_pairs, eval_path = demo_corpus.preference_pairs(corpus, seed=0)
+        data_paths, demo_questions = [train_pairs], corpus.sft_eval
+    changed = options.apply_embedded(args, given, stage) if is_demo_shape(model_dir) else []
+    return PairInputs(model_dir, data_paths, eval_path, demo_questions, changed)
+
+
+def check_max_prompt_len(args, scored: str) -> None:
+    """--max-prompt-len must leave room in --max-len for `scored` ("the answers need")."""
+    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
+        raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
+                         f"({scored} at least one token)")

@@ -24,7 +24,7 @@ the answer to a different question), so held-out reward accuracy and margin rise
 from __future__ import annotations
 
 
-from cli import flags, inputs, options, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
 from cli.errors import UsageError, run_main
 from data import held_out_questions, preference_collate, preference_datasets
@@ -47,22 +47,11 @@ def main(argv=None) -> int:
     timer = Timer()
 
     # ---- inputs, all checked before anything loads or is written
-    model_dir = inputs.model_dir_or_default(args.model, paths.SFT_OUT / "merged", "examples/sft.py")
-    if args.data:
-        data_paths, eval_path = inputs.jsonl_data(args)
-        questions_from = eval_path
-    else:
-        from demo import corpus as demo_corpus
-
-        corpus = demo_corpus.build()
-        train_pairs, eval_path = demo_corpus.preference_pairs(corpus, seed=0)
-        data_paths, questions_from = [train_pairs], corpus.sft_eval
-    from demo.base_model import is_demo_shape
-
-    changed = options.apply_embedded(args, given, "dpo") if is_demo_shape(model_dir) else []
-    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
-        raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
-                         "(the answers need at least one token)")
+    given_inputs = inputs.pair_inputs(args, given, "dpo")
+    model_dir, data_paths, eval_path, changed = (given_inputs.model_dir, given_inputs.data_paths,
+                                                 given_inputs.eval_path, given_inputs.changed)
+    questions_from = eval_path if args.data else given_inputs.demo_questions
+    inputs.check_max_prompt_len(args, "the answers need")
     out = outdir.claim_training_run(args, "dpo", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 3: preference alignment ({args.loss}, {'QLoRA' if args.qlora else 'LoRA'}) ==")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from cli import flags, inputs, options, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, chat_ids, generate_text, list_outputs, log, print_training_curve
 from cli.errors import UsageError, run_main
 from data import held_out_questions, kto_collate, kto_datasets
@@ -51,26 +51,15 @@ def main(argv=None) -> int:
     timer = Timer()
 
     # ---- inputs, all checked before anything loads or is written
-    model_dir = inputs.model_dir_or_default(args.model, paths.SFT_OUT / "merged", "examples/sft.py")
-    if args.data:
-        data_paths, eval_path = inputs.jsonl_data(args)
-        questions_from = None
-    else:
-        from demo import corpus as demo_corpus
-
-        corpus = demo_corpus.build()
-        train_pairs, eval_path = demo_corpus.preference_pairs(corpus, seed=0)
-        data_paths, questions_from = [train_pairs], corpus.sft_eval
-    from demo.base_model import is_demo_shape
-
-    changed = options.apply_embedded(args, given, "kto") if is_demo_shape(model_dir) else []
+    given_inputs = inputs.pair_inputs(args, given, "kto")
+    model_dir, data_paths, eval_path, changed = (given_inputs.model_dir, given_inputs.data_paths,
+                                                 given_inputs.eval_path, given_inputs.changed)
+    questions_from = given_inputs.demo_questions   # held-out unpaired rows are not questions
     if args.loss_type == "kto" and args.batch_size < 2:
         raise UsageError(f"--batch-size {args.batch_size}: --loss-type kto estimates its KL baseline from the other "
                          "rows of a micro-batch, so it needs at least 2 (TRL refuses 1 too); or --loss-type "
                          "apo_zero_unpaired")
-    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
-        raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
-                         "(the completion needs at least one token)")
+    inputs.check_max_prompt_len(args, "the completion needs")
     out = outdir.claim_training_run(args, "kto", model_dir, data_paths, eval_path)
 
     log(f"== qwen-tune stage 3: {args.loss_type} from unpaired feedback ({'QLoRA' if args.qlora else 'LoRA'}) ==")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 
-from cli import flags, inputs, options, outdir, paths, runtime
+from cli import flags, inputs, options, outdir, runtime
 from cli.console import Timer, list_outputs, log, print_training_curve
 from cli.errors import UsageError, run_main
 from data import preference_collate, preference_datasets
@@ -52,21 +52,10 @@ def main(argv=None) -> int:
     timer = Timer()
 
     # ---- inputs, all checked before anything loads or is written
-    model_dir = inputs.model_dir_or_default(args.model, paths.SFT_OUT / "merged", "examples/sft.py")
-    if args.data:
-        data_paths, eval_path = inputs.jsonl_data(args)
-    else:
-        from demo import corpus as demo_corpus
-
-        corpus = demo_corpus.build()
-        train_pairs, eval_path = demo_corpus.preference_pairs(corpus, seed=0)
-        data_paths = [train_pairs]
-    from demo.base_model import is_demo_shape
-
-    changed = options.apply_embedded(args, given, "reward") if is_demo_shape(model_dir) else []
-    if args.max_prompt_len is not None and args.max_prompt_len >= args.max_len:
-        raise UsageError(f"--max-prompt-len {args.max_prompt_len}: must be in [1, --max-len {args.max_len}) "
-                         "(the answers need at least one token)")
+    given_inputs = inputs.pair_inputs(args, given, "reward")
+    model_dir, data_paths, eval_path, changed = (given_inputs.model_dir, given_inputs.data_paths,
+                                                 given_inputs.eval_path, given_inputs.changed)
+    inputs.check_max_prompt_len(args, "the answers need")
     out = outdir.claim_training_run(args, "reward", model_dir, data_paths, eval_path)
 
     mode = "full" if args.finetuning == "full" else "QLoRA" if args.qlora else "LoRA"
