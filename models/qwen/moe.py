@@ -18,7 +18,7 @@ The experts run grouped: the (token, slot) pairs are sorted by expert and each e
 on the contiguous rows routed to it (one GEMM per projection per expert; never a loop over
 tokens). SharedExpertMoeBlock (Qwen3.5-MoE) reuses the routing and dispatch as they are.
 
-`expert_kernel` lets the package that wraps the expert linears (the adapters of lora/) run all
+`expert_kernel` lets the package that wraps the expert linears (an adapter package) run all
 experts of the block at once on the grouped rows, as grouped GEMMs (`grouped_mm`): a function
 (block, rows [M, hidden], counts) -> [M, hidden], or None when it does not apply (then the
 per-expert loop runs).
@@ -274,7 +274,7 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 def grouped_product(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """No autograd: a [M, K] @ b[e] for b [E, K, N] (groups of rows of a), or a [K, M] @ b [M, N]
     summed per group of M (-> [E, K, N], a weight gradient); torch._grouped_mm where its stride
-    rule holds, else a padded bmm. For custom backward passes (grouped_mm, lora's grouped update)."""
+    rule holds, else a padded bmm. For custom backward passes (grouped_mm, an adapter's grouped update)."""
     if _aligned(a, b):
         try:
             return torch._grouped_mm(a, b, offs=offsets)
