@@ -22,8 +22,9 @@ head). --batch-size and --grad-accum count completions (TRL): batch x accum x pr
 multiple of G. The reference of --beta is the model with its adapters disabled (no second copy);
 --finetuning full trains every parameter with --beta 0 only (there is no adapters-off reference).
 
-Writes into --out: adapter/ (PEFT format), merged/, checkpoints/, metrics.jsonl (TRL's names:
-reward, reward_std, rewards/<name>/mean, completions/mean_length, completions/clipped_ratio, kl,
+Writes into --out: adapter/ (PEFT format) and merged/ with LoRA / QLoRA, or model/ with
+--finetuning full; checkpoints/, metrics.jsonl (TRL's names: reward, reward_std,
+rewards/<name>/mean, completions/mean_length, completions/clipped_ratio, kl,
 clip_ratio/region_mean, entropy), completions.jsonl (--log-completions), run.json.
 
 With no --data: the demo's "What is the signature of `x`?" questions, rewarded for answering with
@@ -180,12 +181,17 @@ def main(argv=None) -> int:
         after = held_out_reward(model, source, held_out)
         log(f"held-out reward after:  {after:.3f}  (before {before:.3f})")
 
-    if not args.no_merge and trainer.dist.is_main:
+    if not args.no_merge and args.finetuning != "full" and trainer.dist.is_main:
         runtime.save_merged(model, model_dir, out, args.dtype, args.qlora, tokenizer=chat_tok)
     log(f"\noutputs ({timer}):")
     log(list_outputs(out))
     log(f"  training summary: {runtime.summary_line(summary)}")
-    log(f"\nnext: python examples/generate.py --model {out / 'merged'}   (chat with the tuned model)")
+    if args.finetuning != "full" and args.no_merge:
+        log(f"\nnext: python examples/generate.py --model {model_dir} --adapter {out / 'adapter'}   "
+            "(chat with the tuned model)")
+    else:   # full fine-tuning writes the whole model into --out/model (as sft.py)
+        tuned = out / ("model" if args.finetuning == "full" else "merged")
+        log(f"\nnext: python examples/generate.py --model {tuned}   (chat with the tuned model)")
     return 0
 
 

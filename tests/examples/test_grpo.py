@@ -120,3 +120,76 @@ def test_bad_input_is_a_one_line_usage_error(setup, flags, needles):
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
     assert not (tmp / "bad").exists()
+
+
+def test_qlora_with_a_reward_model_folder_then_full_fine_tuning(setup, tmp_path, monkeypatch, capsys):
+    """In-process main(), two short runs on chat prompts. (1) --qlora --beta 0.04 with two rewards: a
+    reward-model folder (as examples/reward.py writes it: a Qwen2ForSequenceClassification) and a
+    FILE.py:NAME. Its scores in completions.jsonl are transformers' AutoModelForSequenceClassification
+    scores of TRL's text (prompt + completion messages through the folder's chat template); the
+    metrics carry TRL's names with rewards/<folder>/mean and kl; adapter/ loads in PEFT and merged/ in
+    transformers as that same model. (2) --finetuning full --beta 0: model/ loads in transformers,
+    with weights trained away from the base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from examples.grpo import main
+    from models.qwen import Tokenizer, load, save
+    from models.qwen.score import to_sequence_classifier
+    from models.qwen.special_tokens import ENDOFTEXT_ID
+    from tests.helpers import assert_close_to_reference, float64_twin
+
+    model, _, reward, tmp = setup
+    monkeypatch.setenv("QWEN_TUNE_CACHE", str(tmp / "cache"))
+    rm = tmp_path / "judge"
+    clf = to_sequence_classifier(load(model), seed=1)
+    clf.config.pad_token_id = ENDOFTEXT_ID
+    save(clf, rm, tokenizer=Tokenizer.default())
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Count to {i}."}], "answer": str(i)})
+                            + "\n" for i in range(4)), encoding="utf-8")
+    run = ["--model", str(model), "--data", str(chat), "--batch-size", "2", "--grad-accum", "2",
+           *[a for a in COMMON if a != "--no-merge"]]
+
+    q = tmp_path / "qlora"
+    assert main([*run, "--out", str(q), "--qlora", "--beta", "0.04", "--reward", str(rm), "--reward", reward]) == 0
+    assert "base in NF4" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (q / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(set(r["rewards"]) == {"judge", "even_share"} for r in rows)
+    for m in metrics(q):
+        for key in ("reward", "reward_std", "rewards/judge/mean", "rewards/even_share/mean", "completions/mean_length",
+                    "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "loss"):
+            assert key in m, key
+        step_rows = [r["rewards"]["judge"] for r in rows if r["step"] == m["step"]]
+        assert m["rewards/judge/mean"] == pytest.approx(sum(step_rows) / len(step_rows), rel=1e-6)
+
+    hf_tok = AutoTokenizer.from_pretrained(rm)
+    texts = [hf_tok.apply_chat_template(r["prompt"] + [{"role": "assistant", "content": r["completion"]}],
+                                        tokenize=False) for r in rows]
+    enc = hf_tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    judge = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref32 = judge(**enc).logits[:, 0]
+        ref64 = float64_twin(judge)(**enc).logits[:, 0]
+    assert_close_to_reference(torch.tensor([r["rewards"]["judge"] for r in rows]), ref32, ref64,
+                              what="reward-model folder scores")
+
+    adapter = load_file(q / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())   # it trained
+    ids = hf_tok(hf_tok.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False, return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, q / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(q / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_close_to_reference(merged(ids).logits, peft(ids).logits, float64_twin(peft)(ids).logits,
+                                  what="merged/ against base + adapter/ in PEFT")
+
+    f = tmp_path / "full"
+    assert main([*run, "--out", str(f), "--finetuning", "full", "--beta", "0", "--reward", reward]) == 0
+    assert not (f / "adapter").exists() and not (f / "merged").exists()
+    assert {"reward", "rewards/even_share/mean", "clip_ratio/region_mean", "loss"} <= set(metrics(f)[-1])
+    tuned = AutoModelForCausalLM.from_pretrained(f / "model", dtype=torch.float32)
+    before = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.state_dict().items())
