@@ -1,6 +1,7 @@
 """The GRPO step on the Trainer (train.grpo_source): one micro-batch's objective on our model against
 TRL 1.16's GRPOTrainer._compute_loss on a transformers model of the same weights (loss and every
-parameter gradient, floors from the transformers model's float64 twin); a run on a tiny model that
+parameter gradient, floors from the transformers model's float64 twin; with old log-probs that
+clip tokens both ways: the clip ratios exactly, the entropy within its floor); a run on a tiny model that
 learns (its reward rises); and a --resume from a checkpoint in the middle of a generation's μ
 steps that equals the uninterrupted run bit for bit (weights, metrics, completions.jsonl)."""
 
@@ -15,23 +16,35 @@ import pytest
 import torch
 
 from models.qwen import load
-from tests.helpers import assert_close_to_reference, assert_grads_close, float64_twin, random_ids, tiny_checkpoint
+from tests.helpers import (FLOOR_FACTOR, FP32_ULP, assert_close_to_reference, assert_grads_close, float64_twin,
+                           random_ids, tiny_checkpoint)
 from train.grpo import group_advantages
 from train.grpo_source import GRPOObjective, GRPOSettings, GRPOSource, completion_slots
 
 P, C, TEMP = 4, 5, 0.8
 
 
-def trl_step(hf, ids, mask, advantages, settings, n_items):
-    """GRPOTrainer._compute_loss on a stub whose log-probs come from `hf` through TRL's own helpers."""
-    from trl import GRPOTrainer
+def per_token(model, input_ids, attention_mask, logits_to_keep, **kw):
+    """(log-probs, entropies, aux) of the completion tokens from `model` through TRL's own helpers."""
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-    def per_token(model, input_ids, attention_mask, logits_to_keep, **kw):
-        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids, attention_mask=attention_mask, position_ids=positions).logits
-        logits = logits[:, -logits_to_keep - 1:-1] / TEMP
-        return selective_log_softmax(logits, input_ids[:, -logits_to_keep:]), entropy_from_logits(logits), None
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    logits = logits[:, -logits_to_keep - 1:-1] / TEMP
+    return selective_log_softmax(logits, input_ids[:, -logits_to_keep:]), entropy_from_logits(logits), None
+
+
+def importance_weights(logps, old, mask, level):
+    """TRL's coef_1: exp(logp - old) per token, or exp of its masked row mean ([B, 1], GSPO)."""
+    log_ratio = logps - old
+    if level == "sequence":
+        return torch.exp((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    return torch.exp(log_ratio)
+
+
+def trl_step(hf, ids, mask, advantages, settings, n_items, old=None):
+    """GRPOTrainer._compute_loss on a stub whose log-probs come from `hf` through TRL's own helpers."""
+    from trl import GRPOTrainer
 
     acc = types.SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t,
                                 gather_for_metrics=lambda t: t)
@@ -47,6 +60,8 @@ def trl_step(hf, ids, mask, advantages, settings, n_items):
     inputs = {"prompt_ids": ids[:, :P], "prompt_mask": mask[:, :P], "completion_ids": ids[:, P:],
               "completion_mask": mask[:, P:], "advantages": advantages,
               "num_items_in_batch": torch.tensor(float(n_items))}
+    if old is not None:
+        inputs["old_per_token_logps"] = old
     return GRPOTrainer._compute_loss(stub, hf, inputs), {k: v[-1] for k, v in stub._metrics["train"].items()}
 
 
@@ -65,21 +80,48 @@ def test_objective_on_our_model_matches_trl_compute_loss(tmp_path, loss_type, le
     s = GRPOSettings(num_generations=2, max_completion_length=C, temperature=TEMP, loss_type=loss_type,
                      importance_sampling_level=level, epsilon=0.2, epsilon_high=0.28)
     n_items = int(mask[:, P:].sum())
-    batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv, "n_prompt": torch.tensor(P),
-             "num_items": torch.tensor(float(n_items), dtype=torch.float64), "micro_batches": torch.tensor(1)}
-    loss, metrics = GRPOObjective(s)(ours, batch)
-    loss.backward()
     twin = float64_twin(hf)
     twin.train()
-    ref32, trl_metrics = trl_step(hf, ids, mask, adv, s, n_items)
-    ref64, _ = trl_step(twin, ids, mask, adv.double(), s, n_items)
+    # Old log-probs (as at μ > 1): the twin's own, shifted so that log(ratio) is a row's 0.5, -0.5,
+    # 0.1, -0.1 (advantages +, -, +, -) ± 0.05 per token: row 0 is clipped high, row 1 low, rows 2-3
+    # sit inside the clip range [0.8, 1.28], at token and at sequence level.
+    cmask = mask[:, P:]
+    with torch.no_grad():
+        lp32, lp64 = per_token(hf, ids, mask, C)[0], per_token(twin, ids, mask, C)[0]
+    noise = torch.tensor([-0.05, 0.05], dtype=torch.float64)[
+        torch.randint(0, 2, (4, C), generator=torch.Generator().manual_seed(11))]
+    shift = torch.tensor([0.5, -0.5, 0.1, -0.1], dtype=torch.float64)[:, None] + noise
+    old = (lp64 - shift).float()
+    batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv, "n_prompt": torch.tensor(P),
+             "num_items": torch.tensor(float(n_items), dtype=torch.float64), "micro_batches": torch.tensor(1),
+             "old_logps": old}
+    loss, metrics = GRPOObjective(s)(ours, batch)
+    loss.backward()
+    ref32, trl_metrics = trl_step(hf, ids, mask, adv, s, n_items, old=old)
+    ref64, trl64_metrics = trl_step(twin, ids, mask, adv.double(), s, n_items, old=old.double())
     ref32.backward()
     ref64.backward()
     assert_close_to_reference(loss.detach(), ref32.detach(), ref64.detach(), what="loss")
     assert_grads_close(ours, hf, twin)
+
+    # Clip ratios are counts of clipped tokens (rows, at sequence level) over a count: the same
+    # expression on the same 0/1 indicators in both, so they are equal exactly when no token's
+    # clipping differs. It could only differ for a ratio within rounding of a bound: every ratio
+    # here is farther from 1 - ε and 1 + ε_high than (FLOOR_FACTOR + 1) x the reference's own
+    # fp32-vs-float64 error of the ratios (ours is within FLOOR_FACTOR of the reference's fp32,
+    # which is within one floor of the float64), so neither side can cross one.
+    w32, w64 = (importance_weights(lp.double(), old.double(), cmask, level) for lp in (lp32, lp64))
+    keep = cmask.bool() if level == "token" else torch.ones_like(w64, dtype=torch.bool)
+    ratio_floor = max(float((w32 - w64).abs()[keep].max()), FP32_ULP)
+    bounds = torch.tensor([1 - s.epsilon, 1 + s.epsilon_high], dtype=torch.float64)
+    margin = float((w64[keep][:, None] - bounds).abs().min())
+    assert margin > (FLOOR_FACTOR + 1) * ratio_floor, (margin, ratio_floor)
     for name in ("clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
-        assert float(metrics[name]) == pytest.approx(trl_metrics[name], abs=1e-7), name
-    assert float(metrics["entropy"]) == pytest.approx(trl_metrics["entropy"], rel=1e-5)
+        assert float(metrics[name]) == trl_metrics[name] == trl64_metrics[name], name
+    assert trl_metrics["clip_ratio/low_mean"] > 0 and trl_metrics["clip_ratio/high_mean"] > 0, trl_metrics
+    # entropy: a token mean of TRL's entropy_from_logits, floor from the float64 twin
+    assert_close_to_reference(metrics["entropy"], torch.tensor(trl_metrics["entropy"]),
+                              torch.tensor(trl64_metrics["entropy"], dtype=torch.float64), what="entropy")
 
 
 # ---------------------------------------------------------------------- runs on the Trainer
