@@ -9,7 +9,13 @@ advantages here (a Trainer.batch_source), and GRPOObjective is their loss.
 One generation feeds `num_iterations` (μ) optimizer steps, as TRL's GRPOTrainer with
 steps_per_generation = grad_accum: generation k serves steps kμ+1 .. kμ+μ. Its global batch is
 batch_size x grad_accum x world completions = P prompts x G (G consecutive completions per
-prompt); process r holds completions [r·B·A, (r+1)·B·A) and splits them into A micro-batches of B.
+prompt); process r holds completions [r·B·A, (r+1)·B·A), shuffles them (as TRL's _prepare_inputs
+shuffles its generation batch, shuffle_sequence_dict, before split_tensor_dict: each process its
+own completions, with a permutation seeded by (seed, generation, rank) instead of the global RNG)
+and splits them into A micro-batches of B. The shuffle changes what TRL's per-micro-batch
+quantities see (bnpo's token normaliser, the metrics' micro-batch means); grpo, dr_grpo and dapo
+losses are sums over the whole batch and do not depend on it. completions.jsonl keeps the
+generation order.
 
 Prompt order: the prompts of generation k are positions kP .. kP+P-1 of a stream of seeded
 permutations of the prompt set (one per epoch), so it depends on the seed and k only. Sampling:
@@ -21,7 +27,11 @@ trains on the very same completions and old log-probs.
 
 Rewards are gathered over the processes (a group may straddle two) before the group advantages
 (train.grpo.group_advantages). Old log-probs (μ > 1) and the reference's (β > 0: the model with its
-adapters disabled) are computed at generation time in no_grad with the model in eval mode.
+adapters disabled) are computed at generation time in no_grad with the model in eval mode. TRL
+1.16 computes them in train mode (the Trainer calls model.train() before _prepare_inputs), so
+with dropout (GRPOConfig.disable_dropout defaults to False) its old and reference log-probs carry
+dropout noise and ours do not; with --lora-dropout 0 (and Qwen's attention dropout, 0) the two
+are the same.
 """
 
 from __future__ import annotations
@@ -218,6 +228,12 @@ class GRPOSource:
         n, P = len(self.prompts), self.B * self.A * self.W // self.s.num_generations
         return [int(self._order(pos // n)[pos % n]) for pos in range(generation * P, generation * P + P)]
 
+    def shuffle_order(self, generation: int) -> torch.Tensor:
+        """The permutation of this process's B·A completions before they are split into micro-batches
+        (TRL's shuffle_sequence_dict before split_tensor_dict), seeded by (seed, generation, rank)."""
+        g = torch.Generator().manual_seed(seed_of(self.seed, "shuffle", generation, self.rank))
+        return torch.randperm(self.B * self.A, generator=g)
+
     @torch.no_grad()
     def _generate(self, generation: int, step: int) -> None:
         s, G = self.s, self.s.num_generations
@@ -272,9 +288,11 @@ class GRPOSource:
         self.metrics = self._metrics(per_function, rewards, all_lengths, truncated)
         num_items = float(all_lengths.sum())
 
-        # ---- the micro-batches
-        full_ids = torch.cat([ids, comp], 1)
-        full_mask = torch.cat([pmask, cmask], 1)
+        # ---- the micro-batches, from this process's completions shuffled as TRL shuffles them
+        perm = self.shuffle_order(generation)
+        full_ids = torch.cat([ids, comp], 1)[perm]
+        full_mask = torch.cat([pmask, cmask], 1)[perm]
+        local_adv = local_adv[perm]
         batches = []
         for m in range(self.A):
             sl = slice(m * self.B, (m + 1) * self.B)
@@ -286,7 +304,7 @@ class GRPOSource:
         self._extra_logps(batches, T)
         self.buffer, self.buffer_generation = batches, generation
         if s.log_completions:
-            self._log(step, rows, texts, completion_ids, table, local_rewards, local_adv)
+            self._log(step, rows, texts, completion_ids, table, local_rewards, advantages[first : first + n_local])
 
     def _extra_logps(self, batches: List[dict], T: int) -> None:
         """Old log-probs (μ > 1) and the reference's (β > 0), in eval mode, no grad."""

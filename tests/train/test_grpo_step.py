@@ -157,6 +157,7 @@ def run(path, out, *, steps, mu=1, save_every=None, resume=False, lr=3e-2, log=T
     source.attach(trainer)
     trainer.batch_source = source
     trainer.fit()
+    run.source = source   # the last run's batch source (its buffer: the last generation's micro-batches)
     return model, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -191,3 +192,22 @@ def test_same_run_twice_samples_the_same_completions_and_resume_mid_generation_i
     assert (part / "completions.jsonl").read_text() == (tmp_path / "whole" / "completions.jsonl").read_text()
     steps = [json.loads(l)["step"] for l in (part / "completions.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [1, 3] and len(steps) == 16
+
+
+def test_micro_batches_are_the_generation_shuffled_as_trl_does(tmp_path):
+    """TRL's _prepare_inputs shuffles a generation's completions (shuffle_sequence_dict) before it
+    splits them into micro-batches: ours hold the logged completions, each row with its own
+    advantage, in a seeded order other than the generation's (one run; the same order on resume is
+    covered by the bit-exact resume test)."""
+    path, _ = tiny_checkpoint(tmp_path / "tiny", seed=2)
+    run(path, tmp_path / "run", steps=1)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    rows = []
+    for b in run.source.buffer:
+        n = int(b["n_prompt"])
+        for ids, m, a in zip(b["input_ids"], b["attention_mask"], b["advantages"]):
+            rows.append((ids[n:][m[n:].bool()].tolist(), float(a)))
+    order = [next(i for i, r in enumerate(logged) if (r["completion_ids"], r["advantage"]) == row) for row in rows]
+    assert sorted(order) == list(range(len(logged))) == list(range(8))
+    assert order != sorted(order)
+    assert order == run.source.shuffle_order(0).tolist()
