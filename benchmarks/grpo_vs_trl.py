@@ -18,6 +18,11 @@ initial_adapter), each side in its own process. One step, on both:
               trl.trainer.utils.selective_log_softmax, as _get_per_token_logps_and_entropies does;
               then torch.optim.AdamW. Not the whole GRPOTrainer.training_step (no accelerate,
               dataset or logging machinery): those add time on TRL's side, so this favours TRL.
+              That is --trl compute-loss; the default, --trl trainer, times TRL's real
+              GRPOTrainer.training_step (its generate with min_new_tokens = --completion, decoding,
+              reward, advantages, _compute_loss, backward) and the trainer's AdamW step; only its
+              prompt tokenizer is replaced by the step's prompt ids (run_trl_trainer). Its generation
+              time is GRPOTrainer._generate (tokenize stub + generate + decode); the rest is training.
 
     python benchmarks/grpo_vs_trl.py --threads 2 --steps 3 --repeats 2
     python benchmarks/grpo_vs_trl.py --shape bench-100m --prompts 2 --generations 8 --prompt 64 --completion 64
@@ -156,10 +161,84 @@ def run_trl(args, model_dir: Path, adapter: Path):
     return hf.config.vocab_size, step
 
 
+def run_trl_trainer(args, model_dir: Path, adapter: Path):
+    """TRL's own GRPOTrainer.training_step (generation, decoding, reward, advantages, loss,
+    backward: TRL's code end to end), then the trainer's AdamW step. One thing is replaced: the
+    prompt tokenizer (_tokenize_prompts) returns the step's random prompt ids, which ours is given
+    too, so both sides generate from the same ids (tokenization is timed on neither side)."""
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from models.qwen import Tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[args.dtype])
+    cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear")
+    model = get_peft_model(hf, cfg)
+    set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
+    G, C = args.generations, args.completion
+    work = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
+    Tokenizer.default().save_pretrained(work / "tokenizer")   # the checkpoint has none; Qwen2.5's
+    tok = AutoTokenizer.from_pretrained(work / "tokenizer")
+    n = args.prompts * G
+    config = GRPOConfig(
+        output_dir=str(work / "out"), per_device_train_batch_size=n, gradient_accumulation_steps=1,
+        num_generations=G, max_completion_length=C, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+        loss_type="dapo", epsilon=0.2, learning_rate=args.lr, weight_decay=0.0, optim="adamw_torch",
+        lr_scheduler_type="constant", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, generation_kwargs={"min_new_tokens": C},
+        use_cpu=True, bf16=False, report_to=[], save_strategy="no", max_steps=args.steps, seed=0,
+        dataloader_num_workers=0, disable_dropout=True, log_completions=False)
+
+    def even_share_reward(completions, completion_ids, **kw):
+        return [sum(t % 2 == 0 for t in ids) / len(ids) for ids in completion_ids]
+
+    rows = [{"prompt": f"p{i}"} for i in range(args.prompts)]
+    trainer = GRPOTrainer(model=model, reward_funcs=[even_share_reward], args=config,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1   # set by Trainer's training loop, which is not run
+    current: dict = {}
+    trainer._tokenize_prompts = lambda ps: ([current[p] for p in ps], None, {})
+    timed = {"generation": 0.0}
+    generate = trainer._generate
+
+    def timed_generate(prompts):
+        t = time.perf_counter()
+        try:
+            return generate(prompts)
+        finally:
+            timed["generation"] += time.perf_counter() - t
+
+    trainer._generate = timed_generate
+    model = trainer.model
+
+    def step(prompt_ids, k):
+        torch.manual_seed(k)
+        current.clear()
+        current.update({f"p{i}": row.tolist() for i, row in enumerate(prompt_ids)})
+        inputs = [rows[i] for i in range(args.prompts) for _ in range(G)]   # RepeatSampler's order
+        timed["generation"] = 0.0
+        t0 = time.perf_counter()
+        loss = trainer.training_step(model, inputs, None)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        total = time.perf_counter() - t0
+        lengths = trainer._metrics["train"]["completions/mean_length"]
+        assert lengths and lengths[-1] == C, f"TRL sampled completions of mean length {lengths[-1:]}, not {C}"
+        return float(loss), timed["generation"], total - timed["generation"]
+
+    return hf.config.vocab_size, step
+
+
 def worker(args) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    run = run_ours if args.worker == "ours" else run_trl
+    run = run_ours if args.worker == "ours" else run_trl_trainer if args.trl == "trainer" else run_trl
     vocab, step = run(args, Path(args.path), Path(args.adapter))
     gen_t, train_t, total = [], [], []
     for k in range(args.steps):
@@ -187,6 +266,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--trl", choices=["trainer", "compute-loss"], default="trainer",
+                   help="TRL's side: GRPOTrainer.training_step itself (default), or transformers' generate + "
+                        "GRPOTrainer._compute_loss on a stub (no trainer machinery)")
     p.add_argument("--cache", default=os.environ.get("QWEN_TUNE_CACHE", str(Path.home() / ".cache" / "qwen-tune")))
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -199,7 +281,7 @@ def main() -> None:
     model_dir = checkpoint_dir(args.shape, Path(args.cache))
     adapter = initial_adapter(model_dir)
     runs = {"ours": [], "trl": []}
-    keys = ("prompts", "generations", "prompt", "completion", "lr", "dtype", "steps", "warmup", "threads", "cache")
+    keys = ("prompts", "generations", "prompt", "completion", "lr", "dtype", "steps", "warmup", "threads", "cache", "trl")
     for _ in range(args.repeats):
         for side in ("ours", "trl"):
             cmd = [sys.executable, __file__, "--worker", side, "--path", str(model_dir), "--adapter", str(adapter)] + [
@@ -211,6 +293,7 @@ def main() -> None:
     print(f"\nGRPO step (dapo, beta 0, LoRA r{LORA['r']}) | {args.shape} {args.dtype} | cpu | {args.prompts} prompts x "
           f"G {args.generations} x ({args.prompt} prompt + {args.completion} completion) = {tokens} tokens/step | "
           f"{args.steps} steps ({args.warmup} warm-up) | threads {args.threads} | best of {args.repeats} runs per side")
+    print(f"TRL side: {'GRPOTrainer.training_step' if args.trl == 'trainer' else 'generate + GRPOTrainer._compute_loss'}")
     print(f"{'':18}{'ours':>12}{'trl+peft':>12}{'ratio':>10}")
     print(f"{'tokens/s':18}{ours['tokens_per_s']:12.1f}{trl['tokens_per_s']:12.1f}{ours['tokens_per_s'] / trl['tokens_per_s']:10.2f}")
     print(f"{'generation s':18}{ours['generation_s']:12.2f}{trl['generation_s']:12.2f}{trl['generation_s'] / ours['generation_s']:10.2f}")
