@@ -89,8 +89,16 @@ def test_grpo_loss_gradient_and_metrics_match_trl(loss_type, level, beta, iterat
     assert_close_to_reference(got[1], ref32[1], ref64[1], what="d loss / d logps")
     assert got[1].abs().sum() > 0
     assert set(ref32[2]) == set(got[2]), "the same metrics"
-    for key, value in ref32[2].items():  # counts of clipped tokens over counts: exact in float64
-        assert got[2][key].item() == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    for key, value in ref32[2].items():
+        if key.startswith("clip_ratio/"):
+            # counts of clipped tokens (rows) over counts, the same expression on the same 0/1
+            # indicators: equal exactly unless a ratio sits within rounding of a clip bound, which
+            # the float64 run would then disagree on too (TRL's .float() makes the indicators fp32 in
+            # its float64 run as well, so all three are the same fp32 fraction)
+            assert got[2][key].item() == value == ref64[2][key], key
+        else:   # kl, entropy: masked means, within the floor of TRL's float64 run
+            assert_close_to_reference(got[2][key], torch.tensor(value), torch.tensor(ref64[2][key], dtype=torch.float64),
+                                      what=key)
     if iterations > 1:
         assert ref32[2]["clip_ratio/region_mean"] > 0, "some ratios are clipped: the clip branch is exercised"
 

@@ -109,7 +109,8 @@ def test_objective_on_our_model_matches_trl_compute_loss(tmp_path, loss_type, le
     # clipping differs. It could only differ for a ratio within rounding of a bound: every ratio
     # here is farther from 1 - ε and 1 + ε_high than (FLOOR_FACTOR + 1) x the reference's own
     # fp32-vs-float64 error of the ratios (ours is within FLOOR_FACTOR of the reference's fp32,
-    # which is within one floor of the float64), so neither side can cross one.
+    # which is within one floor of the float64), so neither side can cross one. (TRL's .float()
+    # makes the indicators fp32 in its float64 run too: all three are the same fp32 fraction.)
     w32, w64 = (importance_weights(lp.double(), old.double(), cmask, level) for lp in (lp32, lp64))
     keep = cmask.bool() if level == "token" else torch.ones_like(w64, dtype=torch.bool)
     ratio_floor = max(float((w32 - w64).abs()[keep].max()), FP32_ULP)
