@@ -130,7 +130,7 @@ class PairInputs:
 
 def pair_inputs(args, given, stage: str) -> PairInputs:
     """--model (default: sft.py's merged output) and --data (default: pairs derived from the demo's
-    SFT set), checked; the embedded default's settings applied when the model has the demo's shape."""
+    SFT set; for kto its unpaired rows, demo.corpus.kto_rows), checked; the embedded default's settings applied when the model has the demo's shape."""
     from demo.base_model import is_demo_shape
 
     from . import options, paths
@@ -143,8 +143,10 @@ def pair_inputs(args, given, stage: str) -> PairInputs:
         from demo import corpus as demo_corpus
 
         corpus = demo_corpus.build()
-        train_pairs, eval_path = demo_corpus.preference_pairs(corpus, seed=0)
-        data_paths, demo_questions = [train_pairs], corpus.sft_eval
+        # KTO: unpaired rows (real answers and their degenerate loops); the others: pairs
+        train_rows, eval_path = (demo_corpus.kto_rows(corpus) if stage == "kto"
+                                 else demo_corpus.preference_pairs(corpus, seed=0))
+        data_paths, demo_questions = [train_rows], corpus.sft_eval
     changed = options.apply_embedded(args, given, stage) if is_demo_shape(model_dir) else []
     return PairInputs(model_dir, data_paths, eval_path, demo_questions, changed)
 

@@ -409,7 +409,7 @@ KTO = Stage("kto.py", options=(
            help="tokens the prompt keeps when a row is too long (default: half of --max-len)"),
     *_chat_outputs(sample_questions=2),
 ), recommended=dict(lr=5e-6, lora_alpha=32.0, epochs=1.0, batch_size=8, grad_accum=2),   # KTO needs B > 1
-    embedded=dict(max_len=256, batch_size=8, grad_accum=1, max_steps=40, lr=5e-3, warmup_steps=4,
+    embedded=dict(max_len=256, batch_size=8, grad_accum=1, max_steps=40, lr=2e-3, warmup_steps=4,
                   lora_r=16, lora_alpha=32.0, eval_every=10, save_every=20, beta=0.1),
     lf_stage="kto", config_aliases=_TRL_KTO_NAMES)
 

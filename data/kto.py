@@ -212,12 +212,22 @@ class KTODataset(torch.utils.data.Dataset):
 
 
 def kto_collate(items: Sequence[Mapping[str, torch.Tensor]], pad_id: int = ENDOFTEXT_ID,
-                max_len: Optional[int] = None, pad_to_multiple_of: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                max_len: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                kl_stride: int = 1) -> Dict[str, torch.Tensor]:
     """B rows -> a batch: input_ids / labels / attention_mask [B, T] (right-padded: pad_id, -100, 0),
     label bool [B], and the KL rows kl_input_ids / kl_labels / kl_attention_mask [B, T']: row i's
-    prompt with row (i - 1) mod B's completion, cut to max_len tokens (see the module docstring)."""
+    prompt with row (i - 1) mod B's completion, cut to max_len tokens (see the module docstring).
+
+    kl_stride W: the rows are the interleaved shares of W processes (train.MicroBatchSampler gives
+    rank r the positions r, r + W, ... of a global micro-batch), and each share is rotated on its
+    own, as each of W processes rotates its micro-batch: row i takes the completion of row
+    (i - W) mod B within its share. One process with W x b rows and kl_stride=W forms exactly the
+    KL rows of W processes with b rows each (tests/train/test_kto_distributed.py).
+    """
     if not items:
         raise ValueError("kto_collate: empty batch")
+    if kl_stride < 1 or len(items) % kl_stride:
+        raise ValueError(f"kto_collate: kl_stride {kl_stride} must be a positive divisor of the batch's {len(items)} rows")
     rows = [{"input_ids": it["input_ids"], "labels": it["labels"]} for it in items]
     batch = pad_collate(rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
     if "attention_mask" not in batch:
@@ -225,7 +235,7 @@ def kto_collate(items: Sequence[Mapping[str, torch.Tensor]], pad_id: int = ENDOF
     batch["label"] = torch.stack([torch.as_tensor(it["label"], dtype=torch.bool).reshape(()) for it in items])
     kl_rows = []
     for i, it in enumerate(items):
-        other = items[i - 1]
+        other = items[(i - kl_stride) % len(items)]
         p, q = int(it["prompt_length"]), int(other["prompt_length"])
         ids = torch.cat([it["input_ids"][:p], other["input_ids"][q:]])
         labels = torch.cat([torch.full((p,), IGNORE_INDEX, dtype=torch.long), other["labels"][q:]])

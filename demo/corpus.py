@@ -423,6 +423,46 @@ def preference_pairs(paths: "PydocsPaths", seed: int = 0) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
+def looped(answer: str) -> str:
+    """The answer as a small model's greedy decoding degenerates: its first words (up to 4, at most
+    half of them) repeated, a little longer than the answer (at least 3 times)."""
+    words = answer.split()
+    k = max(1, min(4, len(words) // 2))
+    n = max(len(words), 2 * k) + k
+    return " ".join((words[:k] * (n // k + 1))[:n])
+
+
+KTO_HELD_OUT_QUESTIONS = 32   # held-out rows: 2 per question (2 CPU cores: four evaluations of 64 rows)
+
+
+def kto_rows(paths: "PydocsPaths") -> tuple[Path, Path]:
+    """(train, held-out) unpaired rows for the demo's KTO stage, from its SFT sets: for every
+    question its real answer (label true) and the same answer degenerated into a repetition
+    loop (looped(); label false), so the labels are balanced and no text is both desirable and
+    undesirable. The held-out file keeps the first KTO_HELD_OUT_QUESTIONS questions. Written once
+    beside the SFT files (TRL's prompt / completion / label format); returns their paths."""
+    from data import InputReport
+    from data.sources import iter_jsonl
+
+    out = []
+    for source, limit in ((paths.sft_train, None), (paths.sft_eval, KTO_HELD_OUT_QUESTIONS)):
+        target = source.with_name(source.stem.replace("sft_", "kto_") + ".jsonl")
+        if not target.is_file():
+            rows = []
+            for _, record in iter_jsonl(source, InputReport()):
+                if limit is not None and len(rows) >= 2 * limit:
+                    break
+                prompt, answer = record["messages"][:-1], record["messages"][-1]["content"]
+                rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": True})
+                rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": looped(answer)}],
+                             "label": False})
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            _write_jsonl(tmp, rows)
+            os.replace(tmp, target)
+        out.append(target)
+    return out[0], out[1]
+
+
 def main() -> None:  # python -m demo.corpus: build and print where the corpus is
     p = build()
     print(json.dumps({"root": str(p.root), **p.stats}, indent=2))

@@ -22,9 +22,11 @@ count/chosen, count/rejected.
 Writes into --out: adapter/ (PEFT format + tokenizer files), merged/ (the aligned model merged
 into its base: a complete HF model whose eos is <|im_end|>), checkpoints/, metrics.jsonl, run.json.
 
-With no --data, the rows come from the demo's preference pairs (each question's real answer as a
-desirable completion, the answer to a different question as an undesirable one), so the held-out
-reward margin rises visibly.
+With no --data, the rows come from the demo's SFT set (demo.corpus.kto_rows): each question's real
+answer is desirable, the same answer degenerated into a repetition loop (its first words over and
+over, the failure of a small model's greedy decoding) undesirable; balanced labels, and no text is
+both. The held-out reward margin (desirable minus undesirable, beta x log-ratio to the reference)
+and the gap in log-likelihood between the real answers and the loops are printed before and after.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     if changed:
         log(f"embedded-default model detected; demo settings (flags you give win): {' '.join(changed)}")
     if not args.data:
-        log(f"rows unpaired from the demo's preference pairs (real answer: desirable, another question's: "
+        log(f"rows from the demo's SFT set (real answer: desirable, the same answer looping on its first words: "
             f"undesirable): {data_paths[0]}")
     tok, tok_source = load_tokenizer(model_dir)
     log(f"tokenizer: {tok_source}; chat template: {getattr(tok, 'chat_template_source', 'ChatML')}")
@@ -104,7 +106,9 @@ def main(argv=None) -> int:
     print_training_curve(out, f"{args.loss_type} loss per row")
     after = summary["final_eval"]
     if before and after:
-        log(f"\nheld-out after:  {_rewards({k[4:]: v for k, v in after.items() if k.startswith('val_')})}")
+        after = {k[4:]: v for k, v in after.items() if k.startswith("val_")}
+        log(f"\nheld-out after:  {_rewards(after)}")
+        log(_change(before, after))
     for q, a0 in zip(questions, answers_before):
         a1 = generate_text(model, tok, chat_ids(tok, q, template_kwargs=args.chat_template_kwargs),
                            max_new_tokens=args.sample_tokens, stream=False)
@@ -129,6 +133,18 @@ def _rewards(result: dict) -> str:
     return (f"loss {result['loss']:.4f}, rewards/margins {num('rewards/margins')} (chosen {num('rewards/chosen')}, "
             f"rejected {num('rewards/rejected')}), kl {num('kl')} over {result['examples']} rows "
             f"({int(result.get('count/chosen', 0))} desirable, {int(result.get('count/rejected', 0))} undesirable)")
+
+
+def _change(before: dict, after: dict) -> str:
+    """What training changed on the held-out rows, in two numbers a user can read."""
+    def gap(result):
+        return result["logps/chosen"] - result["logps/rejected"]
+
+    if not all(k in r for r in (before, after) for k in ("rewards/margins", "logps/chosen", "logps/rejected")):
+        return "held-out change: n/a (the held-out rows need both labels)"
+    return (f"held-out change: reward margin (desirable - undesirable) {before['rewards/margins']:.3f} -> "
+            f"{after['rewards/margins']:.3f}; log-likelihood of a desirable minus an undesirable completion "
+            f"{gap(before):.2f} -> {gap(after):.2f} nats")
 
 
 if __name__ == "__main__":

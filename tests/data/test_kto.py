@@ -56,6 +56,26 @@ def test_pairs_are_unpaired_and_tokenised_as_trl_does(tok, hf_tok, tmp_path):
     assert batch["label"].tolist() == [True] * n + [False] * n
 
 
+def test_kl_stride_rotates_each_process_share_alone(tok, tmp_path):
+    """kl_stride=2 on 2b rows: the KL rows the two processes of train.MicroBatchSampler (rank r
+    takes positions r, r + 2, ...) form from their b rows each; the default rotates all 2b."""
+    rows = [{"prompt": q, "completion": a, "label": True} for q, a, _ in QA] + \
+           [{"prompt": q, "completion": b, "label": False} for q, _, b in QA[:1]]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    items = [KTODataset(tmp_path / "rows.jsonl", tok, max_len=None)[i] for i in range(4)]
+    joint = kto_collate(items, kl_stride=2)
+    for r in range(2):
+        share = kto_collate(items[r::2])
+        for i, j in enumerate(range(r, 4, 2)):
+            n = int(share["kl_attention_mask"][i].sum())
+            assert int(joint["kl_attention_mask"][j].sum()) == n
+            assert torch.equal(joint["kl_input_ids"][j, :n], share["kl_input_ids"][i, :n])
+            assert torch.equal(joint["kl_labels"][j, :n], share["kl_labels"][i, :n])
+    assert not torch.equal(kto_collate(items)["kl_input_ids"], joint["kl_input_ids"])
+    with pytest.raises(ValueError, match="kl_stride 3"):
+        kto_collate(items, kl_stride=3)
+
+
 def test_unpaired_formats_and_string_prompts(tok, hf_tok, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}],
              "label": i % 2 == 0} for i, (q, a, _) in enumerate(QA)]

@@ -15,7 +15,8 @@ from tests.helpers import tiny_checkpoint
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kto")
-    model, _ = tiny_checkpoint(tmp / "sft-merged", vocab_size=151936, tie_word_embeddings=True)
+    model, _ = tiny_checkpoint(tmp / "sft-merged", vocab_size=151936, tie_word_embeddings=True, hidden_size=16,
+                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)   # as test_dpo_torchrun
     from models.qwen import Tokenizer
 
     Tokenizer.default().save_pretrained(model)
