@@ -367,7 +367,10 @@ GRPO = Stage("grpo.py", options=(
     Option("--log-completions", action="store_true", group=_GRPO,
            help="write every completion, its rewards and advantage to --out/completions.jsonl"),
     Option("--sample-prompts", type=flags.non_negative_int, default=16,
-           help="held-out prompts whose greedy completions' mean reward is printed before and after"),
+           help="held-out prompts whose completions' mean reward is printed before and after training"),
+    Option("--held-out-samples", type=flags.non_negative_int, default=4,
+           help="completions sampled per held-out prompt (the training's sampling settings, seeded; "
+                "the same draws before and after); 0: one greedy completion each"),
     Option("--no-merge", action="store_true", help="write only adapter/, not merged/"),
     _CHAT_TEMPLATE,
 ), recommended=dict(lr=1e-6, lora_alpha=32.0, epochs=1.0),   # GRPOConfig: lr 1e-6

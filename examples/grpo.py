@@ -27,8 +27,10 @@ Writes into --out: adapter/ (PEFT format) and merged/ with LoRA / QLoRA, or mode
 rewards/<name>/mean, completions/mean_length, completions/clipped_ratio, kl,
 clip_ratio/region_mean, entropy), completions.jsonl (--log-completions), run.json.
 
-With no --data: the demo's "What is the signature of `x`?" questions, rewarded for answering with
-the signature of the very object asked about; the held-out reward is printed before and after.
+With no --data: the demo's "What is the signature of `x`?" questions, rewarded for a signature
+answer's form (demo/grpo_task.py: starts as code, ends its turn in time, names the object). The
+held-out reward (--held-out-samples seeded samples for each of --sample-prompts held-out prompts, the
+same draws before and after) is printed before and after training.
 """
 
 from __future__ import annotations
@@ -172,14 +174,16 @@ def main(argv=None) -> int:
     source.attach(trainer)
     trainer.batch_source = source
 
-    before = held_out_reward(model, source, held_out) if held_out else None
+    K = args.held_out_samples
+    what = (f"{K} samples at temperature {args.temperature:g}" if K else "greedy") + f", {len(held_out)} prompts"
+    before = held_out_reward(model, source, held_out, K) if held_out else None
     if before is not None:
-        log(f"held-out reward before (greedy, {len(held_out)} prompts): {before:.3f}")
+        log(f"held-out reward before ({what}): {before:.3f}")
     summary = trainer.fit()
     print_training_curve(out, "GRPO loss")
     if before is not None:
-        after = held_out_reward(model, source, held_out)
-        log(f"held-out reward after:  {after:.3f}  (before {before:.3f})")
+        after = held_out_reward(model, source, held_out, K)
+        log(f"held-out reward after ({what}):  {after:.3f}  (before {before:.3f}, change {after - before:+.3f})")
 
     if not args.no_merge and args.finetuning != "full" and trainer.dist.is_main:
         runtime.save_merged(model, model_dir, out, args.dtype, args.qlora, tokenizer=chat_tok)
@@ -195,31 +199,48 @@ def main(argv=None) -> int:
     return 0
 
 
-def held_out_reward(model, source, prompts) -> float:
-    """Mean weighted reward of greedy completions of `prompts` (one each, batched)."""
+def held_out_reward(model, source, prompts, samples: int = 0) -> float:
+    """Mean weighted reward on `prompts`: of `samples` completions each, drawn with the training's
+    sampling settings from generators seeded by (--seed, "held-out", prompt, sample), so that the
+    figure before and after training is of the same draws; or, with samples=0, of one greedy
+    completion each. Batched, with the KV cache."""
     import torch
 
     from models.qwen.generation import generate
     from train.grpo import reward_table, weighted_rewards
+    from train.grpo_source import seed_of
 
-    T = max(len(p["prompt_ids"]) for p in prompts)
-    ids = torch.full((len(prompts), T), source.pad_id, dtype=torch.long)
+    k = max(samples, 1)
+    rows = [p for p in prompts for _ in range(k)]
+    T = max(len(p["prompt_ids"]) for p in rows)
+    ids = torch.full((len(rows), T), source.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(rows):
         ids[i, T - len(p["prompt_ids"]):] = torch.tensor(p["prompt_ids"])
         mask[i, T - len(p["prompt_ids"]):] = 1
     dev = next(model.parameters()).device
-    out = generate(model, ids.to(dev), max_new_tokens=source.s.max_completion_length, temperature=0.0,
-                   eos_ids=source.eos_ids, attention_mask=mask.to(dev), pad_id=source.pad_id)[:, T:].cpu()
+    s = source.s
+    sampling = dict(temperature=0.0)
+    if samples:
+        sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        generator=[torch.Generator(device=dev).manual_seed(seed_of(source.seed, "held-out", i // k, i % k))
+                                   for i in range(len(rows))])
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(model, ids.to(dev), max_new_tokens=s.max_completion_length, eos_ids=source.eos_ids,
+                       attention_mask=mask.to(dev), pad_id=source.pad_id, **sampling)[:, T:].cpu()
+    finally:
+        model.train(was_training)
     comp_ids, texts = [], []
     for row in out.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in source.eos_ids), len(row))
         comp_ids.append(row[:cut])
         texts.append(source.tok.decode([t for t in row[:cut] if t not in source.eos_ids], skip_special_tokens=True))
-    completions = [[{"role": "assistant", "content": t}] if p["chat"] else t for p, t in zip(prompts, texts)]
-    keys = sorted({k for p in prompts for k in p["columns"]})
-    table = reward_table(source.functions, [p["prompt"] for p in prompts], completions, comp_ids,
-                         **{k: [p["columns"].get(k) for p in prompts] for k in keys})
+    completions = [[{"role": "assistant", "content": t}] if p["chat"] else t for p, t in zip(rows, texts)]
+    keys = sorted({key for p in rows for key in p["columns"]})
+    table = reward_table(source.functions, [p["prompt"] for p in rows], completions, comp_ids,
+                         **{key: [p["columns"].get(key) for p in rows] for key in keys})
     return float(torch.nanmean(weighted_rewards(table, source.weights)))
 
 

@@ -45,7 +45,7 @@ OLD_KEYS = {   # examples/<stage>.py's --config keys (argparse dests) on main be
         eval_fraction finetuning fsdp full_fraction grad_accum importance_sampling_level keep_last
         log_completions log_every lora_alpha lora_dropout lora_r lora_targets loss_type lr lr_scheduler
         max_completion_length max_grad_norm max_len max_steps model no_grad_checkpointing no_merge
-        num_generations num_iterations out overwrite qlora report_to resume reward reward_weights
+        held_out_samples num_generations num_iterations out overwrite qlora report_to resume reward reward_weights
         sample_prompts save_every scale_rewards seed temperature top_k top_p use_dora use_rslora warmup_ratio
         warmup_steps weight_decay
         long_context_from long_context_tile offload_activations
